@@ -1,0 +1,19 @@
+"""adafuse_compile: pre-gated LoRA-MoE adapters, and a torch.compile backend that runs them at backbone speed."""
+from .config import ALL_LINEAR, LLAMA_LINEARS, AdaFuseConfig, AdaFuseConfigError
+from .modeling import (
+    AdapterCheckpointError,
+    TinyLlama,
+    TinyLlamaConfig,
+    adapted_linears,
+    gate_channel,
+    greedy_decode,
+    inject,
+    load_adapters,
+    save_adapters,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "ALL_LINEAR", "LLAMA_LINEARS", "AdaFuseConfig", "AdaFuseConfigError", "AdapterCheckpointError", "TinyLlama",
+    "TinyLlamaConfig", "adapted_linears", "gate_channel", "greedy_decode", "inject", "load_adapters", "save_adapters",
+]

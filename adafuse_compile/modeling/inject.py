@@ -1,0 +1,93 @@
+"""inject(model, config): turn a causal LM's target linears into pre-gated LoRA-MoE linears."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import AdaFuseConfig, AdaFuseConfigError
+from .layers import AdaFuseLinear, GateChannel
+
+_CHANNEL_ATTR = "_adafuse_channel"
+_CONFIG_ATTR = "adafuse_config"
+_HOOKS_ATTR = "_adafuse_hooks"
+# Never adapted, whatever target_modules says: the output head is not a block linear.
+_EXCLUDED = ("lm_head",)
+
+
+def target_linears(model: nn.Module, config: AdaFuseConfig) -> list[tuple[str, nn.Linear]]:
+    """The linears to adapt, in registration order (execution order for the Llama family)."""
+    targets = set(config.target_modules)
+    found, available = [], set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, AdaFuseLinear):
+            raise AdaFuseConfigError(f"model already has AdaFuse adapters (at {name}); inject once per model")
+        if isinstance(module, nn.Linear) and leaf not in _EXCLUDED:
+            available.add(leaf)
+            if leaf in targets:
+                found.append((name, module))
+    missing = sorted(targets - available)
+    if missing:
+        raise AdaFuseConfigError(
+            f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+            f"linears available: {sorted(available)}"
+        )
+    return found
+
+
+def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
+    """Freeze the backbone, wrap the target linears, and add ONE router at the first adapted linear.
+
+    Works in place and returns `model`. The backbone weights are not copied: each AdaFuseLinear
+    holds the original Parameters, so the backbone state_dict is unchanged.
+    """
+    if not isinstance(config, AdaFuseConfig):
+        raise TypeError(f"config must be an AdaFuseConfig, got {type(config).__name__}")
+    targets = target_linears(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    channel = GateChannel()
+    modules = dict(model.named_modules())
+    for i, (name, linear) in enumerate(targets):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, leaf, AdaFuseLinear(linear, config, channel, is_router=(i == 0)))
+    object.__setattr__(model, _CHANNEL_ATTR, channel)
+    object.__setattr__(model, _CONFIG_ATTR, config)
+    # The channel is open for exactly one top-level forward: a gate never outlives its step.
+    hooks = (
+        model.register_forward_pre_hook(lambda *_: channel.open()),
+        model.register_forward_hook(lambda *_: channel.close(), always_call=True),
+    )
+    object.__setattr__(model, _HOOKS_ATTR, hooks)
+    return model
+
+
+def is_injected(model: nn.Module) -> bool:
+    return hasattr(model, _CHANNEL_ATTR)
+
+
+def gate_channel(model: nn.Module) -> GateChannel:
+    if not is_injected(model):
+        raise ValueError(f"{type(model).__name__} has no AdaFuse adapters: call adafuse_compile.inject(model, config)")
+    return getattr(model, _CHANNEL_ATTR)
+
+
+def adafuse_config(model: nn.Module) -> AdaFuseConfig:
+    gate_channel(model)
+    return getattr(model, _CONFIG_ATTR)
+
+
+def adapted_linears(model: nn.Module) -> dict[str, AdaFuseLinear]:
+    """Every AdaFuseLinear by qualified name, in execution order; the first holds the router."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaFuseLinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Router and expert tensors only (no backbone), keyed as in model.state_dict()."""
+    out = {}
+    for name, m in adapted_linears(model).items():
+        out[f"{name}.lora_A"] = m.lora_A
+        out[f"{name}.lora_B"] = m.lora_B
+        if m.router is not None:
+            out[f"{name}.router.weight"] = m.router.weight
+    return out

@@ -1,0 +1,162 @@
+"""Pre-gated LoRA-MoE layers: one top-k router, and linears that share its gates.
+
+The router sits in the first adapted linear (in execution order). It computes the token's
+routing once, from that linear's input x^1, and hands it to every other adapted linear through
+the model's `GateChannel`. The channel lives for one forward call: the model-level hooks that
+`inject` installs open it before the forward and close it after, so a gate never outlives the
+step that computed it. Under torch.compile the write and the reads happen inside one traced
+frame, so Dynamo records plain data flow: ONE router node whose outputs feed every adapter
+branch, with no graph break (tests/test_model.py asserts both).
+
+Why a channel rather than an extra forward argument: in Hugging Face models the call
+`self.q_proj(hidden_states)` sits inside the library's attention and MLP code, which forwards
+no extra argument to its linears; threading the gate through as an argument would mean
+re-implementing those modules for every model family and version.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdaFuseConfig
+
+
+@dataclass
+class Routing:
+    """One step's routing decision, per token: gates over the selected top-k experts."""
+
+    weights: Tensor  # [tokens, k] softmax over the top-k logits (sums to 1 per token)
+    experts: Tensor  # [tokens, k] int64 expert indices
+    logits: Tensor  # [tokens, N] router logits (for the load-balancing loss)
+
+    def dense(self) -> Tensor:
+        """Gates as [tokens, N]: the top-k weights in place, zero elsewhere."""
+        dense = torch.zeros_like(self.logits, dtype=self.weights.dtype)
+        return dense.scatter(1, self.experts, self.weights)
+
+
+class RouterPlacementError(RuntimeError):
+    """An adapted linear ran before the router computed this step's gates."""
+
+
+class GateChannel:
+    """Carries the step's Routing from the router to every adapted linear, for one forward call."""
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+        self.router_calls = 0  # counted for tests and the inspection tools
+        self.aux_loss: Tensor | None = None  # load-balancing loss of the last training forward
+        # Optional callback(routing) -> bool run right after routing; True means it merged this token's
+        # experts into the backbone weights, so adapted linears skip their adapter term (simple merge).
+        self.on_route = None
+        self.merged = False
+
+    def open(self) -> None:
+        self.routing = None
+
+    def close(self) -> None:
+        self.routing = None
+
+
+class Router(nn.Module):
+    """Top-k router G^1: a bias-free linear to N logits, top-k, softmax over the top-k logits."""
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Routing:
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = F.linear(tokens.to(self.weight.dtype), self.weight).float()
+        top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
+        return Routing(weights=torch.softmax(top_logits, dim=-1), experts=experts, logits=logits)
+
+
+def load_balancing_loss(routing: Routing) -> Tensor:
+    """Switch-Transformer auxiliary loss: N * sum_i (fraction routed to i) * (mean router prob of i)."""
+    num_experts = routing.logits.shape[-1]
+    probs = torch.softmax(routing.logits, dim=-1)
+    routed = torch.zeros_like(probs).scatter(1, routing.experts, 1.0)
+    return num_experts * (routed.mean(0) / routing.experts.shape[-1] * probs.mean(0)).sum()
+
+
+class AdaFuseLinear(nn.Linear):
+    """A backbone linear plus N stacked LoRA experts, gated by the shared pre-gated routing.
+
+    The backbone `weight` and `bias` are the original module's Parameters (not copies), so the
+    backbone's state_dict keys and values are unchanged. Experts are stacked for kernels:
+    lora_A [N, r, in], lora_B [N, out, r].
+    """
+
+    def __init__(self, base: nn.Linear, config: AdaFuseConfig, channel: GateChannel, *, is_router: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        dtype = config.torch_dtype or base.weight.dtype
+        device = base.weight.device
+        n, r = config.num_experts, config.rank
+        self.num_experts, self.rank, self.top_k = n, r, config.top_k
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r, dtype=dtype, device=device))
+        for i in range(n):  # LoRA's init: A like a linear, B zero (or small normal on request)
+            nn.init.kaiming_uniform_(self.lora_A.data[i], a=math.sqrt(5))
+        if config.init_lora_b == "normal":
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.router = Router(self.in_features, n, config.top_k, dtype=dtype).to(device) if is_router else None
+        # A plain attribute (not a submodule): the channel is shared by every adapted linear.
+        object.__setattr__(self, "_channel", channel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        channel: GateChannel = self._channel
+        if self.router is not None:
+            routing = self.router(x)
+            channel.routing = routing
+            channel.router_calls += 1
+            if self.training:
+                channel.aux_loss = load_balancing_loss(routing)
+            channel.merged = bool(channel.on_route(routing)) if channel.on_route is not None else False
+        else:
+            routing = channel.routing
+            if routing is None:
+                raise RouterPlacementError(
+                    "an adapted linear ran before the router computed this step's gates: the router must sit "
+                    "at the first adapted linear in execution order; call this module only through the model"
+                )
+        y = F.linear(x, self.weight, self.bias)
+        if channel.merged:
+            return y  # this token's experts are already merged into self.weight
+        return y + self.adapter_delta(x, routing)
+
+    def adapter_delta(self, x: Tensor, routing: Routing) -> Tensor:
+        """sum_i g_i * scaling * B_i A_i x over each token's top-k experts (paper eq. 2, the adapter term)."""
+        tokens = self.lora_dropout(x.reshape(-1, self.in_features)).to(self.lora_A.dtype)
+        gates = routing.weights.to(tokens.dtype) * self.scaling
+        if tokens.shape[0] * self.top_k <= self.num_experts:
+            # Decode: gather only the selected experts' factors (k * r * (in + out) elements per token).
+            a = self.lora_A[routing.experts]  # [T, k, r, in]
+            b = self.lora_B[routing.experts]  # [T, k, out, r]
+            h = torch.einsum("ti,tkri->tkr", tokens, a) * gates[..., None]
+            delta = torch.einsum("tkr,tkor->to", h, b)
+        else:
+            # Many tokens (prefill, training): all experts in two dense products, gates zero outside
+            # the top-k; avoids materialising per-token copies of the expert factors.
+            dense = torch.zeros(tokens.shape[0], self.num_experts, dtype=tokens.dtype, device=tokens.device)
+            dense = dense.scatter(1, routing.experts, gates)
+            h = torch.einsum("ti,nri->tnr", tokens, self.lora_A) * dense[..., None]
+            delta = torch.einsum("tnr,nor->to", h, self.lora_B)
+        return delta.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
+            f"top_k={self.top_k}, router={self.router is not None}"
+        )
