@@ -73,7 +73,9 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:
         tokens = x.reshape(-1, x.shape[-1])
-        logits = F.linear(tokens.to(self.weight.dtype), self.weight).float()
+        logits = F.linear(tokens.to(self.weight.dtype), self.weight)
+        # Top-k and softmax in at least fp32: in bf16, near-tied logits would flip experts.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
         return Routing(weights=torch.softmax(top_logits, dim=-1), experts=experts, logits=logits)
 

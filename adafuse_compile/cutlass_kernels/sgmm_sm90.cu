@@ -1,0 +1,450 @@
+// SGMM for Hopper (sm_90a): one-launch fused adapter switching.
+//
+// For every adapted weight W_g [out, in] (all layers, all modules):
+//     D_g = C_g + L_g @ R_g,  L_g = [out, Kc], R_g = [Kc, in], fp32 accumulation,
+// with C_g == D_g == W_g (mode "inplace", beta = 1) or C_g = W0_g (mode "pristine").
+// L_g holds the gathered, gate-scaled LoRA B factors (previous experts negated, then the
+// current experts), R_g the gathered LoRA A factors, both packed by `sgmm_pack_kernel` into a
+// workspace whose addresses never change, so every GEMM argument (pointers, strides,
+// problem shapes) is built once and lives on the device: a call is two launches (pack, GEMM),
+// no host sync, no host-to-device copy, capturable in a CUDA graph.
+//
+// The pack kernel's last block also copies the current experts / gates into the "previous"
+// buffers (a grid-wide counter decides which block is last), so a graph replay unmerges the
+// right experts next time.
+//
+// This file compiles on its own with nvcc (no torch headers):
+//   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I<cutlass>/include
+//        -I<cutlass>/tools/util/include --expt-relaxed-constexpr -c sgmm_sm90.cu
+// compiles the pack kernel and the variant registry; adding
+//   -DADAFUSE_SGMM_GEMM_TU -DADAFUSE_SGMM_DTYPE=0 -DADAFUSE_SGMM_VARIANT=0
+// compiles one grouped-GEMM instantiation instead (build.py compiles every variant as its own
+// translation unit that way, so the JIT build runs them in parallel).
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace adafuse_sgmm {
+
+// dtype codes shared with Python (cutlass_sgmm.py)
+enum DType : int { kBF16 = 0, kFP16 = 1 };
+
+struct PlanBase {
+  virtual ~PlanBase() {}
+  // Launch the grouped GEMM on `stream`; returns a cudaError_t-like code (0 = success).
+  virtual int run(cudaStream_t stream) = 0;
+  virtual size_t workspace_bytes() const = 0;
+};
+
+// groups problems; mnk_host [groups*3] (M=out, N=in, K=Kc); pointers are device addresses.
+typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t* ptr_lhs,
+                                  const int64_t* ptr_rhs, const int64_t* ptr_c,
+                                  const int64_t* ptr_d, int sm_count, std::string* err);
+
+// Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N).
+// Tile choice is measured by benchmarks/bench_sgmm.py; see docs/kernels.md for the numbers.
+#define ADAFUSE_SGMM_VARIANTS(X)                                                            \
+  X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1)                              \
+  X(1, pingpong_128x128x64, KernelPtrArrayTmaWarpSpecializedPingpong,                       \
+    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1)                                 \
+  X(2, coop_256x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
+    PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 1)                              \
+  X(3, coop_128x256x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1)                              \
+  X(4, pingpong_64x256x64, KernelPtrArrayTmaWarpSpecializedPingpong,                        \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1)
+
+#define ADAFUSE_SGMM_NUM_VARIANTS 5
+
+}  // namespace adafuse_sgmm
+
+#ifdef ADAFUSE_SGMM_GEMM_TU
+// ---------------------------------------------------------------------------------------------
+// One grouped-GEMM instantiation (dtype ADAFUSE_SGMM_DTYPE, variant ADAFUSE_SGMM_VARIANT).
+// ---------------------------------------------------------------------------------------------
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/kernel_hardware_info.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace adafuse_sgmm {
+using namespace cute;
+
+template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
+          int CM, int CN>
+struct GroupedGemm {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+  // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::RowMajor;
+  using LayoutC = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes (TMA)
+  using TileShape = Shape<Int<TM>, Int<TN>, Int<TK>>;
+  using ClusterShape = Shape<Int<CM>, Int<CN>, _1>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      Element, LayoutC*, kAlign, Element, LayoutC*, kAlign, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
+      LayoutB*, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+template <class Cfg>
+struct Plan final : PlanBase {
+  using Gemm = typename Cfg::Gemm;
+  using Shape3 = typename Cfg::ProblemShape::UnderlyingProblemShape;
+  using StrideA = typename Gemm::GemmKernel::InternalStrideA;
+  using StrideB = typename Gemm::GemmKernel::InternalStrideB;
+  using StrideC = typename Gemm::GemmKernel::InternalStrideC;
+  using StrideD = typename Gemm::GemmKernel::InternalStrideD;
+  using ElementA = typename Gemm::ElementA;
+  using ElementB = typename Gemm::ElementB;
+  using ElementC = typename Gemm::ElementC;
+  using ElementD = typename Gemm::EpilogueOutputOp::ElementOutput;
+
+  Gemm gemm;
+  std::vector<Shape3> shapes_host;  // kept alive: the arguments point at it
+  void* dev_block = nullptr;         // one allocation for every device-side argument array
+  uint8_t* workspace = nullptr;
+  size_t ws_bytes = 0;
+
+  ~Plan() override {
+    if (dev_block) cudaFree(dev_block);
+    if (workspace) cudaFree(workspace);
+  }
+
+  size_t workspace_bytes() const override { return ws_bytes; }
+
+  int run(cudaStream_t stream) override {
+    cutlass::Status st = gemm.run(stream);
+    if (st != cutlass::Status::kSuccess) return -1;
+    return static_cast<int>(cudaGetLastError());
+  }
+
+  template <class T>
+  static size_t push(std::vector<uint8_t>& blob, const std::vector<T>& v) {
+    size_t off = (blob.size() + 255) / 256 * 256;
+    blob.resize(off + v.size() * sizeof(T));
+    std::memcpy(blob.data() + off, v.data(), v.size() * sizeof(T));
+    return off;
+  }
+
+  bool init(int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs,
+            const int64_t* p_c, const int64_t* p_d, int sm_count, std::string* err) {
+    shapes_host.resize(groups);
+    std::vector<StrideA> sa(groups);
+    std::vector<StrideB> sb(groups);
+    std::vector<StrideC> sc(groups);
+    std::vector<StrideD> sd(groups);
+    std::vector<const ElementA*> pa(groups);
+    std::vector<const ElementB*> pb(groups);
+    std::vector<const ElementC*> pc(groups);
+    std::vector<ElementD*> pd(groups);
+    for (int g = 0; g < groups; ++g) {
+      int M = mnk[3 * g], N = mnk[3 * g + 1], K = mnk[3 * g + 2];
+      shapes_host[g] = Shape3{M, N, K};
+      sa[g] = cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1});
+      sb[g] = cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1});
+      sc[g] = cutlass::make_cute_packed_stride(StrideC{}, {M, N, 1});
+      sd[g] = cutlass::make_cute_packed_stride(StrideD{}, {M, N, 1});
+      pa[g] = reinterpret_cast<const ElementA*>(p_lhs[g]);
+      pb[g] = reinterpret_cast<const ElementB*>(p_rhs[g]);
+      pc[g] = reinterpret_cast<const ElementC*>(p_c[g]);
+      pd[g] = reinterpret_cast<ElementD*>(p_d[g]);
+    }
+    std::vector<uint8_t> blob;
+    size_t o_shape = push(blob, shapes_host), o_sa = push(blob, sa), o_sb = push(blob, sb),
+           o_sc = push(blob, sc), o_sd = push(blob, sd), o_pa = push(blob, pa),
+           o_pb = push(blob, pb), o_pc = push(blob, pc), o_pd = push(blob, pd);
+    if (cudaMalloc(&dev_block, blob.size()) != cudaSuccess ||
+        cudaMemcpy(dev_block, blob.data(), blob.size(), cudaMemcpyHostToDevice) != cudaSuccess) {
+      *err = "cudaMalloc/cudaMemcpy of the argument arrays failed";
+      return false;
+    }
+    auto at = [&](size_t off) { return static_cast<uint8_t*>(dev_block) + off; };
+
+    cutlass::KernelHardwareInfo hw;
+    cudaGetDevice(&hw.device_id);
+    hw.sm_count = sm_count > 0
+                      ? sm_count
+                      : cutlass::KernelHardwareInfo::query_device_multiprocessor_count(hw.device_id);
+
+    typename Gemm::Arguments args;
+    decltype(args.epilogue.thread) fusion;
+    fusion.alpha = 1.0f;  // gate and LoRA scaling are folded into L by the pack kernel
+    fusion.beta = 1.0f;   // C == D (inplace) or C = W0 (pristine)
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+    fusion.alpha_ptr_array = nullptr;
+    fusion.beta_ptr_array = nullptr;
+    fusion.dAlpha = {_0{}, _0{}, 0};
+    fusion.dBeta = {_0{}, _0{}, 0};
+    args = typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {groups, reinterpret_cast<Shape3*>(at(o_shape)), shapes_host.data()},
+        {reinterpret_cast<const ElementA**>(at(o_pa)), reinterpret_cast<StrideA*>(at(o_sa)),
+         reinterpret_cast<const ElementB**>(at(o_pb)), reinterpret_cast<StrideB*>(at(o_sb))},
+        {fusion, reinterpret_cast<const ElementC**>(at(o_pc)),
+         reinterpret_cast<StrideC*>(at(o_sc)), reinterpret_cast<ElementD**>(at(o_pd)),
+         reinterpret_cast<StrideD*>(at(o_sd))},
+        hw};
+    cutlass::Status st = gemm.can_implement(args);
+    if (st != cutlass::Status::kSuccess) {
+      *err = std::string("CUTLASS can_implement failed: ") + cutlassGetStatusString(st);
+      return false;
+    }
+    ws_bytes = Gemm::get_workspace_size(args);
+    if (ws_bytes && cudaMalloc(&workspace, ws_bytes) != cudaSuccess) {
+      *err = "cudaMalloc of the GEMM workspace failed";
+      return false;
+    }
+    st = gemm.initialize(args, workspace);
+    if (st != cutlass::Status::kSuccess) {
+      *err = std::string("CUTLASS initialize failed: ") + cutlassGetStatusString(st);
+      return false;
+    }
+    return true;
+  }
+};
+
+#if ADAFUSE_SGMM_DTYPE == 0
+using SgmmElement = cutlass::bfloat16_t;
+#define ADAFUSE_SGMM_DTYPE_NAME bf16
+#else
+using SgmmElement = cutlass::half_t;
+#define ADAFUSE_SGMM_DTYPE_NAME fp16
+#endif
+
+#define ADAFUSE_CAT3_(a, b, c) a##_##b##_##c
+#define ADAFUSE_CAT3(a, b, c) ADAFUSE_CAT3_(a, b, c)
+
+#define ADAFUSE_SGMM_DEFINE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                              \
+  PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ID)(                            \
+      int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs,                 \
+      const int64_t* p_c, const int64_t* p_d, int sm_count, std::string* err) {               \
+    using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
+                            CM, CN>;                                                           \
+    auto* plan = new Plan<Cfg>();                                                              \
+    if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)) {                     \
+      delete plan;                                                                             \
+      return nullptr;                                                                          \
+    }                                                                                          \
+    return plan;                                                                               \
+  }
+#define ADAFUSE_SGMM_DEFINE_IF_SELECTED(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
+  ADAFUSE_SGMM_DEFINE_##ID(ID, NAME, KS, ES, TM, TN, TK, CM, CN)
+
+// Only the selected variant is defined in this translation unit.
+#define ADAFUSE_SGMM_SELECT_(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
+  static_assert(ID >= 0, "variant");
+}  // namespace adafuse_sgmm
+
+namespace adafuse_sgmm {
+#define ADAFUSE_SGMM_DEFINE_SELECTED(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
+  ADAFUSE_SGMM_DEFINE_SEL_HELPER(ID, NAME, KS, ES, TM, TN, TK, CM, CN)
+#define ADAFUSE_SGMM_MAYBE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                     \
+  template <int V> struct Maybe##ID;                                                  \
+  template <> struct Maybe##ID<ID> {                                                  \
+    using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, \
+                            TN, TK, CM, CN>;                                          \
+  };
+}  // namespace adafuse_sgmm
+
+namespace adafuse_sgmm {
+template <int V> struct VariantCfg;
+#define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                       \
+  template <> struct VariantCfg<ID> {                                                       \
+    using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
+                            CM, CN>;                                                        \
+  };
+ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
+
+PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ADAFUSE_SGMM_VARIANT)(
+    int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs, const int64_t* p_c,
+    const int64_t* p_d, int sm_count, std::string* err) {
+  auto* plan = new Plan<typename VariantCfg<ADAFUSE_SGMM_VARIANT>::Cfg>();
+  if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)) {
+    delete plan;
+    return nullptr;
+  }
+  return plan;
+}
+}  // namespace adafuse_sgmm
+
+#else  // !ADAFUSE_SGMM_GEMM_TU
+// ---------------------------------------------------------------------------------------------
+// Pack kernel and the registry of GEMM variants.
+// ---------------------------------------------------------------------------------------------
+namespace adafuse_sgmm {
+
+#define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                          \
+  PlanBase* create_plan_bf16_##ID(int, const int*, const int64_t*, const int64_t*,          \
+                                  const int64_t*, const int64_t*, int, std::string*);       \
+  PlanBase* create_plan_fp16_##ID(int, const int*, const int64_t*, const int64_t*,          \
+                                  const int64_t*, const int64_t*, int, std::string*);
+ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
+
+#define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN) #NAME,
+static const char* kVariantNames[] = {ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_NAME)};
+
+int num_variants() { return ADAFUSE_SGMM_NUM_VARIANTS; }
+const char* variant_name(int v) {
+  return (v >= 0 && v < ADAFUSE_SGMM_NUM_VARIANTS) ? kVariantNames[v] : "";
+}
+
+PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
+                      const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
+                      int sm_count, std::string* err) {
+#define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                              \
+  case ID:                                                                                   \
+    return dtype == kBF16                                                                    \
+               ? create_plan_bf16_##ID(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)  \
+               : create_plan_fp16_##ID(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err);
+  switch (variant) {
+    ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_CASE)
+    default:
+      *err = "unknown SGMM variant " + std::to_string(variant);
+      return nullptr;
+  }
+}
+
+// Per-weight pack descriptor, an int64 row [A, B, lhs, rhs, out, in] (see cutlass_sgmm.py).
+constexpr int kDescCols = 6;
+constexpr int kMaxSlots = 8;  // 2 * k, k <= 4
+
+template <typename T>
+__device__ __forceinline__ uint4 scale8(uint4 raw, float c);
+
+template <>
+__device__ __forceinline__ uint4 scale8<__nv_bfloat16>(uint4 raw, float c) {
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    h[i] = __floats2bfloat162_rn(f.x * c, f.y * c);
+  }
+  return raw;
+}
+
+template <>
+__device__ __forceinline__ uint4 scale8<__half>(uint4 raw, float c) {
+  __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __half22float2(h[i]);
+    h[i] = __floats2half2_rn(f.x * c, f.y * c);
+  }
+  return raw;
+}
+
+// Grid (blocks_x, groups). Writes, for weight g:
+//   lhs[m, j*r + q] = coef_j * B_g[e_j, m, q]   ([out, Kc], K contiguous)
+//   rhs[j*r + q, n] = A_g[e_j, q, n]            ([Kc, in], N contiguous)
+// slots j: inplace -> (prev_0..prev_{k-1}: coef = -s*pg, cur_0..cur_{k-1}: coef = s*g);
+//          pristine -> cur only. 16-byte vectors (r % 8 == 0 and in % 8 == 0 checked on host).
+template <typename T>
+__global__ void __launch_bounds__(256) sgmm_pack_kernel(
+    const int64_t* __restrict__ desc, const int64_t* __restrict__ experts,
+    const float* __restrict__ gates, int64_t* prev_experts, float* prev_gates,
+    unsigned int* counter, int k, int r, int inplace, float scaling) {
+  __shared__ int64_t s_e[kMaxSlots];
+  __shared__ float s_c[kMaxSlots];
+  __shared__ bool s_last;
+  const int slots = inplace ? 2 * k : k;
+  if (threadIdx.x < slots) {
+    int j = threadIdx.x;
+    if (inplace && j < k) {
+      s_e[j] = prev_experts[j];
+      s_c[j] = -scaling * prev_gates[j];
+    } else {
+      int jj = inplace ? j - k : j;
+      s_e[j] = experts[jj];
+      s_c[j] = scaling * gates[jj];
+    }
+  }
+  __syncthreads();
+
+  const int64_t* d = desc + static_cast<int64_t>(blockIdx.y) * kDescCols;
+  const T* A = reinterpret_cast<const T*>(d[0]);
+  const T* B = reinterpret_cast<const T*>(d[1]);
+  T* lhs = reinterpret_cast<T*>(d[2]);
+  T* rhs = reinterpret_cast<T*>(d[3]);
+  const int64_t out = d[4], in = d[5];
+  const int64_t Kc = static_cast<int64_t>(slots) * r;
+  const int64_t kv = Kc / 8, nv = in / 8;
+  const int64_t n_lhs = out * kv, n_all = n_lhs + Kc * nv;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_all;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (v < n_lhs) {
+      const int64_t m = v / kv, kk = (v - m * kv) * 8;
+      const int j = static_cast<int>(kk / r);
+      const int64_t q = kk - static_cast<int64_t>(j) * r;
+      uint4 raw = *reinterpret_cast<const uint4*>(B + (s_e[j] * out + m) * r + q);
+      *reinterpret_cast<uint4*>(lhs + m * Kc + kk) = scale8<T>(raw, s_c[j]);
+    } else {
+      const int64_t w = v - n_lhs, row = w / nv, col = (w - row * nv) * 8;
+      const int j = static_cast<int>(row / r);
+      const int64_t q = row - static_cast<int64_t>(j) * r;
+      *reinterpret_cast<uint4*>(rhs + row * in + col) =
+          *reinterpret_cast<const uint4*>(A + (s_e[j] * r + q) * in + col);
+    }
+  }
+
+  // The last block to finish publishes this token's experts as the next call's "previous".
+  // Every block read prev_* into shared memory before incrementing the counter.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned int total = gridDim.x * gridDim.y;
+    s_last = (atomicAdd(counter, 1u) == total - 1);
+  }
+  __syncthreads();
+  if (s_last) {
+    if (threadIdx.x < k) {
+      prev_experts[threadIdx.x] = experts[threadIdx.x];
+      prev_gates[threadIdx.x] = gates[threadIdx.x];
+    }
+    if (threadIdx.x == 0) *counter = 0u;  // ready for the next call / graph replay
+  }
+}
+
+int launch_pack(int dtype, const int64_t* desc, int groups, int blocks_x,
+                const int64_t* experts, const float* gates, int64_t* prev_experts,
+                float* prev_gates, unsigned int* counter, int k, int r, int inplace,
+                float scaling, cudaStream_t stream) {
+  if (k < 1 || k > kMaxSlots / 2) return static_cast<int>(cudaErrorInvalidValue);
+  dim3 grid(blocks_x, groups);
+  if (dtype == kBF16) {
+    sgmm_pack_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
+        desc, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
+  } else {
+    sgmm_pack_kernel<__half><<<grid, 256, 0, stream>>>(
+        desc, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace adafuse_sgmm
+#endif  // ADAFUSE_SGMM_GEMM_TU
