@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -239,37 +240,6 @@ using SgmmElement = cutlass::half_t;
 
 #define ADAFUSE_CAT3_(a, b, c) a##_##b##_##c
 #define ADAFUSE_CAT3(a, b, c) ADAFUSE_CAT3_(a, b, c)
-
-#define ADAFUSE_SGMM_DEFINE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                              \
-  PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ID)(                            \
-      int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs,                 \
-      const int64_t* p_c, const int64_t* p_d, int sm_count, std::string* err) {               \
-    using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
-                            CM, CN>;                                                           \
-    auto* plan = new Plan<Cfg>();                                                              \
-    if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)) {                     \
-      delete plan;                                                                             \
-      return nullptr;                                                                          \
-    }                                                                                          \
-    return plan;                                                                               \
-  }
-#define ADAFUSE_SGMM_DEFINE_IF_SELECTED(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
-  ADAFUSE_SGMM_DEFINE_##ID(ID, NAME, KS, ES, TM, TN, TK, CM, CN)
-
-// Only the selected variant is defined in this translation unit.
-#define ADAFUSE_SGMM_SELECT_(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
-  static_assert(ID >= 0, "variant");
-}  // namespace adafuse_sgmm
-
-namespace adafuse_sgmm {
-#define ADAFUSE_SGMM_DEFINE_SELECTED(ID, NAME, KS, ES, TM, TN, TK, CM, CN) \
-  ADAFUSE_SGMM_DEFINE_SEL_HELPER(ID, NAME, KS, ES, TM, TN, TK, CM, CN)
-#define ADAFUSE_SGMM_MAYBE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                     \
-  template <int V> struct Maybe##ID;                                                  \
-  template <> struct Maybe##ID<ID> {                                                  \
-    using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, \
-                            TN, TK, CM, CN>;                                          \
-  };
 }  // namespace adafuse_sgmm
 
 namespace adafuse_sgmm {

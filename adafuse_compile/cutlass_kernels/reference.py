@@ -1,0 +1,100 @@
+"""Plain PyTorch SGMM: the CPU implementation and the test oracle.
+
+For every adapted weight W_l [out, in] with stacked experts A_l [N, r, in], B_l [N, out, r]:
+
+    inplace:  W_l += sum_j s*g_j B_l[e_j] A_l[e_j] - sum_j s*pg_j B_l[pe_j] A_l[pe_j]
+              (one product with K = 2*k*r: [-s*pg B(pe), s*g B(e)] @ [A(pe); A(e)])
+    pristine: W_l  = W0_l + sum_j s*g_j B_l[e_j] A_l[e_j]              (K = k*r, exact)
+
+then prev_experts / prev_gates take the current experts / gates. Every step uses device
+tensor ops only (index_select, matmul, copy_), so it also captures in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gather_factors(
+    lora_A: Tensor, lora_B: Tensor, experts: Tensor, coefs: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """L [out, k*r] = coef-scaled B of the selected experts side by side, R [k*r, in] = their A."""
+    n_sel = experts.numel()
+    r = lora_A.shape[1]
+    b = lora_B.index_select(0, experts).to(dtype) * coefs.to(dtype).view(n_sel, 1, 1)
+    lhs = b.permute(1, 0, 2).reshape(lora_B.shape[1], n_sel * r)
+    rhs = lora_A.index_select(0, experts).to(dtype).reshape(n_sel * r, lora_A.shape[2])
+    return lhs, rhs
+
+
+def switch_coefficients(
+    experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor]:
+    """The K-slot expert indices and their fp32 coefficients (previous negated, then current)."""
+    cur = gates.float() * scaling
+    if not inplace:
+        return experts, cur
+    return torch.cat([prev_experts, experts]), torch.cat([-prev_gates.float() * scaling, cur])
+
+
+def reference_switch_(
+    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,
+    pristine: list[Tensor] | None = None,
+) -> None:
+    """SGMM in plain PyTorch: fp32 math, one product per weight, rounded once to W's dtype."""
+    idx, coef = switch_coefficients(
+        experts, gates, prev_experts, prev_gates, scaling, inplace=pristine is None
+    )
+    for i, w in enumerate(weights):
+        lhs, rhs = gather_factors(lora_A[i], lora_B[i], idx, coef, torch.float32)
+        base = w if pristine is None else pristine[i]
+        w.copy_(torch.addmm(base.float(), lhs, rhs))
+    prev_experts.copy_(experts)
+    prev_gates.copy_(gates)
+
+
+def simple_merge_switch_(
+    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,
+    pristine: list[Tensor] | None = None, impl: str = "auto",
+) -> None:
+    """The "simple merge" baseline: one addmm per weight, layer by layer, in W's dtype.
+
+    `impl` is accepted for signature parity with sgmm_switch_ and ignored.
+    """
+    del impl
+    idx, coef = switch_coefficients(
+        experts, gates, prev_experts, prev_gates, scaling, inplace=pristine is None
+    )
+    for i, w in enumerate(weights):
+        lhs, rhs = gather_factors(lora_A[i], lora_B[i], idx, coef, w.dtype)
+        if pristine is None:
+            w.addmm_(lhs, rhs)
+        else:
+            torch.addmm(pristine[i], lhs, rhs, out=w)
+    prev_experts.copy_(experts)
+    prev_gates.copy_(gates)
+
+
+def oracle_switch(
+    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,
+    pristine: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """float64 expected weights after the switch (nothing is mutated). For tests."""
+    out = []
+    for i, w in enumerate(weights):
+        a = lora_A[i].double()
+        b = lora_B[i].double()
+        delta = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+        for e, g in zip(experts.tolist(), gates.double().tolist()):
+            delta += scaling * g * (b[e] @ a[e])
+        if pristine is None:
+            for e, g in zip(prev_experts.tolist(), prev_gates.double().tolist()):
+                delta -= scaling * g * (b[e] @ a[e])
+            out.append(w.double() + delta)
+        else:
+            out.append(pristine[i].double() + delta)
+    return out

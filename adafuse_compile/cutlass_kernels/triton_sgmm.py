@@ -1,0 +1,171 @@
+"""Triton SGMM: one persistent launch over every (weight, tile) pair.
+
+Kernel: each program walks tiles t = pid, pid + P, ...; a tile is (weight g, rows, cols) of
+W_g. For each expert slot j (previous experts negated, then current ones, or current only in
+pristine mode) it loads the expert index from the device, points at B_g[e_j] and A_g[e_j]
+(the gather is a pointer computation per K block, nothing is packed), accumulates
+dot(B tile, A tile) in fp32 and scales it by the slot's coefficient; then it reads the W (or W0)
+tile once, adds, and stores W. The last program to finish (a grid-wide counter) copies the
+current experts/gates into the previous-expert buffers and resets the counter, so a
+CUDA-graph replay unmerges the right experts.
+
+Launcher: `TritonPlan` builds the descriptor and tile tables once (device tensors; keyed by
+the caller on the tensors' data_ptrs), picks the tile shape, and launches.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+# Descriptor columns (int64 per weight): W, C (W itself or W0), A, B, out, in.
+_DESC_COLS = 6
+
+
+@triton.jit
+def _sgmm_kernel(
+    tiles_ptr,  # int32 [T, 3]: weight index, tile row, tile col
+    desc_ptr,  # int64 [G, 6]
+    dtype_ref,  # any tensor of the weight dtype (gives the element type for table pointers)
+    experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr,
+    num_tiles, scaling,
+    K_SEL: tl.constexpr, INPLACE: tl.constexpr, R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_MN: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    elem = dtype_ref.dtype.element_ty
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    for t in range(pid, num_tiles, nprog):
+        g = tl.load(tiles_ptr + t * 3).to(tl.int64)
+        tm = tl.load(tiles_ptr + t * 3 + 1)
+        tn = tl.load(tiles_ptr + t * 3 + 2)
+        d = desc_ptr + g * 6
+        w_ptr = tl.load(d).to(tl.pointer_type(elem))
+        c_ptr = tl.load(d + 1).to(tl.pointer_type(elem))
+        a_ptr = tl.load(d + 2).to(tl.pointer_type(elem))
+        b_ptr = tl.load(d + 3).to(tl.pointer_type(elem))
+        n_out = tl.load(d + 4)
+        n_in = tl.load(d + 5)
+        if ALIGNED:
+            # Without these hints Triton cannot vectorise through table-loaded pointers:
+            # 24% -> 50% of copy bandwidth on H200 (DESIGN.md section 5).
+            w_ptr = tl.multiple_of(w_ptr, 16)
+            c_ptr = tl.multiple_of(c_ptr, 16)
+            a_ptr = tl.multiple_of(a_ptr, 16)
+            b_ptr = tl.multiple_of(b_ptr, 16)
+            n_in = tl.multiple_of(n_in, 8)
+        offs_m = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < n_out
+        mask_n = offs_n < n_in
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(2 * K_SEL if INPLACE else K_SEL):
+            if INPLACE and j < K_SEL:
+                e = tl.load(prev_experts_ptr + j)
+                coef = -scaling * tl.load(prev_gates_ptr + j)
+            else:
+                jj = j - K_SEL if INPLACE else j
+                e = tl.load(experts_ptr + jj)
+                coef = scaling * tl.load(gates_ptr + jj)
+            b_base = b_ptr + e * n_out * R  # B_g[e] : [out, R]
+            a_base = a_ptr + e * R * n_in  # A_g[e] : [R, in]
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for q in tl.static_range(0, R, BLOCK_K):
+                kk = q + offs_k
+                b_ptrs = b_base + offs_m[:, None] * R + kk[None, :]
+                a_ptrs = a_base + kk[:, None] * n_in + offs_n[None, :]
+                if EVEN_MN and R % BLOCK_K == 0:
+                    b_tile = tl.load(b_ptrs)
+                    a_tile = tl.load(a_ptrs)
+                else:
+                    b_tile = tl.load(b_ptrs, mask=mask_m[:, None] & (kk[None, :] < R), other=0.0)
+                    a_tile = tl.load(a_ptrs, mask=(kk[:, None] < R) & mask_n[None, :], other=0.0)
+                if IEEE:
+                    part = tl.dot(b_tile, a_tile, part, input_precision="ieee")
+                else:
+                    part = tl.dot(b_tile, a_tile, part)
+            acc += coef * part
+
+        w_offs = offs_m[:, None] * n_in + offs_n[None, :]
+        if EVEN_MN:
+            base = tl.load(c_ptr + w_offs).to(tl.float32)
+            tl.store(w_ptr + w_offs, (base + acc).to(elem))
+        else:
+            mask = mask_m[:, None] & mask_n[None, :]
+            base = tl.load(c_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(w_ptr + w_offs, (base + acc).to(elem), mask=mask)
+
+    # Publish this token's experts for the next call once every program has read the old ones
+    # (the atomic is acq_rel: each program's loads above happen before its increment).
+    done = tl.atomic_add(counter_ptr, 1)
+    if done == nprog - 1:
+        for j in tl.static_range(K_SEL):
+            tl.store(prev_experts_ptr + j, tl.load(experts_ptr + j))
+            tl.store(prev_gates_ptr + j, tl.load(gates_ptr + j))
+        tl.store(counter_ptr, 0)
+
+
+# Tile shape: 128x128, K blocks of 64, 8 warps, the shape measured in DESIGN.md section 5
+# (50% of copy bandwidth with pointer hints); benchmarks/bench_sgmm.py times alternatives.
+DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+
+
+class TritonPlan:
+    """Device tables for one set of weights; `run` is one kernel launch."""
+
+    def __init__(
+        self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], k: int,
+        pristine: list[Tensor] | None, config: dict | None = None,
+        programs: int | None = None,
+    ):
+        cfg = dict(DEFAULT_CONFIG, **(config or {}))
+        self.block_m, self.block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        self.num_warps, self.num_stages = cfg["num_warps"], cfg["num_stages"]
+        dev = weights[0].device
+        self.k = k
+        self.inplace = pristine is None
+        self.r = int(lora_A[0].shape[1])
+        self.block_k = max(16, min(64, triton.next_power_of_2(self.r)))
+        self.ieee = weights[0].dtype == torch.float32
+        rows, tiles = [], []
+        even, aligned = True, True
+        for g, w in enumerate(weights):
+            out, inn = w.shape
+            c = w if pristine is None else pristine[g]
+            ptrs = (w.data_ptr(), c.data_ptr(), lora_A[g].data_ptr(), lora_B[g].data_ptr())
+            rows.append([*ptrs, out, inn])
+            aligned &= all(p % 16 == 0 for p in ptrs) and inn % 8 == 0 and self.r % 8 == 0
+            even &= out % self.block_m == 0 and inn % self.block_n == 0
+            for tm in range(triton.cdiv(out, self.block_m)):
+                for tn in range(triton.cdiv(inn, self.block_n)):
+                    tiles.append((g, tm, tn))
+        # Built once per weight set: the only host-to-device copies this plan ever makes.
+        self.desc = torch.tensor(rows, dtype=torch.int64).to(dev)
+        self.tiles = torch.tensor(tiles, dtype=torch.int32).to(dev)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.num_tiles = len(tiles)
+        self.even, self.aligned = even, aligned
+        self.dtype_ref = torch.empty(1, dtype=weights[0].dtype, device=dev)
+        if programs is None:
+            if dev.type == "cuda":
+                sms = torch.cuda.get_device_properties(dev).multi_processor_count
+                programs = 2 * sms  # two 128x128 programs fit one SM (smem, 8 warps each)
+            else:
+                programs = 4  # interpreter: few programs still exercise the persistent loop
+        self.programs = max(1, min(programs, self.num_tiles))
+
+    def run(self, experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
+            scaling: float) -> None:
+        _sgmm_kernel[(self.programs,)](
+            self.tiles, self.desc, self.dtype_ref, experts, gates, prev_experts, prev_gates,
+            self.counter, self.num_tiles, float(scaling),
+            K_SEL=self.k, INPLACE=self.inplace, R=self.r,
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            EVEN_MN=self.even, ALIGNED=self.aligned, IEEE=self.ieee,
+            num_warps=self.num_warps, num_stages=self.num_stages,
+        )
