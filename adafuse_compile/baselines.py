@@ -45,7 +45,8 @@ class MoLALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
         tokens = x.reshape(-1, self.in_features)
-        top, selected = torch.topk(self.router(tokens).float(), self.top_k, dim=-1)
+        logits = self.router(tokens)
+        top, selected = torch.topk(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1).to(tokens.dtype) * self.scaling
         out = torch.zeros(tokens.shape[0], self.out_features, dtype=tokens.dtype, device=tokens.device)
         expert_mask = F.one_hot(selected, self.num_experts).permute(2, 1, 0)  # [N, k, tokens]

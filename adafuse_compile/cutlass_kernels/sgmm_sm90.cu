@@ -269,11 +269,15 @@ PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ADAFUSE_SGMM_VARIAN
 // ---------------------------------------------------------------------------------------------
 namespace adafuse_sgmm {
 
+// Weak: an extension built with a subset of the variants links, and asks for a missing one
+// get a clear error instead of a crash.
 #define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                          \
-  PlanBase* create_plan_bf16_##ID(int, const int*, const int64_t*, const int64_t*,          \
-                                  const int64_t*, const int64_t*, int, std::string*);       \
-  PlanBase* create_plan_fp16_##ID(int, const int*, const int64_t*, const int64_t*,          \
-                                  const int64_t*, const int64_t*, int, std::string*);
+  __attribute__((weak)) PlanBase* create_plan_bf16_##ID(                                     \
+      int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
+      std::string*);                                                                         \
+  __attribute__((weak)) PlanBase* create_plan_fp16_##ID(                                     \
+      int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
+      std::string*);
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
 
 #define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN) #NAME,
@@ -288,10 +292,14 @@ PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const 
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
                       int sm_count, std::string* err) {
 #define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                              \
-  case ID:                                                                                   \
-    return dtype == kBF16                                                                    \
-               ? create_plan_bf16_##ID(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)  \
-               : create_plan_fp16_##ID(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err);
+  case ID: {                                                                                 \
+    CreatePlanFn fn = dtype == kBF16 ? create_plan_bf16_##ID : create_plan_fp16_##ID;        \
+    if (fn == nullptr) {                                                                     \
+      *err = "SGMM variant " #NAME " was not built into this extension";                     \
+      return nullptr;                                                                        \
+    }                                                                                        \
+    return fn(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err);                           \
+  }
   switch (variant) {
     ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_CASE)
     default:

@@ -1,0 +1,191 @@
+"""JIT build of the sm_90a SGMM extension (sgmm_sm90.cu + a small torch binding).
+
+Headers come from the `nvidia-cutlass` wheel (cutlass_library/source/include and
+tools/util/include) or from $CUTLASS_PATH (a CUTLASS checkout). Every grouped-GEMM variant x
+dtype is its own translation unit (a two-line wrapper that includes sgmm_sm90.cu with
+defines), so ninja builds them in parallel; about 35 s of nvcc per unit. Builds land in
+$ADAFUSE_CACHE or ~/.cache/adafuse_compile and are reused across processes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+_HERE = Path(__file__).resolve().parent
+CU_SOURCE = _HERE / "sgmm_sm90.cu"
+NUM_VARIANTS = 5  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+DTYPE_CODES = {"bf16": 0, "fp16": 1}
+
+_loaded: dict[tuple[int, ...], ModuleType] = {}
+_failed: dict[tuple[int, ...], str] = {}
+
+# The torch-facing binding (host compiler). Declarations mirror sgmm_sm90.cu.
+_BINDING = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_runtime.h>
+#include <memory>
+#include <string>
+
+namespace adafuse_sgmm {
+struct PlanBase {
+  virtual ~PlanBase() {}
+  virtual int run(cudaStream_t stream) = 0;
+  virtual size_t workspace_bytes() const = 0;
+};
+PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
+                      const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
+                      int sm_count, std::string* err);
+int launch_pack(int dtype, const int64_t* desc, int groups, int blocks_x,
+                const int64_t* experts, const float* gates, int64_t* prev_experts,
+                float* prev_gates, unsigned int* counter, int k, int r, int inplace,
+                float scaling, cudaStream_t stream);
+int num_variants();
+const char* variant_name(int v);
+}  // namespace adafuse_sgmm
+
+struct Plan {
+  std::unique_ptr<adafuse_sgmm::PlanBase> impl;
+  void run() {
+    int rc = impl->run(at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(rc == 0, "SGMM grouped GEMM launch failed (code ", rc, ")");
+  }
+  int64_t workspace_bytes() const { return static_cast<int64_t>(impl->workspace_bytes()); }
+};
+
+static Plan create_plan(int64_t dtype, int64_t variant, torch::Tensor mnk, torch::Tensor ptrs,
+                        int64_t sm_count) {
+  TORCH_CHECK(mnk.device().is_cpu() && mnk.dtype() == torch::kInt32 && mnk.dim() == 2 &&
+              mnk.size(1) == 3 && mnk.is_contiguous(), "mnk: CPU int32 [G, 3]");
+  int64_t G = mnk.size(0);
+  TORCH_CHECK(ptrs.device().is_cpu() && ptrs.dtype() == torch::kInt64 && ptrs.dim() == 2 &&
+              ptrs.size(0) == 4 && ptrs.size(1) == G && ptrs.is_contiguous(),
+              "ptrs: CPU int64 [4, G]");
+  const int64_t* p = ptrs.data_ptr<int64_t>();
+  std::string err;
+  adafuse_sgmm::PlanBase* raw = adafuse_sgmm::create_plan(
+      static_cast<int>(dtype), static_cast<int>(variant), static_cast<int>(G),
+      mnk.data_ptr<int>(), p, p + G, p + 2 * G, p + 3 * G, static_cast<int>(sm_count), &err);
+  TORCH_CHECK(raw != nullptr, "SGMM plan: ", err);
+  Plan plan;
+  plan.impl.reset(raw);
+  return plan;
+}
+
+static void pack(int64_t dtype, torch::Tensor desc, int64_t blocks_x, torch::Tensor experts,
+                 torch::Tensor gates, torch::Tensor prev_experts, torch::Tensor prev_gates,
+                 torch::Tensor counter, int64_t k, int64_t r, bool inplace, double scaling) {
+  int rc = adafuse_sgmm::launch_pack(
+      static_cast<int>(dtype), desc.data_ptr<int64_t>(), static_cast<int>(desc.size(0)),
+      static_cast<int>(blocks_x), experts.data_ptr<int64_t>(), gates.data_ptr<float>(),
+      prev_experts.data_ptr<int64_t>(), prev_gates.data_ptr<float>(),
+      reinterpret_cast<unsigned int*>(counter.data_ptr<int>()), static_cast<int>(k),
+      static_cast<int>(r), inplace ? 1 : 0, static_cast<float>(scaling),
+      at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(rc == 0, "SGMM pack launch failed: ", cudaGetErrorString((cudaError_t)rc));
+}
+
+static std::vector<std::string> variant_names() {
+  std::vector<std::string> out;
+  for (int i = 0; i < adafuse_sgmm::num_variants(); ++i) out.push_back(adafuse_sgmm::variant_name(i));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Plan>(m, "Plan")
+      .def("run", &Plan::run)
+      .def("workspace_bytes", &Plan::workspace_bytes);
+  m.def("create_plan", &create_plan);
+  m.def("pack", &pack);
+  m.def("variant_names", &variant_names);
+}
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ADAFUSE_CACHE") or os.path.join(Path.home(), ".cache", "adafuse_compile")
+    return Path(root)
+
+
+def cutlass_include_dirs() -> list[Path] | None:
+    """[include, tools/util/include] of CUTLASS ($CUTLASS_PATH first, then the pip wheel)."""
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots.append(Path(os.environ["CUTLASS_PATH"]))
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(list(spec.submodule_search_locations)[0]) / "source")
+    for root in roots:
+        dirs = [root / "include", root / "tools" / "util" / "include"]
+        if (dirs[0] / "cutlass" / "cutlass.h").exists() and \
+                (dirs[1] / "cutlass" / "util" / "packed_stride.hpp").exists():
+            return dirs
+    return None
+
+
+def nvcc_flags(include_dirs: list[Path]) -> list[str]:
+    return [
+        "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
+        "-gencode=arch=compute_90a,code=sm_90a",  # wgmma / setmaxnreg need the 'a' target
+        *[f"-I{d}" for d in include_dirs],
+    ]
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def load_extension(variants: tuple[int, ...] = (0,)) -> ModuleType:
+    """Build (first use) or load the extension holding the given GEMM variants, both dtypes."""
+    variants = tuple(sorted(set(variants)))
+    for have, mod in _loaded.items():
+        if set(variants) <= set(have):
+            return mod
+    if variants in _failed:
+        raise RuntimeError(_failed[variants])
+    incs = cutlass_include_dirs()
+    if incs is None:
+        raise RuntimeError("CUTLASS headers not found: pip install nvidia-cutlass (or set CUTLASS_PATH)")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        raise RuntimeError("nvcc not found: the SGMM CUTLASS kernels are JIT-built with nvcc")
+    from torch.utils.cpp_extension import load
+
+    name = "adafuse_sgmm_sm90_v" + "".join(str(v) for v in variants)
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [CU_SOURCE]
+    binding = build_dir / "binding.cpp"
+    _write_if_changed(binding, _BINDING)
+    sources.append(binding)
+    for dname, dcode in DTYPE_CODES.items():
+        for v in variants:
+            tu = build_dir / f"gemm_{dname}_{v}.cu"
+            _write_if_changed(tu, (
+                "#define ADAFUSE_SGMM_GEMM_TU 1\n"
+                f"#define ADAFUSE_SGMM_DTYPE {dcode}\n"
+                f"#define ADAFUSE_SGMM_VARIANT {v}\n"
+                f'#include "{CU_SOURCE}"\n'
+            ))
+            sources.append(tu)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        with console.status(
+            f"[bold]adafuse: building SGMM CUTLASS kernels ({len(sources) - 2} GEMM units, "
+            f"sm_90a) in {build_dir} - first use only, about a minute"
+        ):
+            mod = load(
+                name=name, sources=[str(s) for s in sources], build_directory=str(build_dir),
+                extra_cflags=["-O2", "-std=c++17"], extra_cuda_cflags=nvcc_flags(incs),
+                extra_include_paths=[str(d) for d in incs], verbose=False,
+            )
+    except Exception as exc:  # remember the failure: auto dispatch falls back to Triton
+        _failed[variants] = f"SGMM CUTLASS build failed: {exc}"
+        raise RuntimeError(_failed[variants]) from exc
+    _loaded[variants] = mod
+    return mod
