@@ -25,7 +25,7 @@ _failed: dict[tuple[int, ...], str] = {}
 # The torch-facing binding (host compiler). Declarations mirror sgmm_sm90.cu.
 _BINDING = r"""
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <memory>
 #include <string>
@@ -50,7 +50,7 @@ const char* variant_name(int v);
 struct Plan {
   std::unique_ptr<adafuse_sgmm::PlanBase> impl;
   void run() {
-    int rc = impl->run(at::cuda::getCurrentCUDAStream().stream());
+    int rc = impl->run(c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(rc == 0, "SGMM grouped GEMM launch failed (code ", rc, ")");
   }
   int64_t workspace_bytes() const { return static_cast<int64_t>(impl->workspace_bytes()); }
@@ -84,7 +84,7 @@ static void pack(int64_t dtype, torch::Tensor desc, int64_t blocks_x, torch::Ten
       prev_experts.data_ptr<int64_t>(), prev_gates.data_ptr<float>(),
       reinterpret_cast<unsigned int*>(counter.data_ptr<int>()), static_cast<int>(k),
       static_cast<int>(r), inplace ? 1 : 0, static_cast<float>(scaling),
-      at::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(rc == 0, "SGMM pack launch failed: ", cudaGetErrorString((cudaError_t)rc));
 }
 

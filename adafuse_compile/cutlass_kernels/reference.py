@@ -98,3 +98,44 @@ def oracle_switch(
         else:
             out.append(pristine[i].double() + delta)
     return out
+
+
+def make_problem(
+    shapes: list[tuple[int, int]], *, n_experts: int = 8, rank: int = 16, k: int = 2,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    pristine: bool = False, weight_std: float = 1.0, factor_std: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Random SGMM inputs for tests and benchmarks (never zeros).
+
+    With the defaults the update s * B A is about 0.3 x |W| per expert, so an error in the
+    update is not hidden by the rounding of W. experts/prev_experts are distinct draws.
+    """
+    def rnd(*shape, std=1.0):
+        t = torch.randn(*shape, generator=generator, dtype=torch.float32) * std
+        return t.to(dtype=dtype, device=device)
+
+    weights = [rnd(o, i, std=weight_std) for o, i in shapes]
+    lora_A = [rnd(n_experts, rank, i, std=factor_std / rank**0.5) for _, i in shapes]
+    lora_B = [rnd(n_experts, o, rank, std=factor_std) for o, _ in shapes]
+
+    def pick():
+        e = torch.randperm(n_experts, generator=generator)[:k]
+        g = torch.softmax(torch.randn(k, generator=generator), 0)
+        return e.to(device), g.to(device)
+
+    experts, gates = pick()
+    prev_experts, prev_gates = pick()
+    return dict(
+        weights=weights, lora_A=lora_A, lora_B=lora_B, experts=experts, gates=gates,
+        prev_experts=prev_experts, prev_gates=prev_gates, scaling=0.5,
+        pristine=[rnd(o, i, std=weight_std) for o, i in shapes] if pristine else None,
+    )
+
+
+def delta_error(after: Tensor, before: Tensor, expected64: Tensor) -> float:
+    """||(after - before) - (expected - before)|| / ||expected - before||, in float64."""
+    b = before.double()
+    num = (after.double() - expected64).norm()
+    den = (expected64 - b).norm()
+    return float(num / den)

@@ -1,0 +1,156 @@
+"""SGMM PyTorch reference and the op's contract, on the CPU, against a float64 oracle."""
+import pytest
+import torch
+
+from adafuse_compile.cutlass_kernels import ops
+from adafuse_compile.cutlass_kernels.reference import (
+    delta_error, make_problem, oracle_switch, reference_switch_, simple_merge_switch_,
+)
+
+SHAPES = [(96, 200), (40, 72)]
+# Error of the update relative to the update's size (see make_problem): output rounding of W
+# is ~1e-3 (bf16) / ~1.5e-4 (fp16) of it; a wrong expert or gate gives ~1.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOL)
+
+
+def _args(p):
+    return (p["weights"], p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+            p["prev_experts"], p["prev_gates"], p["scaling"])
+
+
+def _check(p, expected, before, dtype):
+    for i, (w, exp, b) in enumerate(zip(p["weights"], expected, before)):
+        assert torch.isfinite(w).all(), f"weight {i} has unwritten (NaN) elements"
+        err = delta_error(w, b, exp)
+        assert err < TOL[dtype], f"weight {i} {tuple(w.shape)}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_inplace_matches_oracle(dtype, k, impl):
+    p = make_problem(SHAPES, k=k, dtype=dtype)
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(*_args(p))
+    e, g = p["experts"].clone(), p["gates"].clone()
+    ops.sgmm_switch_(*_args(p), impl=impl)
+    _check(p, expected, before, dtype)
+    assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_pristine_matches_oracle(dtype, k):
+    p = make_problem(SHAPES, k=k, dtype=dtype, pristine=True)
+    expected = oracle_switch(*_args(p), pristine=p["pristine"])
+    for w in p["weights"]:
+        w.fill_(float("nan"))  # pristine mode must write every element
+    ops.sgmm_switch_(*_args(p), pristine=p["pristine"])
+    _check(p, expected, p["pristine"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simple_merge_matches_oracle(dtype):
+    p = make_problem(SHAPES, k=2, dtype=dtype)
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(*_args(p))
+    simple_merge_switch_(*_args(p))
+    _check(p, expected, before, dtype)
+
+
+def test_first_token_unmerges_nothing():
+    p = make_problem(SHAPES, k=2)
+    p["prev_experts"].zero_()
+    p["prev_gates"].zero_()  # initial buffer state
+    before = [w.clone() for w in p["weights"]]
+    ops.sgmm_switch_(*_args(p))
+    for i, w in enumerate(p["weights"]):
+        a, b = p["lora_A"][i].double(), p["lora_B"][i].double()
+        delta = sum(p["scaling"] * g * (b[e] @ a[e])
+                    for e, g in zip(p["experts"].tolist(), p["gates"].double().tolist()))
+        assert delta_error(w, before[i], before[i].double() + delta) < TOL[torch.float32]
+
+
+def test_inplace_sequence_returns_to_base():
+    """Merge t1, t2, ..., tn then a switch with zero gates: W back to W_initial (fp32)."""
+    p = make_problem(SHAPES, k=2)
+    p["prev_gates"].zero_()
+    w_init = [w.clone() for w in p["weights"]]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        p["experts"].copy_(torch.randperm(8, generator=gen)[:2])
+        p["gates"].copy_(torch.softmax(torch.randn(2, generator=gen), 0))
+        ops.sgmm_switch_(*_args(p))
+    p["gates"].zero_()
+    ops.sgmm_switch_(*_args(p))
+    for w, w0 in zip(p["weights"], w_init):
+        assert (w - w0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pristine_long_sequence_is_exact(dtype):
+    """After many switches W is bit-identical to one switch from W0 with the last experts."""
+    p = make_problem(SHAPES, k=2, dtype=dtype, pristine=True)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        p["experts"].copy_(torch.randperm(8, generator=gen)[:2])
+        p["gates"].copy_(torch.softmax(torch.randn(2, generator=gen), 0))
+        ops.sgmm_switch_(*_args(p), pristine=p["pristine"])
+    fresh = [torch.full_like(w, float("nan")) for w in p["weights"]]
+    reference_switch_(fresh, p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+                      p["prev_experts"].clone(), p["prev_gates"].clone(), p["scaling"],
+                      p["pristine"])
+    for w, f in zip(p["weights"], fresh):
+        assert torch.equal(w, f)
+    expected = oracle_switch(*_args(p), pristine=p["pristine"])
+    _check(p, expected, p["pristine"], dtype)
+
+
+def test_validation_errors():
+    p = make_problem(SHAPES, k=2)
+    a = _args(p)
+    with pytest.raises(ValueError, match="2 weights, 1 lora_A"):
+        ops.sgmm_switch_(a[0], a[1][:1], *a[2:])
+    with pytest.raises(ValueError, match=r"weights\[1\] .*does not match lora_A\[1\]"):
+        ops.sgmm_switch_(a[0], [a[1][0], a[1][0]], *a[2:])
+    with pytest.raises(ValueError, match=r"lora_B\[0\] is torch.float16"):
+        ops.sgmm_switch_(a[0], a[1], [a[2][0].half(), a[2][1]], *a[3:])
+    with pytest.raises(ValueError, match=r"gates has shape \(3,\), expected \(2,\)"):
+        ops.sgmm_switch_(*a[:4], torch.ones(3), *a[5:])
+    with pytest.raises(ValueError, match="k in 1..4"):
+        ops.sgmm_switch_(*a[:3], torch.arange(5), torch.ones(5), torch.arange(5),
+                         torch.ones(5), 0.5)
+    with pytest.raises(ValueError, match="prev_experts must be torch.int64"):
+        ops.sgmm_switch_(*a[:5], a[5].int(), *a[6:])
+    with pytest.raises(ValueError, match=r"pristine\[1\]"):
+        ops.sgmm_switch_(*a, pristine=[p["weights"][0].clone(), torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.sgmm_switch_(*a, impl="cuda")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ops.sgmm_switch_(*a, impl="cutlass")
+
+
+def test_fake_impl_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = make_problem(SHAPES, k=2, pristine=True)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        f = {k_: ([mode.from_tensor(t) for t in v] if isinstance(v, list)
+                  else mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
+             for k_, v in p.items()}
+        out = torch.ops.adafuse.sgmm_switch(*_args(f), f["pristine"], "auto")
+    assert out is None
+
+
+def test_op_traces_under_torch_compile():
+    p = make_problem(SHAPES, k=2)
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(*_args(p))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates):
+        ops.sgmm_switch_(weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates, 0.5)
+
+    step(*_args(p)[:7])
+    _check(p, expected, before, torch.float32)
