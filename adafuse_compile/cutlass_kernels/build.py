@@ -17,6 +17,8 @@ from types import ModuleType
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
 NUM_VARIANTS = 5  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+# Variants compiled into the extension (one build serves every request for a subset).
+BUILD_VARIANTS = tuple(range(NUM_VARIANTS))
 DTYPE_CODES = {"bf16": 0, "fp16": 1}
 
 _loaded: dict[tuple[int, ...], ModuleType] = {}
@@ -139,12 +141,13 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def load_extension(variants: tuple[int, ...] = (0,)) -> ModuleType:
+def load_extension(variants: tuple[int, ...] | None = None) -> ModuleType:
     """Build (first use) or load the extension holding the given GEMM variants, both dtypes."""
-    variants = tuple(sorted(set(variants)))
+    want = set(variants or ())
     for have, mod in _loaded.items():
-        if set(variants) <= set(have):
+        if want <= set(have):
             return mod
+    variants = tuple(sorted(want | set(BUILD_VARIANTS)))
     if variants in _failed:
         raise RuntimeError(_failed[variants])
     incs = cutlass_include_dirs()

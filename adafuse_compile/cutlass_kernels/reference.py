@@ -111,8 +111,11 @@ def make_problem(
     With the defaults the update s * B A is about 0.3 x |W| per expert, so an error in the
     update is not hidden by the rounding of W. experts/prev_experts are distinct draws.
     """
+    # Drawn on the target device unless a (CPU) generator is given: fast for GPU-sized tests.
+    draw_on = "cpu" if generator is not None else device
+
     def rnd(*shape, std=1.0):
-        t = torch.randn(*shape, generator=generator, dtype=torch.float32) * std
+        t = torch.randn(*shape, generator=generator, dtype=torch.float32, device=draw_on) * std
         return t.to(dtype=dtype, device=device)
 
     weights = [rnd(o, i, std=weight_std) for o, i in shapes]
@@ -120,8 +123,8 @@ def make_problem(
     lora_B = [rnd(n_experts, o, rank, std=factor_std) for o, _ in shapes]
 
     def pick():
-        e = torch.randperm(n_experts, generator=generator)[:k]
-        g = torch.softmax(torch.randn(k, generator=generator), 0)
+        e = torch.randperm(n_experts, generator=generator, device=draw_on)[:k]
+        g = torch.softmax(torch.randn(k, generator=generator, device=draw_on), 0)
         return e.to(device), g.to(device)
 
     experts, gates = pick()

@@ -1,0 +1,237 @@
+"""SGMM switch benchmark on Llama-2-7B shapes (DESIGN.md section 7 protocol for the kernel).
+
+32 layers; adapted sets q,v (64 x 4096x4096) and all seven linears (q,k,v,o 4096x4096,
+gate,up 11008x4096, down 4096x11008, [out, in]); N = 8 experts, r = 64, top-2 switch, bf16,
+random weights (std 0.02, expert A std 0.02, B std 0.002). For each implementation and mode:
+median time of CUDA-graph replays (CUDA events), achieved bandwidth as a fraction of the
+device-to-device copy bandwidth measured in the same run, and speed-up over the simple merge.
+
+Bytes counted: inplace  = read W + write W + the 2k gathered experts' factors;
+               pristine = read W0 + write W + the k gathered experts' factors.
+
+    python benchmarks/bench_sgmm.py --out benchmarks/results/sgmm_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from adafuse_compile.cutlass_kernels import ops
+from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
+
+LAYERS, HIDDEN, FFN = 32, 4096, 11008
+N_EXPERTS, RANK, TOP_K = 8, 64, 2
+
+TRITON_CONFIGS = {  # name: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM)
+    "t128x128_w8_s3_p2": (128, 128, 8, 3, 2),
+    "t128x128_w4_s3_p2": (128, 128, 4, 3, 2),
+    "t128x256_w8_s3_p1": (128, 256, 8, 3, 1),
+    "t64x128_w4_s4_p4": (64, 128, 4, 4, 4),
+    "t128x128_w8_s3_all": (128, 128, 8, 3, 0),  # one program per tile (not persistent)
+}
+
+
+def shapes_for(adapted: str) -> list[tuple[int, int]]:
+    per_layer = {
+        "qv": [(HIDDEN, HIDDEN)] * 2,
+        "all7": [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN)] * 2 + [(HIDDEN, FFN)],
+    }[adapted]
+    return per_layer * LAYERS
+
+
+def time_graph(fn, reps: int, warmup: int = 3) -> dict:
+    """Capture fn() in a CUDA graph, replay `reps` times; median/min/max ms (CUDA events)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warmup):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "reps": reps}
+
+
+def copy_bandwidth(reps: int) -> dict:
+    n = 2 * 1024**3 // 2  # 2 GiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = time_graph(lambda: dst.copy_(src), reps)
+    t["bytes"] = 2 * src.numel() * src.element_size()
+    t["GBps"] = t["bytes"] / (t["median_ms"] * 1e-3) / 1e9
+    del src, dst
+    return t
+
+
+def make_inputs(shapes, with_pristine: bool):
+    dev, dt = "cuda", torch.bfloat16
+    weights = [torch.randn(o, i, device=dev, dtype=dt) * 0.02 for o, i in shapes]
+    lora_A = [torch.randn(N_EXPERTS, RANK, i, device=dev, dtype=dt) * 0.02 for _, i in shapes]
+    lora_B = [torch.randn(N_EXPERTS, o, RANK, device=dev, dtype=dt) * 0.002 for o, _ in shapes]
+    pristine = [w.clone() for w in weights] if with_pristine else None
+    experts = torch.tensor([1, 6], device=dev)
+    gates = torch.tensor([0.62, 0.38], device=dev)
+    prev_experts = torch.tensor([3, 1], device=dev)
+    prev_gates = torch.tensor([0.55, 0.45], device=dev)
+    return weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates, pristine
+
+
+def check_against_reference(inputs, run) -> float:
+    """Pristine-mode result of `run` vs the fp32 reference on the first and last weight:
+    max |W - ref| in bf16 ulps of |ref| (1 = differs by at most one rounding)."""
+    weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
+    sel = [0, len(weights) - 1]
+    run()
+    torch.cuda.synchronize()
+    ref = [torch.empty_like(weights[i]) for i in sel]
+    reference_switch_(ref, [lora_A[i] for i in sel], [lora_B[i] for i in sel], experts, gates,
+                      pe.clone(), pg.clone(), 0.5, [pristine[i] for i in sel])
+    worst = 0.0
+    for r, i in zip(ref, sel):
+        diff = (weights[i].float() - r.float()).abs()
+        ulp = r.float().abs() * 2.0**-7 + 1e-30
+        worst = max(worst, float((diff / ulp).max()))
+    return worst
+
+
+def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dict, copy_gbps):
+    shapes = shapes_for(adapted)
+    inputs = make_inputs(shapes, with_pristine=True)
+    weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
+    w_bytes = sum(o * i for o, i in shapes) * 2
+    entries = []
+    for mode in ("inplace", "pristine"):
+        pr = pristine if mode == "pristine" else None
+        n_sel = TOP_K * (2 if mode == "inplace" else 1)
+        factor_bytes = sum(n_sel * RANK * (o + i) * 2 for o, i in shapes)
+        nbytes = 2 * w_bytes + factor_bytes
+        args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
+
+        def record(impl, variant, fn, reps_=reps, check=True, extra=None):
+            try:
+                t = time_graph(fn, reps_)
+                e = {"adapted": adapted, "mode": mode, "impl": impl, "variant": variant,
+                     **t, "bytes": nbytes, "GBps": nbytes / (t["median_ms"] * 1e-3) / 1e9}
+                e["frac_copy_bw"] = e["GBps"] / copy_gbps
+                if check and mode == "pristine":
+                    e["max_ulp_vs_fp32_ref"] = check_against_reference(inputs, fn)
+                if extra:
+                    e.update(extra)
+            except Exception as exc:  # keep going: one failing variant must not lose the run
+                e = {"adapted": adapted, "mode": mode, "impl": impl, "variant": variant,
+                     "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            entries.append(e)
+            print(json.dumps(e), flush=True)
+            return e
+
+        record("simple_merge", "addmm", lambda: simple_merge_switch_(*args, pristine=pr))
+        record("reference", "fp32", lambda: reference_switch_(*args, pristine=pr), reps_=5)
+        from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for name, (bm, bn, nw, ns, pps) in TRITON_CONFIGS.items():
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+            try:
+                plan = TritonPlan(weights, lora_A, lora_B, TOP_K, pr, config=cfg,
+                                  programs=pps * sms if pps else 1 << 30)
+            except Exception as exc:
+                entries.append({"adapted": adapted, "mode": mode, "impl": "triton",
+                                "variant": name, "error": str(exc)[:2000]})
+                continue
+            record("triton", name, lambda: plan.run(experts, gates, pe, pg, 0.5))
+            del plan
+        from adafuse_compile.cutlass_kernels import build
+        from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+
+        names = build.load_extension().variant_names()
+        for v in cutlass_variants:
+            try:
+                plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=v)
+            except Exception as exc:
+                entries.append({"adapted": adapted, "mode": mode, "impl": "cutlass",
+                                "variant": names[v], "error": str(exc)[:2000]})
+                print("cutlass plan failed", names[v], exc, flush=True)
+                continue
+            record("cutlass", names[v], lambda: plan.run(experts, gates, pe, pg, 0.5))
+            # The split: pack launch alone, grouped GEMM alone.
+            record("cutlass_pack_only", names[v],
+                   lambda: plan.pack(experts, gates, pe, pg, 0.5), check=False)
+            record("cutlass_gemm_only", names[v], lambda: plan.gemm.run(), check=False)
+            del plan
+            torch.cuda.empty_cache()
+        ops.clear_plan_cache()
+    simple = {e["mode"]: e["median_ms"] for e in entries
+              if e["impl"] == "simple_merge" and "median_ms" in e}
+    for e in entries:
+        if "median_ms" in e and e["mode"] in simple:
+            e["speedup_vs_simple_merge"] = simple[e["mode"]] / e["median_ms"]
+    results["entries"].extend(entries)
+    del inputs, weights, lora_A, lora_B, pristine
+    torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sets", default="qv,all7")
+    ap.add_argument("--cutlass-variants", default="all", help="comma list of ids, or 'all'")
+    a = ap.parse_args(argv)
+    from adafuse_compile.cutlass_kernels import build
+
+    t0 = time.time()
+    try:
+        mod = build.load_extension()
+        variants = list(range(len(mod.variant_names()))) if a.cutlass_variants == "all" \
+            else [int(x) for x in a.cutlass_variants.split(",")]
+        build_error = None
+    except Exception as exc:
+        variants, build_error = [], str(exc)[-4000:]
+    results = {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
+        "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
+                  "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"},
+        "build_s": time.time() - t0, "cutlass_build_error": build_error,
+        "bytes_note": "inplace: read W + write W + 2k gathered factors; pristine: read W0 + "
+                      "write W + k gathered factors",
+        "entries": [],
+    }
+    results["copy"] = copy_bandwidth(a.reps)
+    print("copy", results["copy"], flush=True)
+    for s in a.sets.split(","):
+        bench_set(s, a.reps, variants, results, results["copy"]["GBps"])
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"\n{'set':5} {'mode':8} {'impl':18} {'variant':22} {'ms':>7} {'%copy':>6} {'xsimple':>7}")
+    for e in results["entries"]:
+        if "median_ms" in e:
+            print(f"{e['adapted']:5} {e['mode']:8} {e['impl']:18} {e['variant']:22} "
+                  f"{e['median_ms']:7.3f} {100 * e['frac_copy_bw']:6.1f} "
+                  f"{e.get('speedup_vs_simple_merge', 0):7.2f} {e.get('max_ulp_vs_fp32_ref', '')}")
+        else:
+            print(f"{e['adapted']:5} {e['mode']:8} {e['impl']:18} {e['variant']:22} ERROR")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""SGMM on a CUDA GPU: every implementation vs a float64 oracle, CUDA-graph replay, launch
+count, and 10,000 exact pristine switches. The CUTLASS cases need an sm_90 GPU and the
+nvidia-cutlass wheel (they are skipped otherwise, with the reason)."""
+import warnings
+
+import pytest
+import torch
+
+from adafuse_compile.cutlass_kernels import ops
+from adafuse_compile.cutlass_kernels.reference import (
+    delta_error, make_problem, oracle_switch, reference_switch_,
+)
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (96, 200), (4096, 1000)]
+# (rank, k): every rank and every k, each at least once, without the full product.
+CASES = [(8, 1), (16, 2), (64, 3), (128, 4), (64, 2)]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+IMPLS = ["reference", "triton", "cutlass"]
+
+
+def _args(p):
+    return (p["weights"], p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+            p["prev_experts"], p["prev_gates"], p["scaling"])
+
+
+def _need(impl, dtype=torch.bfloat16):
+    if impl == "cutlass":
+        from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+        probe = [torch.empty(64, 64, dtype=dtype, device="cuda")]
+        why = cutlass_sgmm.unsupported_reason(probe, [torch.empty(2, 16, 64, device="cuda")], None)
+        if why is not None:
+            pytest.skip(f"CUTLASS path unavailable: {why}")
+
+
+def _check(p, expected, bases, dtype, what=""):
+    for i, (w, exp, b) in enumerate(zip(p["weights"], expected, bases)):
+        assert torch.isfinite(w).all(), f"{what} weight {i}: unwritten elements"
+        err = delta_error(w, b, exp)
+        assert err < TOL[dtype], f"{what} weight {i} {tuple(w.shape)}: rel. error {err:.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("rank,k", CASES)
+def test_matches_oracle(impl, dtype, mode, rank, k):
+    _need(impl, dtype)
+    p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda",
+                     pristine=mode == "pristine")
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(*_args(p), pristine=p["pristine"])
+    e, g = p["experts"].clone(), p["gates"].clone()
+    if mode == "pristine":
+        for w in p["weights"]:
+            w.fill_(float("nan"))
+    with warnings.catch_warnings():
+        # no silent fallback from CUTLASS to Triton here
+        warnings.filterwarnings("error", message=".*CUTLASS path not taken")
+        ops.sgmm_switch_(*_args(p), pristine=p["pristine"], impl=impl)
+    torch.cuda.synchronize()
+    _check(p, expected, p["pristine"] or before, dtype, impl)
+    assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+
+
+def test_unaligned_shape_falls_back_to_triton_with_warning():
+    _need("cutlass")
+    p = make_problem([(64, 100), (96, 200)], k=2, dtype=torch.bfloat16, device="cuda")
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(*_args(p))
+    with pytest.warns(UserWarning, match="unaligned"):
+        ops.sgmm_switch_(*_args(p), impl="cutlass")
+    _check(p, expected, before, torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+def test_cuda_graph_replay(impl, mode):
+    """Capture one switch; replay it after copying new experts/gates into the static inputs."""
+    _need(impl)
+    dtype = torch.bfloat16
+    p = make_problem(SHAPES[:1] + SHAPES[4:], k=2, rank=64, dtype=dtype, device="cuda",
+                     pristine=mode == "pristine")
+    args = _args(p)
+    # Warm up (builds the plan and its device tables) on a side stream, then capture.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.sgmm_switch_(*args, pristine=p["pristine"], impl=impl)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.sgmm_switch_(*args, pristine=p["pristine"], impl=impl)
+    for experts, gates in (([3, 5], [0.7, 0.3]), ([5, 0], [0.4, 0.6])):
+        before = [w.clone() for w in p["weights"]]
+        p["experts"].copy_(torch.tensor(experts))
+        p["gates"].copy_(torch.tensor(gates))
+        expected = oracle_switch(*_args(p), pristine=p["pristine"])
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(p, expected, p["pristine"] or before, dtype, f"{impl} replay")
+        assert p["prev_experts"].tolist() == experts
+
+
+@pytest.mark.parametrize("impl,launches", [("triton", 1), ("cutlass", 2)])
+def test_one_launch_per_switch(impl, launches):
+    """Triton: one kernel; CUTLASS: the light pack kernel + one grouped GEMM. All weights."""
+    _need(impl)
+    p = make_problem([(4096, 4096)] * 8 + [(11008, 4096), (4096, 11008)], k=2, rank=64,
+                     dtype=torch.bfloat16, device="cuda")
+    ops.sgmm_switch_(*_args(p), impl=impl)  # plan built outside the profiled region
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.sgmm_switch_(*_args(p), impl=impl)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    assert len(kernels) == launches, [e.name for e in kernels]
+
+
+@pytest.mark.parametrize("impl", ["triton", "cutlass"])
+def test_ten_thousand_pristine_switches_exact(impl):
+    _need(impl)
+    p = make_problem([(4096, 4096), (96, 200), (4096, 1000)], k=2, rank=64,
+                     dtype=torch.bfloat16, device="cuda", pristine=True)
+    steps = 10_000
+    gen = torch.Generator().manual_seed(3)
+    all_e = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(steps)]).cuda()
+    all_g = torch.softmax(torch.randn(steps, 2, generator=gen), 1).cuda()
+    for t in range(steps):
+        p["experts"].copy_(all_e[t])
+        p["gates"].copy_(all_g[t])
+        ops.sgmm_switch_(*_args(p), pristine=p["pristine"], impl=impl)
+    torch.cuda.synchronize()
+    # Same kernel, one switch from W0 with the last experts: bit-identical.
+    fresh = [torch.full_like(w, float("nan")) for w in p["weights"]]
+    ops.sgmm_switch_(fresh, p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+                     p["prev_experts"].clone(), p["prev_gates"].clone(), p["scaling"],
+                     pristine=p["pristine"], impl=impl)
+    for w, f in zip(p["weights"], fresh):
+        assert torch.equal(w, f)
+    expected = oracle_switch(*_args(p), pristine=p["pristine"])
+    _check(p, expected, p["pristine"], torch.bfloat16, f"{impl} after {steps}")
+    # And within bf16 rounding of the fp32 reference (max |W - (W0 + delta_t)|).
+    ref = [torch.empty_like(w) for w in p["weights"]]
+    reference_switch_(ref, p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+                      p["prev_experts"].clone(), p["prev_gates"].clone(), p["scaling"],
+                      p["pristine"])
+    for w, r in zip(p["weights"], ref):
+        tol = 2 ** -7 * r.float().abs() + 1e-6  # one bf16 ulp of |W|
+        assert ((w.float() - r.float()).abs() <= tol).all()
