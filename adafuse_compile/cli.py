@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import AdaFuseConfig
-from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, gate_channel, greedy_decode, inject
+from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, greedy_decode, inject
 
 # The embedded default: a small Llama-architecture model, random weights, no download.
 DEMO_MODEL = TinyLlamaConfig(
@@ -64,11 +64,13 @@ def demo(args: argparse.Namespace) -> int:
         f"{adapter / 1e6:.3f} M adapter parameters (+{100 * adapter / backbone:.1f}%)"
     )
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
-    channel = gate_channel(model)
-    calls0 = channel.router_calls
+    router = next(iter(adapted_linears(model).values())).router
+    router_calls = []
+    hook = router.register_forward_hook(lambda *_: router_calls.append(1))
     with torch.no_grad():
         tokens, ms = _timed_decode(model, prompt, args.tokens, "eager decode (adapters)", console)
-        routed = channel.router_calls - calls0
+        routed = len(router_calls)
+        hook.remove()
         with _adapters_off(model):
             _, ms_backbone = _timed_decode(model, prompt, args.tokens, "eager decode (backbone only)", console)
     table = Table(title="Eager decode, batch 1, CPU" if not torch.cuda.is_available() else "Eager decode, batch 1")

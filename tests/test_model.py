@@ -79,7 +79,7 @@ def test_router_runs_once_per_token_and_every_layer_gets_its_gates():
     model.setup_cache(1)
     greedy_decode(model, torch.randint(0, TINY.vocab_size, (1, 4)), 6)
     forwards = 6  # prefill + 5 decode steps
-    assert len(calls) == forwards and gate_channel(model).router_calls == forwards
+    assert len(calls) == forwards
     assert len(received) == forwards * len(linears)
     for step in range(forwards):
         for r in received[step * len(linears):(step + 1) * len(linears)]:
@@ -147,8 +147,10 @@ def test_hf_generate_works_and_traces_without_breaks(family):
     backbone_out = model.generate(tokens, max_new_tokens=12, do_sample=False)
     inject(model, AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal"))
     channel = gate_channel(model)
+    calls = []
+    next(iter(adapted_linears(model).values())).router.register_forward_hook(lambda *_: calls.append(1))
     out = model.generate(tokens, max_new_tokens=12, do_sample=False)
-    assert out.shape == (1, 19) and channel.router_calls == 12  # prefill + 11 decode steps
+    assert out.shape == (1, 19) and len(calls) == 12  # prefill + 11 decode steps
     assert channel.routing is None  # the gate did not outlive the step
     assert not torch.equal(out, backbone_out)  # the adapters act on the tokens
     # A cached decode step traces as one graph.

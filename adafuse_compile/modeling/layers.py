@@ -39,6 +39,16 @@ class Routing:
         return dense.scatter(1, self.experts, self.weights)
 
 
+@dataclass(frozen=True)
+class AdapterTag:
+    """What a Parameter is to AdaFuse: the compiler maps graph inputs back through this tag."""
+
+    role: str  # "weight" (backbone), "lora_A" [N, r, in] or "lora_B" [N, out, r]
+    scaling: float
+    top_k: int
+    channel: "GateChannel"
+
+
 class RouterPlacementError(RuntimeError):
     """An adapted linear ran before the router computed this step's gates."""
 
@@ -48,12 +58,13 @@ class GateChannel:
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
-        self.router_calls = 0  # counted for tests and the inspection tools
         self.aux_loss: Tensor | None = None  # load-balancing loss of the last training forward
         # Optional callback(routing) -> bool run right after routing; True means it merged this token's
         # experts into the backbone weights, so adapted linears skip their adapter term (simple merge).
         self.on_route = None
         self.merged = False
+        self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, execution order
+        self.switch_state = None  # the compiler's runtime state for this model (adafuse_compile.runtime)
 
     def open(self) -> None:
         self.routing = None
@@ -116,13 +127,17 @@ class AdaFuseLinear(nn.Linear):
         self.router = Router(self.in_features, n, config.top_k, dtype=dtype).to(device) if is_router else None
         # A plain attribute (not a submodule): the channel is shared by every adapted linear.
         object.__setattr__(self, "_channel", channel)
+        # Tags on the Parameters themselves: the compiler sees them as graph inputs and reads the
+        # factor layout and scaling from here instead of guessing it from shapes.
+        channel.adapted_weights.append(self.weight)
+        for role, p in (("weight", self.weight), ("lora_A", self.lora_A), ("lora_B", self.lora_B)):
+            p._adafuse_tag = AdapterTag(role, self.scaling, config.top_k, channel)
 
     def forward(self, x: Tensor) -> Tensor:
         channel: GateChannel = self._channel
         if self.router is not None:
             routing = self.router(x)
             channel.routing = routing
-            channel.router_calls += 1
             if self.training:
                 channel.aux_loss = load_balancing_loss(routing)
             channel.merged = bool(channel.on_route(routing)) if channel.on_route is not None else False

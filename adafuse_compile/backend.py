@@ -1,0 +1,109 @@
+"""The `adafuse` torch.compile backend: settings -> passes -> Inductor (or eager).
+
+Found by name through the `torch_dynamo_backends` entry point (pyproject.toml), so
+`torch.compile(model, backend="adafuse")` needs no import; `adafuse_backend` can also be passed
+directly. Nothing registers at import time, so the name is never registered twice.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .passes.detect_adapters import detect_adapters
+from .passes.hoist_routing import hoist_routing
+from .passes.manager import PassManager
+from .passes.prove_pregating import prove_pregating
+from .passes.rewrite_switch import rewrite_switch
+from .settings import BackendSettings
+
+log = logging.getLogger("adafuse_compile")
+
+# The pass order, in one place.
+PASSES = [
+    ("detect_adapters", detect_adapters),
+    ("prove_pregating", prove_pregating),
+    ("hoist_routing", hoist_routing),
+    ("rewrite_switch", rewrite_switch),
+]
+
+# Every compiled graph's pass records, newest last: `adafuse diff` and the tests read them.
+last_compilations: list[dict] = []
+
+
+def _codegen(gm: fx.GraphModule, example_inputs: list, settings: BackendSettings):
+    if settings.codegen == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if settings.cudagraphs and any(getattr(t, "is_cuda", False) for t in example_inputs):
+        patches["triton.cudagraphs"] = True
+    # compile_fx mutates the graph it is given: hand it a copy, keep ours for inspection.
+    return compile_fx(copy.deepcopy(gm), example_inputs, config_patches=patches)
+
+
+def _adapted_weight_states(example_inputs: list) -> list:
+    """SwitchStates of the models whose adapted weights this graph reads (to restore before it runs)."""
+    states = []
+    for t in example_inputs:
+        tag = getattr(t, "_adafuse_tag", None)
+        if tag is not None and tag.channel.switch_state is not None and tag.channel.switch_state not in states:
+            states.append(tag.channel.switch_state)
+    return states
+
+
+def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
+    settings = BackendSettings.from_compile_args(options, mode)  # bad options raise here, clearly
+    original = gm
+    try:
+        work = copy.deepcopy(gm)
+        placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
+        work.meta["adafuse_inputs"] = dict(zip(placeholders, example_inputs))
+        manager = PassManager(PASSES)
+        work = manager(work, settings)
+        # The passes' analysis (nodes, real tensors) stays out of the graph handed to codegen.
+        analysis = {k: work.meta.pop(k) for k in list(work.meta) if k.startswith("adafuse")}
+        record = {"records": manager.records, "notes": analysis.get("adafuse_notes", []),
+                  "regions": [r.describe() for r in analysis.get("adafuse_regions", [])],
+                  "rewritten": "adafuse_switch" in analysis, "graph": work}
+        last_compilations.append(record)
+        reason = analysis.get("adafuse_stop")
+        if reason and analysis.get("adafuse_regions"):
+            warnings.warn(f"adafuse: graph not rewritten: {reason}", stacklevel=2)
+        elif reason:
+            log.info("adafuse: %s", reason)
+        if "adafuse_switch" not in analysis:
+            return _guarded(_codegen(original, example_inputs, settings), [], example_inputs, None)
+        extra = analysis["adafuse_extra_inputs"]
+        state = analysis["adafuse_state"]
+        if settings.exact:
+            log.info("adafuse: exact mode keeps a pristine copy of the adapted weights: %.1f MiB",
+                     state.pristine_bytes / 2**20)
+        compiled = _codegen(work, list(example_inputs) + extra, settings)
+        return _guarded(compiled, extra, example_inputs, state)
+    except Exception as exc:  # a compile failure must never break the user's model
+        warnings.warn(f"adafuse: compilation failed ({type(exc).__name__}: {exc}); running the original graph "
+                      f"unchanged", stacklevel=2)
+        return original.forward
+
+
+def _guarded(compiled, extra: list, example_inputs: list, state):
+    """Wrap a compiled graph: merge graphs mark their model merged; others restore it first."""
+    if state is not None:
+        def run_merged(*args):
+            state.merged = True  # set first: a failure inside still leaves a restorable state
+            return compiled(*args, *extra)
+        return run_merged
+    states = _adapted_weight_states(example_inputs)
+    if not states:
+        return compiled
+
+    def run_unmerged(*args):
+        for s in states:
+            s.restore()
+        return compiled(*args)
+    return run_unmerged

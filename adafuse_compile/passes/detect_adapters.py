@@ -1,0 +1,66 @@
+"""detect_adapters: find every LoRA-MoE region structurally, however its branch is written.
+
+A region is `add(linear(x, W, b), delta)` where the branch computing `delta` (the nodes between
+x and the add) reads x, parameters other than W, and a gate derived from a top-k. This matches
+the project's AdaFuseLinear, hand-written einsum/bmm layers over gathered top-k experts, and
+Mixtral-style loops over experts with masks, because it looks at data flow, not at op spelling.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx as fx
+
+from ..settings import BackendSettings
+from .manager import note
+from .regions import ADD_TARGETS, LINEAR_TARGETS, TOPK_TARGETS, Region, example_value, graph_inputs, is_call, module_path, regions_of, to_networkx
+
+
+def _branch(g: nx.DiGraph, delta: fx.Node, x: fx.Node) -> set[fx.Node]:
+    return (nx.ancestors(g, delta) | {delta}) - nx.ancestors(g, x) - {x}
+
+
+def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    g = to_networkx(gm.graph)
+    inputs = graph_inputs(gm)
+    regions = regions_of(gm)
+    for linear in gm.graph.nodes:
+        if not is_call(linear, LINEAR_TARGETS) or len(linear.args) < 2:
+            continue
+        x, weight = linear.args[0], linear.args[1]
+        if not (isinstance(weight, fx.Node) and weight.op == "placeholder"):
+            continue
+        for add in list(linear.users):
+            if not is_call(add, ADD_TARGETS) or len(add.args) != 2 or linear not in add.args:
+                continue
+            delta = add.args[1] if add.args[0] is linear else add.args[0]
+            if not isinstance(delta, fx.Node):
+                continue
+            branch = _branch(g, delta, x)
+            if x not in nx.ancestors(g, delta):
+                continue  # the added term does not read the linear's input: not an adapter
+            params = sorted({p for n in branch for p in n.all_input_nodes
+                             if p.op == "placeholder" and p is not weight and p is not x}, key=lambda n: n.name)
+            # The gate: top-k nodes that reach delta other than through x (what reaches x only is upstream
+            # model state, e.g. an earlier layer's routing in a layer-wise model).
+            around_x = nx.restricted_view(g, [x], [])
+            gate_sources = sorted((t for t in nx.ancestors(around_x, delta) if is_call(t, TOPK_TARGETS)),
+                                  key=lambda n: n.name)
+            if not params or not gate_sources:
+                continue  # a residual or bias add, not a gated expert sum
+            region = Region(module_path(weight), linear, add, x, weight, params, branch, gate_sources)
+            xv = example_value(x)
+            if xv is not None and hasattr(xv, "shape"):
+                region.tokens = int(xv.numel() // xv.shape[-1])
+            tagged = {getattr(inputs.get(p), "_adafuse_tag", None): p for p in params}
+            roles = {t.role: (t, p) for t, p in tagged.items() if t is not None}
+            if {"lora_A", "lora_B"} <= set(roles):
+                tag, a = roles["lora_A"]
+                n_exp, rank = inputs[a].shape[:2]
+                region.factors = dict(lora_A=a, lora_B=roles["lora_B"][1], scaling=tag.scaling, top_k=tag.top_k,
+                                      num_experts=int(n_exp), rank=int(rank), channel=tag.channel)
+            regions.append(region)
+    if regions:
+        note(gm, f"detect_adapters: {len(regions)} LoRA-MoE region(s): " + ", ".join(r.name for r in regions))
+    else:
+        note(gm, "detect_adapters: no LoRA-MoE region in this graph")
+    return gm

@@ -1,0 +1,51 @@
+"""hoist_routing: move the routing (embedding, first norm, router, top-k, softmax) to the front.
+
+    before:  placeholders, ..., embed, norm, router, topk, softmax, linear_q, ..., linear_v, ...
+    after:   placeholders, embed, norm, router, topk, softmax, <everything else in its order>
+
+Only nodes the gate needs move, and only if none of them mutates state, so the move is exact.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..settings import BackendSettings
+from .manager import clean_up, is_mutation, note, stop
+from .regions import is_call, to_networkx
+
+
+def routing_outputs(gate: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(gate weights, expert indices) of a top-k node: softmax(topk.values) and topk.indices."""
+    values = [u for u in gate.users if u.args[1:] == (0,)]
+    indices = [u for u in gate.users if u.args[1:] == (1,)]
+    if len(values) != 1 or len(indices) != 1:
+        return None
+    softmaxes = [u for u in values[0].users if is_call(u, (torch.softmax, torch.nn.functional.softmax))
+                 or (u.op == "call_method" and u.target == "softmax")]
+    if len(softmaxes) != 1:
+        return None
+    return softmaxes[0], indices[0]
+
+
+def hoist_routing(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    gate = gm.meta["adafuse_gate"]
+    outputs = routing_outputs(gate)
+    if outputs is None:
+        return stop(gm, f"gate '{gate.name}': expected softmax over the top-k values and the top-k indices")
+    weights, experts = outputs
+    g = to_networkx(gm.graph)
+    needed = (nx.ancestors(g, weights) | nx.ancestors(g, experts) | {weights, experts})
+    moving = [n for n in gm.graph.nodes if n in needed and n.op != "placeholder"]
+    mutating = [n.name for n in moving if is_mutation(n)]
+    if mutating:
+        return stop(gm, f"routing depends on mutating node(s) {mutating}; not hoisted, graph unchanged")
+    anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in moving:
+        anchor.append(node)
+        anchor = node
+    gm.meta["adafuse_routing"] = {"weights": weights, "experts": experts, "last": anchor,
+                                  "hoisted": [n.name for n in moving]}
+    note(gm, f"hoist_routing: {len(moving)} routing node(s) moved before every adapted linear")
+    return clean_up(gm)

@@ -1,0 +1,78 @@
+"""What a detected LoRA-MoE region is, and the graph helpers the passes share."""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
+ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+TOPK_TARGETS = (torch.topk,)
+
+
+@dataclass
+class Region:
+    """A backbone linear plus a gated sum of expert low-rank branches added to its output."""
+
+    name: str  # module path, e.g. "layers.0.self_attn.q_proj"
+    linear: fx.Node  # y = linear(x, W, b)
+    add: fx.Node  # y + delta
+    x: fx.Node
+    weight: fx.Node  # placeholder of W
+    expert_params: list[fx.Node]  # placeholders the adapter branch reads (besides x and the gate)
+    local_nodes: set[fx.Node]  # the adapter branch: ancestors of delta that are not ancestors of x
+    gate_sources: list[fx.Node]  # top-k nodes the branch's gate derives from
+    tokens: int | None = None  # tokens per step, from the traced shapes
+    factors: dict = field(default_factory=dict)  # "lora_A", "lora_B", "scaling", "top_k" when known
+
+    def describe(self) -> dict:
+        return {
+            "module": self.name,
+            "experts": self.factors.get("num_experts"),
+            "rank": self.factors.get("rank"),
+            "top_k": self.factors.get("top_k"),
+            "gate_source": [n.name for n in self.gate_sources],
+            "tokens_per_step": self.tokens,
+        }
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def is_call(node: fx.Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+_MODULE_PATH = re.compile(r"^l_+self_+")
+
+
+def module_path(placeholder: fx.Node) -> str:
+    """'l_self_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_' -> 'layers.0.self_attn.q_proj'."""
+    name = _MODULE_PATH.sub("", placeholder.name)
+    name = re.sub(r"_parameters_[a-z0-9_]*_?$", "", name)
+    parts = [p for p in re.split(r"_?modules_", name) if p]
+    return ".".join(parts) or placeholder.name
+
+
+def graph_inputs(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
+    """Placeholder -> the real tensor Dynamo passed for it (set by the backend before the passes)."""
+    return gm.meta.get("adafuse_inputs", {})
+
+
+def regions_of(gm: fx.GraphModule) -> list[Region]:
+    return gm.meta.setdefault("adafuse_regions", [])

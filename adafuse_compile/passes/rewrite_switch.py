@@ -1,0 +1,72 @@
+"""rewrite_switch: replace every adapter branch by ONE switching call plus plain backbone linears.
+
+    before:  gates = routing(x1); y_l = linear(x_l, W_l) + branch_l(x_l, A_l, B_l, gates)   (each l)
+    after:   gates = routing(x1); adafuse.sgmm_switch(W[*], A[*], B[*], experts, gates, prev...)
+             y_l = linear(x_l, W_l)                                                         (each l)
+
+Only for a decode step of one token: merging one token's experts into W would be wrong for any
+other token of the step, so multi-token steps (prefill, batch > 1) stay unmerged and exact.
+The previous step's experts/gates and the pristine copies enter as extra graph inputs (static
+buffers owned by the model's SwitchState), so the unmerge is right under CUDA-graph replay.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..cutlass_kernels import ops  # noqa: F401  (registers torch.ops.adafuse.sgmm_switch)
+from ..runtime.switch_state import switch_state_for
+from ..settings import BackendSettings
+from .manager import clean_up, note, stop
+from .regions import graph_inputs, regions_of
+
+
+def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    regions = regions_of(gm)
+    unknown = [r.name for r in regions if not r.factors]
+    if unknown:
+        return stop(gm, (
+            f"regions {unknown[:3]}{'...' if len(unknown) > 3 else ''} are detected but their expert factor layout "
+            f"is not known (hand-written layer, not an AdaFuseLinear); compiled unchanged (exact, unmerged)"
+        ))
+    multi = [r for r in regions if r.tokens != 1]
+    if multi:
+        return stop(gm, (
+            f"this step has {multi[0].tokens} tokens (prefill or batch > 1): one token's experts cannot be merged "
+            f"for all; compiled with the exact unmerged adapter path"
+        ))
+    scalings = {r.factors["scaling"] for r in regions}
+    if len(scalings) != 1:
+        return stop(gm, f"regions have different scalings {sorted(scalings)}; one switching call needs one")
+    routing = gm.meta["adafuse_routing"]
+    inputs = graph_inputs(gm)
+    first = regions[0].factors
+    state = switch_state_for(first["channel"], first["top_k"], settings.exact)
+    weights = [inputs[r.weight] for r in regions]
+    extra = [state.prev_experts, state.prev_gates] + (state.pristine_of(weights) if settings.exact else [])
+
+    graph = gm.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_placeholder):
+        names = ["adafuse_prev_experts", "adafuse_prev_gates"] + [f"adafuse_pristine_{i}" for i in range(len(extra) - 2)]
+        placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
+    with graph.inserting_after(routing["last"]):
+        experts = graph.call_method("reshape", (routing["experts"], -1))
+    with graph.inserting_after(experts):
+        gates = graph.call_method("reshape", (routing["weights"], -1))
+    with graph.inserting_after(gates):
+        gates32 = graph.call_method("float", (gates,))
+    with graph.inserting_after(gates32):
+        switch = graph.call_function(torch.ops.adafuse.sgmm_switch.default, (
+            [r.weight for r in regions], [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
+            experts, gates32, placeholders[0], placeholders[1], float(scalings.pop()),
+            placeholders[2:] if settings.exact else None, settings.sgmm_impl,
+        ))
+    for r in regions:
+        r.add.replace_all_uses_with(r.linear)
+    gm.meta["adafuse_extra_inputs"] = extra
+    gm.meta["adafuse_state"] = state
+    gm.meta["adafuse_switch"] = switch
+    mode = "exact (W = W0 + delta_t)" if settings.exact else "in place (W += delta_t - delta_t-1)"
+    note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode}")
+    return clean_up(gm)

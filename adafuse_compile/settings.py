@@ -1,0 +1,55 @@
+"""Backend settings: built once from torch.compile(options=..., mode=...), frozen, validated."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+PATHS = ("merge", "factor", "gather", "auto")
+AVAILABLE_PATHS = ("merge", "auto")  # factor and gather arrive with their own issue
+CODEGENS = ("inductor", "eager")
+SGMM_IMPLS = ("auto", "reference", "triton", "cutlass")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class AdaFuseOptionsError(ValueError):
+    """A torch.compile option for the adafuse backend is invalid; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    path: str = "auto"  # merge | factor | gather | auto
+    exact: bool = True  # merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of adapted weights
+    codegen: str = "inductor"  # inductor | eager (run the rewritten graph as is)
+    cudagraphs: bool | None = None  # None: on for CUDA graphs when mode="reduce-overhead"
+    sgmm_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise AdaFuseOptionsError(f"path={self.path!r} is not one of {PATHS}")
+        if self.path not in AVAILABLE_PATHS:
+            raise AdaFuseOptionsError(
+                f"path={self.path!r} is not yet available (it arrives with the factor/gather issue); "
+                f"available now: {AVAILABLE_PATHS}"
+            )
+        if self.codegen not in CODEGENS:
+            raise AdaFuseOptionsError(f"codegen={self.codegen!r} is not one of {CODEGENS}")
+        if self.sgmm_impl not in SGMM_IMPLS:
+            raise AdaFuseOptionsError(f"sgmm_impl={self.sgmm_impl!r} is not one of {SGMM_IMPLS}")
+        if not isinstance(self.exact, bool):
+            raise AdaFuseOptionsError(f"exact must be True or False, got {self.exact!r}")
+        if self.cudagraphs not in (None, True, False):
+            raise AdaFuseOptionsError(f"cudagraphs must be True, False or None, got {self.cudagraphs!r}")
+
+    @classmethod
+    def from_compile_args(cls, options: dict | None = None, mode: str | None = None) -> "BackendSettings":
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise AdaFuseOptionsError(f"unknown adafuse option(s) {unknown}; valid options: {valid}")
+        if mode not in MODES:
+            raise AdaFuseOptionsError(f"mode={mode!r} is not one of {MODES[1:]}")
+        # A custom backend gets `mode` but torch does not apply it: map it here.
+        if mode == "reduce-overhead" and options.get("cudagraphs") is None:
+            options["cudagraphs"] = True
+        return cls(**options)
