@@ -421,10 +421,11 @@ def _label(gid: str, data: dict) -> str:
     if gid.startswith("added:"):
         return "SGMM switch" if any(_SWITCH_TARGET in m for m in data["members"]) else f"added by {gid[6:]}"
     if data["kind"] == "routing" and gid != "routing prologue":
-        return f"router ({gid})"
+        layer = layer_of(gid)
+        return "router" + (f" (layers.{layer})" if layer is not None else "")
     if gid.endswith(".adapters"):
         subs = sorted({m.split(".")[-1] for m in data["modules"]})
-        return f"{gid[:-9]} adapter branches ({', '.join(subs)})"
+        return f"{gid[:-9]} adapters: {', '.join(subs)}"
     return gid
 
 
