@@ -29,7 +29,7 @@ N_EXPERTS, RANK, TOP_K = 8, 64, 2
 
 TRITON_CONFIGS = {  # name: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM)
     "t128x128_w8_s3_p2": (128, 128, 8, 3, 2),
-    "t128x128_w4_s3_p2": (128, 128, 4, 3, 2),
+    "t128x128_w4_s4_p2": (128, 128, 4, 4, 2),
     "t128x256_w8_s3_p1": (128, 256, 8, 3, 1),
     "t64x128_w4_s4_p4": (64, 128, 4, 4, 4),
     "t128x128_w8_s3_all": (128, 128, 8, 3, 0),  # one program per tile (not persistent)
@@ -72,13 +72,20 @@ def time_graph(fn, reps: int, warmup: int = 3) -> dict:
 
 
 def copy_bandwidth(reps: int) -> dict:
-    n = 2 * 1024**3 // 2  # 2 GiB of bf16
+    """Device-to-device copy of 4 GiB (bytes read + written), after ~1 s of warm-up copies so
+    the clocks have ramped (the first run of this script, cold, read 2.7 TB/s)."""
+    n = 4 * 1024**3 // 2  # 4 GiB of bf16
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
+    t_end = time.time() + 1.0
+    while time.time() < t_end:
+        dst.copy_(src)
+        torch.cuda.synchronize()
     t = time_graph(lambda: dst.copy_(src), reps)
     t["bytes"] = 2 * src.numel() * src.element_size()
     t["GBps"] = t["bytes"] / (t["median_ms"] * 1e-3) / 1e9
     del src, dst
+    torch.cuda.empty_cache()
     return t
 
 
@@ -97,7 +104,7 @@ def make_inputs(shapes, with_pristine: bool):
 
 def check_against_reference(inputs, run) -> float:
     """Pristine-mode result of `run` vs the fp32 reference on the first and last weight:
-    max |W - ref| in bf16 ulps of |ref| (1 = differs by at most one rounding)."""
+    max |W - ref| / (2^-7 (|ref| + |update|)): <= 1 means within bf16 rounding."""
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
     sel = [0, len(weights) - 1]
     run()
@@ -108,7 +115,9 @@ def check_against_reference(inputs, run) -> float:
     worst = 0.0
     for r, i in zip(ref, sel):
         diff = (weights[i].float() - r.float()).abs()
-        ulp = r.float().abs() * 2.0**-7 + 1e-30
+        delta = (r.float() - pristine[i].float()).abs()
+        # one bf16 rounding of the result plus one of the update (gate-scaled factors)
+        ulp = (r.float().abs() + delta) * 2.0**-7 + 1e-30
         worst = max(worst, float((diff / ulp).max()))
     return worst
 
@@ -222,6 +231,10 @@ def main(argv=None):
         bench_set(s, a.reps, variants, results, results["copy"]["GBps"])
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
+    results["copy_after"] = copy_bandwidth(a.reps)  # same clocks at the end?
+    print("copy after", results["copy_after"], flush=True)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=1)
     print(f"\n{'set':5} {'mode':8} {'impl':18} {'variant':22} {'ms':>7} {'%copy':>6} {'xsimple':>7}")
     for e in results["entries"]:
         if "median_ms" in e:

@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -46,21 +47,26 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
                                   const int64_t* ptr_rhs, const int64_t* ptr_c,
                                   const int64_t* ptr_d, int sm_count, std::string* err);
 
-// Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N).
-// Tile choice is measured by benchmarks/bench_sgmm.py; see docs/kernels.md for the numbers.
+// Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N,
+// epilogue tile M, N (0, 0 = CUTLASS's automatic choice)). Measured on H200 by
+// benchmarks/bench_sgmm.py (benchmarks/results/sgmm_h200*.json, docs/kernels.md).
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1)                              \
-  X(1, pingpong_128x128x64, KernelPtrArrayTmaWarpSpecializedPingpong,                       \
-    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1)                                 \
-  X(2, coop_256x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
-    PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 1)                              \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0)                        \
+  X(1, coop_128x128x128, KernelPtrArrayTmaWarpSpecializedCooperative,                       \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 128, 1, 1, 0, 0)                       \
+  X(2, coop_128x128x64_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,                   \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 0, 0)                        \
   X(3, coop_128x256x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1)                              \
-  X(4, pingpong_64x256x64, KernelPtrArrayTmaWarpSpecializedPingpong,                        \
-    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 0, 0)                        \
+  X(4, pingpong_64x128x64, KernelPtrArrayTmaWarpSpecializedPingpong,                        \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 1, 1, 0, 0)                            \
+  X(5, coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64)                     \
+  X(6, coop_256x128x64_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,                   \
+    PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 2, 0, 0)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 5
+#define ADAFUSE_SGMM_NUM_VARIANTS 7
 
 }  // namespace adafuse_sgmm
 
@@ -83,7 +89,7 @@ namespace adafuse_sgmm {
 using namespace cute;
 
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
-          int CM, int CN>
+          int CM, int CN, int EM, int EN>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -93,10 +99,12 @@ struct GroupedGemm {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes (TMA)
   using TileShape = Shape<Int<TM>, Int<TN>, Int<TK>>;
   using ClusterShape = Shape<Int<CM>, Int<CN>, _1>;
+  using EpilogueTile = std::conditional_t<EM == 0, cutlass::epilogue::collective::EpilogueTileAuto,
+                                          Shape<Int<EM == 0 ? 1 : EM>, Int<EN == 0 ? 1 : EN>>>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      EpilogueTile, float, float,
       Element, LayoutC*, kAlign, Element, LayoutC*, kAlign, EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
 
@@ -244,10 +252,10 @@ using SgmmElement = cutlass::half_t;
 
 namespace adafuse_sgmm {
 template <int V> struct VariantCfg;
-#define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                       \
+#define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                       \
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
-                            CM, CN>;                                                        \
+                            CM, CN, EM, EN>;                                                \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
@@ -271,7 +279,7 @@ namespace adafuse_sgmm {
 
 // Weak: an extension built with a subset of the variants links, and asks for a missing one
 // get a clear error instead of a crash.
-#define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                          \
+#define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                          \
   __attribute__((weak)) PlanBase* create_plan_bf16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
       std::string*);                                                                         \
@@ -280,7 +288,7 @@ namespace adafuse_sgmm {
       std::string*);
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
 
-#define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN) #NAME,
+#define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN) #NAME,
 static const char* kVariantNames[] = {ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_NAME)};
 
 int num_variants() { return ADAFUSE_SGMM_NUM_VARIANTS; }
@@ -291,7 +299,7 @@ const char* variant_name(int v) {
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
                       int sm_count, std::string* err) {
-#define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN)                              \
+#define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                              \
   case ID: {                                                                                 \
     CreatePlanFn fn = dtype == kBF16 ? create_plan_bf16_##ID : create_plan_fp16_##ID;        \
     if (fn == nullptr) {                                                                     \

@@ -3,8 +3,8 @@
 Kernel: each program walks tiles t = pid, pid + P, ...; a tile is (weight g, rows, cols) of
 W_g. For each expert slot j (previous experts negated, then current ones, or current only in
 pristine mode) it loads the expert index from the device, points at B_g[e_j] and A_g[e_j]
-(the gather is a pointer computation per K block, nothing is packed), accumulates
-dot(B tile, A tile) in fp32 and scales it by the slot's coefficient; then it reads the W (or W0)
+(the gather is a pointer computation per K block, nothing is packed), scales the B tile
+by the slot's coefficient and accumulates dot(B tile, A tile) in fp32; then it reads the W (or W0)
 tile once, adds, and stores W. The last program to finish (a grid-wide counter) copies the
 current experts/gates into the previous-expert buffers and resets the counter, so a
 CUDA-graph replay unmerges the right experts.
@@ -33,11 +33,30 @@ def _sgmm_kernel(
     num_tiles, scaling,
     K_SEL: tl.constexpr, INPLACE: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_MN: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    SLOTS_P2: tl.constexpr, EVEN_MN: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     elem = dtype_ref.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # Expert slots, read once per program: inplace -> [prev_0..prev_{k-1}, cur_0..cur_{k-1}]
+    # with coefficients [-s*pg, s*g]; pristine -> cur only. Kept in registers.
+    SLOTS: tl.constexpr = 2 * K_SEL if INPLACE else K_SEL
+    KB_PER_SLOT: tl.constexpr = (R + BLOCK_K - 1) // BLOCK_K
+    slot = tl.arange(0, SLOTS_P2)
+    if INPLACE:
+        is_prev = slot < K_SEL
+        is_cur = (slot >= K_SEL) & (slot < SLOTS)
+        cur_i = tl.where(is_cur, slot - K_SEL, 0)
+        slot_e = tl.where(is_prev, tl.load(prev_experts_ptr + slot, mask=is_prev, other=0),
+                          tl.load(experts_ptr + cur_i, mask=is_cur, other=0))
+        slot_c = tl.where(is_prev, -tl.load(prev_gates_ptr + slot, mask=is_prev, other=0.0),
+                          tl.load(gates_ptr + cur_i, mask=is_cur, other=0.0)) * scaling
+    else:
+        valid = slot < SLOTS
+        slot_e = tl.load(experts_ptr + slot, mask=valid, other=0)
+        slot_c = tl.load(gates_ptr + slot, mask=valid, other=0.0) * scaling
+    slot_e = slot_e.to(tl.int64)
+
     offs_k = tl.arange(0, BLOCK_K)
     for t in range(pid, num_tiles, nprog):
         g = tl.load(tiles_ptr + t * 3).to(tl.int64)
@@ -64,32 +83,27 @@ def _sgmm_kernel(
         mask_n = offs_n < n_in
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(2 * K_SEL if INPLACE else K_SEL):
-            if INPLACE and j < K_SEL:
-                e = tl.load(prev_experts_ptr + j)
-                coef = -scaling * tl.load(prev_gates_ptr + j)
+        # One K block per iteration: a dynamic loop, so Triton software-pipelines the loads
+        # (an unrolled loop over slots x blocks needed > 228 KB of shared memory on H200).
+        for kb in range(0, SLOTS * KB_PER_SLOT):
+            j = kb // KB_PER_SLOT
+            q = (kb % KB_PER_SLOT) * BLOCK_K
+            e = tl.sum(tl.where(slot == j, slot_e, 0))
+            coef = tl.sum(tl.where(slot == j, slot_c, 0.0))
+            kk = q + offs_k
+            b_ptrs = b_ptr + e * n_out * R + offs_m[:, None] * R + kk[None, :]  # B_g[e]
+            a_ptrs = a_ptr + e * R * n_in + kk[:, None] * n_in + offs_n[None, :]  # A_g[e]
+            if EVEN_MN and R % BLOCK_K == 0:
+                b_tile = tl.load(b_ptrs)
+                a_tile = tl.load(a_ptrs)
             else:
-                jj = j - K_SEL if INPLACE else j
-                e = tl.load(experts_ptr + jj)
-                coef = scaling * tl.load(gates_ptr + jj)
-            b_base = b_ptr + e * n_out * R  # B_g[e] : [out, R]
-            a_base = a_ptr + e * R * n_in  # A_g[e] : [R, in]
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for q in tl.static_range(0, R, BLOCK_K):
-                kk = q + offs_k
-                b_ptrs = b_base + offs_m[:, None] * R + kk[None, :]
-                a_ptrs = a_base + kk[:, None] * n_in + offs_n[None, :]
-                if EVEN_MN and R % BLOCK_K == 0:
-                    b_tile = tl.load(b_ptrs)
-                    a_tile = tl.load(a_ptrs)
-                else:
-                    b_tile = tl.load(b_ptrs, mask=mask_m[:, None] & (kk[None, :] < R), other=0.0)
-                    a_tile = tl.load(a_ptrs, mask=(kk[:, None] < R) & mask_n[None, :], other=0.0)
-                if IEEE:
-                    part = tl.dot(b_tile, a_tile, part, input_precision="ieee")
-                else:
-                    part = tl.dot(b_tile, a_tile, part)
-            acc += coef * part
+                b_tile = tl.load(b_ptrs, mask=mask_m[:, None] & (kk[None, :] < R), other=0.0)
+                a_tile = tl.load(a_ptrs, mask=(kk[:, None] < R) & mask_n[None, :], other=0.0)
+            b_tile = (b_tile.to(tl.float32) * coef).to(elem)  # gate-scaled factor, as CUTLASS
+            if IEEE:
+                acc = tl.dot(b_tile, a_tile, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b_tile, a_tile, acc)
 
         w_offs = offs_m[:, None] * n_in + offs_n[None, :]
         if EVEN_MN:
@@ -101,7 +115,7 @@ def _sgmm_kernel(
             tl.store(w_ptr + w_offs, (base + acc).to(elem), mask=mask)
 
     # Publish this token's experts for the next call once every program has read the old ones
-    # (the atomic is acq_rel: each program's loads above happen before its increment).
+    # (all reads of prev_* happen at kernel start; the atomic is acq_rel).
     done = tl.atomic_add(counter_ptr, 1)
     if done == nprog - 1:
         for j in tl.static_range(K_SEL):
@@ -166,6 +180,7 @@ class TritonPlan:
             self.counter, self.num_tiles, float(scaling),
             K_SEL=self.k, INPLACE=self.inplace, R=self.r,
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            SLOTS_P2=max(2, triton.next_power_of_2(2 * self.k if self.inplace else self.k)),
             EVEN_MN=self.even, ALIGNED=self.aligned, IEEE=self.ieee,
             num_warps=self.num_warps, num_stages=self.num_stages,
         )
