@@ -46,14 +46,14 @@ def _codegen(gm: fx.GraphModule, example_inputs: list, settings: BackendSettings
     return compile_fx(copy.deepcopy(gm), example_inputs, config_patches=patches)
 
 
-def _adapted_weight_states(example_inputs: list) -> list:
-    """SwitchStates of the models whose adapted weights this graph reads (to restore before it runs)."""
-    states = []
+def _adapter_channels(example_inputs: list) -> list:
+    """Gate channels of the models whose adapted weights this graph reads."""
+    channels = []
     for t in example_inputs:
         tag = getattr(t, "_adafuse_tag", None)
-        if tag is not None and tag.channel.switch_state is not None and tag.channel.switch_state not in states:
-            states.append(tag.channel.switch_state)
-    return states
+        if tag is not None and tag.role == "weight" and not any(c is tag.channel for c in channels):
+            channels.append(tag.channel)
+    return channels
 
 
 def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
@@ -72,7 +72,7 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
                   "rewritten": "adafuse_switch" in analysis, "graph": work}
         last_compilations.append(record)
         reason = analysis.get("adafuse_stop")
-        if reason and analysis.get("adafuse_regions"):
+        if reason and not analysis.get("adafuse_stop_expected"):
             warnings.warn(f"adafuse: graph not rewritten: {reason}", stacklevel=2)
         elif reason:
             log.info("adafuse: %s", reason)
@@ -98,12 +98,14 @@ def _guarded(compiled, extra: list, example_inputs: list, state):
             state.merged = True  # set first: a failure inside still leaves a restorable state
             return compiled(*args, *extra)
         return run_merged
-    states = _adapted_weight_states(example_inputs)
-    if not states:
+    channels = _adapter_channels(example_inputs)
+    if not channels:
         return compiled
 
     def run_unmerged(*args):
-        for s in states:
-            s.restore()
+        # Looked up per call: the model's merge graph may be compiled after this one.
+        for channel in channels:
+            if channel.switch_state is not None:
+                channel.switch_state.restore()
         return compiled(*args)
     return run_unmerged

@@ -104,7 +104,8 @@ def capture_step(model, example_args, options: dict | None = None, *, name: str 
     measure = on_cuda if measure is None else measure
     torch._dynamo.reset()
     first = len(backend.last_compilations)
-    compiled = torch.compile(model, backend="adafuse", options=options)
+    # The backend callable itself (same as backend="adafuse"), so an uninstalled checkout works too.
+    compiled = torch.compile(model, backend=backend.adafuse_backend, options=options)
     try:
         with torch.no_grad():
             eager = _profile_step(model, args) if measure else None

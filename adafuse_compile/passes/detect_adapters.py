@@ -50,7 +50,9 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
             region = Region(module_path(weight), linear, add, x, weight, params, branch, gate_sources)
             xv = example_value(x)
             if xv is not None and hasattr(xv, "shape"):
-                region.tokens = int(xv.numel() // xv.shape[-1])
+                tokens = xv.numel() // xv.shape[-1]
+                # A symbolic count (dynamic shapes) stays None: never specialise the user's graph here.
+                region.tokens = tokens if isinstance(tokens, int) else None
             tagged = {getattr(inputs.get(p), "_adafuse_tag", None): p for p in params}
             roles = {t.role: (t, p) for t, p in tagged.items() if t is not None}
             if {"lora_A", "lora_B"} <= set(roles):

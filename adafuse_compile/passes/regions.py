@@ -41,12 +41,31 @@ class Region:
         }
 
 
+def _mutated(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place call (`out.index_add_(...)`, `x.add_(...)`) writes, if any."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.args[0] if name.endswith("_") and not name.startswith("__") else None
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Data-flow graph of an fx graph, with in-place writes as edges too.
+
+    Dynamo keeps `out.index_add_(...)` as a call whose result is unused while later nodes read
+    `out`; an edge from the write to every later reader of `out` keeps that flow visible.
+    """
     g = nx.DiGraph()
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         g.add_node(node)
         for inp in node.all_input_nodes:
             g.add_edge(inp, node)
+        target = _mutated(node)
+        if target is not None:
+            for reader in target.users:
+                if order[reader] > order[node]:
+                    g.add_edge(node, reader)
     return g
 
 
@@ -58,7 +77,7 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-_MODULE_PATH = re.compile(r"^l_+self_+")
+_MODULE_PATH = re.compile(r"^l_+(self|args_\d+)_+")
 
 
 def module_path(placeholder: fx.Node) -> str:

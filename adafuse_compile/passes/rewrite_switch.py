@@ -31,10 +31,11 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         ))
     multi = [r for r in regions if r.tokens != 1]
     if multi:
+        count = multi[0].tokens if multi[0].tokens is not None else "a dynamic number of"
         return stop(gm, (
-            f"this step has {multi[0].tokens} tokens (prefill or batch > 1): one token's experts cannot be merged "
+            f"this step has {count} tokens (prefill or batch > 1): one token's experts cannot be merged "
             f"for all; compiled with the exact unmerged adapter path"
-        ))
+        ), expected=True)
     scalings = {r.factors["scaling"] for r in regions}
     if len(scalings) != 1:
         return stop(gm, f"regions have different scalings {sorted(scalings)}; one switching call needs one")
@@ -43,6 +44,10 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     first = regions[0].factors
     state = switch_state_for(first["channel"], first["top_k"], settings.exact)
     weights = [inputs[r.weight] for r in regions]
+    scaling = float(scalings.pop())
+    # What an in-place restore must unmerge with (the same tensors the graph switches).
+    state.factors = (weights, [inputs[r.factors["lora_A"]] for r in regions],
+                     [inputs[r.factors["lora_B"]] for r in regions], scaling, settings.sgmm_impl)
     extra = [state.prev_experts, state.prev_gates] + (state.pristine_of(weights) if settings.exact else [])
 
     graph = gm.graph
@@ -59,11 +64,12 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     with graph.inserting_after(gates32):
         switch = graph.call_function(torch.ops.adafuse.sgmm_switch.default, (
             [r.weight for r in regions], [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
-            experts, gates32, placeholders[0], placeholders[1], float(scalings.pop()),
+            experts, gates32, placeholders[0], placeholders[1], scaling,
             placeholders[2:] if settings.exact else None, settings.sgmm_impl,
         ))
     for r in regions:
         r.add.replace_all_uses_with(r.linear)
+        gm.meta["adafuse_replaced"][r.add.name] = r.linear.name
     gm.meta["adafuse_extra_inputs"] = extra
     gm.meta["adafuse_state"] = state
     gm.meta["adafuse_switch"] = switch

@@ -61,3 +61,16 @@ def switch_state_for(channel, top_k: int, exact: bool) -> SwitchState:
             f"this model is already compiled with exact={state.exact}; compile it again with the same `exact` option"
         )
     return state
+
+
+def restore(model) -> None:
+    """Put a compiled model's adapted weights back to the backbone's (no-op if nothing is merged).
+
+    Graphs of the model that compute the adapter term unmerged (prefill, batch > 1) do this
+    themselves before they run; call it before using the weights outside the compiled model.
+    """
+    from ..modeling.inject import gate_channel
+
+    state = gate_channel(model).switch_state
+    if state is not None:
+        state.restore()

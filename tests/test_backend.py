@@ -1,0 +1,235 @@
+"""The adafuse torch.compile backend on CPU: registration, options, passes, parity with eager."""
+import warnings
+
+import pytest
+import torch
+
+import adafuse_compile as af
+from adafuse_compile import backend
+from adafuse_compile.baselines import inject_layerwise
+from adafuse_compile.presets import HF_FAMILIES, tiny_hf_model
+from adafuse_compile.settings import AdaFuseOptionsError, BackendSettings
+from handwritten_layers import STYLES, PreGatedHandModel
+
+TINY = af.TinyLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_seq_len=128)
+SWITCH = "sgmm_switch"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def adapted_tiny(targets=("q_proj", "v_proj"), **kw):
+    model = af.TinyLlama(TINY).init_weights(std=0.08, seed=3)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal",
+                                      target_modules=targets, **kw))
+    return model.eval()
+
+
+def targets_of(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def switch_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and SWITCH in str(n.target)]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# Registration and options ------------------------------------------------------------------------
+
+def test_found_by_name_and_by_import_without_duplicate_registration():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    from adafuse_compile.backend import adafuse_backend
+
+    assert "adafuse" in list_backends()
+    assert lookup_backend("adafuse") is adafuse_backend
+    assert lookup_backend("adafuse") is adafuse_backend  # a second lookup registers nothing again
+    model = adapted_tiny()
+    model.setup_cache(1)
+    with torch.no_grad():
+        for be in ("adafuse", adafuse_backend):
+            torch._dynamo.reset()
+            torch.compile(model, backend=be, options={"codegen": "eager"})(torch.tensor([[1]]), torch.tensor([0]))
+    af.restore(model)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(AdaFuseOptionsError, match=r"unknown adafuse option\(s\) \['pth'\]; valid options: \['path'"):
+        BackendSettings.from_compile_args({"pth": "merge"})
+    with pytest.raises(AdaFuseOptionsError, match="not yet available"):
+        BackendSettings.from_compile_args({"path": "factor"})
+    with pytest.raises(AdaFuseOptionsError, match="codegen"):
+        BackendSettings.from_compile_args({"codegen": "tvm"})
+    assert BackendSettings.from_compile_args(None, "reduce-overhead").cudagraphs is True
+    model = adapted_tiny()
+    with pytest.raises(Exception, match="valid options"):
+        torch.compile(model, backend="adafuse", options={"bogus": 1})(torch.tensor([[1, 2]]))
+
+
+# Decode parity and the rewritten graph ------------------------------------------------------------
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_tiny_llama_decode_parity_64_tokens(codegen, exact):
+    model = adapted_tiny(targets="all-linear")
+    prompt = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 64)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": codegen, "exact": exact})
+    tokens, logits = af.greedy_decode(compiled, prompt, 64)
+    assert torch.equal(tokens, ref_tokens)
+    assert rel_err(logits, ref_logits) <= 1e-4
+    decode = [r for r in backend.last_compilations if r["rewritten"]]
+    assert len(decode) == 1, "exactly one decode graph, rewritten"
+    gm = decode[0]["graph"]
+    assert len(switch_calls(gm)) == 1
+    assert len(decode[0]["regions"]) == 3 * 7
+    # No adapter branch is left: the expert factors feed the switch and nothing else.
+    lora = [n for n in gm.graph.nodes if n.op == "placeholder" and "lora_" in n.name]
+    assert lora and all(set(u.target for u in n.users) == {switch_calls(gm)[0].target} for n in lora)
+    assert torch.einsum not in targets_of(gm) and torch.topk in targets_of(gm)
+    af.restore(model)
+    tol = 0 if exact else 1e-5
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, w0[k], rtol=0, atol=tol)
+
+
+def test_prefill_then_decode_and_back_stays_exact():
+    """A 17-token prefill after merged decode steps must see the backbone weights again."""
+    model = adapted_tiny()
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    prompt = torch.randint(0, TINY.vocab_size, (1, 17), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # the second prefill runs while the weights are merged from the first decode
+        model.setup_cache(1)
+        tokens, logits = af.greedy_decode(compiled, prompt, 8)
+    af.restore(model)
+    model.setup_cache(1)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 8)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    notes = " ".join(n for r in backend.last_compilations for n in r["notes"])
+    assert "this step has 17 tokens" in notes
+
+
+def test_batch2_decode_is_not_merged_and_matches():
+    model = adapted_tiny()
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    model.setup_cache(2)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 6)
+    model.setup_cache(2)
+    tokens, logits = af.greedy_decode(torch.compile(model, backend="adafuse"), prompt, 6)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    assert not any(r["rewritten"] for r in backend.last_compilations)
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_hf_generate_parity_and_one_switch(family):
+    model = tiny_hf_model(family)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal"))
+    model.generation_config.cache_implementation = "static"
+    prompt = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        model.compile(backend="adafuse", options={"codegen": "eager"})
+        out = model.generate(prompt, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= 1e-4
+    rewritten = [r for r in backend.last_compilations if r["rewritten"]]
+    assert len(rewritten) == 1 and len(switch_calls(rewritten[0]["graph"])) == 1
+    assert {r["module"] for r in rewritten[0]["regions"]} == {
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
+    af.restore(model)
+
+
+# Detection of other styles, and what is not pre-gated ---------------------------------------------
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_handwritten_styles_are_detected_and_stay_correct(style):
+    torch.manual_seed(0)
+    model = PreGatedHandModel(STYLES[style]).eval()
+    tokens = torch.tensor([5])
+    ref = model(tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="adafuse", options={"codegen": "eager"})(tokens)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (record,) = backend.last_compilations
+    assert len(record["regions"]) == 3, record["notes"]
+    assert any("share one gate" in n for n in record["notes"])  # pre-gated, proven
+    assert any("factor layout" in str(w.message) for w in caught)  # and said why it is not rewritten
+
+
+def test_layerwise_routed_model_is_reported_not_pregated_and_matches():
+    model = inject_layerwise(af.TinyLlama(TINY).init_weights(std=0.08), af.AdaFuseConfig(
+        num_experts=4, rank=4, init_lora_b="normal")).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 5))
+    ref = model(tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        try:
+            out = torch.compile(model, backend="adafuse")(tokens)
+        finally:
+            torch._dynamo.config.capture_dynamic_output_shape_ops = False
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if "adafuse" in str(w.message)]
+    assert any("not pre-gated" in m and "layer-wise" in m for m in messages), messages
+
+
+def test_model_without_adapters_compiles_plainly(caplog):
+    model = af.TinyLlama(TINY).init_weights().eval()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a plain model
+        with caplog.at_level("INFO", logger="adafuse_compile"):
+            out = torch.compile(model, backend="adafuse")(tokens)
+    torch.testing.assert_close(out, model(tokens))
+    assert "no LoRA-MoE adapters" in caplog.text
+
+
+def test_compile_failure_falls_back_to_the_original_graph(monkeypatch):
+    def broken(gm, settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(backend, "PASSES", [("detect_adapters", broken)])
+    model = adapted_tiny()
+    model.setup_cache(1)
+    ref = model(torch.tensor([[3]]), torch.tensor([0]))
+    model.setup_cache(1)
+    with pytest.warns(UserWarning, match="compilation failed .*boom.*original graph"):
+        out = torch.compile(model, backend="adafuse")(torch.tensor([[3]]), torch.tensor([0]))
+    torch.testing.assert_close(out, ref)
+
+
+def test_inductor_does_not_copy_backbone_weights():
+    """The mutating switch op must not make Inductor clone the weights it updates (DESIGN.md 6)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = adapted_tiny()
+    model.setup_cache(1)
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(model, backend="adafuse"), torch.tensor([[3]]), torch.tensor([0]))
+    af.restore(model)
+    code = codes[-1]
+    calls = re.findall(r"torch\.ops\.adafuse\.sgmm_switch\.default\(\[([^\]]*)\]", code)
+    assert len(calls) == 1, "exactly one switching call in the generated code"
+    weights = [w.strip() for w in calls[0].split(",")]
+    assert len(weights) == 2 * TINY.num_hidden_layers and all(re.fullmatch(r"arg\d+_1", w) for w in weights), \
+        f"the op must get the graph's weight inputs themselves, got {weights}"
+    for w in weights:
+        copies = re.findall(rf"(?:clone|copy_)\([^)]*\b{w}\b", code)
+        assert not copies, f"weight {w} is copied: {copies}"
