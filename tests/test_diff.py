@@ -280,3 +280,15 @@ def test_cli_user_model_without_adapters_is_reported_unchanged(tmp_path, monkeyp
     est = report["launches"]["estimated"]
     assert est["before"] == est["after"] > 0
     assert report["graph"]["before"] == report["graph"]["after"]
+
+
+@pytest.mark.gpu
+def test_launches_measured_with_the_profiler_on_gpu():
+    model = build_demo_model().cuda()
+    model.setup_cache(1)
+    report = diff_report(capture_step(model, tuple(t.cuda() for t in decode_args())))
+    measured = report["launches"]["measured"]
+    assert report["rewritten"] and measured is not None and measured["device"] != "cpu"
+    assert 0 < measured["compiled_kernels"] < measured["eager_kernels"]
+    assert 0 < measured["compiled_launch_calls"] < measured["eager_launch_calls"]
+    assert "measured on" in render_text(report)

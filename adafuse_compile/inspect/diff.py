@@ -52,6 +52,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -136,10 +137,12 @@ def _profile_step(fn, args) -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        fn(*args)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with profile(activities=activities) as prof:
+            fn(*args)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA
                   and not e.name.startswith(("Memcpy", "Memset")))
