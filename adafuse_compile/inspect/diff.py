@@ -440,7 +440,7 @@ def render_json(report: dict) -> str:
 
 
 def _node_list(changes: list[dict], limit: int | None = None) -> str:
-    items = [f"{c['name']}({c['target']})" for c in changes]
+    items = [c["name"] if c["op"] == "placeholder" else f"{c['name']}({c['target']})" for c in changes]
     if limit is not None and len(items) > limit:
         items = items[:limit] + [f"... {len(items) - limit} more"]
     return ", ".join(items)
