@@ -55,6 +55,11 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     with graph.inserting_after(last_placeholder):
         names = ["adafuse_prev_experts", "adafuse_prev_gates"] + [f"adafuse_pristine_{i}" for i in range(len(extra) - 2)]
         placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
+    for p in placeholders:
+        # Static buffers owned by the SwitchState: AOT/cudagraphs must not copy them per call (the
+        # unmerge reads what the previous replay wrote). They have no user-code source.
+        p._dynamo_source = None
+        p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     with graph.inserting_after(routing["last"]):
         experts = graph.call_method("reshape", (routing["experts"], -1))
     with graph.inserting_after(experts):
