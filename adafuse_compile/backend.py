@@ -69,6 +69,7 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         analysis = {k: work.meta.pop(k) for k in list(work.meta) if k.startswith("adafuse")}
         record = {"records": manager.records, "notes": analysis.get("adafuse_notes", []),
                   "regions": [r.describe() for r in analysis.get("adafuse_regions", [])],
+                  "hoisted": analysis.get("adafuse_routing", {}).get("hoisted", []),
                   "rewritten": "adafuse_switch" in analysis, "graph": work}
         last_compilations.append(record)
         reason = analysis.get("adafuse_stop")

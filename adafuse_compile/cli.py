@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import AdaFuseConfig
+from .inspect.cli_diff import add_diff_parser
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, greedy_decode, inject
 
 # The embedded default: a small Llama-architecture model, random weights, no download.
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="code generator after the adafuse passes (default inductor)")
     p_demo.add_argument("--eager-only", action="store_true", help="skip the compiled run")
     p_demo.set_defaults(func=demo)
+    add_diff_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

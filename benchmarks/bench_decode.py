@@ -1,0 +1,155 @@
+"""Decode latency of the adafuse backend against the compiled backbone, on one GPU (issue 3's figure).
+
+Builds a Llama-shaped TinyLlama (random bf16 weights, std 0.02; expert B std 0.002), then times
+decode ms/token (CUDA events, batch 1, after warm-up) for: the backbone eager and compiled
+(Inductor + CUDA graphs), the pre-gated model eager and under plain torch.compile, and the
+adafuse backend (merge path). Also checks adafuse logits against eager (teacher-forced, same
+tokens), and counts switching-kernel launches per decode step with the torch profiler.
+
+    python benchmarks/bench_decode.py --preset llama2-7b --targets qv --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import adafuse_compile as af
+from adafuse_compile import backend
+
+PRESETS = {
+    "llama2-7b": af.TinyLlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=32, max_seq_len=512),
+    "small": af.TinyLlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=8, max_seq_len=256),
+}
+TARGETS = {"qv": ("q_proj", "v_proj"), "all": "all-linear"}
+
+
+def build(cfg: af.TinyLlamaConfig) -> af.TinyLlama:
+    with torch.device("cuda"):
+        model = af.TinyLlama(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(std=0.02)
+    return model.eval()
+
+
+def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3) -> float:
+    """Median over repeats of ms/token for `steps` greedy decode steps after a prompt."""
+    dev = "cuda"
+    positions = [torch.tensor([p], device=dev) for p in range(prompt_len + steps + 1)]
+    prompt = torch.randint(0, 1000, (1, prompt_len), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    times = []
+    for _ in range(repeats + 1):  # first repeat warms up (compiles, records graphs)
+        logits = step(prompt, torch.arange(prompt_len, device=dev))
+        nxt = logits[:, -1:].argmax(-1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for i in range(steps):
+            nxt = step(nxt, positions[prompt_len + i])[:, -1:].argmax(-1)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times[1:])
+
+
+def teacher_forced_logits(step, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of each decode step when fed the given token sequence one token at a time."""
+    out = [step(tokens[:, :8], torch.arange(8, device="cuda"))[:, -1]]
+    for i in range(8, tokens.shape[1]):
+        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device="cuda"))[:, -1])
+    return torch.stack(out, 1).float()
+
+
+def count_switch_kernels(step, cfg) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([9], device="cuda")
+    step(tok, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(tok, pos)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    switch = [n for n in names if "sgmm" in n.lower() or "cutlass" in n.lower()]
+    return {"kernels_per_step": len(names), "switch_kernels_per_step": len(switch), "switch_kernel_names": sorted(set(switch))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS))
+    ap.add_argument("--targets", default="qv", choices=sorted(TARGETS))
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    cfg = PRESETS[args.preset]
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
+           "targets": args.targets, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2}
+    t0 = time.time()
+    model = build(cfg)
+    model.setup_cache(1)
+    with torch.no_grad():
+        res["backbone_eager_ms"] = decode_ms(model, 16, args.steps)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode="reduce-overhead")
+        res["backbone_compiled_ms"] = decode_ms(compiled, 16, args.steps)
+        print(res, flush=True)
+        af.inject(model, af.AdaFuseConfig(num_experts=8, rank=64, top_k=2, target_modules=TARGETS[args.targets]))
+        for lin in af.adapted_linears(model).values():
+            lin.lora_B.normal_(std=0.002)
+        model.setup_cache(1)
+        res["adapters_eager_ms"] = decode_ms(model, 16, 16, repeats=2)
+        if not args.skip_naive:
+            torch._dynamo.reset()
+            res["adapters_torch_compile_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), 16, args.steps)
+        print(res, flush=True)
+        tokens = torch.randint(0, 1000, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        model.setup_cache(1)
+        ref = teacher_forced_logits(model, tokens)
+        for exact in (True, False):
+            torch._dynamo.reset()
+            backend.last_compilations.clear()
+            model.setup_cache(1)
+            fused = torch.compile(model, backend="adafuse", mode="reduce-overhead",
+                                  options=None) if exact else torch.compile(
+                model, backend="adafuse", options={"exact": False, "cudagraphs": True, "sgmm_impl": args.impl})
+            if exact and args.impl != "auto":
+                fused = torch.compile(model, backend="adafuse", options={"cudagraphs": True, "sgmm_impl": args.impl})
+            key = "adafuse_exact" if exact else "adafuse_inplace"
+            t1 = time.time()
+            res[f"{key}_ms"] = decode_ms(fused, 16, args.steps)
+            res[f"{key}_compile_and_time_s"] = round(time.time() - t1, 1)
+            res[f"{key}_rewritten_graphs"] = sum(r["rewritten"] for r in backend.last_compilations)
+            af.restore(model)
+            model.setup_cache(1)
+            got = teacher_forced_logits(fused, tokens)
+            af.restore(model)
+            res[f"{key}_max_rel_logit_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+            res[f"{key}_argmax_agreement"] = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            print(res, flush=True)
+        # Launch count without CUDA graphs (graph replay hides kernels from the profiler).
+        torch._dynamo.reset()
+        model.setup_cache(1)
+        res["profile"] = count_switch_kernels(
+            torch.compile(model, backend="adafuse", options={"cudagraphs": False, "sgmm_impl": args.impl}), cfg)
+        af.restore(model)
+    base = res["backbone_compiled_ms"]
+    for k in list(res):
+        if k.endswith("_ms"):
+            res[k.replace("_ms", "_x_compiled_backbone")] = round(res[k] / base, 3)
+    res["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(res, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
