@@ -16,7 +16,7 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 7  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+NUM_VARIANTS = 5  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
 # Variants compiled into the extension (one build serves every request for a subset).
 BUILD_VARIANTS = tuple(range(NUM_VARIANTS))
 DTYPE_CODES = {"bf16": 0, "fp16": 1}

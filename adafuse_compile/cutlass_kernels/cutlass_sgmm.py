@@ -17,8 +17,8 @@ from torch import Tensor
 from adafuse_compile.cutlass_kernels import build
 
 # Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu); default set from the H200 benchmark
-# (benchmarks/results/sgmm_h200.json, docs/kernels.md).
-DEFAULT_VARIANT = 0
+# (benchmarks/results/sgmm_h200*.json, docs/kernels.md).
+DEFAULT_VARIANT = 1  # coop_128x128x64_e128x64
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
 

@@ -53,20 +53,16 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0)                        \
-  X(1, coop_128x128x128, KernelPtrArrayTmaWarpSpecializedCooperative,                       \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 128, 1, 1, 0, 0)                       \
-  X(2, coop_128x128x64_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,                   \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 0, 0)                        \
-  X(3, coop_128x256x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 0, 0)                        \
-  X(4, pingpong_64x128x64, KernelPtrArrayTmaWarpSpecializedPingpong,                        \
-    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 1, 1, 0, 0)                            \
-  X(5, coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                \
+  X(1, coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64)                     \
-  X(6, coop_256x128x64_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,                   \
-    PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 2, 0, 0)
+  X(2, coop_128x128x64_e128x64_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,           \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 64)                     \
+  X(3, coop_128x128x64_e128x128, KernelPtrArrayTmaWarpSpecializedCooperative,               \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128)                    \
+  X(4, coop_128x128x64_e128x128_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,          \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 128)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 7
+#define ADAFUSE_SGMM_NUM_VARIANTS 5
 
 }  // namespace adafuse_sgmm
 

@@ -124,9 +124,12 @@ def _sgmm_kernel(
         tl.store(counter_ptr, 0)
 
 
-# Tile shape: 128x128, K blocks of 64, 8 warps, the shape measured in DESIGN.md section 5
-# (50% of copy bandwidth with pointer hints); benchmarks/bench_sgmm.py times alternatives.
-DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+# Tile shape measured on H200 (benchmarks/results/sgmm_h200_run2.json, bf16, Llama-2-7B q,v):
+# 64x128, 4 warps, 4 stages, 4 programs per SM: 2.26 ms pristine / 2.87 ms inplace, against
+# 2.72 / 3.69 for 128x128 with 8 warps, 2 per SM, and 3.12 / 3.99 with one program per tile.
+# (128x256, 8 warps, 1 per SM was faster, 2.05 / 2.52, but its pristine results were WRONG
+# on Triton 3.6 / H200, cause not found: not used.)
+DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, programs_per_sm=4)
 
 
 class TritonPlan:
@@ -168,7 +171,7 @@ class TritonPlan:
         if programs is None:
             if dev.type == "cuda":
                 sms = torch.cuda.get_device_properties(dev).multi_processor_count
-                programs = 2 * sms  # two 128x128 programs fit one SM (smem, 8 warps each)
+                programs = cfg["programs_per_sm"] * sms
             else:
                 programs = 4  # interpreter: few programs still exercise the persistent loop
         self.programs = max(1, min(programs, self.num_tiles))
