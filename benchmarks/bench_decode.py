@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--modes", default="exact,inplace", help="adafuse merge modes to time: exact, inplace")
+    ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
@@ -114,15 +116,12 @@ def main() -> None:
         tokens = torch.randint(0, 1000, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         model.setup_cache(1)
         ref = teacher_forced_logits(model, tokens)
-        for exact in (True, False):
+        for exact in [m == "exact" for m in args.modes.split(",")]:
             torch._dynamo.reset()
             backend.last_compilations.clear()
             model.setup_cache(1)
-            fused = torch.compile(model, backend="adafuse", mode="reduce-overhead",
-                                  options=None) if exact else torch.compile(
-                model, backend="adafuse", options={"exact": False, "cudagraphs": True, "sgmm_impl": args.impl})
-            if exact and args.impl != "auto":
-                fused = torch.compile(model, backend="adafuse", options={"cudagraphs": True, "sgmm_impl": args.impl})
+            fused = torch.compile(model, backend="adafuse",
+                                  options={"exact": exact, "cudagraphs": True, "sgmm_impl": args.impl})
             key = "adafuse_exact" if exact else "adafuse_inplace"
             t1 = time.time()
             res[f"{key}_ms"] = decode_ms(fused, 16, args.steps)
@@ -135,12 +134,13 @@ def main() -> None:
             res[f"{key}_max_rel_logit_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
             res[f"{key}_argmax_agreement"] = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
             print(res, flush=True)
-        # Launch count without CUDA graphs (graph replay hides kernels from the profiler).
-        torch._dynamo.reset()
-        model.setup_cache(1)
-        res["profile"] = count_switch_kernels(
-            torch.compile(model, backend="adafuse", options={"cudagraphs": False, "sgmm_impl": args.impl}), cfg)
-        af.restore(model)
+        if not args.skip_profile:
+            # Launch count without CUDA graphs (graph replay hides kernels from the profiler).
+            torch._dynamo.reset()
+            model.setup_cache(1)
+            res["profile"] = count_switch_kernels(
+                torch.compile(model, backend="adafuse", options={"cudagraphs": False, "sgmm_impl": args.impl}), cfg)
+            af.restore(model)
     base = res["backbone_compiled_ms"]
     for k in list(res):
         if k.endswith("_ms"):

@@ -51,11 +51,16 @@ def test_bf16_parity_under_cuda_graphs(options, targets):
     af.restore(model)
     assert sum(r["rewritten"] for r in backend.last_compilations) == 1
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    drift = max((v.float() - w0[k].float()).abs().max().item() for k, v in model.state_dict().items())
+    print(f"options={options} targets={targets}: max rel logit err {rel:.2e}, argmax agreement {agree:.3f}, "
+          f"max |W - W0| after restore {drift:.2e}")
     assert rel < 3e-2, rel  # bf16: the merged weight rounds W0 + delta once per step
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
-    tol = 0 if options.get("exact", True) else 2e-2
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, w0[k], rtol=0, atol=tol)
+    assert agree >= 0.9, agree
+    if options.get("exact", True):
+        assert drift == 0.0  # exact mode never rewrites from the drifting weight
+    else:
+        assert drift < 2e-2  # in place: bf16 rounding of W += delta_t - delta_t-1, 32 switches
 
 
 def test_one_switching_launch_per_decode_step():
