@@ -233,3 +233,19 @@ def test_inductor_does_not_copy_backbone_weights():
     for w in weights:
         copies = re.findall(rf"(?:clone|copy_)\([^)]*\b{w}\b", code)
         assert not copies, f"weight {w} is copied: {copies}"
+
+
+def test_eager_call_after_compiled_decode_sees_backbone_weights():
+    model = adapted_tiny()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1)
+    ref = model(torch.tensor([[4]]), torch.tensor([0]))
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    af.greedy_decode(compiled, torch.tensor([[1, 2, 3]]), 4)
+    assert any(not torch.equal(v, w0[k]) for k, v in model.state_dict().items()), "decode merged nothing"
+    model.setup_cache(1)
+    out = model(torch.tensor([[4]]), torch.tensor([0]))  # the eager model: restores first
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -68,6 +68,10 @@ class GateChannel:
 
     def open(self) -> None:
         self.routing = None
+        # An eager call after compiled decoding must see the backbone weights, not merged ones.
+        # Checked first so that Dynamo, tracing this hook, folds the branch away without guards.
+        if not torch.compiler.is_compiling() and self.switch_state is not None:
+            self.switch_state.restore()
 
     def close(self) -> None:
         self.routing = None
