@@ -29,7 +29,8 @@ def test_pack_kernel_and_registry_compile(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_default_grouped_gemm_compiles(tmp_path, dtype):
+def test_default_grouped_gemm_compiles(tmp_path, dtype, mode):
     _nvcc(tmp_path, "-DADAFUSE_SGMM_GEMM_TU", f"-DADAFUSE_SGMM_DTYPE={build.DTYPE_CODES[dtype]}",
-          f"-DADAFUSE_SGMM_VARIANT={DEFAULT_VARIANT}")
+          f"-DADAFUSE_SGMM_VARIANT={DEFAULT_VARIANT[mode]}")

@@ -18,7 +18,12 @@ from adafuse_compile.cutlass_kernels import build
 
 # Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu); default set from the H200 benchmark
 # (benchmarks/results/sgmm_h200*.json, docs/kernels.md).
-DEFAULT_VARIANT = 1  # coop_128x128x64_e128x64
+# Per mode (benchmarks/results/sgmm_h200.json, run 3, Llama-2-7B shapes, bf16):
+#   inplace  (K = 256): coop 128x128x64, epilogue tile 128x64: q,v 1.75 ms (1.74 with the
+#            automatic 128x32 epilogue tile, within noise; all seven 10.66 vs 11.40 ms);
+#   pristine (K = 128): coop 128x128x64, epilogue tile 128x128: q,v 1.33 ms vs 1.45 (128x64)
+#            and 1.48 (auto); all seven 8.44 vs 9.46 / 9.04 ms.
+DEFAULT_VARIANT = {"inplace": 1, "pristine": 3}
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
 
@@ -40,7 +45,7 @@ def unsupported_reason(weights: list[Tensor], lora_A: list[Tensor],
     if build.cutlass_include_dirs() is None:
         return "CUTLASS headers not found (pip install nvidia-cutlass)"
     try:
-        build.load_extension((DEFAULT_VARIANT,))
+        build.load_extension(tuple(DEFAULT_VARIANT.values()))
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -63,7 +68,8 @@ class CutlassPlan:
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
                  sm_count: int = 0):
-        variant = DEFAULT_VARIANT if variant is None else variant
+        if variant is None:
+            variant = DEFAULT_VARIANT["inplace" if pristine is None else "pristine"]
         self.ext = build.load_extension((variant,))
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
