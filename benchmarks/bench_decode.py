@@ -61,9 +61,10 @@ def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3) -> float:
 
 def teacher_forced_logits(step, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of each decode step when fed the given token sequence one token at a time."""
-    out = [step(tokens[:, :8], torch.arange(8, device="cuda"))[:, -1]]
+    # clone(): under CUDA-graph trees a step's output buffer is overwritten by the next replay.
+    out = [step(tokens[:, :8], torch.arange(8, device="cuda"))[:, -1].clone()]
     for i in range(8, tokens.shape[1]):
-        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device="cuda"))[:, -1])
+        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device="cuda"))[:, -1].clone())
     return torch.stack(out, 1).float()
 
 

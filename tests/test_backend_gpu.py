@@ -25,9 +25,10 @@ def build(targets=("q_proj", "v_proj")):
 
 
 def teacher_forced(step, tokens):
-    out = [step(tokens[:, :8], torch.arange(8, device="cuda"))[:, -1]]
+    # clone(): under CUDA-graph trees a step's output buffer is overwritten by the next replay.
+    out = [step(tokens[:, :8], torch.arange(8, device="cuda"))[:, -1].clone()]
     for i in range(8, tokens.shape[1]):
-        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device="cuda"))[:, -1])
+        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device="cuda"))[:, -1].clone())
     return torch.stack(out, 1).float()
 
 
