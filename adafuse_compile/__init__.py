@@ -11,11 +11,11 @@ from .modeling import (
     load_adapters,
     save_adapters,
 )
-from .runtime.switch_state import restore
+from .runtime.switch_state import ConcurrentUseError, decoding, restore
 
 __version__ = "0.1.0"
 __all__ = [
-    "ALL_LINEAR", "LLAMA_LINEARS", "AdaFuseConfig", "AdaFuseConfigError", "AdapterCheckpointError", "TinyLlama",
-    "TinyLlamaConfig", "adapted_linears", "gate_channel", "greedy_decode", "inject", "load_adapters", "restore",
+    "ALL_LINEAR", "LLAMA_LINEARS", "AdaFuseConfig", "AdaFuseConfigError", "AdapterCheckpointError", "ConcurrentUseError", "TinyLlama",
+    "TinyLlamaConfig", "adapted_linears", "decoding", "gate_channel", "greedy_decode", "inject", "load_adapters", "restore",
     "save_adapters",
 ]

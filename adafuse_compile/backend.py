@@ -100,9 +100,12 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             return _guarded(_codegen(original, example_inputs, settings), [], example_inputs, None)
         extra = analysis["adafuse_extra_inputs"]
         state = analysis["adafuse_state"]
-        if settings.exact:
-            log.info("adafuse: exact mode keeps a pristine copy of the adapted weights: %.1f MiB",
+        if state.exact:
+            log.info("adafuse: exact mode keeps a pristine copy of the adapted weights: %.1f MiB of device memory",
                      state.pristine_bytes / 2**20)
+        else:
+            log.info("adafuse: in-place switching, exact resync from host memory every %d switches",
+                     state.resync_every)
         compiled = _codegen(work, list(example_inputs) + extra, settings)
         return _guarded(compiled, extra, example_inputs, state)
     except Exception as exc:  # a compile failure must never break the user's model
@@ -115,7 +118,7 @@ def _guarded(compiled, extra: list, example_inputs: list, state):
     """Wrap a compiled graph: merge graphs mark their model merged; others restore it first."""
     if state is not None:
         def run_merged(*args):
-            state.merged = True  # set first: a failure inside still leaves a restorable state
+            state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
             return compiled(*args, *extra)
         return run_merged
     channels = _adapter_channels(example_inputs)
@@ -123,9 +126,8 @@ def _guarded(compiled, extra: list, example_inputs: list, state):
         return compiled
 
     def run_unmerged(*args):
-        # Looked up per call: the model's merge graph may be compiled after this one.
+        # Per call: whichever model merged into these weights last (this one, or one sharing them).
         for channel in channels:
-            if channel.switch_state is not None:
-                channel.switch_state.restore()
+            channel.restore()
         return compiled(*args)
     return run_unmerged

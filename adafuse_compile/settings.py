@@ -18,7 +18,11 @@ class AdaFuseOptionsError(ValueError):
 @dataclass(frozen=True)
 class BackendSettings:
     path: str = "auto"  # merge | factor | gather | auto
-    exact: bool = True  # merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of adapted weights
+    # Merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of the adapted weights.
+    # None: exact unless that copy exceeds pristine_memory_fraction of free GPU memory.
+    exact: bool | None = None
+    pristine_memory_fraction: float = 0.5
+    resync_every: int | None = None  # in-place mode: switches between exact resyncs (None: by dtype)
     codegen: str = "inductor"  # inductor | eager (run the rewritten graph as is)
     cudagraphs: bool | None = None  # None: on for CUDA graphs when mode="reduce-overhead"
     sgmm_impl: str = "auto"
@@ -35,8 +39,12 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"codegen={self.codegen!r} is not one of {CODEGENS}")
         if self.sgmm_impl not in SGMM_IMPLS:
             raise AdaFuseOptionsError(f"sgmm_impl={self.sgmm_impl!r} is not one of {SGMM_IMPLS}")
-        if not isinstance(self.exact, bool):
-            raise AdaFuseOptionsError(f"exact must be True or False, got {self.exact!r}")
+        if self.exact not in (None, True, False):
+            raise AdaFuseOptionsError(f"exact must be True, False or None (auto), got {self.exact!r}")
+        if not 0.0 < self.pristine_memory_fraction <= 1.0:
+            raise AdaFuseOptionsError(f"pristine_memory_fraction must be in (0, 1], got {self.pristine_memory_fraction!r}")
+        if self.resync_every is not None and (not isinstance(self.resync_every, int) or self.resync_every < 0):
+            raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
         if self.cudagraphs not in (None, True, False):
             raise AdaFuseOptionsError(f"cudagraphs must be True, False or None, got {self.cudagraphs!r}")
 

@@ -10,7 +10,7 @@
 
 Per token the deployment runs prologue -> switch (W = W0 + s * sum_j g_j B[e_j] A[e_j], the
 project's SGMM kernel) -> step. The step is the plain backbone: the switched weights are graph
-inputs, every other weight an initializer (stored as external data when the step is over 2 GB).
+inputs, every other weight an initializer (stored as external data above 1.5 GiB, see to_onnx).
 
 Exporter: torch.onnx.export(dynamo=True) (torch.export + onnxscript), opset 18 (inside the
 range TensorRT 10 parses, 9..20). The graphs are written by a functional Llama-family step
@@ -35,7 +35,6 @@ from .step import DecodeStep, RoutingPrologue
 
 OPSET = 18
 FORMAT_VERSION = 1
-TWO_GB = 2 * 1024**3
 PROLOGUE_FILE, STEP_FILE, ADAPTERS_FILE, MANIFEST_FILE = "prologue.onnx", "step.onnx", "adapters.safetensors", "manifest.json"
 _ROUTER_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 PATHS = ("merge",)
@@ -110,14 +109,20 @@ def _router_linear(model: nn.Module):
     return first
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, opset: int, external: bool) -> None:
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, opset: int,
+            external: bool | None) -> bool:
+    """Export and save; returns whether the initializers went to external data (`<file>.data`)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
             output_names=list(output_names), optimize=True, verbose=False,
         )
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # a stale file from an earlier export would be misread as ours
+    # external=None: torch's rule, external data above 1.5 GiB of initializers (protobuf's hard limit is 2 GiB).
     program.save(str(path), external_data=external)
+    return data.exists()
 
 
 def check_exported(path: str | Path) -> None:
@@ -133,7 +138,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
     """Export `model`'s routing prologue and static decode step to `out_dir` (see the module doc).
 
     capacity: KV-cache length of the exported step (default: the model's maximum positions).
-    external_data: store the step's initializers in `step.onnx.data` (default: when they exceed 2 GB).
+    external_data: store each graph's initializers in `<file>.data`; None (default) does so when they exceed
+      1.5 GiB (torch's threshold, under protobuf's 2 GiB limit on one file), False never (fails over 2 GiB).
     """
     _check_exportable(model, batch, dynamic, path)
     if not 17 <= opset <= 20:
@@ -160,8 +166,6 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = tensors["embed_tokens.weight"].device
-    fixed_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in fixed.values()}.values())
-    external = fixed_bytes > TWO_GB if external_data is None else bool(external_data)
 
     # (a) routing prologue
     prologue = RoutingPrologue(
@@ -169,7 +173,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
                "layers.0.input_layernorm.weight": tensors["layers.0.input_layernorm.weight"]},
         router_lin.router.weight, config.top_k).eval()
     tok = torch.zeros(1, 1, dtype=torch.int64, device=device)
-    _export(prologue, (tok,), out / PROLOGUE_FILE, ["tokens"], ["experts", "gates"], opset, external=False)
+    prologue_external = _export(prologue, (tok,), out / PROLOGUE_FILE, ["tokens"], ["experts", "gates"], opset,
+                                external=external_data)
 
     # (b) decode step
     step = DecodeStep(spec, fixed, switched, rope_tables(model, capacity), capacity, window).eval()
@@ -178,7 +183,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
     weights = [tensors[n].detach() for n in switched]
     in_names, out_names = step_io_names(spec.num_layers, switched)
     pos = torch.zeros(1, dtype=torch.int64, device=device)
-    _export(step, (tok, pos, *cache, *weights), out / STEP_FILE, in_names, out_names, opset, external=external)
+    external = _export(step, (tok, pos, *cache, *weights), out / STEP_FILE, in_names, out_names, opset,
+                       external=external_data)
 
     # What the switch needs at run time: the experts' factors and the pristine backbone weights.
     from safetensors.torch import save_file
@@ -196,7 +202,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
         format_version=FORMAT_VERSION, opset=opset, family=spec.family, spec=spec_d, capacity=capacity,
         sliding_window=window, top_k=config.top_k, num_experts=config.num_experts, rank=config.rank,
         scaling=config.scaling, switched=switched, switched_shapes={n: list(tensors[n].shape) for n in switched},
-        prologue=dict(file=PROLOGUE_FILE, inputs=["tokens"], outputs=["experts", "gates"]),
+        prologue=dict(file=PROLOGUE_FILE, inputs=["tokens"], outputs=["experts", "gates"],
+                      external_data=prologue_external),
         step=dict(file=STEP_FILE, inputs=in_names, outputs=out_names, external_data=external),
         adapters=ADAPTERS_FILE,
     )

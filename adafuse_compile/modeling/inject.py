@@ -1,6 +1,8 @@
 """inject(model, config): turn a causal LM's target linears into pre-gated LoRA-MoE linears."""
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from ..config import AdaFuseConfig, AdaFuseConfigError
@@ -57,9 +59,30 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     hooks = (
         model.register_forward_pre_hook(lambda *_: channel.open()),
         model.register_forward_hook(lambda *_: channel.close(), always_call=True),
+        # Saving (state_dict, save_pretrained, torch.save(model.state_dict())) sees backbone weights.
+        model.register_state_dict_pre_hook(lambda *_, **__: channel.restore()),
     )
     object.__setattr__(model, _HOOKS_ATTR, hooks)
+    _restore_around(model, "train", channel)
+    if callable(getattr(model, "generate", None)):
+        _restore_around(model, "generate", channel)
     return model
+
+
+def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
+    """Wrap model.<method> (on this instance) so the backbone weights are restored when it ends,
+    however it ends (return, exception, KeyboardInterrupt): leaving generate() or switching to
+    training never leaves merged weights behind."""
+    inner = getattr(model, method)
+
+    @functools.wraps(inner)
+    def wrapped(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            channel.restore()
+
+    object.__setattr__(model, method, wrapped)
 
 
 def is_injected(model: nn.Module) -> bool:

@@ -70,8 +70,19 @@ class GateChannel:
         self.routing = None
         # An eager call after compiled decoding must see the backbone weights, not merged ones.
         # Checked first so that Dynamo, tracing this hook, folds the branch away without guards.
-        if not torch.compiler.is_compiling() and self.switch_state is not None:
-            self.switch_state.restore()
+        if not torch.compiler.is_compiling():
+            self.restore()
+
+    def restore(self) -> None:
+        """Backbone weights back in place if a compiled decode step merged experts into them
+        (this model's, or another model's that shares these weights)."""
+        seen = []
+        for w in self.adapted_weights:
+            ref = getattr(w, "_adafuse_owner", None)
+            owner = ref() if ref is not None else None
+            if owner is not None and owner.merged and all(o is not owner for o in seen):
+                seen.append(owner)
+                owner.restore()
 
     def close(self) -> None:
         self.routing = None

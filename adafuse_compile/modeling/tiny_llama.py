@@ -178,17 +178,24 @@ def greedy_decode(model: nn.Module, prompt: Tensor, max_new_tokens: int, progres
     Returns (tokens [B, max_new_tokens], last logits of each step [B, max_new_tokens, vocab]).
     `model` is a TinyLlama or anything with its call signature (a compiled TinyLlama).
     """
+    from .inject import gate_channel, is_injected
+
     b, t = prompt.shape
     pos = torch.arange(t, device=prompt.device)
-    logits = model(prompt, pos)[:, -1]
     out, all_logits = [], []
-    for i in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        all_logits.append(logits)
-        if progress is not None:
-            progress(i)
-        if i + 1 == max_new_tokens:
-            break
-        logits = model(nxt, torch.tensor([t + i], device=prompt.device))[:, -1]
+    try:
+        logits = model(prompt, pos)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            all_logits.append(logits)
+            if progress is not None:
+                progress(i)
+            if i + 1 == max_new_tokens:
+                break
+            logits = model(nxt, torch.tensor([t + i], device=prompt.device))[:, -1]
+    finally:  # leaving decode, however: the backbone weights come back (compiled models merge them)
+        inner = getattr(model, "_orig_mod", model)
+        if is_injected(inner):
+            gate_channel(inner).restore()
     return torch.cat(out, 1), torch.stack(all_logits, 1)

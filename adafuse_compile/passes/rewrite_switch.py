@@ -42,13 +42,11 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     routing = gm.meta["adafuse_routing"]
     inputs = graph_inputs(gm)
     first = regions[0].factors
-    state = switch_state_for(first["channel"], first["top_k"], settings.exact)
+    state, mode = switch_state_for(first["channel"], first["top_k"], settings.exact,
+                                   settings.pristine_memory_fraction, settings.resync_every)
     weights = [inputs[r.weight] for r in regions]
     scaling = float(scalings.pop())
-    # What an in-place restore must unmerge with (the same tensors the graph switches).
-    state.factors = (weights, [inputs[r.factors["lora_A"]] for r in regions],
-                     [inputs[r.factors["lora_B"]] for r in regions], scaling, settings.sgmm_impl)
-    extra = [state.prev_experts, state.prev_gates] + (state.pristine_of(weights) if settings.exact else [])
+    extra = [state.prev_experts, state.prev_gates] + (state.pristine_of(weights) if state.exact else [])
 
     graph = gm.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -70,7 +68,7 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         switch = graph.call_function(torch.ops.adafuse.sgmm_switch.default, (
             [r.weight for r in regions], [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
             experts, gates32, placeholders[0], placeholders[1], scaling,
-            placeholders[2:] if settings.exact else None, settings.sgmm_impl,
+            placeholders[2:] if state.exact else None, settings.sgmm_impl,
         ))
     for r in regions:
         r.add.replace_all_uses_with(r.linear)
@@ -78,6 +76,6 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     gm.meta["adafuse_extra_inputs"] = extra
     gm.meta["adafuse_state"] = state
     gm.meta["adafuse_switch"] = switch
-    mode = "exact (W = W0 + delta_t)" if settings.exact else "in place (W += delta_t - delta_t-1)"
-    note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode}")
+    formula = "W = W0 + delta_t" if state.exact else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}"
+    note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode} ({formula})")
     return clean_up(gm)

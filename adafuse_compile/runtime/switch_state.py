@@ -2,31 +2,82 @@
 
 The merge path rewrites adapted backbone weights in place every decode step. Every other graph
 of the same model (prefill, batch > 1) computes the unmerged adapter term and so must see the
-backbone weights: it restores them first. In exact mode the switch writes W = W0 + delta_t from
-a pristine copy (no drift); otherwise it adds delta_t - delta_{t-1} in place (the paper's mode).
-The previous step's experts and gates live in static device buffers so the unmerge stays right
-under CUDA-graph replay.
+backbone weights: it restores them first. The previous step's experts and gates live in static
+device buffers so the unmerge stays right under CUDA-graph replay.
+
+Two modes:
+- exact: W = W0 + delta_t from a pristine device copy. Zero drift; costs one copy of the
+  adapted weights in device memory.
+- in place (the paper's): W += delta_t - delta_{t-1}. In bf16/fp16 every switch rounds W, so
+  it drifts; every `resync_every` switches the weights are restored exactly from a pristine
+  copy in (pinned) host memory and the current experts re-merged from zero. The interval and
+  the bound it keeps are measured by benchmarks/bench_drift.py (docs/weights.md).
+
+Integrity rules (tests/test_weight_integrity.py): a model's weights are merged only while one of
+its compiled decode steps runs; state_dict(), eager calls, train(), leaving generate() (also by
+an exception or KeyboardInterrupt) restore them. One SwitchState owns a set of weights at a
+time: a second model sharing those weights restores the first before it merges, and a merged
+model used from a second thread fails with a clear error instead of corrupting the first.
 """
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 from torch import Tensor
 
-from ..cutlass_kernels.ops import sgmm_switch_
+# Switches between exact resyncs in place, by weight dtype. Measured on CPU (bench_drift.py,
+# 256x256 weights, N=8, r=64, top-2): in bf16 max |W - (W0 + delta_t)| reaches about 2 ulp of |W|
+# after 64 switches and keeps growing like sqrt(n); resyncing every 64 keeps it there.
+DEFAULT_RESYNC = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 4096, torch.float64: 0}
+
+# Which SwitchState last merged into a weight is kept on the weight itself (weakly), so any model
+# sharing that weight, compiled or not, can find and restore it.
+_OWNER_ATTR = "_adafuse_owner"
+_owner_lock = threading.Lock()
+
+
+def merged_owners(weights: list[Tensor]) -> list["SwitchState"]:
+    """SwitchStates whose merged experts currently sit in any of `weights`."""
+    owners: list[SwitchState] = []
+    for w in weights:
+        ref = getattr(w, _OWNER_ATTR, None)
+        owner = ref() if ref is not None else None
+        if owner is not None and owner.merged and all(o is not owner for o in owners):
+            owners.append(owner)
+    return owners
+
+
+class ConcurrentUseError(RuntimeError):
+    """A model whose weights are merged was used from another thread."""
 
 
 class SwitchState:
-    def __init__(self, weights: list[Tensor], top_k: int, exact: bool):
+    def __init__(self, weights: list[Tensor], top_k: int, exact: bool, resync_every: int | None = None):
+        for other in merged_owners(weights):  # a model sharing these weights: copy W0, not its merge
+            other.restore()
         device = weights[0].device
         self.weights = weights
         self.exact = exact
         self.prev_experts = torch.zeros(top_k, dtype=torch.int64, device=device)
         self.prev_gates = torch.zeros(top_k, dtype=torch.float32, device=device)
-        # Exact mode keeps W0; taken now, while the weights are pristine.
-        self.pristine = {id(w): w.detach().clone() for w in weights} if exact else {}
+        # Taken now, while the weights are pristine: on the device for exact mode, in pinned host
+        # memory for the in-place mode's periodic exact resync.
+        if exact:
+            self.pristine = {id(w): w.detach().clone() for w in weights}
+            self.host_pristine = {}
+        else:
+            self.pristine = {}
+            pin = device.type == "cuda"
+            self.host_pristine = {id(w): (w.detach().to("cpu", copy=True).pin_memory() if pin
+                                          else w.detach().clone()) for w in weights}
+        self.resync_every = (DEFAULT_RESYNC.get(weights[0].dtype, 64) if resync_every is None else resync_every)
         self.merged = False
-        # What the merge graphs last switched with, for an in-place restore.
-        self.factors: tuple[list[Tensor], list[Tensor], list[Tensor], float, str] | None = None
+        self.switches = 0  # merged steps since the last exact write of the weights
+        self.total_switches = 0
+        self.owner_thread: int | None = None
+        self._lock = threading.Lock()
 
     @property
     def pristine_bytes(self) -> int:
@@ -35,42 +86,118 @@ class SwitchState:
     def pristine_of(self, weights: list[Tensor]) -> list[Tensor]:
         return [self.pristine[id(w)] for w in weights]
 
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self.merged and self.owner_thread not in (None, me):
+            raise ConcurrentUseError(
+                "this AdaFuse-compiled model is in the middle of a merged decode on another thread: its backbone "
+                "weights hold that thread's experts. Use one model per thread (or finish the other thread's "
+                "generate() / call adafuse_compile.restore(model) there first)."
+            )
+
+    @torch.no_grad()
+    def before_merge_step(self) -> None:
+        """Called before every compiled decode step that switches weights."""
+        with self._lock:
+            self._check_thread()
+            with _owner_lock:
+                for other in merged_owners(self.weights):
+                    if other is not self:
+                        other.restore()  # another model shares these weights: give them back first
+                me = weakref.ref(self)
+                for w in self.weights:
+                    setattr(w, _OWNER_ATTR, me)
+            if not self.exact and self.resync_every and self.switches >= self.resync_every:
+                self._write_pristine()
+            self.merged = True  # set before the step: a failure inside still leaves a restorable state
+            self.owner_thread = threading.get_ident()
+            self.switches += 1
+            self.total_switches += 1
+
+    @torch.no_grad()
+    def _write_pristine(self) -> None:
+        """W = W0 exactly, and forget the previous experts (the next switch merges from zero)."""
+        source = self.pristine if self.exact else self.host_pristine
+        for w in self.weights:  # streamed weight by weight from host memory in in-place mode
+            w.copy_(source[id(w)], non_blocking=True)
+        self.prev_gates.zero_()
+        self.switches = 0
+
     @torch.no_grad()
     def restore(self) -> None:
         """Put the backbone weights back (before an unmerged graph runs, or when leaving decode)."""
-        if not self.merged:
-            return
-        if self.exact:
-            for w in self.weights:
-                w.copy_(self.pristine[id(w)])
-            self.prev_gates.zero_()
-        elif self.factors is not None:
-            weights, lora_a, lora_b, scaling, impl = self.factors
-            zero = torch.zeros_like(self.prev_gates)
-            sgmm_switch_(weights, lora_a, lora_b, self.prev_experts, zero, self.prev_experts, self.prev_gates,
-                         scaling, None, impl)
-        self.merged = False
+        with self._lock:
+            if not self.merged:
+                return
+            self._check_thread()
+            # Exactly, from the pristine copy, in both modes: the in-place mode's drift ends here.
+            self._write_pristine()
+            self.merged = False
+            self.owner_thread = None
 
 
-def switch_state_for(channel, top_k: int, exact: bool) -> SwitchState:
+def adapted_weight_bytes(weights: list[Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
+def choose_exact(weights: list[Tensor], exact: bool | None, memory_fraction: float) -> tuple[bool, str]:
+    """Exact mode unless told otherwise or its pristine copy would take too much free device memory."""
+    need = adapted_weight_bytes(weights)
+    if exact is not None:
+        return exact, "exact" if exact else "in place (exact=False)"
+    device = weights[0].device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > memory_fraction * free:
+            return False, (f"in place: the pristine copy ({need / 2**30:.2f} GiB) exceeds "
+                           f"pristine_memory_fraction={memory_fraction} of free GPU memory ({free / 2**30:.2f} GiB)")
+    return True, f"exact, pristine copy {need / 2**20:.1f} MiB"
+
+
+def switch_state_for(channel, top_k: int, exact: bool | None, memory_fraction: float = 0.5,
+                     resync_every: int | None = None) -> tuple[SwitchState, str]:
+    """The model's SwitchState (created on its first merge graph), and how its mode was chosen."""
     if channel.switch_state is None:
-        channel.switch_state = SwitchState(list(channel.adapted_weights), top_k, exact)
+        weights = list(channel.adapted_weights)
+        chosen, why = choose_exact(weights, exact, memory_fraction)
+        channel.switch_state = SwitchState(weights, top_k, chosen, resync_every)
+        return channel.switch_state, why
     state = channel.switch_state
-    if state.exact != exact:
+    if exact is not None and state.exact != exact:
         raise ValueError(
             f"this model is already compiled with exact={state.exact}; compile it again with the same `exact` option"
         )
-    return state
+    return state, "exact" if state.exact else "in place"
 
 
 def restore(model) -> None:
     """Put a compiled model's adapted weights back to the backbone's (no-op if nothing is merged).
 
     Graphs of the model that compute the adapter term unmerged (prefill, batch > 1) do this
-    themselves before they run; call it before using the weights outside the compiled model.
+    themselves before they run, and so do eager calls, state_dict(), train() and the end of
+    generate(); call it before using the weights any other way after your own decode loop.
     """
     from ..modeling.inject import gate_channel
 
     state = gate_channel(model).switch_state
     if state is not None:
         state.restore()
+
+
+class decoding:
+    """Context manager for your own decode loop over a compiled model: whatever happens inside
+    (return, exception, KeyboardInterrupt), the backbone weights are restored on exit.
+
+        with adafuse_compile.decoding(model):
+            for step in range(n):
+                logits = compiled(tokens, pos)
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        restore(self.model)

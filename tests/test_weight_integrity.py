@@ -1,0 +1,176 @@
+"""Merged weights never leak: saving, eager calls, train(), errors and interrupts see the backbone."""
+import threading
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import adafuse_compile as af
+from safetensors.torch import load_file
+
+from adafuse_compile.modeling.checkpoint import save_adapters
+from adafuse_compile.modeling.inject import adapter_state_dict
+from adafuse_compile.presets import tiny_hf_model
+
+TINY = af.TinyLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def adapted(seed=0, model=None):
+    torch.manual_seed(seed)
+    model = model if model is not None else af.TinyLlama(TINY).init_weights(std=0.1, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal"))
+    return model.eval()
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def merged_now(model, w0):
+    names = [n + ".weight" for n in af.adapted_linears(model)]
+    return any(not torch.equal(w, w0[n]) for w, n in zip(af.gate_channel(model).adapted_weights, names))
+
+
+def decode_steps(compiled, n, start=0):
+    """A user's own decode loop: compiled one-token steps, weights merged between them."""
+    return [compiled(torch.tensor([[3 + i]]), torch.tensor([start + i])) for i in range(n)]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_state_dict_and_saves_after_decode_are_bit_exact(tmp_path, exact):
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": exact})
+    decode_steps(compiled, 4)
+    assert merged_now(model, w0)
+    sd = model.state_dict()  # restores first
+    assert all(torch.equal(sd[k], w0[k]) for k in w0)
+    decode_steps(compiled, 2, start=4)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt")
+    assert all(torch.equal(loaded[k], w0[k]) for k in w0)
+    decode_steps(compiled, 2, start=6)
+    assert merged_now(model, w0)
+    save_adapters(model, tmp_path / "a.safetensors")  # router + experts only: merging never touches them
+    saved = load_file(str(tmp_path / "a.safetensors"))
+    assert set(saved) == set(adapter_state_dict(model)) and not any(k.endswith("proj.weight") for k in saved)
+    assert all(torch.equal(saved[k], v) for k, v in adapter_state_dict(model).items())
+
+
+def test_hf_save_pretrained_after_compiled_generate(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_hf_model("llama")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    model.generation_config.cache_implementation = "static"
+    w0 = snapshot(model)
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    with torch.no_grad():
+        model.generate(torch.randint(0, 256, (1, 6)), max_new_tokens=6, do_sample=False)
+    assert not merged_now(model, w0)  # leaving generate() restored
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path)
+    for k, v in again.state_dict().items():
+        if k in w0:
+            assert torch.equal(v, w0[k]), k
+
+
+class _Raise(LogitsProcessor):
+    def __init__(self, at, exc):
+        self.at, self.exc, self.calls = at, exc, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.exc
+        return scores
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom inside a decode step"), KeyboardInterrupt()])
+def test_error_or_interrupt_inside_generate_leaves_weights_pristine(exc):
+    model = tiny_hf_model("mistral")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    model.generation_config.cache_implementation = "static"
+    w0 = snapshot(model)
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    processor = _Raise(at=5, exc=exc)
+    with pytest.raises(type(exc)), torch.no_grad():
+        model.generate(torch.randint(0, 256, (1, 6)), max_new_tokens=10, do_sample=False,
+                       logits_processor=LogitsProcessorList([processor]))
+    assert processor.calls == 5  # it stopped mid-decode, after merged steps
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+
+
+def test_decoding_context_and_train_restore():
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    with pytest.raises(KeyboardInterrupt):
+        with af.decoding(model):
+            decode_steps(compiled, 3)
+            assert merged_now(model, w0)
+            raise KeyboardInterrupt
+    assert not merged_now(model, w0)
+    decode_steps(compiled, 2, start=3)
+    model.train()
+    assert not merged_now(model, w0)
+
+
+def test_second_thread_on_a_merged_model_fails_clearly():
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    decode_steps(compiled, 2)  # this thread holds a merged decode
+    errors = []
+
+    def other_thread():
+        try:
+            decode_steps(compiled, 1, start=2)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], af.ConcurrentUseError)
+    assert "another thread" in str(errors[0]) and "one model per thread" in str(errors[0])
+    af.restore(model)  # the owning thread finishes; then the other thread may decode
+    t = threading.Thread(target=lambda: (decode_steps(compiled, 1, start=2), af.restore(model)))
+    t.start()
+    t.join()
+    assert not merged_now(model, w0)
+
+
+def test_two_models_sharing_one_backbone_interleave_correctly():
+    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
+    other = af.TinyLlama(TINY)
+    for (name, p), (_, q) in zip(backbone.named_modules(), other.named_modules()):
+        if isinstance(p, torch.nn.Linear):  # share the Parameters themselves
+            q.weight = p.weight
+    first, second = adapted(1, backbone), adapted(2, other)
+    assert first.layers[0].self_attn.q_proj.weight is second.layers[0].self_attn.q_proj.weight
+    tokens = [torch.tensor([[5 + i]]) for i in range(6)]
+    refs = {}
+    for name, m in (("first", first), ("second", second)):
+        m.setup_cache(1)
+        refs[name] = [m(t, torch.tensor([i])) for i, t in enumerate(tokens)]
+    compiled = {}
+    for name, m in (("first", first), ("second", second)):
+        m.setup_cache(1)
+        compiled[name] = torch.compile(m, backend="adafuse", options={"codegen": "eager"})
+    for i, t in enumerate(tokens):  # alternate steps: each merge must first undo the other model's
+        for name in ("first", "second"):
+            out = compiled[name](t, torch.tensor([i]))
+            torch.testing.assert_close(out, refs[name][i], rtol=1e-4, atol=1e-5)
