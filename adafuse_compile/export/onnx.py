@@ -138,8 +138,9 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
     """Export `model`'s routing prologue and static decode step to `out_dir` (see the module doc).
 
     capacity: KV-cache length of the exported step (default: the model's maximum positions).
-    external_data: store each graph's initializers in `<file>.data`; None (default) does so when they exceed
-      1.5 GiB (torch's threshold, under protobuf's 2 GiB limit on one file), False never (fails over 2 GiB).
+    external_data: True stores each graph's initializers in `<file>.data`; otherwise that happens only when
+      they exceed 1.5 GiB (torch's threshold, under protobuf's 2 GiB limit on one file). The result and the
+      manifest record what was written.
     """
     _check_exportable(model, batch, dynamic, path)
     if not 17 <= opset <= 20:
