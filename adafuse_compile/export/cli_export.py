@@ -31,7 +31,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, default=None, help="KV-cache length of the exported step (default: the model's maximum)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 17..20 (default 18)")
     p.add_argument("--external-data", action="store_true", default=None,
-                   help="store step weights in step.onnx.data (default: only when over 2 GB)")
+                   help="store weights in <graph>.onnx.data (default: only above 1.5 GiB, under protobuf's 2 GiB limit)")
     p.add_argument("--fp16", action="store_true", help="tensorrt: allow FP16 kernels")
     p.set_defaults(func=run_export)
     return p

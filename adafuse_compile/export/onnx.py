@@ -19,6 +19,7 @@ range TensorRT 10 parses, 9..20). The graphs are written by a functional Llama-f
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -112,12 +113,19 @@ def _router_linear(model: nn.Module):
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, opset: int,
             external: bool | None) -> bool:
     """Export and save; returns whether the initializers went to external data (`<file>.data`)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-            output_names=list(output_names), optimize=True, verbose=False,
-        )
+    # The exporter logs one warning per torchvision op it cannot register; irrelevant here, so quiet it.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                output_names=list(output_names), optimize=True, verbose=False,
+            )
+    finally:
+        registration_log.setLevel(level)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # a stale file from an earlier export would be misread as ours
     # external=None: torch's rule, external data above 1.5 GiB of initializers (protobuf's hard limit is 2 GiB).

@@ -112,7 +112,9 @@ class DecodeStep(_Backbone):
         if self.window is not None:
             valid = valid & (self.positions > input_pos - self.window)
         valid = valid.reshape(1, 1, 1, self.capacity)
-        x = F.embedding(tokens, self.get_parameter("embed_tokens.weight"))  # [1, 1, D]
+        # Activations stay 2-D [1, D]: each linear then exports as one Gemm(x, W, transB=1), with no
+        # Transpose node on the switched weight inputs (TensorRT and ONNX Runtime read W as bound).
+        x = F.embedding(tokens, self.get_parameter("embed_tokens.weight")).reshape(1, s.hidden_size)
         presents = []
         for i in range(s.num_layers):
             p = f"layers.{i}."
@@ -133,10 +135,10 @@ class DecodeStep(_Backbone):
             scores = torch.matmul(qg.float(), k_cache.float().transpose(-1, -2)) * s.attn_scale  # [1, kv, g, C]
             scores = torch.where(valid, scores, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1)
-            attn = torch.matmul(probs, v_cache.float()).to(x.dtype).reshape(1, 1, s.num_heads * s.head_dim)
+            attn = torch.matmul(probs, v_cache.float()).to(x.dtype).reshape(1, s.num_heads * s.head_dim)
             x = x + lin("self_attn.o_proj", attn)
             h = rms_norm(x, self.w(p + "post_attention_layernorm.weight", sw), s.eps, cast_first)
             x = x + lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h))
         x = rms_norm(x, self.get_parameter("norm.weight"), s.eps, cast_first)
-        logits = F.linear(x, self.get_parameter("lm_head.weight")).reshape(1, s.vocab_size)
+        logits = F.linear(x, self.get_parameter("lm_head.weight"))
         return (logits, *presents)
