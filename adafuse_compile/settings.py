@@ -22,7 +22,7 @@ class BackendSettings:
     # None: exact unless that copy exceeds pristine_memory_fraction of free GPU memory.
     exact: bool | None = None
     pristine_memory_fraction: float = 0.5
-    resync_every: int | None = None  # in-place mode: switches between exact resyncs (None: by dtype)
+    resync_every: int | None = None  # in-place mode: switches between exact resyncs (None: 64, measured)
     codegen: str = "inductor"  # inductor | eager (run the rewritten graph as is)
     cudagraphs: bool | None = None  # None: on for CUDA graphs when mode="reduce-overhead"
     sgmm_impl: str = "auto"

@@ -27,10 +27,12 @@ import weakref
 import torch
 from torch import Tensor
 
-# Switches between exact resyncs in place, by weight dtype. Measured on CPU (bench_drift.py,
-# 256x256 weights, N=8, r=64, top-2): in bf16 max |W - (W0 + delta_t)| reaches about 2 ulp of |W|
-# after 64 switches and keeps growing like sqrt(n); resyncing every 64 keeps it there.
-DEFAULT_RESYNC = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 4096, torch.float64: 0}
+# Switches between exact resyncs in place. Measured on CPU with the reference kernel
+# (benchmarks/results/drift_cpu_small.json: 256x256 weights std 0.02, N=8, r=64, top-2): against
+# ONE fresh switch to the same experts, in-place drift reaches 2.9e-3 (23 ulp of mean |W|) after
+# 64 switches in bf16 and 4.1e-2 (330 ulp) after 10,000; fp16 4.3e-4 (27 ulp) and 6.5e-3 (420 ulp).
+# Resyncing every 64 switches kept it at or below 2.9e-3 / 4.3e-4 (about 27 ulp) up to 10,000.
+DEFAULT_RESYNC_EVERY = 64
 
 # Which SwitchState last merged into a weight is kept on the weight itself (weakly), so any model
 # sharing that weight, compiled or not, can find and restore it.
@@ -72,7 +74,7 @@ class SwitchState:
             pin = device.type == "cuda"
             self.host_pristine = {id(w): (w.detach().to("cpu", copy=True).pin_memory() if pin
                                           else w.detach().clone()) for w in weights}
-        self.resync_every = (DEFAULT_RESYNC.get(weights[0].dtype, 64) if resync_every is None else resync_every)
+        self.resync_every = DEFAULT_RESYNC_EVERY if resync_every is None else resync_every
         self.merged = False
         self.switches = 0  # merged steps since the last exact write of the weights
         self.total_switches = 0

@@ -1,0 +1,111 @@
+"""Weight drift of repeated adapter switching: exact vs in place, with and without resync.
+
+For each dtype and mode, switches a set of adapted weights to fresh random top-2 experts n times
+through the runtime the backend uses (SwitchState bookkeeping + sgmm_switch_), and at each
+checkpoint n in --counts measures
+  weight_max_abs_err   max |W - (W0 + delta_t)|, the reference computed in float64,
+  weight_err_ulps      that error over the dtype's spacing at the mean |W| (eps * mean|W|),
+  vs_single_switch     max |W - W1| where W1 is ONE switch of a fresh W0 to the same experts in the
+                       same dtype and kernel: what repeated switching added (zero = no drift),
+  output_max_rel_err   max relative error of y = W x on random inputs against an unmerged
+                       fp32 reference (W0 x + B(A x) in fp32), the per-layer proxy of logit error,
+and, with --model, the max relative logit error of a small TinyLlama compiled with the adafuse
+backend against the same model unmerged in fp32 (one-token probe, fresh KV cache).
+
+    python benchmarks/bench_drift.py --device cpu --shape small --out results/drift_cpu.json
+    python benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --out results/drift_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from adafuse_compile.cutlass_kernels.ops import sgmm_switch_
+from adafuse_compile.runtime.switch_state import SwitchState
+
+SHAPES = {  # (number of weights, out, in)
+    "small": (4, 256, 256),
+    "llama2-7b-qv": (64, 4096, 4096),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+N, R, K, SCALING = 8, 64, 2, 2.0
+
+
+def make_weights(shape, dtype, device, gen):
+    count, out_f, in_f = shape
+    weights = [(torch.randn(out_f, in_f, generator=gen, device=device) * 0.02).to(dtype) for _ in range(count)]
+    lora_a = [(torch.rand(N, R, in_f, generator=gen, device=device) * 2 - 1).mul(in_f ** -0.5).to(dtype) for _ in range(count)]
+    lora_b = [(torch.randn(N, out_f, R, generator=gen, device=device) * 0.002).to(dtype) for _ in range(count)]
+    return weights, lora_a, lora_b
+
+
+def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    weights, lora_a, lora_b = make_weights(shape, dtype, device, gen)
+    w0 = [w.double().clone() for w in weights]
+    exact = mode == "exact"
+    state = SwitchState(weights, K, exact=exact, resync_every=resync_every)
+    pristine = state.pristine_of(weights) if exact else None
+    x = torch.randn(16, shape[2], generator=gen, device=device)
+    rows, n = [], 0
+    for target in counts:
+        while n < target:
+            experts = torch.randperm(N, generator=gen, device=device)[:K]
+            gates = torch.softmax(torch.randn(K, generator=gen, device=device), 0)
+            state.before_merge_step()
+            sgmm_switch_(weights, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
+                         SCALING, pristine, impl)
+            n += 1
+        w_err, out_err, ulps = 0.0, 0.0, 0.0
+        eps = torch.finfo(dtype).eps
+        single = [w.to(dtype) for w in w0]
+        zero_e, zero_g = torch.zeros_like(experts), torch.zeros(K, device=device)
+        sgmm_switch_(single, lora_a, lora_b, experts, gates, zero_e, zero_g, SCALING, None, impl)
+        vs_single = max((w - w1).abs().max().item() for w, w1 in zip(weights, single))
+        for w, w_ref, a, b in zip(weights, w0, lora_a, lora_b):
+            g = (gates.double() * SCALING)
+            delta = torch.einsum("kor,kri->oi", b[experts].double() * g[:, None, None], a[experts].double())
+            expected = w_ref + delta
+            err = (w.double() - expected).abs().max().item()
+            w_err = max(w_err, err)
+            ulps = max(ulps, err / (eps * w_ref.abs().mean().item()))
+            ref_out = x @ w_ref.float().T + (x @ a[experts].float().reshape(-1, shape[2]).T
+                                           * g.float().repeat_interleave(R)) @ b[experts].float().permute(1, 0, 2).reshape(shape[1], -1).T
+            got = x @ w.float().T
+            out_err = max(out_err, ((got - ref_out).abs().max() / ref_out.abs().max()).item())
+        rows.append({"switches": n, "weight_max_abs_err": w_err, "weight_err_ulps": ulps,
+                     "vs_single_switch": vs_single, "output_max_rel_err": out_err})
+        print(f"{mode:>16} {str(dtype):>15} n={n:>6}  max|W-(W0+d)|={w_err:.3e} ({ulps:.1f} ulp of mean|W|)  "
+              f"vs one switch={vs_single:.1e}  out rel err={out_err:.2e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--counts", default="1,100,1000,10000")
+    ap.add_argument("--resync", type=int, default=64, help="in-place resync interval to test")
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    res = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+           "torch": torch.__version__, "shape": args.shape, "weights_out_in": SHAPES[args.shape], "experts": N,
+           "rank": R, "top_k": K, "scaling": SCALING, "impl": args.impl, "runs": []}
+    t0 = time.time()
+    for name in args.dtypes.split(","):
+        for mode, resync in (("exact", None), ("inplace", 0), ("inplace_resync", args.resync)):
+            rows = run_mode(SHAPES[args.shape], DTYPES[name], args.device, counts, mode, resync, args.impl)
+            res["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows})
+    res["wall_s"] = round(time.time() - t0, 1)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
