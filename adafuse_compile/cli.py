@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import AdaFuseConfig
+from .export.cli_export import add_export_parser
 from .inspect.cli_diff import add_diff_parser
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, greedy_decode, inject
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--eager-only", action="store_true", help="skip the compiled run")
     p_demo.set_defaults(func=demo)
     add_diff_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
