@@ -1,0 +1,235 @@
+"""Gather LoRA (the `gather` path): per-token experts, M modules sharing one input.
+
+    gather_lora(x, lora_A, lora_B, experts, gates, scaling, impl="auto") -> [delta_m]
+
+For T tokens, x [T, in]; for each module m, lora_A[m] [N, r, in] and lora_B[m] [N, out_m, r];
+experts [T, k] int64 and gates [T, k] (any float dtype, used in fp32):
+
+    delta_m[t] = sum_j scaling * gates[t, j] * B_m[e_tj] @ (A_m[e_tj] @ x[t])     [T, out_m]
+
+in x's dtype, accumulated in fp32. This is Punica's BGMV/SGMV, vLLM's shrink/expand:
+the shrink computes h[m, t, j] = s * g_tj * A_m[e_tj] x_t for every module in one launch,
+the expand computes every delta_m from h in one launch (triton_gather.py).
+
+Implementations: `reference` (PyTorch, the CPU path), `triton`; `auto` = triton on CUDA,
+reference elsewhere. The Triton pointer tables are built once per adapter set and cached on
+the factors' data_ptrs (make one warm-up call before CUDA-graph capture). After that a call
+makes no host sync and no host-to-device copy. Out-of-range expert ids raise in the reference;
+the Triton kernels, which cannot check without a sync, let them contribute nothing.
+
+Importable on a CPU-only machine without Triton: it loads lazily.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["gather_lora", "reference_gather_lora", "oracle_gather_lora", "validate",
+           "make_gather_problem", "clear_plan_cache", "IMPLS"]
+
+IMPLS = ("auto", "reference", "triton")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_K = 4
+_PLAN_CACHE_SIZE = 64  # one plan per layer and module group: 32 layers x 2 groups fit
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+             gates: Tensor, impl: str) -> None:
+    """Metadata checks only (no device reads): raise ValueError naming the offending input."""
+    if impl not in IMPLS:
+        raise ValueError(f"gather_lora: impl must be one of {IMPLS}, got {impl!r}")
+    if x.dim() != 2:
+        raise ValueError(f"gather_lora: x must be 2-D [T, in], got {_shape(x)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"gather_lora: x has dtype {x.dtype}; expected one of {_DTYPES}")
+    n_tok, n_in = x.shape
+    if len(lora_A) == 0:
+        raise ValueError("gather_lora: `lora_A` is empty (need at least one module)")
+    if len(lora_B) != len(lora_A):
+        raise ValueError(f"gather_lora: got {len(lora_A)} lora_A and {len(lora_B)} lora_B")
+    if experts.dim() != 2 or experts.shape[0] != n_tok or not 1 <= experts.shape[1] <= _MAX_K:
+        raise ValueError(
+            f"gather_lora: experts must be [T, k] with T = {n_tok} (rows of x) and k in "
+            f"1..{_MAX_K}, got {_shape(experts)}"
+        )
+    if experts.dtype != torch.int64:
+        raise ValueError(f"gather_lora: experts must be int64, got {experts.dtype}")
+    if _shape(gates) != _shape(experts):
+        raise ValueError(f"gather_lora: gates {_shape(gates)} != experts {_shape(experts)}")
+    if not gates.is_floating_point():
+        raise ValueError(f"gather_lora: gates must be floating point, got {gates.dtype}")
+    for name, t in (("experts", experts), ("gates", gates)):
+        if t.device != x.device:
+            raise ValueError(f"gather_lora: {name} is on {t.device}, x on {x.device}")
+    a0 = lora_A[0]
+    if a0.dim() != 3:
+        raise ValueError(f"gather_lora: lora_A[0] must be 3-D [N, r, in], got {_shape(a0)}")
+    n_exp, r = a0.shape[0], a0.shape[1]
+    for m, (a, b) in enumerate(zip(lora_A, lora_B)):
+        if a.dim() != 3 or _shape(a) != (n_exp, r, n_in):
+            raise ValueError(
+                f"gather_lora: lora_A[{m}] is {_shape(a)}, expected [N, r, in] = "
+                f"{(n_exp, r, n_in)} (N, r from lora_A[0], in from x {_shape(x)})"
+            )
+        if b.dim() != 3 or b.shape[0] != n_exp or b.shape[2] != r:
+            raise ValueError(
+                f"gather_lora: lora_B[{m}] is {_shape(b)}, expected [N, out, r] with N = "
+                f"{n_exp}, r = {r} (from lora_A[0] {_shape(a0)})"
+            )
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if t.dtype != x.dtype:
+                raise ValueError(
+                    f"gather_lora: {name}[{m}] is {t.dtype}, x is {x.dtype}; one dtype for "
+                    "the input and the factors"
+                )
+            if t.device != x.device:
+                raise ValueError(f"gather_lora: {name}[{m}] is on {t.device}, x on {x.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"gather_lora: {name}[{m}] {_shape(t)} must be contiguous")
+
+
+# ------------------------------------------------------------------------------------------
+# Reference and oracle
+# ------------------------------------------------------------------------------------------
+def reference_gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor],
+                          experts: Tensor, gates: Tensor, scaling: float) -> list[Tensor]:
+    """Plain PyTorch, fp32 math, device ops only (no host sync).
+
+    Per module: h [T, k, r] = the selected experts' A rows times x (gathered from x @ A_all^T,
+    every expert computed: simple, and cheap next to the backbone on the CPU), scaled by
+    s * gate; then the k slots of each token are scattered onto their experts, H [T, N, r],
+    and delta = H @ B_all^T, one matmul over all experts' columns.
+    """
+    n_tok, k = experts.shape
+    coef = gates.float() * scaling  # [T, k]
+    xf = x.float()
+    outs = []
+    for a, b in zip(lora_A, lora_B):
+        n_exp, r, _ = a.shape
+        xa = (xf @ a.float().reshape(n_exp * r, -1).T).view(n_tok, n_exp, r)
+        idx = experts.unsqueeze(-1).expand(n_tok, k, r)
+        h = xa.gather(1, idx) * coef.unsqueeze(-1)  # [T, k, r]
+        hh = torch.zeros(n_tok, n_exp, r, dtype=torch.float32, device=x.device)
+        hh.scatter_add_(1, idx, h)
+        b_cat = b.float().permute(1, 0, 2).reshape(b.shape[1], n_exp * r)  # [out, N*r]
+        outs.append((hh.view(n_tok, n_exp * r) @ b_cat.T).to(x.dtype))
+    return outs
+
+
+def oracle_gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor],
+                       experts: Tensor, gates: Tensor, scaling: float) -> list[Tensor]:
+    """float64 per-token loop, the test oracle: delta_m[t] = sum_j s g_tj B[e](A[e] x_t)."""
+    outs = []
+    for a, b in zip(lora_A, lora_B):
+        a64, b64 = a.double(), b.double()
+        y = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64, device=x.device)
+        for t in range(x.shape[0]):
+            xt = x[t].double()
+            for e, g in zip(experts[t].tolist(), gates[t].double().tolist()):
+                y[t] += scaling * g * (b64[e] @ (a64[e] @ xt))
+        outs.append(y)
+    return outs
+
+
+def make_gather_problem(
+    n_tokens: int, n_in: int, outs: list[int], *, n_experts: int = 8, rank: int = 16,
+    k: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    a_std: float | None = None, b_std: float = 1.0, generator: torch.Generator | None = None,
+) -> dict:
+    """Random inputs; each token draws k distinct experts, gates are a softmax (never zero)."""
+    draw_on = "cpu" if generator is not None else device
+
+    def rnd(*shape, std=1.0):
+        t = torch.randn(*shape, generator=generator, device=draw_on) * std
+        return t.to(dtype=dtype, device=device)
+
+    a_std = a_std if a_std is not None else n_in ** -0.5
+    x = rnd(n_tokens, n_in)
+    lora_A = [rnd(n_experts, rank, n_in, std=a_std) for _ in outs]
+    lora_B = [rnd(n_experts, o, rank, std=b_std) for o in outs]
+    scores = torch.rand(n_tokens, n_experts, generator=generator, device=draw_on)
+    experts = scores.topk(k, dim=1).indices.to(device)
+    gates = torch.softmax(torch.randn(n_tokens, k, generator=generator, device=draw_on), 1)
+    return dict(x=x, lora_A=lora_A, lora_B=lora_B, experts=experts, gates=gates.to(device),
+                scaling=0.5)
+
+
+def token_errors(got: Tensor, expected64: Tensor) -> Tensor:
+    """Per token ||got_t - exp_t|| / ||exp_t|| in float64 (catches a single wrong token)."""
+    num = (got.double() - expected64).norm(dim=1)
+    den = expected64.norm(dim=1).clamp_min(1e-30)
+    return num / den
+
+
+# ------------------------------------------------------------------------------------------
+# Plans (Triton): built once per adapter set, cached on data_ptrs.
+# ------------------------------------------------------------------------------------------
+_plans: "OrderedDict[tuple, Any]" = OrderedDict()
+
+
+def clear_plan_cache() -> None:
+    _plans.clear()
+
+
+def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
+    key = (
+        lora_A[0].dtype, lora_A[0].device, tuple(lora_A[0].shape),
+        tuple(a.data_ptr() for a in lora_A),
+        tuple((b.data_ptr(), b.shape[1]) for b in lora_B),
+    )
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+        return plan
+    from adafuse_compile.cutlass_kernels.triton_gather import GatherPlan
+
+    plan = GatherPlan(lora_A, lora_B)
+    _plans[key] = plan
+    if len(_plans) > _PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan
+
+
+def _resolve_impl(impl: str, x: Tensor) -> str:
+    if impl == "auto":
+        return "triton" if x.device.type == "cuda" else "reference"
+    return impl  # "triton" off CUDA runs only under TRITON_INTERPRET=1 (tests)
+
+
+def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl) -> list[Tensor]:
+    validate(x, lora_A, lora_B, experts, gates, impl)
+    if _resolve_impl(impl, x) == "reference":
+        return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
+    return _get_triton_plan(lora_A, lora_B).run(x, experts, gates, scaling)
+
+
+_SCHEMA = (
+    "(Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, "
+    "float scaling, str impl) -> Tensor[]"
+)
+
+
+@torch.library.custom_op("adafuse::gather_lora", mutates_args=(), schema=_SCHEMA)
+def gather_lora_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+                   gates: Tensor, scaling: float, impl: str) -> list[Tensor]:
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl)
+
+
+@gather_lora_op.register_fake
+def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl) -> list[Tensor]:
+    validate(x, lora_A, lora_B, experts, gates, impl)
+    return [x.new_empty(x.shape[0], b.shape[1]) for b in lora_B]
+
+
+def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+                gates: Tensor, scaling: float, impl: str = "auto") -> list[Tensor]:
+    """delta_m = sum_j s g_j B_m[e_j] (A_m[e_j] x) per token, for all modules (module doc)."""
+    return torch.ops.adafuse.gather_lora(x, lora_A, lora_B, experts, gates, float(scaling),
+                                          impl)

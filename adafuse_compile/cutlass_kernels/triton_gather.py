@@ -1,0 +1,269 @@
+"""Triton gather-LoRA: one shrink launch and one expand launch for M modules sharing x.
+
+Rows: the T*k (token, slot) pairs, row = t*k + j, expert experts[t, j], gate gates[t, j].
+
+Shrink (grid: row block, expert e, module m x K split):
+    h[m, row, :] = s * g[row] * A_m[e] @ x[row // k]      for the rows whose expert is e
+The rows of one program all use expert e, so A_m[e] is one tl.dot operand and each of its
+tiles is read once per row block (SGMV). Two ways to find the rows, picked by the launcher:
+  masked (T*k <= MASKED_MAX_ROWS, decode): one row block holds every row; the program keeps
+      those with experts == e and skips the K loop when there are none (no A bytes read for
+      unused experts). No metadata launches.
+  sorted (prefill): the launcher sorts the rows by expert and finds each expert's segment
+      (torch.sort + torch.searchsorted: device ops, no host sync); programs past the end of
+      their expert's segment do nothing.
+With SPLIT_K > 1 (decode: few active programs) each program covers a slice of `in` and adds
+its partial result with an fp32 atomic into h (zeroed by the launcher).
+
+Expand (grid: token block, out block, module m):
+    y_m[t, :] = sum_j B_m[e_tj] @ h[m, t*k + j, :]
+The program loads its tokens' expert ids and h rows once, then for each expert e used in
+the block forms H_e[t] = sum_j [e_tj == e] h[m, t*k+j] and accumulates H_e @ B_m[e]^T in
+fp32 (a tl.dot per expert present; absent experts cost a compare). The sum over the k slots
+stays in registers, so y_m is written once, in x's dtype, with no atomics. The cost is
+compute: a dense block runs one dot per expert present (up to N) instead of k; decode is
+bandwidth-bound so it is free there, prefill pays (docs/gather.md).
+
+Pointer tables (int64 [M, 3]: A_m, B_m, out_m) are built once per adapter set by the
+launcher (`GatherPlan`), cached by the caller on data_ptrs, and read in the kernels. The
+outputs are new tensors on every call, so their addresses are passed as scalar arguments
+(up to MAX_MODULES_PER_LAUNCH per expand launch; more modules take more launches).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+MAX_MODULES_PER_LAUNCH = 8
+# Rows (T*k) up to which the shrink uses the masked form (one row block, no sort).
+MASKED_MAX_ROWS = 64
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, desc_ptr, experts_ptr, gates_ptr, rows_ptr, seg_ptr, h_ptr,
+    n_rows, n_in, scaling,
+    K_SEL: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
+    SORTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    elem = x_ptr.dtype.element_ty
+    rb = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    m = pid_z // SPLIT_K
+    sk = pid_z % SPLIT_K
+
+    if SORTED:
+        start = tl.load(seg_ptr + e)
+        end = tl.load(seg_ptr + e + 1)
+        pos = start + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = pos < end
+        rows = tl.load(rows_ptr + pos, mask=valid, other=0).to(tl.int64)
+        n_valid = end - start - rb * BLOCK_M
+    else:
+        rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        ids = tl.load(experts_ptr + rows, mask=rows < n_rows, other=-1)
+        valid = ids == e
+        n_valid = tl.sum(valid.to(tl.int32))
+
+    if n_valid > 0:
+        a_ptr = tl.load(desc_ptr + m * 3).to(tl.pointer_type(elem))
+        if ALIGNED:
+            # Table-loaded pointers carry no alignment: without the hint Triton does not
+            # vectorise (SGMM on H200: 24% -> 50% of copy bandwidth, DESIGN.md section 5).
+            a_ptr = tl.multiple_of(a_ptr, 16)
+            n_in = tl.multiple_of(n_in, 8)
+        a_ptr += e.to(tl.int64) * R * n_in  # A_m[e]: [R, in]
+        tok = rows // K_SEL
+        offs_r = tl.arange(0, R_P2)
+        mask_r = offs_r < R
+        offs_k = tl.arange(0, BLOCK_K)
+        k_blocks = tl.cdiv(n_in, BLOCK_K)
+        per_split = tl.cdiv(k_blocks, SPLIT_K) * BLOCK_K
+        k_lo = sk * per_split
+        k_hi = tl.minimum(k_lo + per_split, n_in)
+        acc = tl.zeros((BLOCK_M, R_P2), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < k_hi
+            xt = tl.load(x_ptr + tok[:, None] * n_in + kk[None, :],
+                         mask=valid[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_ptr + offs_r[None, :] * n_in + kk[:, None],
+                         mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, R]
+            if IEEE:
+                acc = tl.dot(xt, at, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, at, acc)
+        g = tl.load(gates_ptr + rows, mask=valid, other=0.0)
+        acc = acc * (g * scaling)[:, None]
+        h_ptrs = h_ptr + (m * n_rows + rows)[:, None] * R + offs_r[None, :]
+        h_mask = valid[:, None] & mask_r[None, :]
+        if ATOMIC:
+            tl.atomic_add(h_ptrs, acc, mask=h_mask)
+        else:
+            tl.store(h_ptrs, acc, mask=h_mask)
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr, desc_ptr, experts_ptr, dtype_ref,
+    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
+    n_tokens, n_rows, n_experts, m_first,
+    K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    elem = dtype_ref.dtype.element_ty
+    tb = tl.program_id(0)
+    ob = tl.program_id(1)
+    ml = tl.program_id(2)  # module within this launch
+    m = m_first + ml
+    n_out = tl.load(desc_ptr + m * 3 + 2)
+    if ob * BLOCK_O < n_out:
+        b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
+        y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
+            ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
+                ml == 6, y6, y7)))))))
+        y_ptr = y_addr.to(tl.pointer_type(elem))
+        if ALIGNED:
+            b_ptr = tl.multiple_of(b_ptr, 16)
+            y_ptr = tl.multiple_of(y_ptr, 16)
+            n_out = tl.multiple_of(n_out, 8)
+        toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = toks < n_tokens
+        offs_j = tl.arange(0, K_P2)
+        offs_r = tl.arange(0, R_P2)
+        mask_r = offs_r < R
+        rows = toks.to(tl.int64)[:, None] * K_SEL + offs_j[None, :]  # [BLOCK_T, K_P2]
+        mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
+        ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
+        h3 = tl.load(h_ptr + (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :],
+                     mask=mask_tj[:, :, None] & mask_r[None, None, :], other=0.0)
+        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < n_out
+        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+        for e in range(0, n_experts):
+            sel = ids == e
+            if tl.sum(sel.to(tl.int32)) > 0:
+                he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)  # [BLOCK_T, R]
+                # n_out is int64 (from the table), so the expert offset cannot overflow.
+                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R
+                             + offs_r[None, :],
+                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
+                if IEEE:
+                    acc = tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
+                else:
+                    # h rounded to x's dtype for the tensor cores (vLLM's expand does the
+                    # same); products and the sum stay fp32.
+                    acc = tl.dot(he.to(elem), tl.trans(bt), acc)
+        y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * n_out + offs_o[None, :]
+        tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
+
+
+# Configuration. NOT MEASURED YET (no GPU time in the session that wrote this): starting
+# points from vLLM's shrink/expand defaults; benchmarks/bench_gather.py --sweep picks them
+# on the H200 and the chosen values belong here with their measured reason.
+SHRINK_BLOCK_K = 64  # interpreter / fp32: 32 keeps odd `in` covered by several K blocks
+SORTED_BLOCK_M = 64
+EXPAND_BLOCK_O = 64
+TARGET_PROGRAMS_PER_SM = 2
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+class GatherPlan:
+    """Device pointer table for one adapter set (lora_A/lora_B of the M modules)."""
+
+    def __init__(self, lora_A: list[Tensor], lora_B: list[Tensor]):
+        dev = lora_A[0].device
+        self.device = dev
+        self.dtype = lora_A[0].dtype
+        self.n_experts, self.r, self.n_in = (int(s) for s in lora_A[0].shape)
+        self.outs = [int(b.shape[1]) for b in lora_B]
+        rows = [[a.data_ptr(), b.data_ptr(), o] for a, b, o in zip(lora_A, lora_B, self.outs)]
+        # Built once per adapter set: the only host-to-device copy this plan makes.
+        self.desc = torch.tensor(rows, dtype=torch.int64).to(dev)
+        self.expert_ids = torch.arange(self.n_experts + 1, device=dev)
+        self.aligned = (
+            all(p % 16 == 0 for row in rows for p in row[:2])
+            and self.n_in % 8 == 0 and self.r % 8 == 0 and all(o % 8 == 0 for o in self.outs)
+        )
+        self.dtype_ref = torch.empty(1, dtype=self.dtype, device=dev)
+        self.ieee = self.dtype == torch.float32
+        self.r_p2 = _pow2_at_least(self.r, 16)
+        if dev.type == "cuda":
+            self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        else:
+            self.sms = 2  # interpreter: a few programs exercise the split-K path
+
+    def config(self, n_tokens: int, k: int, overrides: dict | None = None) -> dict:
+        """Block sizes and K split for this call's shape (a pure function of the shape)."""
+        n_rows = n_tokens * k
+        m = len(self.outs)
+        block_k = SHRINK_BLOCK_K
+        if n_rows <= MASKED_MAX_ROWS:
+            sorted_, block_m = False, _pow2_at_least(n_rows, 16)
+            active = min(self.n_experts, n_rows) * m
+        else:
+            sorted_, block_m = True, SORTED_BLOCK_M
+            active = (triton.cdiv(n_rows, block_m) + self.n_experts) * m
+        k_blocks = triton.cdiv(self.n_in, block_k)
+        split = 1
+        target = TARGET_PROGRAMS_PER_SM * self.sms
+        while split * 2 * active <= target and split * 2 <= k_blocks // 2:
+            split *= 2
+        # Expand: token block up to 32 rows of h (h block in registers: 32 x k x r fp32).
+        block_t = _pow2_at_least(min(n_tokens, 32), 16)
+        cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
+                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O)
+        cfg.update(overrides or {})
+        return cfg
+
+    def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
+            config: dict | None = None) -> list[Tensor]:
+        n_tokens, k = experts.shape
+        n_rows = n_tokens * k
+        m_total = len(self.outs)
+        outs = [torch.empty(n_tokens, o, dtype=x.dtype, device=x.device) for o in self.outs]
+        if n_tokens == 0:
+            return outs
+        cfg = self.config(n_tokens, k, config)
+        x = x.contiguous()
+        ids = experts.contiguous()
+        g = gates.to(torch.float32).contiguous()
+        aligned = self.aligned and x.data_ptr() % 16 == 0
+        atomic = cfg["SPLIT_K"] > 1
+        alloc = torch.zeros if atomic else torch.empty
+        h = alloc(m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
+
+        if cfg["SORTED"]:
+            sorted_ids, rows = torch.sort(ids.view(-1), stable=True)
+            seg = torch.searchsorted(sorted_ids, self.expert_ids)  # [N+1] segment starts
+            row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+        else:
+            rows, seg = ids, ids  # unused in the masked form
+            row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+        _shrink_kernel[(row_blocks, self.n_experts, m_total * cfg["SPLIT_K"])](
+            x, self.desc, ids, g, rows, seg, h, n_rows, self.n_in, float(scaling),
+            K_SEL=k, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], SORTED=cfg["SORTED"],
+            ATOMIC=atomic, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], ALIGNED=aligned,
+            IEEE=self.ieee,
+        )
+        max_out = max(self.outs)
+        for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
+            chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
+            addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+            grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]),
+                    len(chunk))
+            _expand_kernel[grid](
+                h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m0,
+                K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2,
+                BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned,
+                IEEE=self.ieee,
+            )
+        return outs
