@@ -1,0 +1,275 @@
+"""gather_lora on the CPU: reference and Triton kernels (interpreter) vs a float64 per-token
+oracle, the fake implementation, the op under torch.compile, validation, and an
+ahead-of-time compile of the kernels for sm_90 (catches what the interpreter does not).
+
+Triton runs in its interpreter: fp32 and fp16 only (bf16 tl.dot is wrong there; the GPU file
+tests bf16).
+"""
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (or reloaded)
+
+from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
+from adafuse_compile.cutlass_kernels.gather_lora import (  # noqa: E402
+    gather_lora, make_gather_problem, oracle_gather_lora, reference_gather_lora, token_errors,
+)
+
+OUTS = [64, 32, 48]  # q,k,v-like group with three different widths
+IN = 40  # odd: not a multiple of the K block
+# Worst per-token relative error allowed, about 4x the worst measured over this file's cases
+# (fp32 3e-7; fp16 reference 3e-4, Triton 4.6e-4; bf16 reference 2.5e-3): the output's one
+# rounding. A wrong expert, a dropped slot or a wrong gate is O(1e-1) or more.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _problem(T, k, dtype, outs=OUTS, n_in=IN, n_experts=5, rank=16):
+    return make_gather_problem(T, n_in, outs, k=k, n_experts=n_experts, rank=rank, dtype=dtype)
+
+
+def _check(got, p, dtype, what):
+    expected = oracle_gather_lora(**p)
+    assert len(got) == len(expected)
+    for m, (y, exp) in enumerate(zip(got, expected)):
+        assert y.shape == exp.shape and y.dtype == p["x"].dtype, f"{what} module {m}"
+        assert torch.isfinite(y).all(), f"{what} module {m}: non-finite output"
+        err = token_errors(y, exp)
+        worst = int(err.argmax())
+        assert err[worst] < TOL[dtype], (
+            f"{what} module {m} out={exp.shape[1]}: token {worst} rel. error {err[worst]:.2e}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Reference
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [1, 4, 17, 64])
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_reference_matches_oracle(dtype, k, T, M):
+    p = _problem(T, k, dtype, outs=OUTS[:M])
+    _check(reference_gather_lora(**p), p, dtype, "reference")
+
+
+def test_reference_repeated_expert_in_one_token():
+    """Two slots of a token naming the same expert add up (no dedup by accident)."""
+    p = _problem(3, 2, torch.float32)
+    p["experts"][1] = torch.tensor([2, 2])
+    _check(reference_gather_lora(**p), p, torch.float32, "reference")
+
+
+def test_auto_on_cpu_is_reference():
+    p = _problem(5, 2, torch.float32)
+    got = gather_lora(**p)  # impl="auto"
+    for y, r in zip(got, reference_gather_lora(**p)):
+        assert torch.equal(y, r)
+
+
+def test_oracle_is_not_trivial():
+    """The oracle itself: one token, one expert, by hand."""
+    x = torch.tensor([[1.0, 2.0]])
+    a = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # N=2, r=1, in=2
+    b = torch.tensor([[[3.0]], [[5.0]]])  # out=1
+    y = oracle_gather_lora(x, [a], [b], torch.tensor([[1, 0]]), torch.tensor([[0.25, 0.75]]),
+                           2.0)[0]
+    assert y.item() == pytest.approx(2.0 * (0.25 * 5 * 2 + 0.75 * 3 * 1))
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels in the interpreter
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton_gather():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter tests; the GPU runs tests/test_gather_lora_gpu.py")
+    mod = sys.modules.get("adafuse_compile.cutlass_kernels.triton_gather")
+    if mod is not None:  # imported earlier in this process without the interpreter
+        mod = importlib.reload(mod)
+    else:
+        mod = importlib.import_module("adafuse_compile.cutlass_kernels.triton_gather")
+    gl.clear_plan_cache()
+    yield mod
+    gl.clear_plan_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [1, 4, 17, 40])  # 17 x 4 and 40 x 2+ rows: sorted shrink
+def test_triton_matches_oracle(triton_gather, dtype, k, T):
+    p = _problem(T, k, dtype)
+    _check(gather_lora(**p, impl="triton"), p, dtype, f"triton T={T} k={k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", [
+    dict(SORTED=False, BLOCK_M=32, BLOCK_K=16, SPLIT_K=2),  # masked, split K (atomics)
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=3),  # several row blocks per expert
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, BLOCK_T=16, BLOCK_O=16),
+])
+def test_triton_config_paths(triton_gather, dtype, cfg):
+    """Every shrink form and the split-K atomics, forced (the default config picks by shape)."""
+    p = _problem(21, 2, dtype, rank=8)  # r=8: padded to 16 lanes, masked
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], config=cfg)
+    _check(got, p, dtype, f"triton {cfg}")
+
+
+def test_triton_many_modules_and_unused_experts(triton_gather):
+    """M = 10 > 8 modules per expand launch; N = 12 experts, most unused; odd outs."""
+    outs = [16, 24, 8, 40, 64, 32, 8, 16, 56, 72]
+    p = make_gather_problem(3, 24, outs, k=2, n_experts=12, rank=16, dtype=torch.float32)
+    _check(gather_lora(**p, impl="triton"), p, torch.float32, "triton M=10")
+
+
+def test_triton_repeated_expert_and_plan_reuse(triton_gather):
+    p = _problem(6, 3, torch.float32)
+    p["experts"][2] = torch.tensor([4, 4, 1])
+    _check(gather_lora(**p, impl="triton"), p, torch.float32, "triton first call")
+    # Same adapter set, new tokens and experts: the cached plan must not hold stale state.
+    q = dict(p, x=torch.randn(9, IN), experts=torch.randint(0, 5, (9, 3)),
+             gates=torch.rand(9, 3, dtype=torch.float64))  # gates in another float dtype
+    n_plans = len(gl._plans)
+    _check(gather_lora(**q, impl="triton"), q, torch.float32, "triton second call")
+    assert len(gl._plans) == n_plans
+
+
+def test_triton_zero_tokens(triton_gather):
+    p = _problem(0, 2, torch.float32)
+    got = gather_lora(**p, impl="triton")
+    assert [tuple(y.shape) for y in got] == [(0, o) for o in OUTS]
+
+
+# ------------------------------------------------------------------------------------------
+# Fake implementation and torch.compile
+# ------------------------------------------------------------------------------------------
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        p = _problem(7, 2, torch.bfloat16)
+        got = torch.ops.adafuse.gather_lora(p["x"], p["lora_A"], p["lora_B"], p["experts"],
+                                            p["gates"], 0.5, "auto")
+        assert [tuple(y.shape) for y in got] == [(7, o) for o in OUTS]
+        assert all(y.dtype == torch.bfloat16 for y in got)
+
+
+def test_opcheck():
+    p = _problem(4, 2, torch.float32)
+    torch.library.opcheck(
+        torch.ops.adafuse.gather_lora.default,
+        (p["x"], p["lora_A"], p["lora_B"], p["experts"], p["gates"], 0.5, "reference"),
+    )
+
+
+def test_inside_torch_compile():
+    p = _problem(5, 2, torch.float32)
+
+    def layer(x, experts, gates):
+        q, k, v = gather_lora(x, p["lora_A"], p["lora_B"], experts, gates, 0.5)
+        return q.sum(1) + k.sum(1) + v.sum(1), q
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = compiled(p["x"], p["experts"], p["gates"])
+    want = layer(p["x"], p["experts"], p["gates"])
+    torch.testing.assert_close(got, want)
+    # another batch size and other experts: recompiles or stays dynamic, still correct
+    p2 = _problem(9, 2, torch.float32)
+    torch.testing.assert_close(compiled(p2["x"], p2["experts"], p2["gates"]),
+                               layer(p2["x"], p2["experts"], p2["gates"]))
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+def _bad(**changes):
+    p = _problem(4, 2, torch.float32)
+    p.update(changes)
+    return p
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: _bad(x=torch.randn(4, 40, 1)), r"x must be 2-D"),
+    (lambda: _bad(x=torch.randn(4, 40).to(torch.float64)), r"x has dtype"),
+    (lambda: _bad(lora_A=[], lora_B=[]), r"lora_A. is empty"),
+    (lambda: _bad(lora_B=[torch.randn(5, 64, 16)]), r"3 lora_A and 1 lora_B"),
+    (lambda: _bad(experts=torch.zeros(3, 2, dtype=torch.int64)), r"experts must be \[T, k\]"),
+    (lambda: _bad(experts=torch.zeros(4, 5, dtype=torch.int64),
+                  gates=torch.rand(4, 5)), r"k in 1..4"),
+    (lambda: _bad(experts=torch.zeros(4, 2, dtype=torch.int32)), r"experts must be int64"),
+    (lambda: _bad(gates=torch.rand(4, 3)), r"gates \(4, 3\) != experts \(4, 2\)"),
+    (lambda: _bad(gates=torch.ones(4, 2, dtype=torch.int64)), r"gates must be floating"),
+    (lambda: _bad(lora_A=[torch.randn(5, 16, 40), torch.randn(5, 16, 41),
+                          torch.randn(5, 16, 40)]), r"lora_A\[1\] is \(5, 16, 41\)"),
+    (lambda: _bad(lora_A=[torch.randn(5, 16, 40), torch.randn(5, 16, 40),
+                          torch.randn(6, 16, 40)]), r"lora_A\[2\] is \(6, 16, 40\)"),
+    (lambda: _bad(lora_B=[torch.randn(5, 64, 16), torch.randn(5, 32, 8),
+                          torch.randn(5, 48, 16)]), r"lora_B\[1\] is \(5, 32, 8\)"),
+    (lambda: _bad(lora_B=[torch.randn(5, 64, 16), torch.randn(5, 32, 16),
+                          torch.randn(5, 48, 16).half()]), r"lora_B\[2\] is torch.float16"),
+    (lambda: _bad(lora_A=[torch.randn(5, 40, 16).transpose(1, 2)] * 3),
+     r"lora_A\[0\] \(5, 16, 40\) must be contiguous"),
+])
+def test_validation_errors(make, match):
+    p = make()
+    with pytest.raises(ValueError, match=match):
+        gather_lora(**p, impl="reference")
+
+
+def test_validation_unknown_impl():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gather_lora(**_problem(2, 1, torch.float32), impl="cutlass")
+
+
+# ------------------------------------------------------------------------------------------
+# The GPU code path, compiled ahead of time for sm_90 on this CPU machine
+# ------------------------------------------------------------------------------------------
+_AOT = textwrap.dedent("""
+    import re, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adafuse_compile.cutlass_kernels import triton_gather as tg
+    target = GPUTarget("cuda", 90, 32)
+    C = "constexpr"
+    for dt, ieee in (("*bf16", False), ("*fp16", False), ("*fp32", True)):
+        for srt in (False, True):
+            sig = dict(x_ptr=dt, desc_ptr="*i64", experts_ptr="*i64", gates_ptr="*fp32",
+                       rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
+                       n_in="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
+                       SORTED=C, ATOMIC=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
+            cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt, ATOMIC=True,
+                       BLOCK_M=64 if srt else 16, BLOCK_K=64, ALIGNED=True, IEEE=ieee)
+            k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
+            assert "cubin" in k.asm
+            assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
+        sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
+                   **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
+                   n_experts="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
+                   BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
+        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
+                   IEEE=ieee)
+        k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
+        assert "cubin" in k.asm
+        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
+        assert ieee or re.search(r"ld\\.global\\.v4", k.asm["ptx"]), "expand: no 16-B loads"
+    print("AOT-OK")
+""")
+
+
+def test_kernels_compile_for_sm90():
+    """triton.compile to PTX and cubin for sm_90 without a GPU (needs Triton's ptxas)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert res.returncode == 0 and "AOT-OK" in res.stdout, res.stderr[-4000:]
