@@ -1,0 +1,131 @@
+"""gather_lora on a CUDA GPU: reference and Triton vs the float64 per-token oracle on
+Llama-2-7B shapes (bf16, fp16), CUDA-graph capture and replay with new tokens, no host
+sync once warm, and a timing print (the benchmark proper is benchmarks/bench_gather.py).
+
+Not yet run: written in a session without GPU time (docs/gather.md).
+"""
+import statistics
+
+import pytest
+import torch
+
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.cutlass_kernels.gather_lora import (
+    gather_lora, make_gather_problem, oracle_gather_lora, token_errors,
+)
+
+pytestmark = pytest.mark.gpu
+
+HIDDEN, FFN, RANK, N_EXPERTS, TOP_K = 4096, 11008, 64, 8, 2
+GROUPS = {"qkv": [HIDDEN] * 3, "gate_up": [FFN] * 2}
+# Per-token relative error: one rounding of the output plus, in the Triton expand, one of h
+# to the input dtype for the tensor cores (about 2^-9 each in bf16, 2^-12 in fp16).
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _problem(T, group, dtype, k=TOP_K):
+    return make_gather_problem(T, HIDDEN, GROUPS[group], n_experts=N_EXPERTS, rank=RANK, k=k,
+                               dtype=dtype, device="cuda")
+
+
+def _check(got, p, dtype, what):
+    expected = oracle_gather_lora(**p)
+    for m, (y, exp) in enumerate(zip(got, expected)):
+        assert y.shape == exp.shape and y.dtype == dtype, what
+        assert torch.isfinite(y).all(), f"{what} module {m}: non-finite"
+        err = token_errors(y, exp)
+        worst = int(err.argmax())
+        assert err[worst] < TOL[dtype], (
+            f"{what} module {m}: token {worst} rel. error {err[worst]:.2e}"
+        )
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("T", [1, 8, 32, 512])
+def test_matches_oracle(impl, dtype, group, T):
+    p = _problem(T, group, dtype)
+    got = gather_lora(**p, impl=impl)
+    torch.cuda.synchronize()
+    _check(got, p, dtype, f"{impl} {group} T={T}")
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_triton_other_k_and_odd_shapes(k):
+    p = make_gather_problem(37, 1000, [96, 200, 4104], n_experts=5, rank=24, k=k,
+                            dtype=torch.bfloat16, device="cuda")  # unaligned: no hints
+    _check(gather_lora(**p, impl="triton"), p, torch.bfloat16, f"odd k={k}")
+
+
+def test_auto_is_triton_on_cuda():
+    p = _problem(4, "qkv", torch.bfloat16)
+    a = gather_lora(**p, impl="auto")
+    t = gather_lora(**p, impl="triton")
+    for x, y in zip(a, t):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("T", [8, 512])
+def test_cuda_graph_replay_with_new_tokens(T):
+    p = _problem(T, "qkv", torch.bfloat16)
+    x, experts, gates = p["x"], p["experts"], p["gates"]
+    out = {}
+
+    def step():
+        out["y"] = gather_lora(x, p["lora_A"], p["lora_B"], experts, gates, p["scaling"],
+                               impl="triton")
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up: plan built, kernels compiled
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    q = _problem(T, "qkv", torch.bfloat16)
+    x.copy_(q["x"])
+    experts.copy_(q["experts"])
+    gates.copy_(q["gates"])
+    g.replay()
+    torch.cuda.synchronize()
+    _check(out["y"], dict(p, x=x, experts=experts, gates=gates), torch.bfloat16, "graph")
+
+
+@pytest.mark.parametrize("T", [8, 512])
+def test_no_host_sync_once_warm(T):
+    p = _problem(T, "gate_up", torch.bfloat16)
+    gather_lora(**p, impl="triton")  # warm-up: builds the plan (one host-to-device copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gather_lora(**p, impl="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_timing_print():
+    """Not an assertion: median ms per call (CUDA events, eager), for the log."""
+    rows = []
+    for group in GROUPS:
+        for T in (1, 8, 32, 512):
+            p = _problem(T, group, torch.bfloat16)
+            for impl in ("reference", "triton"):
+                fn = lambda: gather_lora(**p, impl=impl)  # noqa: E731
+                for _ in range(3):
+                    fn()
+                times = []
+                for _ in range(20):
+                    a = torch.cuda.Event(enable_timing=True)
+                    b = torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    b.synchronize()
+                    times.append(a.elapsed_time(b))
+                rows.append((group, T, impl, statistics.median(times)))
+    print()
+    for group, T, impl, ms in rows:
+        print(f"gather_lora {group:8s} T={T:4d} {impl:9s} {ms:8.3f} ms")
+    gl.clear_plan_cache()
