@@ -165,7 +165,8 @@ def main(argv=None):
     results["wall_s"] = time.time() - t0
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'group':8} {'T':>4} {'impl':9} {'variant':28} {'ms/call':>8} {'%copy':>6} {'err':>8}")
+    print(f"\n{'group':8} {'T':>4} {'impl':9} {'variant':28} {'ms/call':>8} "
+          f"{'%copy':>6} {'err':>8}")
     for e in results["entries"]:
         if "ms_per_call" in e:
             print(f"{e['group']:8} {e['tokens']:4d} {e['impl']:9} {str(e['variant']):28} "
