@@ -1,0 +1,860 @@
+"""`adafuse bench`: end-to-end decode latency and memory of LoRA-MoE variants, the paper's protocol.
+
+Protocol (paper, runtime section; DESIGN.md section 7): P prompts (default 50) served one by one
+at batch 1, N new tokens each (default 200), greedy. Prompts are synthetic token ids with lengths
+drawn from `prompt_lengths` (log-normal, see there). Per prompt the prefill and the decode are
+timed separately (CUDA events on the GPU, perf_counter on the CPU); decode ms/token =
+(time of steps 2..N) / (N - 1), so the prefill never enters it. Each method runs on a fresh model
+built from the same seed, after a warm-up on two prompts of other lengths (compilation, CUDA-graph
+recording), with the peak-memory counter reset before the model is built.
+
+Two decode loops, `loop`:
+- "hf": Hugging Face `generate()` (what users run) on LlamaForCausalLM / MistralForCausalLM built
+  from the preset's config, static cache sized once for the longest prompt (no reallocation, no
+  recompilation between prompts), `disable_compile=True` so that generate() never compiles on its
+  own (on CUDA with a static cache it otherwise wraps the forward in its own torch.compile):
+  every compiled method is compiled by us, with `model.compile(...)`. Decode steps are timed by
+  a logits processor that records an event after each forward (no host sync added).
+- "own": the package's TinyLlama (gpt-fast style, static KV cache) with the same shape, and a
+  plain greedy loop over `model(tokens, input_pos)`.
+
+Methods (`METHODS`, in table order): the backbone eager and compiled "the same way" as adafuse
+(the adafuse backend on a model without adapters: Inductor, CUDA graphs on the GPU; this is the
+reference every ratio divides by), layer-wise routed MoE-LoRA (MoLA style) eager and under
+torch.compile, the pre-gated model eager and under torch.compile (default Inductor), the paper's
+simple merge (`baselines.SimpleMerge`), and the adafuse backend: merge with each SGMM
+implementation, and factor / gather / auto where `settings.AVAILABLE_PATHS` has them. A path
+or kernel that cannot run here gets status "unavailable" with the reason; a method that raises
+gets status "failed" with the error; neither stops the run.
+
+JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where not measurable):
+
+    {
+      "schema": "adafuse-bench/1",
+      "env": {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform",
+              "adafuse_compile", "cpu_threads", "git_commit", "available_paths", "date"},
+      "config": {"preset", "hf_config_path", "family", "model": {HF config fields used},
+                 "dtype", "device", "targets", "target_modules", "adapters": {"num_experts", "rank",
+                 "top_k", "alpha", "b_std", "weight_std"}, "prompts", "new_tokens", "loops",
+                 "codegen", "cudagraphs", "seed", "max_cache_len",
+                 "prompt_distribution": {"kind", "median", "sigma", "min", "max", "seed"}},
+      "prompt_lengths": [int, ...],                     # one per prompt, in serving order
+      "analytics": {"backbone_params", "backbone_linear_flops_per_token",
+                    "backbone_attention_flops_per_token", "backbone_flops_per_token",
+                    "mean_context", "kinds": {kind: {"params", "param_overhead_pct",
+                    "flops_per_token", "flop_overhead_pct", "note"}}},
+      "results": [                                      # one per (loop, method)
+        {"loop": "hf"|"own", "method": str, "label": str, "kind": str,
+         "status": "ok"|"failed"|"unavailable", "reason": str|null,   # why failed / unavailable
+         "traceback": str|null,                         # the tail of the traceback of a failed method
+         "compile": {...how it was compiled...},
+         "decode_ms_per_token": [float per prompt]|null, "prefill_ms": [float per prompt]|null,
+         "warmup_s": float|null, "peak_memory_bytes": int|null,
+         "tokens_sha1": [str per prompt]|null, "reference_method": str|null,
+         "tokens_match_reference": float|null,          # fraction of prompts with identical tokens
+         "adafuse_paths": [str]|null,                   # what the backend did per graph (merge/gather/None)
+         "summary": {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median",
+                     "tokens_per_s", "x_backbone", "overhead_pct", "memory_overhead_pct",
+                     "param_overhead_pct", "flop_overhead_pct"}|null}
+      ],
+      "wall_s": float
+    }
+
+Ratios (`x_backbone`, `overhead_pct`, `memory_overhead_pct`) divide by the method "backbone" of
+the same loop. Python: `run_bench(BenchConfig(...))` returns this dict; `write_outputs(result, path)`
+writes it with the Markdown table (paper Table 5 layout) and the PNG plot next to it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import hashlib
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import settings as af_settings
+from .baselines import MoLALinear, SimpleMerge, inject_layerwise
+from .config import LLAMA_LINEARS, AdaFuseConfig
+from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
+from .modeling.inject import gate_channel, is_injected
+
+SCHEMA = "adafuse-bench/1"
+TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
+LOOPS = ("hf", "own")
+
+# Prompt lengths: log-normal, median 96 tokens, sigma 1.0 (natural log), clipped to [4, 1024].
+# Why: ShareGPT first user turns are short with a heavy tail; published statistics of the
+# ShareGPT sets used by serving benchmarks (vLLM's benchmark_serving, the Orca/vLLM papers) put
+# the median prompt near 100 tokens and the mean between about 160 and 230, with a tail past
+# 1,000. A log-normal with median 96 and sigma 1.0 has mean 158 and p90 345 before clipping.
+# These parameters are chosen to resemble those figures, not fit to the dataset (no download).
+PROMPT_MEDIAN, PROMPT_SIGMA, PROMPT_MIN, PROMPT_MAX = 96, 1.0, 4, 1024
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shape (Hugging Face config fields), its adapters, and the protocol defaults."""
+
+    family: str  # llama | mistral (Hugging Face class family)
+    model: dict
+    dtype: str
+    device: str
+    prompts: int
+    new_tokens: int
+    max_prompt_len: int = PROMPT_MAX
+    num_experts: int = 8
+    rank: int = 64
+    top_k: int = 2
+    weight_std: float = 0.02
+    b_std: float = 0.002
+
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 rope_theta=10000.0, rms_norm_eps=1e-5)
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                  rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)  # Mistral-7B v0.2+: no sliding window
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5)
+
+PRESETS = {
+    "llama2-7b": Preset("llama", LLAMA2_7B, "bfloat16", "cuda", prompts=50, new_tokens=200),
+    "mistral-7b": Preset("mistral", MISTRAL_7B, "bfloat16", "cuda", prompts=50, new_tokens=200),
+    # CPU smoke preset: the whole method list through both loops in well under two minutes.
+    # fp32, so adafuse's tokens can be compared with the pre-gated eager model's exactly.
+    # 4 experts (not 8): the layer-wise peer's torch.compile (one data-dependent branch per expert and
+    # linear) is most of the preset's time; 4 keeps top-2 routing meaningful at half the compile.
+    "tiny": Preset("llama", TINY, "float32", "cpu", prompts=3, new_tokens=8, max_prompt_len=48, num_experts=4,
+                   rank=16, b_std=0.02),
+}
+FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tiny"
+    hf_config: str | None = None  # path to a user's HF config.json (replaces the preset's shape)
+    targets: str = "qv"  # qv | all
+    loop: str = "both"  # hf | own | both
+    prompts: int | None = None  # None: the preset's
+    new_tokens: int | None = None
+    methods: tuple[str, ...] | None = None  # None: all; else names from METHODS
+    device: str | None = None  # None: the preset's (cuda presets fall back to nothing: they need a GPU)
+    dtype: str | None = None
+    codegen: str | None = None  # inductor | eager for compiled methods; None: inductor
+    seed: int = 0
+    # CPU intra-op threads. None: 1 on the CPU (on a shared 2-core machine, 2 OpenMP threads made
+    # whole methods 20x to 80x slower whenever another process held a core), torch's default on the GPU.
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets={self.targets!r} is not one of {sorted(TARGETS)}")
+        if self.loop not in (*LOOPS, "both"):
+            raise ValueError(f"loop={self.loop!r} is not one of hf, own, both")
+        if self.codegen not in (None, "inductor", "eager"):
+            raise ValueError(f"codegen={self.codegen!r} is not one of inductor, eager")
+        for name, v in (("prompts", self.prompts), ("new_tokens", self.new_tokens)):
+            if v is not None and v < (1 if name == "prompts" else 2):
+                raise ValueError(f"{name} must be >= {1 if name == 'prompts' else 2}, got {v}")
+        if self.methods is not None:
+            unknown = sorted(set(self.methods) - {m.name for m in METHODS})
+            if unknown:
+                raise ValueError(f"unknown methods {unknown}; valid: {[m.name for m in METHODS]}")
+
+
+# Prompts ---------------------------------------------------------------------------------------
+
+def prompt_lengths(n: int, seed: int = 0, max_len: int = PROMPT_MAX) -> list[int]:
+    """n prompt lengths, log-normal (median PROMPT_MEDIAN, sigma PROMPT_SIGMA), clipped to [4, max_len]."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    raw = torch.exp(math.log(PROMPT_MEDIAN) + PROMPT_SIGMA * z)
+    hi = min(PROMPT_MAX, max_len)
+    return [int(v) for v in raw.round().clamp(PROMPT_MIN, hi).tolist()]
+
+
+def make_prompts(lengths: list[int], vocab: int, seed: int, device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    lo = min(3, vocab - 1)  # keep clear of the usual special ids 0..2
+    return [torch.randint(lo, vocab, (1, n), generator=gen).to(device) for n in lengths]
+
+
+# Models ----------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Spec:
+    """Everything resolved from the config: shape, dtype, device, adapters, protocol."""
+
+    preset: str
+    family: str
+    model: dict
+    dtype: torch.dtype
+    device: torch.device
+    prompts: int
+    new_tokens: int
+    max_prompt_len: int
+    adapters: AdaFuseConfig
+    weight_std: float
+    b_std: float
+    codegen: str
+    cudagraphs: bool
+    seed: int
+    hf_config_path: str | None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve(cfg: BenchConfig) -> Spec:
+    preset = PRESETS[cfg.preset]
+    family, model = preset.family, dict(preset.model)
+    if cfg.hf_config:
+        d = json.loads(Path(cfg.hf_config).read_text())
+        family = d.get("model_type", "llama")
+        if family not in FAMILY_CLASSES:
+            raise ValueError(f"{cfg.hf_config}: model_type={family!r} is not supported; supported: {sorted(FAMILY_CLASSES)}")
+        keep = ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "model_type")
+        model = {k: v for k, v in d.items() if k not in keep}
+    device = torch.device(cfg.device or preset.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"preset {cfg.preset!r} runs on CUDA and no CUDA device is available; "
+                           f"use --preset tiny or --device cpu")
+    dtype = _DTYPES[cfg.dtype or preset.dtype]
+    adapters = AdaFuseConfig(num_experts=preset.num_experts, rank=preset.rank, top_k=preset.top_k,
+                             target_modules=TARGETS[cfg.targets], init_lora_b="normal")
+    return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
+                cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
+                preset.b_std, cfg.codegen or "inductor", device.type == "cuda", cfg.seed, cfg.hf_config)
+
+
+@torch.no_grad()
+def _init_weights(model: nn.Module, std: float, seed: int) -> None:
+    """Random backbone weights N(0, std), norms left at one; seeded on the model's device (fast at 7B)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:  # matrices, and biases (Qwen2's q/k/v)
+            p.normal_(0.0, std, generator=gen)
+
+
+@torch.no_grad()
+def _init_adapters(model: nn.Module, spec: Spec) -> None:
+    """Expert A like LoRA (kaiming, from inject), B ~ N(0, b_std), router N(0, 0.02); seeded."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(spec.seed + 7)
+    for m in model.modules():
+        if isinstance(m, MoLALinear):
+            for b in m.lora_B:
+                b.weight.normal_(0.0, spec.b_std, generator=gen)
+    for lin in adapted_linears(model).values() if is_injected(model) else ():
+        lin.lora_B.normal_(0.0, spec.b_std, generator=gen)
+
+
+def own_config(spec: Spec, max_seq_len: int) -> TinyLlamaConfig:
+    m = spec.model
+    heads = m["num_attention_heads"]
+    head_dim = m.get("head_dim") or m["hidden_size"] // heads
+    if head_dim * heads != m["hidden_size"]:
+        raise ValueError(f"head_dim={head_dim} x heads={heads} != hidden_size={m['hidden_size']}: "
+                         f"the package's TinyLlama needs hidden = heads x head_dim")
+    if spec.family == "qwen2":
+        raise ValueError("the package's TinyLlama has no q/k/v bias (Qwen2); use --loop hf")
+    return TinyLlamaConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+                           intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_hidden_layers"],
+                           num_attention_heads=heads, num_key_value_heads=m.get("num_key_value_heads") or heads,
+                           max_seq_len=max_seq_len, rope_theta=float(m.get("rope_theta", 10000.0)),
+                           rms_norm_eps=float(m.get("rms_norm_eps", 1e-5)))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(spec: Spec, loop: str, max_cache_len: int) -> nn.Module:
+    """A fresh backbone (same seed, so the same weights, for every method of a loop)."""
+    torch.manual_seed(spec.seed)
+    if loop == "hf":
+        import transformers
+
+        cfg_cls, model_cls = FAMILY_CLASSES[spec.family]
+        cfg = getattr(transformers, cfg_cls)(**spec.model)
+        with torch.device(spec.device), _default_dtype(spec.dtype):
+            model = getattr(transformers, model_cls)(cfg)
+        model = model.to(spec.dtype)
+        gc_ = model.generation_config
+        gc_.cache_implementation = "static"
+        gc_.max_cache_len = max_cache_len
+        gc_.disable_compile = True  # compiled methods are compiled by us, the others stay eager
+        gc_.pad_token_id = 0
+        gc_.eos_token_id = None
+        gc_.do_sample = False
+    else:
+        with torch.device(spec.device), _default_dtype(spec.dtype):
+            model = TinyLlama(own_config(spec, max_cache_len))
+        model = model.to(spec.dtype)
+    _init_weights(model, spec.weight_std, spec.seed)
+    return model.eval()
+
+
+# Methods ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    kind: str  # backbone | layerwise | pregated | simple_merge | adafuse_merge | adafuse_unmerged
+    adapters: str  # none | layerwise | pregated
+    compiler: str | None = None  # None (eager) | "inductor" (plain torch.compile) | "adafuse"
+    options: dict = field(default_factory=dict)  # adafuse backend options
+    path: str | None = None  # adafuse path this method needs (checked against AVAILABLE_PATHS)
+    gpu_only: bool = False
+    reference: str | None = None  # method whose tokens this one should reproduce
+
+
+METHODS: list[Method] = [
+    Method("backbone_eager", "backbone, eager", "backbone", "none", reference=None),
+    Method("backbone", "backbone, compiled (reference)", "backbone", "none", "adafuse", reference="backbone_eager"),
+    Method("mola_eager", "layer-wise MoE-LoRA (MoLA style), eager", "layerwise", "layerwise"),
+    Method("mola_compiled", "layer-wise MoE-LoRA, torch.compile", "layerwise", "layerwise", "inductor",
+           reference="mola_eager"),
+    Method("pregated_eager", "pre-gated LoRA-MoE, eager", "pregated", "pregated"),
+    Method("pregated_inductor", "pre-gated LoRA-MoE, torch.compile (Inductor)", "pregated", "pregated", "inductor",
+           reference="pregated_eager"),
+    Method("simple_merge", "simple merge (paper Table 6)", "simple_merge", "pregated", reference="pregated_eager"),
+    Method("adafuse_merge_reference", "adafuse merge, SGMM reference", "adafuse_merge", "pregated", "adafuse",
+           {"path": "merge", "sgmm_impl": "reference"}, path="merge", reference="pregated_eager"),
+    Method("adafuse_merge_triton", "adafuse merge, SGMM Triton", "adafuse_merge", "pregated", "adafuse",
+           {"path": "merge", "sgmm_impl": "triton"}, path="merge", gpu_only=True, reference="pregated_eager"),
+    Method("adafuse_merge_cutlass", "adafuse merge, SGMM CUTLASS", "adafuse_merge", "pregated", "adafuse",
+           {"path": "merge", "sgmm_impl": "cutlass"}, path="merge", gpu_only=True, reference="pregated_eager"),
+    Method("adafuse_factor", "adafuse factor", "adafuse_unmerged", "pregated", "adafuse", {"path": "factor"},
+           path="factor", reference="pregated_eager"),
+    Method("adafuse_gather", "adafuse gather", "adafuse_unmerged", "pregated", "adafuse", {"path": "gather"},
+           path="gather", reference="pregated_eager"),
+    Method("adafuse_auto", "adafuse auto", "adafuse_merge", "pregated", "adafuse", {"path": "auto"},
+           path="auto", reference="pregated_eager"),
+]
+METHOD_BY_NAME = {m.name: m for m in METHODS}
+
+
+def unavailable_reason(method: Method, spec: Spec) -> str | None:
+    """Why this method cannot run here (None: it can), asked of the package at run time."""
+    if method.path is not None and method.path not in af_settings.AVAILABLE_PATHS:
+        return (f"path {method.path!r} is not available in this build of adafuse_compile "
+                f"(settings.AVAILABLE_PATHS = {list(af_settings.AVAILABLE_PATHS)})")
+    if method.gpu_only and not spec.on_gpu:
+        return f"sgmm_impl {method.options.get('sgmm_impl')!r} needs a CUDA device; this run is on {spec.device.type}"
+    return None
+
+
+def _adapt(model: nn.Module, method: Method, spec: Spec) -> nn.Module:
+    torch.manual_seed(spec.seed + 3)
+    if method.adapters == "pregated":
+        inject(model, spec.adapters)
+    elif method.adapters == "layerwise":
+        inject_layerwise(model, spec.adapters)
+    if method.adapters != "none":
+        _init_adapters(model, spec)
+    return model
+
+
+def _compile(model: nn.Module, method: Method, spec: Spec, loop: str) -> tuple[Callable, dict]:
+    """The step callable for the own loop (or the model, compiled in place, for generate())."""
+    if method.compiler is None:
+        return model, {"compiler": "eager"}
+    if method.compiler == "inductor":
+        backend = "inductor" if spec.codegen == "inductor" else "eager"
+        info = {"compiler": f"torch.compile(backend={backend!r}) default mode"}
+        kw = {"backend": backend}
+    else:
+        options = {"codegen": spec.codegen, "cudagraphs": spec.cudagraphs, **method.options}
+        info = {"compiler": "torch.compile(backend='adafuse')", "options": options}
+        kw = {"backend": "adafuse", "options": options}
+    if loop == "hf":
+        model.compile(**kw)  # in place: generate() calls the compiled forward
+        return model, info
+    return torch.compile(model, **kw), info
+
+
+# Timing ----------------------------------------------------------------------------------------
+
+class _Clock:
+    """Marks on the device timeline: CUDA events on the GPU (no sync), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def elapsed_ms(self, i: int, j: int) -> float:
+        if self.cuda:
+            return self.marks[i].elapsed_time(self.marks[j])
+        return (self.marks[j] - self.marks[i]) * 1000.0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _own_generate(step, model: nn.Module, prompt: torch.Tensor, n: int, positions: list, clock: _Clock) -> torch.Tensor:
+    """Prefill, then n - 1 decode steps; marks: start, after prefill (first token), after the last step."""
+    t = prompt.shape[1]
+    if t > 1:  # one prefill graph for every prompt length (the decode step stays static)
+        torch._dynamo.maybe_mark_dynamic(prompt, 1)
+    clock.mark()
+    nxt = step(prompt, torch.arange(t, device=prompt.device))[:, -1:].argmax(-1)
+    clock.mark()
+    out = [nxt]
+    for i in range(n - 1):
+        nxt = step(nxt, positions[t + i])[:, -1:].argmax(-1)
+        out.append(nxt)
+    clock.mark()
+    return torch.cat(out, 1)
+
+
+class _StepMarks:
+    """A logits processor for generate(): marks the clock after each forward, changes nothing."""
+
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+
+    def __call__(self, input_ids, scores):
+        self.clock.mark()
+        return scores
+
+
+def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock) -> torch.Tensor:
+    from transformers import LogitsProcessorList
+
+    clock.mark()
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         logits_processor=LogitsProcessorList([_StepMarks(clock)]))
+    # marks: start, after forward 1 (prefill), ..., after forward n
+    return out[:, prompt.shape[1]:]
+
+
+def _restore_weights(model: nn.Module) -> None:
+    if is_injected(model):
+        gate_channel(model).restore()
+
+
+def _sha(tokens: torch.Tensor) -> str:
+    return hashlib.sha1(json.dumps(tokens.flatten().tolist()).encode()).hexdigest()[:16]
+
+
+def _cleanup() -> None:
+    from . import backend
+
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()
+        torch.cuda.empty_cache()
+
+
+def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor], max_cache_len: int,
+               on_prompt: Callable[[], None] | None = None) -> dict:
+    """Build, adapt, compile, warm up and time one method; returns its raw entry (no summary yet)."""
+    from . import backend
+
+    entry = _entry(method, loop)
+    reason = unavailable_reason(method, spec)
+    if reason:
+        entry.update(status="unavailable", reason=reason)
+        return entry
+    model = step = None
+    _cleanup()
+    if spec.on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    dyn_patch = (torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+                 if method.adapters == "layerwise" and method.compiler else contextlib.nullcontext())
+    try:
+        with torch.no_grad(), dyn_patch:
+            model = _adapt(build_model(spec, loop, max_cache_len), method, spec)
+            if loop == "own":
+                model.setup_cache(1)
+            step, entry["compile"] = _compile(model, method, spec, loop)
+            positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
+            merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
+            n = spec.new_tokens
+
+            def one(prompt, n_tokens):
+                clock = _Clock(spec.device)
+                with merge_ctx():
+                    if loop == "hf":
+                        tokens = _hf_generate(model, prompt, n_tokens, clock)
+                    else:
+                        tokens = _own_generate(step, model, prompt, n_tokens, positions, clock)
+                clock.sync()
+                _restore_weights(model)
+                return tokens, clock
+
+            # Warm-up: two prompts of lengths not in the timed set's first two, so a compiled prefill
+            # graph goes dynamic in the sequence length before timing, and the decode graph is built.
+            t0 = time.perf_counter()
+            for length in (5, 11):
+                warm = torch.randint(3, spec.model["vocab_size"], (1, min(length, spec.max_prompt_len)),
+                                     generator=torch.Generator().manual_seed(99)).to(spec.device)
+                one(warm, min(n, 4))
+            entry["warmup_s"] = round(time.perf_counter() - t0, 3)
+            decode, prefill, shas = [], [], []
+            for prompt in prompts:
+                tokens, clock = one(prompt, n)
+                if tokens.shape[1] != n:
+                    raise RuntimeError(f"generated {tokens.shape[1]} tokens, expected {n}")
+                last = len(clock.marks) - 1
+                prefill.append(clock.elapsed_ms(0, 1))
+                decode.append(clock.elapsed_ms(1, last) / (n - 1))
+                shas.append(_sha(tokens))
+                if on_prompt:
+                    on_prompt()
+            if spec.on_gpu:
+                entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill, tokens_sha1=shas)
+            if method.compiler == "adafuse":
+                entry["adafuse_paths"] = [r.get("path", "merge" if r.get("rewritten") else None)
+                                          for r in backend.last_compilations]
+    except Exception as exc:  # one method's failure is a result, not the end of the run
+        entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:2000],
+                     traceback=traceback.format_exc()[-3000:])
+    finally:
+        if model is not None:
+            with contextlib.suppress(Exception):
+                _restore_weights(model)
+        del model, step
+        _cleanup()
+    return entry
+
+
+def _entry(method: Method, loop: str) -> dict:
+    return {"loop": loop, "method": method.name, "label": method.label, "kind": method.kind,
+            "status": None, "reason": None, "compile": None, "decode_ms_per_token": None, "prefill_ms": None,
+            "warmup_s": None, "peak_memory_bytes": None, "tokens_sha1": None, "reference_method": method.reference,
+            "tokens_match_reference": None, "adafuse_paths": None, "summary": None, "traceback": None}
+
+
+# Analytics: parameters and FLOPs per token -------------------------------------------------------
+
+def analytics(spec: Spec, mean_context: float) -> dict:
+    """Parameter and FLOP overhead per decode token, analytic, against the backbone."""
+    m = spec.model
+    h, inter, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
+    heads = m["num_attention_heads"]
+    kv = m.get("num_key_value_heads") or heads
+    hd = m.get("head_dim") or h // heads
+    vocab = m["vocab_size"]
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    block_linear = layers * sum(i * o for i, o in shapes.values())
+    linear_params = block_linear + vocab * h  # + lm_head
+    backbone_params = linear_params + vocab * h + layers * 2 * h + h  # + embeddings and norms
+    lin_flops = 2 * linear_params
+    attn_flops = 4 * layers * heads * hd * mean_context  # q.k and p.v over the context
+    base_flops = lin_flops + attn_flops
+    a = spec.adapters
+    n, r, k = a.num_experts, a.rank, a.top_k
+    adapted = [shapes[t] for t in a.target_modules] * layers
+    expert_params = sum(n * r * (i + o) for i, o in adapted)
+    first_in = adapted[0][0]
+    unmerged = sum(2 * k * r * (i + o) for i, o in adapted)  # selected experts' A then B
+    merge_exact = sum(2 * i * o * k * r for i, o in adapted)  # W = W0 + B_sel A_sel (K = k r)
+    merge_swap = sum(2 * i * o * 2 * k * r for i, o in adapted)  # unmerge previous + merge (K = 2 k r)
+    kinds = {
+        "backbone": (0, 0, "no adapters"),
+        "layerwise": (expert_params + sum(n * i for i, _ in adapted), sum(2 * n * i for i, _ in adapted) + unmerged,
+                      "a router in every adapted linear + the selected experts unmerged"),
+        "pregated": (expert_params + n * first_in, 2 * n * first_in + unmerged,
+                     "one router + the selected experts unmerged"),
+        "simple_merge": (expert_params + n * first_in, 2 * n * first_in + merge_swap,
+                         "one router + per weight unmerge previous and merge current experts (K = 2 k r)"),
+        "adafuse_merge": (expert_params + n * first_in, 2 * n * first_in + merge_exact,
+                          "one router + exact switch W = W0 + B A (K = k r; in-place mode: K = 2 k r)"),
+        "adafuse_unmerged": (expert_params + n * first_in, 2 * n * first_in + unmerged,
+                             "one router + the selected experts unmerged (factor / gather)"),
+    }
+    return {
+        "backbone_params": backbone_params,
+        "backbone_linear_flops_per_token": lin_flops,
+        "backbone_attention_flops_per_token": attn_flops,
+        "backbone_flops_per_token": base_flops,
+        "mean_context": mean_context,
+        "kinds": {kind: {"params": p, "param_overhead_pct": 100.0 * p / backbone_params,
+                         "flops_per_token": f, "flop_overhead_pct": 100.0 * f / base_flops, "note": note}
+                  for kind, (p, f, note) in kinds.items()},
+    }
+
+
+# Summary ---------------------------------------------------------------------------------------
+
+def _p90(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+
+
+def summarize(result: dict) -> None:
+    """Fill each ok entry's summary and token agreement (ratios against the loop's backbone)."""
+    kinds = result["analytics"]["kinds"]
+    by_key = {(e["loop"], e["method"]): e for e in result["results"]}
+    for e in result["results"]:
+        if e["status"] != "ok":
+            continue
+        d = e["decode_ms_per_token"]
+        med = statistics.median(d)
+        e["summary"] = {"decode_ms_median": med, "decode_ms_p90": _p90(d), "decode_ms_mean": statistics.fmean(d),
+                        "prefill_ms_median": statistics.median(e["prefill_ms"]),
+                        "tokens_per_s": 1000.0 / med if med > 0 else None, "x_backbone": None, "overhead_pct": None,
+                        "memory_overhead_pct": None,
+                        "param_overhead_pct": kinds[_analytic_kind(e)]["param_overhead_pct"],
+                        "flop_overhead_pct": kinds[_analytic_kind(e)]["flop_overhead_pct"]}
+    for e in result["results"]:
+        if e["status"] != "ok":
+            continue
+        base = by_key.get((e["loop"], "backbone"))
+        if base and base["status"] == "ok":
+            ratio = e["summary"]["decode_ms_median"] / base["summary"]["decode_ms_median"]
+            e["summary"]["x_backbone"] = ratio
+            e["summary"]["overhead_pct"] = 100.0 * (ratio - 1.0)
+            if e["peak_memory_bytes"] and base["peak_memory_bytes"]:
+                e["summary"]["memory_overhead_pct"] = 100.0 * (e["peak_memory_bytes"] / base["peak_memory_bytes"] - 1)
+        ref = by_key.get((e["loop"], e["reference_method"])) if e["reference_method"] else None
+        if ref and ref["status"] == "ok":
+            same = [a == b for a, b in zip(e["tokens_sha1"], ref["tokens_sha1"])]
+            e["tokens_match_reference"] = sum(same) / len(same)
+
+
+def _analytic_kind(e: dict) -> str:
+    if e["kind"] == "adafuse_merge" and e.get("adafuse_paths") and "merge" not in e["adafuse_paths"]:
+        return "adafuse_unmerged"  # auto chose an unmerged path for every graph
+    return e["kind"]
+
+
+# Environment -----------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    from . import __version__
+
+    env = {"device": device.type, "gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+           "adafuse_compile": __version__, "cpu_threads": torch.get_num_threads(), "git_commit": None, "available_paths": list(af_settings.AVAILABLE_PATHS),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        with contextlib.suppress(Exception):
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    else:
+        env["gpu"] = None
+    with contextlib.suppress(Exception):
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                           cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    return env
+
+
+# Entry point -----------------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the benchmark; returns the result dict (schema in the module docstring)."""
+    t_start = time.perf_counter()
+    spec = resolve(cfg)
+    threads = cfg.threads or (1 if spec.device.type == "cpu" else None)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = _run(cfg, spec)
+    finally:
+        torch.set_num_threads(old_threads)
+    result["wall_s"] = round(time.perf_counter() - t_start, 2)
+    return result
+
+
+def _run(cfg: BenchConfig, spec: Spec) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    lengths = prompt_lengths(spec.prompts, spec.seed, spec.max_prompt_len)
+    prompts = make_prompts(lengths, spec.model["vocab_size"], spec.seed, spec.device)
+    # One static cache size for every prompt: no reallocation, no recompilation between prompts.
+    max_cache_len = int(math.ceil((max(lengths + [11]) + spec.new_tokens) / 64) * 64)
+    loops = LOOPS if cfg.loop == "both" else (cfg.loop,)
+    methods = [m for m in METHODS if cfg.methods is None or m.name in cfg.methods]
+    mean_ctx = statistics.fmean(lengths) + spec.new_tokens / 2
+    result = {
+        "schema": SCHEMA,
+        "env": environment(spec.device),
+        "config": {
+            "preset": spec.preset, "hf_config_path": spec.hf_config_path, "family": spec.family, "model": spec.model,
+            "dtype": str(spec.dtype).removeprefix("torch."), "device": str(spec.device), "targets": cfg.targets,
+            "target_modules": list(spec.adapters.target_modules),
+            "adapters": {"num_experts": spec.adapters.num_experts, "rank": spec.adapters.rank,
+                         "top_k": spec.adapters.top_k, "alpha": spec.adapters.alpha, "b_std": spec.b_std,
+                         "weight_std": spec.weight_std},
+            "prompts": spec.prompts, "new_tokens": spec.new_tokens, "loops": list(loops), "codegen": spec.codegen,
+            "cudagraphs": spec.cudagraphs, "seed": spec.seed, "max_cache_len": max_cache_len,
+            "prompt_distribution": {"kind": "lognormal", "median": PROMPT_MEDIAN, "sigma": PROMPT_SIGMA,
+                                    "min": PROMPT_MIN, "max": min(PROMPT_MAX, spec.max_prompt_len), "seed": spec.seed},
+        },
+        "prompt_lengths": lengths,
+        "analytics": analytics(spec, mean_ctx),
+        "results": [],
+        "wall_s": None,
+    }
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not cfg.progress, transient=False) as bar:
+        overall = bar.add_task("methods", total=len(loops) * len(methods))
+        for loop in loops:
+            for method in methods:
+                task = bar.add_task(f"{loop}: {method.name}", total=spec.prompts)
+                entry = run_method(method, spec, loop, prompts, max_cache_len,
+                                   on_prompt=lambda: bar.advance(task))
+                result["results"].append(entry)
+                status = entry["status"]
+                if status == "ok":
+                    med = statistics.median(entry["decode_ms_per_token"])
+                    bar.update(task, description=f"{loop}: {method.name} [green]{med:.2f} ms/token")
+                else:
+                    bar.update(task, description=f"{loop}: {method.name} [red]{status}")
+                bar.advance(overall)
+    summarize(result)
+    return result
+
+
+# Outputs ---------------------------------------------------------------------------------------
+
+def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def markdown_table(result: dict) -> str:
+    """Paper Table 5 layout: method, ms/token, overhead vs backbone, peak memory, memory overhead."""
+    env, cfg = result["env"], result["config"]
+    where = env["gpu"] or f"CPU ({env['platform']})"
+    lines = [f"# adafuse bench: {cfg['preset']}, adapted {cfg['targets']} ({', '.join(cfg['target_modules'])})", "",
+             f"{where}; torch {env['torch']}, transformers {env['transformers']}; {cfg['dtype']}; "
+             f"{cfg['prompts']} prompts x {cfg['new_tokens']} new tokens, batch 1, greedy; "
+             f"N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, top-{cfg['adapters']['top_k']}; "
+             f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}.", ""]
+    for loop in cfg["loops"]:
+        name = "Hugging Face generate()" if loop == "hf" else "own decode loop (TinyLlama)"
+        lines += [f"## {name}", "",
+                  "| Method | ms/token (median) | p90 | Overhead vs backbone | Peak memory (GiB) | Memory overhead "
+                  "| Params + | FLOPs/token + | Prefill ms (median) | Tokens = reference |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in (x for x in result["results"] if x["loop"] == loop):
+            if e["status"] != "ok":
+                why = (e["reason"] or "").split("\n")[0][:120].replace("|", "/")
+                lines.append(f"| {e['label']} | {e['status']}: {why} | | | | | | | | |")
+                continue
+            s = e["summary"]
+            over = "1.00 (reference)" if e["method"] == "backbone" else (
+                "n/a" if s["overhead_pct"] is None else f"{s['x_backbone']:.2f} ({s['overhead_pct']:+.0f}%)")
+            mem = None if e["peak_memory_bytes"] is None else e["peak_memory_bytes"] / 2**30
+            match = "" if e["tokens_match_reference"] is None else f"{100 * e['tokens_match_reference']:.0f}%"
+            lines.append(
+                f"| {e['label']} | {s['decode_ms_median']:.3f} | {s['decode_ms_p90']:.3f} | {over} | {_fmt(mem)} | "
+                f"{_fmt(s['memory_overhead_pct'], '+.1f', '%')} | {s['param_overhead_pct']:.2f}% | "
+                f"{s['flop_overhead_pct']:.2f}% | {s['prefill_ms_median']:.2f} | {match} |")
+        lines.append("")
+    lines += ["Overheads divide by 'backbone, compiled (reference)' of the same loop. Params + and FLOPs/token + are "
+              "analytic (see the JSON's `analytics`). 'Tokens = reference': share of prompts whose greedy tokens "
+              "equal those of the method's reference (backbone eager, MoLA eager or pre-gated eager).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bars: ms/token per method (median, p90 as error bar); backbone as a horizontal line; per loop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loops = result["config"]["loops"]
+    fig, axes = plt.subplots(len(loops), 1, figsize=(11, 4.2 * len(loops)), squeeze=False)
+    for ax, loop in zip(axes[:, 0], loops):
+        entries = [e for e in result["results"] if e["loop"] == loop]
+        names = [e["method"] for e in entries]
+        vals = [e["summary"]["decode_ms_median"] if e["status"] == "ok" else 0.0 for e in entries]
+        err = [(e["summary"]["decode_ms_p90"] - e["summary"]["decode_ms_median"]) if e["status"] == "ok" else 0.0
+               for e in entries]
+        colors = ["#4c72b0" if e["method"].startswith("adafuse") else "#999999" if e["kind"] == "backbone"
+                  else "#dd8452" for e in entries]
+        ax.bar(range(len(entries)), vals, yerr=[[0] * len(err), err], color=colors, capsize=3)
+        for i, e in enumerate(entries):
+            if e["status"] != "ok":
+                ax.text(i, 0, e["status"], rotation=90, ha="center", va="bottom", fontsize=8, color="#c44e52")
+        base = next((e for e in entries if e["method"] == "backbone" and e["status"] == "ok"), None)
+        if base:
+            ax.axhline(base["summary"]["decode_ms_median"], color="black", linestyle="--", linewidth=1,
+                       label=f"backbone compiled {base['summary']['decode_ms_median']:.2f} ms/token")
+            ax.legend(loc="upper right")
+        ax.set_xticks(range(len(entries)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("decode ms/token (median; bar to p90)")
+        title = "Hugging Face generate()" if loop == "hf" else "own decode loop"
+        ax.set_title(f"{result['config']['preset']} {result['config']['targets']}: {title}, "
+                     f"{result['env']['gpu'] or 'CPU'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, json_path: str | Path) -> dict[str, Path]:
+    """Write the JSON, the Markdown table (.md) and the plot (.png) side by side; returns their paths."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["md"].write_text(markdown_table(result))
+    plot(result, paths["png"])
+    return paths
+
+
+def default_output(cfg: BenchConfig) -> Path:
+    device = cfg.device or PRESETS[cfg.preset].device
+    return Path(f"bench_{cfg.preset}_{cfg.targets}_{device}.json")
+
+
+__all__ = ["BenchConfig", "METHODS", "PRESETS", "SCHEMA", "markdown_table", "plot", "prompt_lengths", "run_bench",
+           "write_outputs"]
