@@ -17,6 +17,7 @@ from .passes.detect_adapters import detect_adapters
 from .passes.hoist_routing import hoist_routing
 from .passes.manager import PassManager
 from .passes.prove_pregating import prove_pregating
+from .passes.rewrite_gather import rewrite_gather
 from .passes.rewrite_switch import rewrite_switch
 from .settings import BackendSettings
 
@@ -27,7 +28,8 @@ PASSES = [
     ("detect_adapters", detect_adapters),
     ("prove_pregating", prove_pregating),
     ("hoist_routing", hoist_routing),
-    ("rewrite_switch", rewrite_switch),
+    ("rewrite_switch", rewrite_switch),  # one-token decode steps: merge
+    ("rewrite_gather", rewrite_gather),  # everything else: fused per-token gather, unmerged
 ]
 
 # Every compiled graph's pass records, newest last: `adafuse diff` and the tests read them.
@@ -89,13 +91,18 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         record = {"records": manager.records, "notes": analysis.get("adafuse_notes", []),
                   "regions": [r.describe() for r in analysis.get("adafuse_regions", [])],
                   "hoisted": analysis.get("adafuse_routing", {}).get("hoisted", []),
-                  "rewritten": "adafuse_switch" in analysis, "graph": work}
+                  "rewritten": "adafuse_switch" in analysis,  # one switching call, no adapter branch
+                  "path": ("merge" if "adafuse_switch" in analysis
+                           else "gather" if "adafuse_gather_groups" in analysis else None),
+                  "graph": work}
         last_compilations.append(record)
         reason = analysis.get("adafuse_stop")
         if reason and not analysis.get("adafuse_stop_expected"):
             warnings.warn(f"adafuse: graph not rewritten: {reason}", stacklevel=2)
         elif reason:
             log.info("adafuse: %s", reason)
+        if "adafuse_gather_groups" in analysis:
+            return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None)
         if "adafuse_switch" not in analysis:
             return _guarded(_codegen(original, example_inputs, settings), [], example_inputs, None)
         extra = analysis["adafuse_extra_inputs"]

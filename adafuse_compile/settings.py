@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 PATHS = ("merge", "factor", "gather", "auto")
-AVAILABLE_PATHS = ("merge", "auto")  # factor and gather arrive with their own issue
+AVAILABLE_PATHS = ("merge", "gather", "auto")  # factor arrives with its own issue
 CODEGENS = ("inductor", "eager")
 SGMM_IMPLS = ("auto", "reference", "triton", "cutlass")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -17,7 +17,10 @@ class AdaFuseOptionsError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSettings:
-    path: str = "auto"  # merge | factor | gather | auto
+    # merge: one-token steps merge, others stay eager-unmerged; gather: every step unmerged through the
+    # fused gather op; auto: merge one-token decode steps, gather the rest (a fixed rule for now,
+    # not yet the measured cost model)
+    path: str = "auto"
     # Merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of the adapted weights.
     # None: exact unless that copy exceeds pristine_memory_fraction of free GPU memory.
     exact: bool | None = None
@@ -32,7 +35,7 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"path={self.path!r} is not one of {PATHS}")
         if self.path not in AVAILABLE_PATHS:
             raise AdaFuseOptionsError(
-                f"path={self.path!r} is not yet available (it arrives with the factor/gather issue); "
+                f"path={self.path!r} is not yet available (it arrives with the factor-path issue); "
                 f"available now: {AVAILABLE_PATHS}"
             )
         if self.codegen not in CODEGENS:

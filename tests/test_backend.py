@@ -250,3 +250,43 @@ def test_eager_call_after_compiled_decode_sees_backbone_weights():
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# The gather path: steps that cannot merge ---------------------------------------------------------
+
+def gather_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "gather_lora" in str(n.target)]
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_batch2_decode_and_prefill_take_the_fused_gather_path(codegen):
+    model = adapted_tiny(targets="all-linear")
+    prompt = torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(2)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 6)
+    model.setup_cache(2)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": codegen})
+    tokens, logits = af.greedy_decode(compiled, prompt, 6)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    gathered = [r for r in backend.last_compilations if r["path"] == "gather"]
+    assert len(gathered) == 2, [r["notes"][-1] for r in backend.last_compilations]  # prefill and decode
+    for record in gathered:
+        gm = record["graph"]
+        # q,k,v share one input, gate,up another, o and down their own: 4 fused calls per layer
+        assert len(gather_calls(gm)) == 4 * TINY.num_hidden_layers
+        assert torch.einsum not in targets_of(gm) and not switch_calls(gm)
+
+
+def test_forced_paths():
+    prompt = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+    for path, expected in (("gather", {"gather"}), ("merge", {None, "merge"})):
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model = adapted_tiny()
+        model.setup_cache(1)
+        ref_tokens, ref_logits = af.greedy_decode(model, prompt, 5)
+        model.setup_cache(1)
+        tokens, logits = af.greedy_decode(
+            torch.compile(model, backend="adafuse", options={"path": path, "codegen": "eager"}), prompt, 5)
+        assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+        assert {r["path"] for r in backend.last_compilations} == expected, path

@@ -108,7 +108,8 @@ def test_removed_replaced_and_added_nodes_with_provenance(captured, report):
     assert len(switch) == 1 and switch[0]["name"] in final
     assert {"adafuse_prev_experts", "adafuse_prev_gates"} <= {c["name"] for c in added if c["op"] == "placeholder"}
     by_pass = {p["name"]: p for p in report["passes"]}
-    assert list(by_pass) == ["detect_adapters", "prove_pregating", "hoist_routing", "rewrite_switch"]
+    assert list(by_pass) == ["detect_adapters", "prove_pregating", "hoist_routing", "rewrite_switch", "rewrite_gather"]
+    assert by_pass["rewrite_gather"]["nodes_before"] == by_pass["rewrite_gather"]["nodes_after"]  # a merged step
     assert (by_pass["rewrite_switch"]["removed"], by_pass["rewrite_switch"]["replaced"],
             by_pass["rewrite_switch"]["added"]) == (len(removed), len(replaced), len(added))
 

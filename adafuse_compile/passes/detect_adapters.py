@@ -57,9 +57,10 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
             roles = {t.role: (t, p) for t, p in tagged.items() if t is not None}
             if {"lora_A", "lora_B"} <= set(roles):
                 tag, a = roles["lora_A"]
-                n_exp, rank = inputs[a].shape[:2]
+                n_exp, rank, in_features = inputs[a].shape
                 region.factors = dict(lora_A=a, lora_B=roles["lora_B"][1], scaling=tag.scaling, top_k=tag.top_k,
-                                      num_experts=int(n_exp), rank=int(rank), channel=tag.channel)
+                                      num_experts=int(n_exp), rank=int(rank), in_features=int(in_features),
+                                      channel=tag.channel)
             regions.append(region)
     if regions:
         note(gm, f"detect_adapters: {len(regions)} LoRA-MoE region(s): " + ", ".join(r.name for r in regions))

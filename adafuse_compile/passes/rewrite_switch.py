@@ -5,7 +5,8 @@
              y_l = linear(x_l, W_l)                                                         (each l)
 
 Only for a decode step of one token: merging one token's experts into W would be wrong for any
-other token of the step, so multi-token steps (prefill, batch > 1) stay unmerged and exact.
+other token of the step, so multi-token steps (prefill, batch > 1) are left to rewrite_gather
+(or, with path="merge", stay on the eager unmerged adapter path, exact either way).
 The previous step's experts/gates and the pristine copies enter as extra graph inputs (static
 buffers owned by the model's SwitchState), so the unmerge is right under CUDA-graph replay.
 """
@@ -29,13 +30,17 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             f"regions {unknown[:3]}{'...' if len(unknown) > 3 else ''} are detected but their expert factor layout "
             f"is not known (hand-written layer, not an AdaFuseLinear); compiled unchanged (exact, unmerged)"
         ))
+    if settings.path == "gather":
+        note(gm, "rewrite_switch: path='gather' asked for: no merge, left to rewrite_gather")
+        return gm
     multi = [r for r in regions if r.tokens != 1]
     if multi:
         count = multi[0].tokens if multi[0].tokens is not None else "a dynamic number of"
-        return stop(gm, (
-            f"this step has {count} tokens (prefill or batch > 1): one token's experts cannot be merged "
-            f"for all; compiled with the exact unmerged adapter path"
-        ), expected=True)
+        why = f"this step has {count} tokens (prefill or batch > 1): one token's experts cannot be merged for all"
+        if settings.path == "merge":
+            return stop(gm, f"{why}; compiled with the exact unmerged adapter path", expected=True)
+        note(gm, f"rewrite_switch: {why}; left to rewrite_gather")
+        return gm
     scalings = {r.factors["scaling"] for r in regions}
     if len(scalings) != 1:
         return stop(gm, f"regions have different scalings {sorted(scalings)}; one switching call needs one")

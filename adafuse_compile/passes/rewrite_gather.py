@@ -1,0 +1,63 @@
+"""rewrite_gather: steps that cannot merge (prefill, batch > 1) compute their experts unmerged,
+with ONE fused gather call per group of adapted linears that share an input.
+
+    before:  y_q = linear(x, Wq) + branch_q(x, Aq, Bq, gates);  y_v = linear(x, Wv) + branch_v(...)
+    after:   dq, dv = adafuse.gather_lora(x, [Aq, Av], [Bq, Bv], experts, gates, scaling)
+             y_q = linear(x, Wq) + dq;  y_v = linear(x, Wv) + dv
+
+Each token keeps its own experts (per-token indices from the one hoisted router): exact, like the
+eager layer, but one shrink and one expand launch per group instead of a gather, two einsums and
+the gate arithmetic per module.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..cutlass_kernels import gather_lora  # noqa: F401  (registers torch.ops.adafuse.gather_lora)
+from ..settings import BackendSettings
+from .manager import clean_up, note, stop
+from .regions import regions_of
+
+
+def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    if "adafuse_switch" in gm.meta:
+        return gm  # a one-token decode step, already merged by rewrite_switch
+    regions = regions_of(gm)
+    scalings = {r.factors["scaling"] for r in regions}
+    if len(scalings) != 1:
+        return stop(gm, f"regions have different scalings {sorted(scalings)}; one gather call per group needs one")
+    scaling = float(scalings.pop())
+    routing = gm.meta["adafuse_routing"]
+    top_k = regions[0].factors["top_k"]
+    graph = gm.graph
+    with graph.inserting_after(routing["last"]):
+        experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
+    with graph.inserting_after(experts):
+        gates = graph.call_method("reshape", (routing["weights"], -1, top_k))
+    groups: dict[fx.Node, list] = {}
+    for r in regions:
+        groups.setdefault(r.x, []).append(r)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for x, group in groups.items():
+        first_add = min((r.add for r in group), key=order.__getitem__)
+        in_features = group[0].factors["in_features"]
+        with graph.inserting_before(first_add):
+            x2d = graph.call_method("reshape", (x, -1, in_features))
+            deltas = graph.call_function(torch.ops.adafuse.gather_lora.default, (
+                x2d, [r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
+                experts, gates, scaling, settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto",
+            ))
+        for i, r in enumerate(group):
+            with graph.inserting_before(r.add):  # after this region's own linear
+                delta = graph.call_function(operator.getitem, (deltas, i))
+                shaped = graph.call_method("view_as", (delta, r.linear))
+                summed = graph.call_function(operator.add, (r.linear, shaped))
+            r.add.replace_all_uses_with(summed)
+            gm.meta["adafuse_replaced"][r.add.name] = summed.name
+    gm.meta["adafuse_gather_groups"] = len(groups)
+    note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
+             f"(per-token experts, unmerged, exact)")
+    return clean_up(gm)
