@@ -101,7 +101,8 @@ def demo(args: argparse.Namespace) -> int:
     err = ((c_logits - logits).abs().max() / logits.abs().max()).item()
     console.print(f"Compiled vs eager: tokens {'identical' if same else '[red]DIFFER[/]'}, max relative logit error {err:.1e}")
     for record in backend.last_compilations[first:]:
-        kind = "decode step, rewritten" if record["rewritten"] else "not rewritten"
+        kind = {"merge": "one-token decode step: merged, one switching call",
+                "gather": "multi-token step: fused per-token gather, unmerged"}.get(record["path"], "not rewritten")
         console.print(f"[bold]graph[/] ({kind}):")
         for line in record["notes"]:
             console.print(f"  - {line}")
