@@ -118,7 +118,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     except Exception as exc:  # a compile failure must never break the user's model
         warnings.warn(f"adafuse: compilation failed ({type(exc).__name__}: {exc}); running the original graph "
                       f"unchanged", stacklevel=2)
-        return original.forward
+        # Still guarded: another graph of this model may have merged experts into the weights.
+        return _guarded(original.forward, [], example_inputs, None)
 
 
 def _guarded(compiled, extra: list, example_inputs: list, state):
