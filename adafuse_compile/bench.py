@@ -501,6 +501,11 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
 
     entry = _entry(method, loop)
     reason = unavailable_reason(method, spec)
+    if reason is None and loop == "own":
+        try:
+            own_config(spec, max_cache_len)
+        except ValueError as exc:  # a shape the package's TinyLlama cannot express (Qwen2 biases, head_dim)
+            reason = f"own loop: {exc}"
     if reason:
         entry.update(status="unavailable", reason=reason)
         return entry

@@ -84,6 +84,8 @@ def test_every_method_has_numbers_or_says_why_not(tiny_run):
         assert got[(loop, "backbone")]["summary"]["param_overhead_pct"] == 0
         # the adafuse backend rewrote the decode step (one switching call) in the merge methods
         assert "merge" in got[(loop, "adafuse_merge_reference")]["adafuse_paths"]
+        if got[(loop, "adafuse_gather")]["status"] == "ok":
+            assert "gather" in got[(loop, "adafuse_gather")]["adafuse_paths"]
 
 
 def test_adafuse_tokens_equal_pregated_eager_tokens(tiny_run):
@@ -92,7 +94,10 @@ def test_adafuse_tokens_equal_pregated_eager_tokens(tiny_run):
     got = {(e["loop"], e["method"]): e for e in r["results"]}
     for loop in ("hf", "own"):
         ref = got[(loop, "pregated_eager")]["tokens_sha1"]
-        for name in ("adafuse_merge_reference", "adafuse_auto", "simple_merge", "pregated_inductor"):
+        names = ["simple_merge", "pregated_inductor"] + [  # every adafuse method that ran (gather/factor once available)
+            m.name for m in bench.METHODS if m.name.startswith("adafuse") and got[(loop, m.name)]["status"] == "ok"]
+        assert {"adafuse_merge_reference", "adafuse_auto"} <= set(names)
+        for name in names:
             assert got[(loop, name)]["tokens_sha1"] == ref, (loop, name)
             assert got[(loop, name)]["tokens_match_reference"] == 1.0
         assert got[(loop, "backbone")]["tokens_sha1"] == got[(loop, "backbone_eager")]["tokens_sha1"]
@@ -182,6 +187,19 @@ def test_user_hf_config_and_cli_options(tmp_path):
     assert [(e["loop"], e["method"], e["status"]) for e in r["results"]] == [
         (loop, m, "ok") for loop in ("hf", "own") for m in ("backbone_eager", "pregated_eager", "simple_merge")]
     assert all(len(e["decode_ms_per_token"]) == 2 for e in r["results"])
+
+
+def test_qwen2_config_runs_generate_and_marks_the_own_loop_unavailable(tmp_path):
+    cfg = dict(model_type="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    r = bench.run_bench(bench.BenchConfig(hf_config=str(path), prompts=1, new_tokens=3, progress=False,
+                                          methods=("backbone_eager", "pregated_eager")))
+    status = {(e["loop"], e["method"]): e for e in r["results"]}
+    assert status[("hf", "pregated_eager")]["status"] == "ok"
+    assert status[("own", "pregated_eager")]["status"] == "unavailable"
+    assert "no q/k/v bias" in status[("own", "pregated_eager")]["reason"]
 
 
 def test_gpu_presets_refuse_to_run_without_cuda():
