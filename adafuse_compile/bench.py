@@ -120,6 +120,7 @@ class Preset:
     top_k: int = 2
     weight_std: float = 0.02
     b_std: float = 0.002
+    codegen: str = "inductor"  # code generator of the compiled methods unless --codegen says otherwise
 
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -137,9 +138,12 @@ PRESETS = {
     # CPU smoke preset: the whole method list through both loops in well under two minutes.
     # fp32, so adafuse's tokens can be compared with the pre-gated eager model's exactly.
     # 4 experts (not 8): the layer-wise peer's torch.compile (one data-dependent branch per expert and
-    # linear) is most of the preset's time; 4 keeps top-2 routing meaningful at half the compile.
+    # linear) is the slowest compile; 4 keeps top-2 routing meaningful at half the cost. Codegen eager:
+    # Dynamo capture and the adafuse passes run as for the GPU presets, but the graphs run as FX code;
+    # with Inductor's C++ codegen a cold-cache run took 122 s on the 2-core development machine
+    # (20 graphs), eager 35 s. `--codegen inductor` runs the tiny preset through Inductor.
     "tiny": Preset("llama", TINY, "float32", "cpu", prompts=3, new_tokens=8, max_prompt_len=48, num_experts=4,
-                   rank=16, b_std=0.02),
+                   rank=16, b_std=0.02, codegen="eager"),
 }
 FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
                   "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
@@ -148,7 +152,9 @@ FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("Mis
 @dataclass
 class BenchConfig:
     preset: str = "tiny"
-    hf_config: str | None = None  # path to a user's HF config.json (replaces the preset's shape)
+    # A user's HF config.json: replaces the preset's shape; the protocol (prompts, tokens, adapters,
+    # device, dtype) still comes from the preset, e.g. preset="llama2-7b" for a 7B-class GPU run.
+    hf_config: str | None = None
     targets: str = "qv"  # qv | all
     loop: str = "both"  # hf | own | both
     prompts: int | None = None  # None: the preset's
@@ -156,7 +162,7 @@ class BenchConfig:
     methods: tuple[str, ...] | None = None  # None: all; else names from METHODS
     device: str | None = None  # None: the preset's (cuda presets fall back to nothing: they need a GPU)
     dtype: str | None = None
-    codegen: str | None = None  # inductor | eager for compiled methods; None: inductor
+    codegen: str | None = None  # inductor | eager for compiled methods; None: the preset's
     seed: int = 0
     # CPU intra-op threads. None: 1 on the CPU (on a shared 2-core machine, 2 OpenMP threads made
     # whole methods 20x to 80x slower whenever another process held a core), torch's default on the GPU.
@@ -247,7 +253,7 @@ def resolve(cfg: BenchConfig) -> Spec:
                              target_modules=TARGETS[cfg.targets], init_lora_b="normal")
     return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
                 cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
-                preset.b_std, cfg.codegen or "inductor", device.type == "cuda", cfg.seed, cfg.hf_config)
+                preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"), device.type == "cuda", cfg.seed, cfg.hf_config)
 
 
 @torch.no_grad()
@@ -500,6 +506,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
     from . import backend
 
     entry = _entry(method, loop)
+    if method.compiler and spec.codegen != "inductor":
+        entry["label"] += f" [codegen {spec.codegen}]"
     reason = unavailable_reason(method, spec)
     if reason is None and loop == "own":
         try:

@@ -16,7 +16,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model shape: llama2-7b / mistral-7b (CUDA, bf16) or tiny (CPU, fp32); default tiny")
     p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json to use instead of the preset's "
-                   "shape (llama, mistral or qwen2; random weights)")
+                   "shape (llama, mistral or qwen2; random weights); prompts, tokens, adapters, device and dtype "
+                   "still come from --preset (e.g. --preset llama2-7b for a GPU run)")
     p.add_argument("--targets", choices=sorted(TARGETS), default="qv", help="adapted linears: qv or all seven")
     p.add_argument("--loop", choices=(*LOOPS, "both"), default="both",
                    help="hf: Hugging Face generate(); own: the package's decode loop; default both")
@@ -26,7 +27,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="override the preset's device (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the preset's dtype")
     p.add_argument("--codegen", choices=("inductor", "eager"),
-                   help="code generator of every compiled method (default inductor)")
+                   help="code generator of every compiled method (default: inductor; the tiny preset: eager)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's); 1 gives steadier CPU timings")
     p.add_argument("--out", metavar="PATH.json", help="JSON output; the .md table and .png plot go next to it "

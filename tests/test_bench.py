@@ -112,6 +112,7 @@ def test_markdown_table_and_png_written(tiny_run):
     assert "## Hugging Face generate()" in md and "## own decode loop" in md
     for m in bench.METHODS:
         assert m.label in md
+    assert "[codegen eager]" in md  # the tiny preset's compiled methods say how they were generated
     assert "1.00 (reference)" in md and "unavailable" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
