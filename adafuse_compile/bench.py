@@ -241,8 +241,10 @@ def resolve(cfg: BenchConfig) -> Spec:
         d = json.loads(Path(cfg.hf_config).read_text())
         family = d.get("model_type", "llama")
         if family not in FAMILY_CLASSES:
-            raise ValueError(f"{cfg.hf_config}: model_type={family!r} is not supported; supported: {sorted(FAMILY_CLASSES)}")
-        keep = ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "model_type")
+            raise ValueError(f"{cfg.hf_config}: model_type={family!r} is not supported; "
+                             f"supported: {sorted(FAMILY_CLASSES)}")
+        keep = ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                "model_type")
         model = {k: v for k, v in d.items() if k not in keep}
     device = torch.device(cfg.device or preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -253,7 +255,8 @@ def resolve(cfg: BenchConfig) -> Spec:
                              target_modules=TARGETS[cfg.targets], init_lora_b="normal")
     return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
                 cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
-                preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"), device.type == "cuda", cfg.seed, cfg.hf_config)
+                preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"),
+                device.type == "cuda", cfg.seed, cfg.hf_config)
 
 
 @torch.no_grad()
@@ -692,7 +695,8 @@ def environment(device: torch.device) -> dict:
 
     env = {"device": device.type, "gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__,
            "transformers": transformers.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-           "adafuse_compile": __version__, "cpu_threads": torch.get_num_threads(), "git_commit": None, "available_paths": list(af_settings.AVAILABLE_PATHS),
+           "adafuse_compile": __version__, "cpu_threads": torch.get_num_threads(), "git_commit": None,
+           "available_paths": list(af_settings.AVAILABLE_PATHS),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -788,7 +792,8 @@ def markdown_table(result: dict) -> str:
     lines = [f"# adafuse bench: {cfg['preset']}, adapted {cfg['targets']} ({', '.join(cfg['target_modules'])})", "",
              f"{where}; torch {env['torch']}, transformers {env['transformers']}; {cfg['dtype']}; "
              f"{cfg['prompts']} prompts x {cfg['new_tokens']} new tokens, batch 1, greedy; "
-             f"N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, top-{cfg['adapters']['top_k']}; "
+             f"N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, "
+             f"top-{cfg['adapters']['top_k']}; "
              f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}.", ""]
     for loop in cfg["loops"]:
         name = "Hugging Face generate()" if loop == "hf" else "own decode loop (TinyLlama)"

@@ -41,7 +41,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     return BenchConfig(preset=args.preset, hf_config=args.hf_config, targets=args.targets, loop=args.loop,
                        prompts=args.prompts, new_tokens=args.new_tokens, methods=methods, device=args.device,
-                       dtype=args.dtype, codegen=args.codegen, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                       dtype=args.dtype, codegen=args.codegen, seed=args.seed, threads=args.threads,
+                       progress=not args.no_progress)
 
 
 def bench_command(args: argparse.Namespace) -> int:
