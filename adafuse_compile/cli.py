@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .bench_cli import add_bench_parser
 from .config import AdaFuseConfig
 from .export.cli_export import add_export_parser
 from .inspect.cli_diff import add_diff_parser
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.set_defaults(func=demo)
     add_diff_parser(sub)
     add_export_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
