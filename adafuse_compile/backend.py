@@ -17,6 +17,7 @@ from .passes.detect_adapters import detect_adapters
 from .passes.hoist_routing import hoist_routing
 from .passes.manager import PassManager
 from .passes.prove_pregating import prove_pregating
+from .passes.rewrite_factor import rewrite_factor
 from .passes.rewrite_gather import rewrite_gather
 from .passes.rewrite_switch import rewrite_switch
 from .settings import BackendSettings
@@ -29,6 +30,7 @@ PASSES = [
     ("prove_pregating", prove_pregating),
     ("hoist_routing", hoist_routing),
     ("rewrite_switch", rewrite_switch),  # one-token decode steps: merge
+    ("rewrite_factor", rewrite_factor),  # one-token decode steps with path="factor": slots
     ("rewrite_gather", rewrite_gather),  # everything else: fused per-token gather, unmerged
 ]
 
@@ -92,7 +94,7 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
                   "regions": [r.describe() for r in analysis.get("adafuse_regions", [])],
                   "hoisted": analysis.get("adafuse_routing", {}).get("hoisted", []),
                   "rewritten": "adafuse_switch" in analysis,  # one switching call, no adapter branch
-                  "path": ("merge" if "adafuse_switch" in analysis
+                  "path": ("merge" if "adafuse_switch" in analysis else "factor" if "adafuse_factor" in analysis
                            else "gather" if "adafuse_gather_groups" in analysis else None),
                   "graph": work}
         last_compilations.append(record)
@@ -101,6 +103,9 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             warnings.warn(f"adafuse: graph not rewritten: {reason}", stacklevel=2)
         elif reason:
             log.info("adafuse: %s", reason)
+        if "adafuse_factor" in analysis:
+            extra = analysis["adafuse_extra_inputs"]
+            return _guarded(_codegen(work, list(example_inputs) + extra, settings), extra, example_inputs, None)
         if "adafuse_gather_groups" in analysis:
             return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None)
         if "adafuse_switch" not in analysis:
@@ -130,12 +135,12 @@ def _guarded(compiled, extra: list, example_inputs: list, state):
             return compiled(*args, *extra)
         return run_merged
     channels = _adapter_channels(example_inputs)
-    if not channels:
+    if not channels and not extra:
         return compiled
 
     def run_unmerged(*args):
         # Per call: whichever model merged into these weights last (this one, or one sharing them).
         for channel in channels:
             channel.restore()
-        return compiled(*args)
+        return compiled(*args, *extra)
     return run_unmerged

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 PATHS = ("merge", "factor", "gather", "auto")
-AVAILABLE_PATHS = ("merge", "gather", "auto")  # factor arrives with its own issue
+AVAILABLE_PATHS = PATHS
 CODEGENS = ("inductor", "eager")
 SGMM_IMPLS = ("auto", "reference", "triton", "cutlass")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -17,7 +17,8 @@ class AdaFuseOptionsError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSettings:
-    # merge: one-token steps merge, others stay eager-unmerged; gather: every step unmerged through the
+    # merge: one-token steps merge, others stay eager-unmerged; factor: one-token steps read their
+    # experts from fixed slots (W untouched), others gather; gather: every step unmerged through the
     # fused gather op; auto: merge one-token decode steps, gather the rest (a fixed rule for now,
     # not yet the measured cost model)
     path: str = "auto"
@@ -33,11 +34,6 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise AdaFuseOptionsError(f"path={self.path!r} is not one of {PATHS}")
-        if self.path not in AVAILABLE_PATHS:
-            raise AdaFuseOptionsError(
-                f"path={self.path!r} is not yet available (it arrives with the factor-path issue); "
-                f"available now: {AVAILABLE_PATHS}"
-            )
         if self.codegen not in CODEGENS:
             raise AdaFuseOptionsError(f"codegen={self.codegen!r} is not one of {CODEGENS}")
         if self.sgmm_impl not in SGMM_IMPLS:

@@ -65,8 +65,8 @@ def test_found_by_name_and_by_import_without_duplicate_registration():
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(AdaFuseOptionsError, match=r"unknown adafuse option\(s\) \['pth'\]; valid options: \['path'"):
         BackendSettings.from_compile_args({"pth": "merge"})
-    with pytest.raises(AdaFuseOptionsError, match="not yet available"):
-        BackendSettings.from_compile_args({"path": "factor"})
+    with pytest.raises(AdaFuseOptionsError, match=r"path='fastest' is not one of \('merge', 'factor', 'gather', 'auto'\)"):
+        BackendSettings.from_compile_args({"path": "fastest"})
     with pytest.raises(AdaFuseOptionsError, match="codegen"):
         BackendSettings.from_compile_args({"codegen": "tvm"})
     assert BackendSettings.from_compile_args(None, "reduce-overhead").cudagraphs is True
@@ -290,3 +290,27 @@ def test_forced_paths():
             torch.compile(model, backend="adafuse", options={"path": path, "codegen": "eager"}), prompt, 5)
         assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
         assert {r["path"] for r in backend.last_compilations} == expected, path
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_factor_path_decode_parity_and_untouched_weights(codegen):
+    model = adapted_tiny(targets="all-linear")
+    prompt = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(8))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 32)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"path": "factor", "codegen": codegen})
+    tokens, logits = af.greedy_decode(compiled, prompt, 32)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    for step in range(3):  # more steps of a loop of the user's own: W is never written
+        with torch.no_grad():
+            compiled(torch.tensor([[7 + step]]), torch.tensor([40 + step]))
+        for w, name in zip(af.gate_channel(model).adapted_weights, af.adapted_linears(model)):
+            assert torch.equal(w, w0[name + ".weight"]), name
+    factor = [r for r in backend.last_compilations if r["path"] == "factor"]
+    assert len(factor) == 1
+    gm = factor[0]["graph"]
+    writes = [n for n in gm.graph.nodes if n.op == "call_function" and "write_factor_slots" in str(n.target)]
+    assert len(writes) == 1 and not switch_calls(gm) and torch.einsum not in targets_of(gm)
+    assert {r["path"] for r in backend.last_compilations} == {"factor", "gather"}  # prefill gathers

@@ -65,6 +65,7 @@ class GateChannel:
         self.merged = False
         self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, execution order
         self.switch_state = None  # the compiler's runtime state for this model (adafuse_compile.runtime)
+        self.factor_slots = None  # the factor path's slot buffers (adafuse_compile.passes.rewrite_factor)
 
     def open(self) -> None:
         self.routing = None

@@ -23,8 +23,8 @@ from .regions import regions_of
 
 
 def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
-    if "adafuse_switch" in gm.meta:
-        return gm  # a one-token decode step, already merged by rewrite_switch
+    if "adafuse_switch" in gm.meta or "adafuse_factor" in gm.meta:
+        return gm  # a one-token decode step, already rewritten by rewrite_switch or rewrite_factor
     regions = regions_of(gm)
     scalings = {r.factors["scaling"] for r in regions}
     if len(scalings) != 1:

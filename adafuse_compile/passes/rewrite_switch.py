@@ -30,8 +30,8 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             f"regions {unknown[:3]}{'...' if len(unknown) > 3 else ''} are detected but their expert factor layout "
             f"is not known (hand-written layer, not an AdaFuseLinear); compiled unchanged (exact, unmerged)"
         ))
-    if settings.path == "gather":
-        note(gm, "rewrite_switch: path='gather' asked for: no merge, left to rewrite_gather")
+    if settings.path in ("gather", "factor"):
+        note(gm, f"rewrite_switch: path={settings.path!r} asked for: no merge")
         return gm
     multi = [r for r in regions if r.tokens != 1]
     if multi:

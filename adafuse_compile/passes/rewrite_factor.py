@@ -1,0 +1,77 @@
+"""rewrite_factor: a one-token decode step keeps W untouched and reads its experts from fixed slots.
+
+    before:  y_l = linear(x_l, W_l) + branch_l(x_l, A_l, B_l, gates)                      (each l)
+    after:   adafuse.write_factor_slots(A[*], B[*], experts, gates, s, a_slots[*], b_slots[*])
+             y_l = linear(x_l, W_l) + linear(linear(x_l, a_slot_l), b_slot_l)               (each l)
+
+Exact by construction (the backbone weights are never written, so there is nothing to restore),
+and the slots are static buffers, so the step replays under CUDA graphs. Only with path="factor"
+until its speed against merge is measured (DESIGN.md section 4 calls it a hypothesis).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..cutlass_kernels import factor_slots
+from ..settings import BackendSettings
+from .manager import clean_up, note
+from .regions import graph_inputs, regions_of
+
+
+def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    if settings.path != "factor" or "adafuse_switch" in gm.meta:
+        return gm
+    regions = regions_of(gm)
+    if any(r.tokens != 1 for r in regions):
+        note(gm, "rewrite_factor: not a one-token step; left to rewrite_gather")
+        return gm
+    scalings = {r.factors["scaling"] for r in regions}
+    if len(scalings) != 1:
+        note(gm, f"rewrite_factor: regions have different scalings {sorted(scalings)}; left to rewrite_gather")
+        return gm
+    inputs = graph_inputs(gm)
+    top_k = regions[0].factors["top_k"]
+    lora_a = [inputs[r.factors["lora_A"]] for r in regions]
+    lora_b = [inputs[r.factors["lora_B"]] for r in regions]
+    channel = regions[0].factors["channel"]
+    key = tuple(id(a) for a in lora_a)
+    slots = channel.factor_slots
+    if slots is None or slots[0] != key:  # the slot buffers live as long as the model's channel
+        slots = (key, *factor_slots.make_slots(lora_a, lora_b, top_k))
+        channel.factor_slots = slots
+    _, a_slots, b_slots = slots
+
+    graph = gm.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    names = [f"adafuse_a_slot_{i}" for i in range(len(regions))] + [f"adafuse_b_slot_{i}" for i in range(len(regions))]
+    with graph.inserting_after(last_placeholder):
+        placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
+    for p in placeholders:  # static buffers: no per-call copy under CUDA graphs
+        p._dynamo_source = None
+        p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    a_ph, b_ph = placeholders[:len(regions)], placeholders[len(regions):]
+    routing = gm.meta["adafuse_routing"]
+    with graph.inserting_after(routing["last"]):
+        experts = graph.call_method("reshape", (routing["experts"], -1))
+    with graph.inserting_after(experts):
+        gates = graph.call_method("reshape", (routing["weights"], -1))
+    with graph.inserting_after(gates):
+        write = graph.call_function(torch.ops.adafuse.write_factor_slots.default, (
+            [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
+            experts, gates, float(scalings.pop()), a_ph, b_ph))
+    for r, a_slot, b_slot in zip(regions, a_ph, b_ph):
+        with graph.inserting_before(r.add):
+            h = graph.call_function(F.linear, (r.x, a_slot))
+            delta = graph.call_function(F.linear, (h, b_slot))
+            summed = graph.call_function(operator.add, (r.linear, delta))
+        r.add.replace_all_uses_with(summed)
+        gm.meta["adafuse_replaced"][r.add.name] = summed.name
+    gm.meta["adafuse_factor"] = write
+    gm.meta["adafuse_extra_inputs"] = a_slots + b_slots
+    note(gm, f"rewrite_factor: {len(regions)} adapter branches -> 1 slot-writing call + 2 slot products per "
+             f"linear; backbone weights untouched")
+    return clean_up(gm)
