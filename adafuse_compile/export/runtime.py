@@ -40,13 +40,40 @@ def _onnx_type(dtype: torch.dtype) -> int:
     }[dtype]
 
 
+def load_decode_buffers(decoder, manifest: dict, dtype: torch.dtype) -> None:
+    """The buffers every exported-model decoder (ONNX Runtime, TensorRT) binds once and reuses:
+    switch factors and pristine W0, the switched weights, expert/gate buffers, two KV cache sets,
+    and the token/position/logits I/O. Sets them as attributes of `decoder`."""
+    from safetensors.torch import load_file
+
+    dev = decoder.device
+    blobs = load_file(str(decoder.dir / manifest["adapters"]), device=str(dev))
+    decoder.names = manifest["switched"]
+    decoder.lora_A = [blobs[f"{n}.lora_A"] for n in decoder.names]
+    decoder.lora_B = [blobs[f"{n}.lora_B"] for n in decoder.names]
+    decoder.pristine = [blobs[f"{n}.pristine"] for n in decoder.names]
+    decoder.weights = [w.clone() for w in decoder.pristine]
+    k = manifest["top_k"]
+    decoder.experts = torch.zeros(k, dtype=torch.int64, device=dev)
+    decoder.gates = torch.zeros(k, dtype=torch.float32, device=dev)
+    decoder.prev_experts = torch.zeros(k, dtype=torch.int64, device=dev)
+    decoder.prev_gates = torch.zeros(k, dtype=torch.float32, device=dev)
+    spec = manifest["spec"]
+    decoder.num_layers, decoder.capacity, decoder.vocab = spec["num_layers"], manifest["capacity"], spec["vocab_size"]
+    shape = (1, spec["num_kv_heads"], decoder.capacity, spec["head_dim"])
+    decoder.caches = [[torch.zeros(shape, dtype=dtype, device=dev) for _ in range(2 * decoder.num_layers)]
+                      for _ in range(2)]
+    decoder.tokens = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+    decoder.pos = torch.zeros(1, dtype=torch.int64, device=dev)
+    decoder.logits = torch.zeros(1, decoder.vocab, dtype=dtype, device=dev)
+
+
 class OnnxDecoder:
     """Loads an export directory into two ONNX Runtime sessions and decodes greedily (batch 1)."""
 
     def __init__(self, export_dir: str | Path, *, device: str | torch.device = "cpu", switch_impl: str | None = None,
                  session_options=None, intra_op_threads: int | None = None):
         import onnxruntime as ort
-        from safetensors.torch import load_file
 
         self.dir = Path(export_dir)
         self.manifest = m = json.loads((self.dir / "manifest.json").read_text())
@@ -72,27 +99,7 @@ class OnnxDecoder:
         self.step_session = ort.InferenceSession(str(self.dir / m["step"]["file"]), opts, providers=providers)
 
         # Switch state: factors, pristine W0, the switched weight buffers, previous experts/gates.
-        blobs = load_file(str(self.dir / m["adapters"]), device=str(self.device))
-        self.names: list[str] = m["switched"]
-        self.lora_A = [blobs[f"{n}.lora_A"] for n in self.names]
-        self.lora_B = [blobs[f"{n}.lora_B"] for n in self.names]
-        self.pristine = [blobs[f"{n}.pristine"] for n in self.names]
-        self.weights = [w.clone() for w in self.pristine]
-        k = m["top_k"]
-        dev = self.device
-        self.experts = torch.zeros(k, dtype=torch.int64, device=dev)
-        self.gates = torch.zeros(k, dtype=torch.float32, device=dev)
-        self.prev_experts = torch.zeros(k, dtype=torch.int64, device=dev)
-        self.prev_gates = torch.zeros(k, dtype=torch.float32, device=dev)
-
-        spec = m["spec"]
-        self.num_layers, self.capacity, self.vocab = spec["num_layers"], m["capacity"], spec["vocab_size"]
-        shape = (1, spec["num_kv_heads"], self.capacity, spec["head_dim"])
-        self.caches = [[torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(2 * self.num_layers)]
-                       for _ in range(2)]
-        self.tokens = torch.zeros(1, 1, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.logits = torch.zeros(1, self.vocab, dtype=self.dtype, device=dev)
+        load_decode_buffers(self, m, self.dtype)
         self._bind()
         self.position = 0
 

@@ -195,7 +195,7 @@ class TensorRTDecoder:
     def __init__(self, export_dir: str | Path, engine_dir: str | Path | None = None, *, device: str = "cuda",
                  switch_impl: str = "auto"):
         trt = _import_tensorrt()
-        from safetensors.torch import load_file
+        from .runtime import load_decode_buffers
 
         self.dir = Path(export_dir)
         engine_dir = Path(engine_dir) if engine_dir is not None else self.dir
@@ -209,26 +209,8 @@ class TensorRTDecoder:
                         for k in ("prologue", "step")}
         self.contexts = {k: e.create_execution_context() for k, e in self.engines.items()}
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m["spec"]["dtype"]]
-        blobs = load_file(str(self.dir / m["adapters"]), device=str(self.device))
-        self.names = m["switched"]
-        self.lora_A = [blobs[f"{n}.lora_A"] for n in self.names]
-        self.lora_B = [blobs[f"{n}.lora_B"] for n in self.names]
-        self.pristine = [blobs[f"{n}.pristine"] for n in self.names]
-        self.weights = [w.clone() for w in self.pristine]
         self.switch_impl = switch_impl
-        k, dev = m["top_k"], self.device
-        self.experts = torch.zeros(k, dtype=torch.int64, device=dev)
-        self.gates = torch.zeros(k, dtype=torch.float32, device=dev)
-        self.prev_experts = torch.zeros(k, dtype=torch.int64, device=dev)
-        self.prev_gates = torch.zeros(k, dtype=torch.float32, device=dev)
-        spec = m["spec"]
-        self.num_layers, self.capacity, self.vocab = spec["num_layers"], m["capacity"], spec["vocab_size"]
-        shape = (1, spec["num_kv_heads"], self.capacity, spec["head_dim"])
-        self.caches = [[torch.zeros(shape, dtype=dtype, device=dev) for _ in range(2 * self.num_layers)]
-                       for _ in range(2)]
-        self.tokens = torch.zeros(1, 1, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.logits = torch.zeros(1, self.vocab, dtype=dtype, device=dev)
+        load_decode_buffers(self, m, dtype)
         self.position = 0
         ctx = self.contexts["prologue"]
         for name, t in (("tokens", self.tokens), ("experts", self.experts), ("gates", self.gates)):
