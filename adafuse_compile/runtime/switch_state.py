@@ -79,6 +79,7 @@ class SwitchState:
         self.switches = 0  # merged steps since the last exact write of the weights
         self.total_switches = 0
         self.owner_thread: int | None = None
+        self.owns_weights = False  # True while no other model has merged into these weights since
         self._lock = threading.Lock()
 
     @property
@@ -102,19 +103,28 @@ class SwitchState:
         """Called before every compiled decode step that switches weights."""
         with self._lock:
             self._check_thread()
-            with _owner_lock:
-                for other in merged_owners(self.weights):
-                    if other is not self:
-                        other.restore()  # another model shares these weights: give them back first
-                me = weakref.ref(self)
-                for w in self.weights:
-                    setattr(w, _OWNER_ATTR, me)
+            if not self.owns_weights:  # per-weight work only when another model took them (not per token)
+                self._take_weights()
             if not self.exact and self.resync_every and self.switches >= self.resync_every:
                 self._write_pristine()
             self.merged = True  # set before the step: a failure inside still leaves a restorable state
             self.owner_thread = threading.get_ident()
             self.switches += 1
             self.total_switches += 1
+
+    def _take_weights(self) -> None:
+        with _owner_lock:
+            for w in self.weights:
+                ref = getattr(w, _OWNER_ATTR, None)
+                other = ref() if ref is not None else None
+                if other is not None and other is not self:
+                    if other.merged:
+                        other.restore()  # another model shares these weights: give them back first
+                    other.owns_weights = False
+            me = weakref.ref(self)
+            for w in self.weights:
+                setattr(w, _OWNER_ATTR, me)
+            self.owns_weights = True
 
     @torch.no_grad()
     def _write_pristine(self) -> None:
