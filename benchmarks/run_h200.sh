@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU runbook for the device machine (one H200): each stage fits one 10-minute `run` call and
 # writes logs/JSON under $OUT. From the repository root, with the nvidia-cutlass wheel carried in
-# .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage>
-#   tests    all GPU-marked tests (backend, SGMM, gather, diff)          ~3 min
-#   decode   Llama-2-7B-shaped decode: backbone vs adafuse, q,v            ~5 min
+# .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
+#   tests    all GPU-marked tests (backend, SGMM, gather, factor slots)  ~4 min
+#   tests-backend  only the backend's GPU tests                           ~2 min
+#   decode   Llama-2-7B-shaped decode, q,v: backbone vs adafuse paths     ~5 min
 #   decode-all  the same for all seven linears                            ~6 min
 #   kernels  SGMM and gather kernel benchmarks                             ~4 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
@@ -13,20 +14,27 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . .whl/*.whl > "$OUT/install.log" 2>&1 \
   || { tail -20 "$OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site   # installed (not editable) so the torch_dynamo_backends entry point is found
-case "${1:-tests}" in
+for stage in "${@:-tests}"; do
+  echo "=== stage $stage ($(date +%T))"
+  case "$stage" in
+  tests-gather)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
+  tests-backend)
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
   decode)
-    timeout 560 python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --impl auto --skip-naive \
-      --out "$OUT/decode_llama2-7b_qv.json" 2>&1 | grep -v -i "warn" | tail -30 ;;
+    timeout "${DECODE_TIMEOUT:-400}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --skip-naive \
+      --paths "${PATHS:-merge-exact,factor,gather,auto}" --out "$OUT/decode_llama2-7b_qv.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   decode-all)
-    timeout 560 python3 benchmarks/bench_decode.py --preset llama2-7b --targets all --impl auto --skip-naive \
-      --modes exact --out "$OUT/decode_llama2-7b_all.json" 2>&1 | grep -v -i "warn" | tail -30 ;;
+    timeout "${DECODE_TIMEOUT:-400}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets all \
+      --paths "${PATHS:-merge-exact,factor,gather,auto}" --out "$OUT/decode_llama2-7b_all.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
     timeout 280 python3 benchmarks/bench_sgmm.py --out "$OUT/sgmm_h200.json" 2>&1 | tail -15
     timeout 260 python3 benchmarks/bench_gather.py --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   drift)
-    timeout 560 python3 benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --counts 1,100,1000,10000 \
+    timeout 300 python3 benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --counts 1,100,1000,10000 \
       --out "$OUT/drift_h200.json" 2>&1 | tail -30 ;;
-  *) echo "unknown stage $1"; exit 2 ;;
-esac
+  *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

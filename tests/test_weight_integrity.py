@@ -174,3 +174,29 @@ def test_two_models_sharing_one_backbone_interleave_correctly():
         for name in ("first", "second"):
             out = compiled[name](t, torch.tensor([i]))
             torch.testing.assert_close(out, refs[name][i], rtol=1e-4, atol=1e-5)
+
+
+def test_recompiling_with_another_exact_mode_keeps_weights_right():
+    """A second compile with exact=False gets its own switch state; both compiled models stay
+    right against eager, and restore() puts back W0 whichever of them merged last."""
+    model = adapted()
+    w0 = snapshot(model)
+    tok, pos = torch.tensor([[3]]), torch.tensor([0])
+    with torch.no_grad():
+        model.setup_cache(1)
+        ref = model(tok, pos)
+        exact = torch.compile(model, backend="adafuse", options={"exact": True, "codegen": "eager"})
+        model.setup_cache(1)
+        a = exact(tok, pos)
+        torch._dynamo.reset()
+        inplace = torch.compile(model, backend="adafuse", options={"exact": False, "codegen": "eager"})
+        model.setup_cache(1)
+        b = inplace(tok, pos)
+        assert af.gate_channel(model).switch_state.exact is False
+        model.setup_cache(1)
+        c = exact(tok, pos)  # the first compiled model merges again, after the second one
+    for got in (a, b, c):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert merged_now(model, w0)
+    af.restore(model)
+    assert not merged_now(model, w0)

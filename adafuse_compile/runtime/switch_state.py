@@ -169,16 +169,16 @@ def choose_exact(weights: list[Tensor], exact: bool | None, memory_fraction: flo
 def switch_state_for(channel, top_k: int, exact: bool | None, memory_fraction: float = 0.5,
                      resync_every: int | None = None) -> tuple[SwitchState, str]:
     """The model's SwitchState (created on its first merge graph), and how its mode was chosen."""
-    if channel.switch_state is None:
+    state = channel.switch_state
+    if state is None or (exact is not None and state.exact != exact):
+        # A recompile with another `exact` gets its own state; graphs compiled earlier keep theirs,
+        # and the weight-owner tracking makes the two restore each other before either merges.
+        if state is not None:
+            state.restore()
         weights = list(channel.adapted_weights)
         chosen, why = choose_exact(weights, exact, memory_fraction)
         channel.switch_state = SwitchState(weights, top_k, chosen, resync_every)
         return channel.switch_state, why
-    state = channel.switch_state
-    if exact is not None and state.exact != exact:
-        raise ValueError(
-            f"this model is already compiled with exact={state.exact}; compile it again with the same `exact` option"
-        )
     return state, "exact" if state.exact else "in place"
 
 
@@ -191,9 +191,7 @@ def restore(model) -> None:
     """
     from ..modeling.inject import gate_channel
 
-    state = gate_channel(model).switch_state
-    if state is not None:
-        state.restore()
+    gate_channel(model).restore()  # whichever state merged last, also one of an earlier compile
 
 
 class decoding:
