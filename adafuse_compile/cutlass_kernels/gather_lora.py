@@ -21,11 +21,12 @@ Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
 __all__ = ["gather_lora", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS"]
@@ -33,7 +34,6 @@ __all__ = ["gather_lora", "reference_gather_lora", "oracle_gather_lora", "valida
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_K = 4
-_PLAN_CACHE_SIZE = 64  # one plan per layer and module group: 32 layers x 2 groups fit
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -171,7 +171,7 @@ def token_errors(got: Tensor, expected64: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------
 # Plans (Triton): built once per adapter set, cached on data_ptrs.
 # ------------------------------------------------------------------------------------------
-_plans: "OrderedDict[tuple, Any]" = OrderedDict()
+_plans = PlanCache()
 
 
 def clear_plan_cache() -> None:
@@ -184,17 +184,12 @@ def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
         tuple(a.data_ptr() for a in lora_A),
         tuple((b.data_ptr(), b.shape[1]) for b in lora_B),
     )
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
-    from adafuse_compile.cutlass_kernels.triton_gather import GatherPlan
 
-    plan = GatherPlan(lora_A, lora_B)
-    _plans[key] = plan
-    if len(_plans) > _PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
+    def build():
+        from adafuse_compile.cutlass_kernels.triton_gather import GatherPlan
+
+        return GatherPlan(lora_A, lora_B)
+    return _plans.get(key, build, lora_A[0].device)
 
 
 def _resolve_impl(impl: str, x: Tensor) -> str:

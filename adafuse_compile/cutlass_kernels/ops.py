@@ -18,11 +18,12 @@ Importable on a CPU-only machine with neither Triton nor CUTLASS: those load laz
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
 from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
 
@@ -31,7 +32,6 @@ __all__ = ["sgmm_switch_", "simple_merge_switch_", "IMPLS", "clear_plan_cache"]
 IMPLS = ("auto", "reference", "triton", "cutlass")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_K = 4
-_PLAN_CACHE_SIZE = 16
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ def validate(
 # ------------------------------------------------------------------------------------------
 # Plans: built once per (weight set, k, mode, impl), cached on data_ptrs.
 # ------------------------------------------------------------------------------------------
-_plans: "OrderedDict[tuple, Any]" = OrderedDict()
+_plans = PlanCache()
 
 
 def clear_plan_cache() -> None:
@@ -169,27 +169,21 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
     if len(weights) == 0:
         raise ValueError("sgmm_switch_: `weights` is empty")
     key = _plan_key(impl, weights, lora_A, lora_B, pristine, experts.numel())
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
-    validate(weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates, pristine)
-    chosen = _resolve_impl(impl, weights, lora_A, pristine)
-    k = experts.numel()
-    if chosen == "reference":
-        plan = "reference"
-    elif chosen == "triton":
-        from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
 
-        plan = TritonPlan(weights, lora_A, lora_B, k, pristine)
-    else:
+    def build():
+        validate(weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates, pristine)
+        chosen = _resolve_impl(impl, weights, lora_A, pristine)
+        k = experts.numel()
+        if chosen == "reference":
+            return "reference"
+        if chosen == "triton":
+            from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+
+            return TritonPlan(weights, lora_A, lora_B, k, pristine)
         from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
 
-        plan = CutlassPlan(weights, lora_A, lora_B, k, pristine)
-    _plans[key] = plan
-    if len(_plans) > _PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
+        return CutlassPlan(weights, lora_A, lora_B, k, pristine)
+    return _plans.get(key, build, weights[0].device)
 
 
 def _switch_impl(

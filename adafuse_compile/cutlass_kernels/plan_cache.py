@@ -1,0 +1,66 @@
+"""Kernel plans (device pointer and tile tables) live as long as the model: build them outside
+any CUDA-graph memory pool.
+
+Inductor's CUDA-graph trees route every allocation the calling thread makes during warm-up and
+recording into the graph's private pool, and then refuse a tensor from that pool that outlives the
+call without being an output ("Detected N tensor(s) in the cudagraph pool not tracked as
+outputs", seen on the H200 with the SGMM and gather plans). A plan built on the first call,
+inside that warm-up, is exactly such a tensor. So plans are built on a helper thread, whose
+allocations go to the ordinary caching allocator, and synchronized before use.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Plenty for every adapted linear group of a 70B model; an evicted plan is rebuilt, never wrong.
+PLAN_CACHE_SIZE = 4096
+
+
+def build_outside_graph_pool(build: Callable[[], T], device: torch.device) -> T:
+    if device.type != "cuda":
+        return build()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "adafuse: a kernel plan (device pointer tables) would have to be built during CUDA-graph capture; "
+            "run the compiled step (or the op) once before capturing it, so the plan exists"
+        )
+
+    def on_helper_thread() -> T:
+        with torch.cuda.device(device):
+            plan = build()
+            torch.cuda.synchronize(device)  # the tables' host-to-device copies are done before first use
+            return plan
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(on_helper_thread).result()
+
+
+class PlanCache:
+    """LRU cache of plans keyed by the tensors' data pointers and shapes."""
+
+    def __init__(self, size: int = PLAN_CACHE_SIZE):
+        self.size = size
+        self._plans: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, build: Callable[[], T], device: torch.device) -> T:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = build_outside_graph_pool(build, device)
+        self._plans[key] = plan
+        if len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
