@@ -68,6 +68,20 @@ def load_decode_buffers(decoder, manifest: dict, dtype: torch.dtype) -> None:
     decoder.logits = torch.zeros(1, decoder.vocab, dtype=dtype, device=dev)
 
 
+def _require_cuda_provider(ort) -> None:
+    """device="cuda" binds CUDA pointers: refuse up front where that cannot work. A CPU-only onnxruntime
+    would otherwise fall back to the CPU provider with a warning and then be handed device pointers."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ExportError(
+            f"OnnxDecoder(device='cuda') needs ONNX Runtime's CUDAExecutionProvider, but onnxruntime "
+            f"{ort.__version__} offers only {available} (a CPU-only build): the IO binding of CUDA buffers cannot "
+            f"run. Install onnxruntime-gpu (in place of onnxruntime), or decode with device='cpu'")
+    if not torch.cuda.is_available():
+        raise ExportError("OnnxDecoder(device='cuda'): torch sees no CUDA device, so there are no CUDA buffers to "
+                          "bind; decode with device='cpu'")
+
+
 class OnnxDecoder:
     """Loads an export directory into two ONNX Runtime sessions and decodes greedily (batch 1)."""
 
@@ -81,6 +95,8 @@ class OnnxDecoder:
         if self.device.type not in ("cpu", "cuda"):
             raise ExportError(f"OnnxDecoder runs on cpu or cuda, got {self.device}")
         cuda = self.device.type == "cuda"
+        if cuda:
+            _require_cuda_provider(ort)
         self.switch_impl = switch_impl or ("auto" if cuda else "reference")
         self.dtype = _DTYPES[m["spec"]["dtype"]]
         opts = session_options or ort.SessionOptions()
