@@ -6,8 +6,9 @@ phase, rewriting the JSON after each (a run cut short keeps what it finished):
 
   build      on the GPU when there is one (seconds; CPU init of 7B would take minutes);
   reference  PyTorch greedy decode (prompt + new tokens), fp32 with TF32 off, on that device;
-  export     move to the CPU (the exporter path the tests run) and `to_onnx`: time (trace vs save
-             split), on-disk sizes, switched weights counted among the saved step graph's inputs;
+  export     move to the CPU (the exporter path the tests run) and `to_onnx` with external data for
+             both graphs: time (trace vs save split), on-disk sizes, switched weights counted among
+             the saved step graph's inputs;
   check      onnx.checker full check on each file path (the protos are small; the checker reads
              the external-data references, not the weight bytes) and TensorRT parser facts;
   ort_*      the model is dropped, then OnnxDecoder on ONNX Runtime's CPU provider, teacher-forced
@@ -123,7 +124,10 @@ def export_and_count(model, export_dir: Path, capacity: int, rec: Record) -> Non
 
     res = rec.res
     t = time.perf_counter()
-    result = to_onnx(model, export_dir, capacity=capacity, check=False)  # checked below, timed on its own
+    # External data for both graphs: the prologue's embedding inline (0.5 GB at 7B) took 5 s to serialise and
+    # 8 s more to check (measured at 4096 hidden on the CPU), against 0.1 s each as external data.
+    # check=False: checked by check(), timed on its own.
+    result = to_onnx(model, export_dir, capacity=capacity, check=False, external_data=True)
     res["export_s"] = round(time.perf_counter() - t, 2)
     res["export_timings_s"] = result.timings
     sizes = {p.name: p.stat().st_size for p in export_dir.iterdir() if p.is_file()}
@@ -303,7 +307,16 @@ def run(args, rec: Record) -> None:
         res["to_cpu_s"] = round(time.perf_counter() - t, 2)
         rec.log(f"moved to the CPU ({res['to_cpu_s']} s)")
     export_dir = Path(args.export_dir or tempfile.mkdtemp(prefix=f"adafuse_export_{args.preset}_"))
-    res["export_dir"] = str(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    # Every parameter once (the switched weights as the adapters file's pristine copies, not in the step), plus
+    # the embedding again in the prologue: fail now, with the numbers, rather than on a full disk later.
+    expected = res["param_bytes"] + model.embed_tokens.weight.nbytes
+    free = shutil.disk_usage(export_dir).free
+    res["export_dir"], res["export_dir_free_gib"] = str(export_dir), round(free / 2**30, 1)
+    res["export_expected_gib"] = round(expected / 2**30, 1)
+    if free < 1.05 * expected:
+        raise OSError(f"{export_dir} has {free / 2**30:.1f} GiB free, the export needs about "
+                      f"{expected / 2**30:.1f} GiB: choose --export-dir elsewhere")
     export_and_count(model, export_dir, cfg.max_seq_len, rec)
     rec.save("export")
     check(export_dir, rec)
