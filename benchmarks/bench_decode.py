@@ -42,14 +42,17 @@ def build(cfg: af.TinyLlamaConfig) -> af.TinyLlama:
     return model.eval()
 
 
-def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3) -> float:
-    """Median over repeats of ms/token for `steps` greedy decode steps after a prompt."""
+def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3, prefill=None) -> float:
+    """Median over repeats of ms/token for `steps` greedy decode steps after a prompt.
+
+    `prefill` (the eager model) runs the prompt: prefill is excluded from the figure anyway, and a
+    compiled prefill graph of a 32-layer model costs a minute of compile time per prompt length."""
     dev = DEV
     positions = [torch.tensor([p], device=dev) for p in range(prompt_len + steps + 1)]
     prompt = torch.randint(0, 1000, (1, prompt_len), device=dev, generator=torch.Generator(dev).manual_seed(0))
     times = []
     for _ in range(repeats + 1):  # first repeat warms up (compiles, records graphs)
-        logits = step(prompt, torch.arange(prompt_len, device=dev))
+        logits = (prefill or step)(prompt, torch.arange(prompt_len, device=dev))
         nxt = logits[:, -1:].argmax(-1)
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -62,10 +65,10 @@ def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def teacher_forced_logits(step, tokens: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(step, tokens: torch.Tensor, prefill=None) -> torch.Tensor:
     """Logits of each decode step when fed the given token sequence one token at a time."""
     # clone(): under CUDA-graph trees a step's output buffer is overwritten by the next replay.
-    out = [step(tokens[:, :8], torch.arange(8, device=DEV))[:, -1].clone()]
+    out = [(prefill or step)(tokens[:, :8], torch.arange(8, device=DEV))[:, -1].clone()]
     for i in range(8, tokens.shape[1]):
         out.append(step(tokens[:, i:i + 1], torch.tensor([i], device=DEV))[:, -1].clone())
     return torch.stack(out, 1).float()
@@ -82,7 +85,8 @@ def count_switch_kernels(step, cfg) -> dict:
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     switch = [n for n in names if "sgmm" in n.lower() or "cutlass" in n.lower()]
-    return {"kernels_per_step": len(names), "switch_kernels_per_step": len(switch), "switch_kernel_names": sorted(set(switch))}
+    return {"kernels_per_step": len(names), "switch_kernels_per_step": len(switch),
+            "switch_kernel_names": sorted(set(switch)), "kernel_names": sorted(set(names))}
 
 
 PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" would)
@@ -117,7 +121,7 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__, "preset": args.preset,
            "targets": args.targets, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2,
            "steps": args.steps, "method": "wall clock (synchronized) over `steps` greedy batch-1 decode steps after a 16-token "
-           "prompt, median of 3 repeats after one warm-up repeat; compiled = Inductor + CUDA graphs"}
+           "prompt (run by the eager model), median of 3 repeats after one warm-up repeat; compiled = Inductor + CUDA graphs"}
 
     def save() -> None:  # after every phase: a timeout still leaves what was measured
         with open(args.out, "w") as f:
@@ -131,7 +135,7 @@ def main() -> None:
         torch._dynamo.reset()
         t1 = time.time()
         compiled = torch.compile(model, mode="reduce-overhead")
-        res["backbone_compiled_ms"] = decode_ms(compiled, 16, args.steps)
+        res["backbone_compiled_ms"] = decode_ms(compiled, 16, args.steps, prefill=model)
         res["backbone_compile_and_time_s"] = round(time.time() - t1, 1)
         print(res, flush=True)
         save()
@@ -142,7 +146,8 @@ def main() -> None:
         res["adapters_eager_ms"] = decode_ms(model, 16, 16, repeats=2)
         if not args.skip_naive:
             torch._dynamo.reset()
-            res["adapters_torch_compile_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), 16, args.steps)
+            res["adapters_torch_compile_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), 16, args.steps,
+                                                        prefill=model)
         print(res, flush=True)
         save()
         # bf16 tolerance, calibrated: the eager bf16 model's own error against an fp32 copy of it.
@@ -163,12 +168,12 @@ def main() -> None:
             fused = torch.compile(model, backend="adafuse", options=options)
             t1 = time.time()
             try:
-                res[f"adafuse_{name}_ms"] = decode_ms(fused, 16, args.steps)
+                res[f"adafuse_{name}_ms"] = decode_ms(fused, 16, args.steps, prefill=model)
                 res[f"adafuse_{name}_compile_and_time_s"] = round(time.time() - t1, 1)
                 res[f"adafuse_{name}_paths_compiled"] = [r["path"] for r in backend.last_compilations]
                 af.restore(model)
                 model.setup_cache(1)
-                got = teacher_forced_logits(fused, tokens)
+                got = teacher_forced_logits(fused, tokens, prefill=model)
                 af.restore(model)
                 res[f"adafuse_{name}_max_rel_logit_err"] = rel_err(got, ref)
                 res[f"adafuse_{name}_vs_fp32_max_rel_logit_err"] = rel_err(got, ref32)
@@ -182,8 +187,9 @@ def main() -> None:
             # Launch count without CUDA graphs (graph replay hides kernels from the profiler).
             torch._dynamo.reset()
             model.setup_cache(1)
+            # codegen="eager": the rewritten graph run as is, kernel by kernel (no Inductor compile).
             res["profile"] = count_switch_kernels(
-                torch.compile(model, backend="adafuse", options={"path": "merge", "cudagraphs": False,
+                torch.compile(model, backend="adafuse", options={"path": "merge", "cudagraphs": False, "codegen": "eager",
                                                                  "sgmm_impl": args.impl}), cfg)
             af.restore(model)
     base = res["backbone_compiled_ms"]
