@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
+
 __all__ = ["write_factor_slots_", "reference_write_factor_slots", "make_slots", "validate",
            "clear_plan_cache", "IMPLS"]
 
 IMPLS = ("auto", "reference", "triton")
-_PLAN_CACHE_SIZE = 16  # one plan per set of slot buffers (one per compiled model)
 
 _SCHEMA = ("(Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, float scaling, "
            "Tensor(a!)[] a_slots, Tensor(b!)[] b_slots, str impl=\"auto\") -> ()")
@@ -79,7 +79,7 @@ def reference_write_factor_slots(lora_A, lora_B, experts, gates, scaling, a_slot
 # ------------------------------------------------------------------------------------------
 # Triton plans: built once per set of factors and slot buffers, cached on data_ptrs.
 # ------------------------------------------------------------------------------------------
-_plans: "OrderedDict[tuple, Any]" = OrderedDict()
+_plans = PlanCache()  # built off the CUDA-graph pool: see plan_cache.py
 
 
 def clear_plan_cache() -> None:
@@ -108,26 +108,19 @@ def _plan_key(impl, lora_A, lora_B, experts, a_slots, b_slots) -> tuple:
 def _get_plan(impl, lora_A, lora_B, experts, gates, a_slots, b_slots):
     """A SlotPlan, or "reference" where `auto` cannot take the Triton kernel."""
     key = _plan_key(impl, lora_A, lora_B, experts, a_slots, b_slots)
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
-    validate(lora_A, lora_B, experts, gates, a_slots, b_slots)
-    from adafuse_compile.cutlass_kernels import triton_factor_slots
 
-    why = triton_factor_slots.unsupported_reason(lora_A, lora_B, experts, gates, a_slots, b_slots)
-    if why is None:
-        plan = triton_factor_slots.SlotPlan(lora_A, lora_B, a_slots, b_slots, experts.numel())
-    elif impl == "triton":
-        raise ValueError(f"write_factor_slots_: impl 'triton' cannot take these tensors: {why}")
-    else:
-        warnings.warn(f"write_factor_slots_: Triton kernel not taken ({why}); using the reference",
-                      stacklevel=4)
-        plan = "reference"
-    _plans[key] = plan
-    if len(_plans) > _PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
+    def build():
+        validate(lora_A, lora_B, experts, gates, a_slots, b_slots)
+        from adafuse_compile.cutlass_kernels import triton_factor_slots
+
+        why = triton_factor_slots.unsupported_reason(lora_A, lora_B, experts, gates, a_slots, b_slots)
+        if why is None:
+            return triton_factor_slots.SlotPlan(lora_A, lora_B, a_slots, b_slots, experts.numel())
+        if impl == "triton":
+            raise ValueError(f"write_factor_slots_: impl 'triton' cannot take these tensors: {why}")
+        warnings.warn(f"write_factor_slots_: Triton kernel not taken ({why}); using the reference", stacklevel=4)
+        return "reference"
+    return _plans.get(key, build, lora_A[0].device)
 
 
 def _use_triton(impl: str, lora_A: list[Tensor]) -> bool:
