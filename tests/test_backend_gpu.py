@@ -49,25 +49,33 @@ def test_bf16_parity_under_cuda_graphs(options, targets):
     with torch.no_grad():
         model.setup_cache(1)
         ref = teacher_forced(model, tokens)
+        # bf16's own tolerance, measured: the eager bf16 model against an fp32 copy of itself.
+        model.float()
+        model.setup_cache(1)
+        ref32 = teacher_forced(model, tokens)
+        model.to(torch.bfloat16)
         model.setup_cache(1)
         got = teacher_forced(torch.compile(model, backend="adafuse", options=options), tokens)
     af.restore(model)
     paths = [r["path"] for r in backend.last_compilations]
     decode_path = {"factor": "factor", "gather": "gather"}.get(options.get("path"), "merge")
     assert paths.count(decode_path) >= 1 and paths.count("merge") <= 1, paths
-    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+    bf16_err, err = rel(ref, ref32), rel(got, ref32)
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     drift = max((v.float() - w0[k].float()).abs().max().item() for k, v in model.state_dict().items())
-    print(f"options={options} targets={targets}: max rel logit err {rel:.2e}, argmax agreement {agree:.3f}, "
-          f"max |W - W0| after restore {drift:.2e}")
-    assert rel < 3e-2, rel  # bf16: the merged weight rounds W0 + delta once per step
+    print(f"options={options} targets={targets}: max rel logit err vs fp32 {err:.2e} (eager bf16: {bf16_err:.2e}), "
+          f"vs eager bf16 {rel(got, ref):.2e}, argmax agreement {agree:.3f}, max |W - W0| after restore {drift:.2e}")
+    # Exact paths round like the eager bf16 model does; in place adds the drift of 32 unresynced
+    # switches (H200, 7B q,v shapes: 56 ulp of mean |W| after 100 switches, docs/weights.md).
+    in_place = options.get("exact") is False
+    assert err <= (3.0 if in_place else 1.5) * bf16_err + 1e-3, (err, bf16_err)
     assert agree >= 0.9, agree
-    if options.get("path") in ("factor", "gather"):
-        assert drift == 0.0  # these paths never write the backbone weights
-    elif options.get("exact", True):
-        assert drift == 0.0  # exact mode never rewrites from the drifting weight
-    else:
-        assert drift < 2e-2  # in place: bf16 rounding of W += delta_t - delta_t-1, 32 switches
+    # factor/gather never write W; merge restores W0 exactly (from the pristine device copy, or
+    # in place from the pinned host copy), so the drift ends with the decode.
+    assert drift == 0.0
 
 
 def test_one_switching_launch_per_decode_step():
