@@ -9,7 +9,11 @@ checkpoint n in --counts measures
                        same dtype and kernel: what repeated switching added (zero = no drift),
   output_max_rel_err   max relative error of y = W x on random inputs against an unmerged
                        fp32 reference (W0 x + B(A x) in fp32), the per-layer proxy of logit error,
-(Model-level logit error after many switches is not measured by this script yet.)
+and, with --model, the max relative logit error of a small TinyLlama (q,v adapted) compiled with
+the adafuse backend (merge path, codegen eager) against the same model unmerged in fp32, probed at
+each checkpoint with a one-token step at position 0 (which attends to nothing earlier, so the
+probe does not depend on the decode history); the exact mode's value is the floor (bf16/fp16
+rounding and any router flip), what in place adds above it is drift.
 
     python benchmarks/bench_drift.py --device cpu --shape small --out results/drift_cpu.json
     python benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --out results/drift_h200.json
@@ -82,6 +86,51 @@ def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
     return rows
 
 
+MODEL_CFG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_seq_len=64)
+
+
+@torch.no_grad()
+def run_model(dtype, device, counts, mode, resync_every, impl, seed=0):
+    import copy
+
+    import adafuse_compile as af
+
+    cfg = af.TinyLlamaConfig(**MODEL_CFG)
+    torch.manual_seed(seed)
+    model = af.TinyLlama(cfg).init_weights(std=0.02, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=N, rank=R, top_k=K, alpha=R * SCALING,
+                                      target_modules=("q_proj", "v_proj")))
+    for lin in af.adapted_linears(model).values():
+        lin.lora_B.normal_(std=0.002)
+    ref = copy.deepcopy(model).to(device).float().eval()
+    ref.setup_cache(1)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.setup_cache(1)
+    torch._dynamo.reset()
+    options = {"path": "merge", "codegen": "eager", "sgmm_impl": impl, "exact": mode == "exact"}
+    if mode != "exact":
+        options["resync_every"] = resync_every
+    step = torch.compile(model, backend="adafuse", options=options)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, cfg.vocab_size, (max(counts) + 1,), generator=gen).to(device)
+    probe, pos0 = torch.tensor([[7]], device=device), torch.tensor([0], device=device)
+    want = ref(probe, pos0).float()
+    rows, n = [], 0
+    for target in counts:
+        while n < target - 1:  # the probe below is switch number `target`
+            pos = torch.tensor([1 + n % (cfg.max_seq_len - 1)], device=device)
+            step(tokens[n].view(1, 1), pos)
+            n += 1
+        got = step(probe, pos0).float()
+        n += 1
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        rows.append({"switches": n, "logit_max_rel_err": err})
+        print(f"{'model ' + mode:>22} {str(dtype):>15} n={n:>6}  logit rel err vs fp32 unmerged={err:.2e}", flush=True)
+    af.restore(model)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +139,8 @@ def main() -> None:
     ap.add_argument("--counts", default="1,100,1000,10000")
     ap.add_argument("--resync", type=int, default=64, help="in-place resync interval to test")
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--model", action="store_true", help="also the model-level logit error (small TinyLlama)")
+    ap.add_argument("--skip-weights", action="store_true", help="only the model-level runs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -97,8 +148,15 @@ def main() -> None:
            "torch": torch.__version__, "shape": args.shape, "weights_out_in": SHAPES[args.shape], "experts": N,
            "rank": R, "top_k": K, "scaling": SCALING, "impl": args.impl, "runs": []}
     t0 = time.time()
+    if args.model:
+        res["model"] = {"config": MODEL_CFG, "adapted": ["q_proj", "v_proj"], "runs": []}
     for name in args.dtypes.split(","):
         for mode, resync in (("exact", None), ("inplace", 0), ("inplace_resync", args.resync)):
+            if args.model:
+                rows = run_model(DTYPES[name], args.device, counts, mode, resync, args.impl)
+                res["model"]["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows})
+            if args.skip_weights:
+                continue
             rows = run_mode(SHAPES[args.shape], DTYPES[name], args.device, counts, mode, resync, args.impl)
             res["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows})
             res["wall_s"] = round(time.time() - t0, 1)

@@ -32,6 +32,8 @@ from torch import Tensor
 # ONE fresh switch to the same experts, in-place drift reaches 2.9e-3 (23 ulp of mean |W|) after
 # 64 switches in bf16 and 4.1e-2 (330 ulp) after 10,000; fp16 4.3e-4 (27 ulp) and 6.5e-3 (420 ulp).
 # Resyncing every 64 switches kept it at or below 2.9e-3 / 4.3e-4 (about 27 ulp) up to 10,000.
+# On the H200 at Llama-2-7B q,v shapes (64 x 4096x4096): at most 4.4e-3 bf16 / 6.1e-4 fp16 (40 ulp)
+# with resync 64, against 7.2e-2 / 8.7e-3 after 10,000 without (benchmarks/results/drift_h200_*.json).
 DEFAULT_RESYNC_EVERY = 64
 
 # Which SwitchState last merged into a weight is kept on the weight itself (weakly), so any model
