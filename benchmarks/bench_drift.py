@@ -86,29 +86,39 @@ def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
     return rows
 
 
-MODEL_CFG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_seq_len=64)
+MODEL_PRESETS = {
+    "small": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_seq_len=64),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_seq_len=64),
+}
 
 
 @torch.no_grad()
-def run_model(dtype, device, counts, mode, resync_every, impl, seed=0):
+def run_model(dtype, device, counts, mode, resync_every, impl, preset="small", codegen="eager", seed=0):
     import copy
 
     import adafuse_compile as af
 
-    cfg = af.TinyLlamaConfig(**MODEL_CFG)
+    cfg = af.TinyLlamaConfig(**MODEL_PRESETS[preset])
     torch.manual_seed(seed)
-    model = af.TinyLlama(cfg).init_weights(std=0.02, seed=seed)
+    with torch.device(device):  # a 7B model is built on the GPU (minutes of CPU init otherwise)
+        model = af.TinyLlama(cfg)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            p.data.normal_(std=0.02)
     af.inject(model, af.AdaFuseConfig(num_experts=N, rank=R, top_k=K, alpha=R * SCALING,
                                       target_modules=("q_proj", "v_proj")))
     for lin in af.adapted_linears(model).values():
         lin.lora_B.normal_(std=0.002)
-    ref = copy.deepcopy(model).to(device).float().eval()
+    ref = copy.deepcopy(model).float().eval()
     ref.setup_cache(1)
     model = model.to(device=device, dtype=dtype).eval()
     model.setup_cache(1)
     torch._dynamo.reset()
-    options = {"path": "merge", "codegen": "eager", "sgmm_impl": impl, "exact": mode == "exact"}
+    # codegen="inductor" with CUDA graphs for the 7B preset: 10,000 eager-FX steps take too long there.
+    options = {"path": "merge", "codegen": codegen, "sgmm_impl": impl, "exact": mode == "exact",
+               "cudagraphs": codegen == "inductor" and device == "cuda"}
     if mode != "exact":
         options["resync_every"] = resync_every
     step = torch.compile(model, backend="adafuse", options=options)
@@ -122,12 +132,14 @@ def run_model(dtype, device, counts, mode, resync_every, impl, seed=0):
             pos = torch.tensor([1 + n % (cfg.max_seq_len - 1)], device=device)
             step(tokens[n].view(1, 1), pos)
             n += 1
-        got = step(probe, pos0).float()
+        got = step(probe, pos0).float().clone()
         n += 1
         err = ((got - want).abs().max() / want.abs().max()).item()
         rows.append({"switches": n, "logit_max_rel_err": err})
         print(f"{'model ' + mode:>22} {str(dtype):>15} n={n:>6}  logit rel err vs fp32 unmerged={err:.2e}", flush=True)
     af.restore(model)
+    del model, ref, step
+    torch._dynamo.reset()
     return rows
 
 
@@ -141,6 +153,8 @@ def main() -> None:
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--model", action="store_true", help="also the model-level logit error (small TinyLlama)")
     ap.add_argument("--skip-weights", action="store_true", help="only the model-level runs")
+    ap.add_argument("--model-preset", default="small", choices=sorted(MODEL_PRESETS))
+    ap.add_argument("--model-codegen", default="eager", choices=("eager", "inductor"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -149,11 +163,13 @@ def main() -> None:
            "rank": R, "top_k": K, "scaling": SCALING, "impl": args.impl, "runs": []}
     t0 = time.time()
     if args.model:
-        res["model"] = {"config": MODEL_CFG, "adapted": ["q_proj", "v_proj"], "runs": []}
+        res["model"] = {"preset": args.model_preset, "config": MODEL_PRESETS[args.model_preset], "codegen": args.model_codegen,
+                        "adapted": ["q_proj", "v_proj"], "runs": []}
     for name in args.dtypes.split(","):
         for mode, resync in (("exact", None), ("inplace", 0), ("inplace_resync", args.resync)):
             if args.model:
-                rows = run_model(DTYPES[name], args.device, counts, mode, resync, args.impl)
+                rows = run_model(DTYPES[name], args.device, counts, mode, resync, args.impl, args.model_preset,
+                                 args.model_codegen)
                 res["model"]["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows})
             if args.skip_weights:
                 continue

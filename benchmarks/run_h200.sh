@@ -8,6 +8,8 @@
 #   decode-all  the same for all seven linears                            ~6 min
 #   kernels  SGMM and gather kernel benchmarks                             ~4 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
+#   drift-model  7B-shaped model's logit error after 1..1,000 switches     ~8 min (not yet run)
+#   bench-qv     adafuse bench, 7B q,v, own loop, short protocol            ~9 min (not yet run)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -35,6 +37,13 @@ for stage in "${@:-tests}"; do
   drift)
     timeout 300 python3 benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --counts 1,100,1000,10000 \
       --out "$OUT/drift_h200.json" 2>&1 | tail -30 ;;
+  drift-model)
+    timeout 560 python3 benchmarks/bench_drift.py --device cuda --model --skip-weights --model-preset llama2-7b \
+      --model-codegen inductor --dtypes bf16 --counts 1,100,1000 --out "$OUT/drift_model_h200.json" 2>&1 | tail -12 ;;
+  bench-qv)
+    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prompts 5 --new-tokens 64 --no-progress \
+      --methods backbone,pregated_eager,pregated_inductor,simple_merge,adafuse_merge_cutlass,adafuse_factor,adafuse_auto \
+      --out "$OUT/bench_llama2-7b_qv_own_h200.json" 2>&1 | tail -25 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
