@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sgmm import copy_bandwidth, time_graph  # noqa: E402
+from bench_sgmm import copy_bandwidth, time_eager, time_graph  # noqa: E402
 
 from adafuse_compile.cutlass_kernels import factor_slots as fs  # noqa: E402
 
@@ -49,20 +49,6 @@ def make_inputs(name: str):
     experts = torch.tensor([1, 6], device=dev)
     gates = torch.tensor([0.62, 0.38], device=dev)
     return lora_A, lora_B, experts, gates
-
-
-def time_eager(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def bench(name: str, reps: int, sweep: bool, copy_gbps: float) -> list[dict]:

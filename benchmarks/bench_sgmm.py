@@ -71,6 +71,21 @@ def time_graph(fn, reps: int, warmup: int = 3) -> dict:
             "reps": reps}
 
 
+def time_eager(fn, reps: int, warmup: int = 3) -> float:
+    """Median ms of fn() called eagerly, each call bracketed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def copy_bandwidth(reps: int) -> dict:
     """Device-to-device copy of 4 GiB (bytes read + written), after ~1 s of warm-up copies.
 
@@ -86,21 +101,10 @@ def copy_bandwidth(reps: int) -> dict:
         torch.cuda.synchronize()
     nbytes = 2 * src.numel() * src.element_size()
 
-    def eager(fn):
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-
     ways = {
         "copy_graph": time_graph(lambda: dst.copy_(src), reps)["median_ms"],
-        "copy_eager": eager(lambda: dst.copy_(src)),
-        "mul_kernel_eager": eager(lambda: torch.mul(src, 1, out=dst)),
+        "copy_eager": time_eager(lambda: dst.copy_(src), reps, warmup=0),
+        "mul_kernel_eager": time_eager(lambda: torch.mul(src, 1, out=dst), reps, warmup=0),
     }
     out = {k: {"median_ms": v, "GBps": nbytes / (v * 1e-3) / 1e9} for k, v in ways.items()}
     best = max(out, key=lambda k: out[k]["GBps"])
