@@ -29,8 +29,8 @@ PASSES = [
     ("detect_adapters", detect_adapters),
     ("prove_pregating", prove_pregating),
     ("hoist_routing", hoist_routing),
-    ("rewrite_switch", rewrite_switch),  # one-token decode steps: merge
-    ("rewrite_factor", rewrite_factor),  # one-token decode steps with path="factor": slots
+    ("rewrite_switch", rewrite_switch),  # one-token decode steps, path="merge" or auto's choice: merge
+    ("rewrite_factor", rewrite_factor),  # one-token decode steps, path="factor" or auto's choice: slots
     ("rewrite_gather", rewrite_gather),  # everything else: fused per-token gather, unmerged
 ]
 
@@ -96,6 +96,9 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
                   "rewritten": "adafuse_switch" in analysis,  # one switching call, no adapter branch
                   "path": ("merge" if "adafuse_switch" in analysis else "factor" if "adafuse_factor" in analysis
                            else "gather" if "adafuse_gather_groups" in analysis else None),
+                  # path="auto": the chosen path, the cost model's estimates and their costs' source
+                  "path_decision": (analysis["adafuse_path_decision"].describe()
+                                    if "adafuse_path_decision" in analysis else None),
                   "graph": work}
         last_compilations.append(record)
         reason = analysis.get("adafuse_stop")

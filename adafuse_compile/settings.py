@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .runtime.cost_model import validate_overrides
+
 PATHS = ("merge", "factor", "gather", "auto")
 AVAILABLE_PATHS = PATHS
 CODEGENS = ("inductor", "eager")
@@ -19,9 +21,15 @@ class AdaFuseOptionsError(ValueError):
 class BackendSettings:
     # merge: one-token steps merge, others stay eager-unmerged; factor: one-token steps read their
     # experts from fixed slots (W untouched), others gather; gather: every step unmerged through the
-    # fused gather op; auto: merge one-token decode steps, gather the rest (a fixed rule for now,
-    # not yet the measured cost model)
+    # fused gather op; auto: one-token decode steps merge or use the slots, whichever the cost
+    # model (runtime/cost_model.py) estimates faster; multi-token steps gather
     path: str = "auto"
+    # auto only: measure the cost model's copy bandwidth and small-kernel cost on this GPU once
+    # (cached on disk); False, or ADAFUSE_CALIBRATE=0, uses the documented H200 defaults
+    calibrate: bool = True
+    # auto only: cost parameters to use instead of the calibrated/default ones, any of
+    # runtime.cost_model.COST_PARAMETERS, e.g. {"launch_s": 3e-6}; stored as sorted (key, value) pairs
+    auto_costs: dict | tuple | None = None
     # Merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of the adapted weights.
     # None: exact unless that copy exceeds pristine_memory_fraction of free GPU memory.
     exact: bool | None = None
@@ -44,6 +52,15 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"pristine_memory_fraction must be in (0, 1], got {self.pristine_memory_fraction!r}")
         if self.resync_every is not None and (not isinstance(self.resync_every, int) or self.resync_every < 0):
             raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
+        if self.calibrate not in (True, False):
+            raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
+        if self.auto_costs is not None:
+            costs = dict(self.auto_costs) if isinstance(self.auto_costs, tuple) else self.auto_costs
+            try:
+                validate_overrides(costs)
+            except ValueError as exc:
+                raise AdaFuseOptionsError(str(exc)) from None
+            object.__setattr__(self, "auto_costs", tuple(sorted(costs.items())))  # frozen and hashable
         if self.cudagraphs not in (None, True, False):
             raise AdaFuseOptionsError(f"cudagraphs must be True, False or None, got {self.cudagraphs!r}")
 

@@ -5,8 +5,8 @@
              y_l = linear(x_l, W_l) + linear(linear(x_l, a_slot_l), b_slot_l)               (each l)
 
 Exact by construction (the backbone weights are never written, so there is nothing to restore),
-and the slots are static buffers, so the step replays under CUDA graphs. Only with path="factor"
-until its speed against merge is measured (DESIGN.md section 4 calls it a hypothesis).
+and the slots are static buffers, so the step replays under CUDA graphs. With path="factor", or
+with path="auto" when the cost model estimates it faster than merge (passes/path_policy.py).
 """
 from __future__ import annotations
 
@@ -19,11 +19,17 @@ import torch.nn.functional as F
 from ..cutlass_kernels import factor_slots
 from ..settings import BackendSettings
 from .manager import clean_up, note
+from .path_policy import decide_path
 from .regions import graph_inputs, regions_of
 
 
 def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
-    if settings.path != "factor" or "adafuse_switch" in gm.meta:
+    if "adafuse_switch" in gm.meta:
+        return gm
+    if settings.path == "auto":
+        if decide_path(gm, settings).path != "factor":
+            return gm
+    elif settings.path != "factor":
         return gm
     regions = regions_of(gm)
     if any(r.tokens != 1 for r in regions):

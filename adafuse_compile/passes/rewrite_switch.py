@@ -6,7 +6,9 @@
 
 Only for a decode step of one token: merging one token's experts into W would be wrong for any
 other token of the step, so multi-token steps (prefill, batch > 1) are left to rewrite_gather
-(or, with path="merge", stay on the eager unmerged adapter path, exact either way).
+(or, with path="merge", stay on the eager unmerged adapter path, exact either way). With
+path="auto" a one-token step merges only when the cost model estimates merge faster than the
+factor path (passes/path_policy.py).
 The previous step's experts/gates and the pristine copies enter as extra graph inputs (static
 buffers owned by the model's SwitchState), so the unmerge is right under CUDA-graph replay.
 """
@@ -19,6 +21,7 @@ from ..cutlass_kernels import ops  # noqa: F401  (registers torch.ops.adafuse.sg
 from ..runtime.switch_state import switch_state_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
+from .path_policy import decide_path
 from .regions import graph_inputs, regions_of
 
 
@@ -33,6 +36,7 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     if settings.path in ("gather", "factor"):
         note(gm, f"rewrite_switch: path={settings.path!r} asked for: no merge")
         return gm
+    decision = decide_path(gm, settings) if settings.path == "auto" else None
     multi = [r for r in regions if r.tokens != 1]
     if multi:
         count = multi[0].tokens if multi[0].tokens is not None else "a dynamic number of"
@@ -40,6 +44,9 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         if settings.path == "merge":
             return stop(gm, f"{why}; compiled with the exact unmerged adapter path", expected=True)
         note(gm, f"rewrite_switch: {why}; left to rewrite_gather")
+        return gm
+    if decision is not None and decision.path != "merge":
+        note(gm, f"rewrite_switch: the auto policy chose {decision.path}: no merge")
         return gm
     scalings = {r.factors["scaling"] for r in regions}
     if len(scalings) != 1:
