@@ -264,6 +264,13 @@ def measure(device: torch.device) -> Costs:
                  source="calibrated on this GPU (sgmm_fraction: H200 default)")
 
 
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a CPU-only build of torch
+        return False
+
+
 def device_costs(device: torch.device, calibrate: bool = True) -> Costs:
     """The cost parameters for `device`: calibrated (once per process, cached on disk) or the defaults.
 
@@ -285,7 +292,7 @@ def device_costs(device: torch.device, calibrate: bool = True) -> Costs:
         return _process_costs[key]
     costs = load_cached(key)
     if costs is None:
-        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        if _capturing() or torch.compiler.is_compiling():
             log.info("adafuse: auto policy inside a CUDA-graph capture or a trace: not calibrating; "
                      "documented H200 defaults")
             return DEFAULT_COSTS
