@@ -105,7 +105,7 @@ def test_cache_round_trip(tmp_path):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """device_costs on a pretend CUDA device: measure() counts its calls instead of timing."""
+    """calibrate on a pretend CUDA device: measure() counts its calls instead of timing."""
     calls = []
 
     def measure(device):
@@ -120,25 +120,25 @@ def fake_gpu(monkeypatch):
 
 def test_calibrates_once_per_process_then_loads_the_cache(fake_gpu, monkeypatch):
     gpu = torch.device("cuda", 0)
-    first = cm.device_costs(gpu)
+    first = cm.calibrate(gpu)
     assert first.launch_s == 3e-6 and len(fake_gpu) == 1
-    assert cm.device_costs(gpu) is first and len(fake_gpu) == 1  # once per process
+    assert cm.calibrate(gpu) is first and len(fake_gpu) == 1  # once per process
     monkeypatch.setattr(cm, "_process_costs", {})  # a new process
-    again = cm.device_costs(gpu)
+    again = cm.calibrate(gpu)
     assert len(fake_gpu) == 1 and "cached calibration" in again.source and again.launch_s == 3e-6
 
 
 def test_no_calibration_on_cpu_when_disabled_capturing_or_failing(fake_gpu, monkeypatch, caplog):
     gpu = torch.device("cuda", 0)
     with caplog.at_level(logging.INFO, logger="adafuse_compile"):
-        assert cm.device_costs(torch.device("cpu")) is cm.DEFAULT_COSTS
+        assert cm.calibrate(torch.device("cpu")) is cm.DEFAULT_COSTS
         assert "no CUDA device" in caplog.text
-        assert cm.device_costs(gpu, calibrate=False) is cm.DEFAULT_COSTS
+        assert cm.calibrate(gpu, enabled=False) is cm.DEFAULT_COSTS
         monkeypatch.setenv(cm.CALIBRATE_ENV, "0")
-        assert cm.device_costs(gpu) is cm.DEFAULT_COSTS
+        assert cm.calibrate(gpu) is cm.DEFAULT_COSTS
         monkeypatch.delenv(cm.CALIBRATE_ENV)
         monkeypatch.setattr(cm, "_capturing", lambda: True)
-        assert cm.device_costs(gpu) is cm.DEFAULT_COSTS and "capture" in caplog.text
+        assert cm.calibrate(gpu) is cm.DEFAULT_COSTS and "capture" in caplog.text
         assert not fake_gpu and not cm._process_costs  # nothing measured, nothing remembered
         monkeypatch.setattr(cm, "_capturing", lambda: False)
 
@@ -146,7 +146,7 @@ def test_no_calibration_on_cpu_when_disabled_capturing_or_failing(fake_gpu, monk
             raise RuntimeError("no graphs here")
 
         monkeypatch.setattr(cm, "measure", broken)
-        assert cm.device_costs(gpu) is cm.DEFAULT_COSTS
+        assert cm.calibrate(gpu) is cm.DEFAULT_COSTS
         assert "calibration failed (RuntimeError: no graphs here)" in caplog.text
 
 

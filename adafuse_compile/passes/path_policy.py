@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..runtime.cost_model import DEFAULT_COSTS, Costs, Decision, StepShape, choose_path, device_costs
+from ..runtime.cost_model import DEFAULT_COSTS, Costs, Decision, StepShape, calibrate, choose_path
 from ..settings import BackendSettings
 from .manager import note
 from .regions import graph_inputs, regions_of
@@ -41,7 +41,7 @@ def step_costs(gm: fx.GraphModule, settings: BackendSettings) -> Costs:
     if set(overrides) >= {"copy_bytes_per_s", "launch_s", "sgmm_fraction"}:
         return DEFAULT_COSTS.with_overrides(overrides)  # nothing left to measure
     device = graph_inputs(gm)[regions_of(gm)[0].weight].device
-    return device_costs(device, settings.calibrate).with_overrides(overrides)
+    return calibrate(device, settings.calibrate).with_overrides(overrides)
 
 
 def decide_path(gm: fx.GraphModule, settings: BackendSettings) -> Decision:

@@ -29,15 +29,16 @@ Three parameters, `Costs`. Their defaults and where they come from (H200, this r
   graph) at 1.15x (q,v) and 1.51x (all seven) of the compiled 7B backbone (4.98 ms,
   decode_llama2-7b_qv_h200.json): +0.75 ms over 128 small GEMVs and +2.54 ms over 448, minus
   their bytes, is 5.6 and 5.3 us per GEMV. It is the cost of one small dependent kernel inside a
-  CUDA graph beyond its bytes, which is what `calibrate` measures on the user's GPU.
+  CUDA graph beyond its bytes, which is what `measure` times on the user's GPU.
 
 Sanity check against the measured 7B q,v decode (adafuse merge exact 6.32 ms/token against the
 compiled backbone's 4.98 ms: +1.33 ms): the merge estimate is 4.43 GB / (0.78 * 4.26 TB/s)
 + 2 launches = 1.34 ms.
 
-`device_costs(device)` calibrates once per process per device (a large copy for the bandwidth,
-a CUDA graph of small GEMVs for launch_s, about 0.5 s), caches the result as JSON under
-$XDG_CACHE_HOME/adafuse_compile/ (default ~/.cache/adafuse_compile/) keyed by GPU name, torch
+`calibrate(device)` measures once per process per device (a 256 MiB copy for the bandwidth,
+a CUDA graph of 128 small GEMVs for launch_s, on a helper thread; tens of milliseconds of GPU work
+plus cuBLAS start-up, not yet timed on a GPU), caches the result as JSON under
+$XDG_CACHE_HOME/adafuse_compile/costs.json (default ~/.cache/...) keyed by GPU name, torch
 version and CUDA version, and loads it on the next run. On a CPU, with ADAFUSE_CALIBRATE=0, or
 when measuring fails, it returns the defaults above and logs why. Nothing is measured at import.
 """
@@ -49,6 +50,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,21 +231,22 @@ def _elapsed_s(fn, reps: int) -> float:
 
 
 def measure(device: torch.device) -> Costs:
-    """Copy bandwidth and the small-kernel cost inside a CUDA graph, on `device` (about 0.5 s).
+    """Copy bandwidth and the small-kernel cost inside a CUDA graph, on `device`.
 
     launch_s is timed on what the factor path launches: a chain of 1 x 4096 -> 128 -> 4096 bf16
     GEMVs captured in one CUDA graph, per kernel, less its bytes at the measured bandwidth.
     """
     with torch.cuda.device(device):
-        src = torch.empty(128 * 2**20, dtype=torch.uint8, device=device)  # 128 MiB each way
+        src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 256 MiB each way, past the L2
         dst = torch.empty_like(src)
         dst.copy_(src)
         copy_s = _elapsed_s(lambda: dst.copy_(src), 10)
         bandwidth = 2 * src.numel() / copy_s
         del src, dst
-        a = torch.randn(128, 4096, dtype=torch.bfloat16, device=device) * 0.01
-        b = torch.randn(4096, 128, dtype=torch.bfloat16, device=device) * 0.01
-        x = torch.randn(1, 4096, dtype=torch.bfloat16, device=device)
+        # Constants, not random: calibration must not advance the user's RNG. y stays 1.
+        a = torch.full((128, 4096), 1 / 4096, dtype=torch.bfloat16, device=device)
+        b = torch.full((4096, 128), 1 / 128, dtype=torch.bfloat16, device=device)
+        x = torch.ones(1, 4096, dtype=torch.bfloat16, device=device)
         pairs = 64
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -264,6 +267,18 @@ def measure(device: torch.device) -> Costs:
                  source="calibrated on this GPU (sgmm_fraction: H200 default)")
 
 
+def _on_helper_thread(fn, device: torch.device) -> Costs:
+    """Measure on a fresh thread: none of the compiling thread's modes (fake tensors, grad, an
+    Inductor CUDA-graph pool routing its allocations, see cutlass_kernels/plan_cache.py) apply."""
+
+    def run() -> Costs:
+        with torch.no_grad():
+            return fn(device)  # plain floats, read after an event synchronize
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
+
+
 def _capturing() -> bool:
     try:
         return torch.cuda.is_current_stream_capturing()
@@ -271,7 +286,7 @@ def _capturing() -> bool:
         return False
 
 
-def device_costs(device: torch.device, calibrate: bool = True) -> Costs:
+def calibrate(device: torch.device, enabled: bool = True) -> Costs:
     """The cost parameters for `device`: calibrated (once per process, cached on disk) or the defaults.
 
     Call at compile time only: never inside a CUDA-graph capture (it then returns the cache or
@@ -281,7 +296,7 @@ def device_costs(device: torch.device, calibrate: bool = True) -> Costs:
     if device.type != "cuda":
         log.info("adafuse: auto policy on %s: no CUDA device to calibrate; documented H200 defaults", device)
         return DEFAULT_COSTS
-    if not calibrate or os.environ.get(CALIBRATE_ENV, "1") == "0":
+    if not enabled or os.environ.get(CALIBRATE_ENV, "1") == "0":
         log.info("adafuse: auto policy calibration disabled (calibrate=False or %s=0); documented H200 defaults",
                  CALIBRATE_ENV)
         return DEFAULT_COSTS
@@ -297,11 +312,8 @@ def device_costs(device: torch.device, calibrate: bool = True) -> Costs:
                      "documented H200 defaults")
             return DEFAULT_COSTS
         try:
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
             t0 = time.perf_counter()
-            with unset_fake_temporarily(), torch.no_grad():
-                costs = measure(device)
+            costs = _on_helper_thread(measure, device)
             log.info("adafuse: auto policy calibrated %s in %.2f s: %.0f GB/s copy, %.2f us per small kernel",
                      key, time.perf_counter() - t0, costs.copy_bytes_per_s / 1e9, costs.launch_s * 1e6)
             save_cached(key, costs)
