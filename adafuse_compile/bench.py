@@ -285,14 +285,18 @@ def _init_adapters(model: nn.Module, spec: Spec) -> None:
 
 
 def own_config(spec: Spec, max_seq_len: int) -> TinyLlamaConfig:
-    m = spec.model
+    if spec.family == "qwen2":
+        raise ValueError("the package's TinyLlama has no q/k/v bias (Qwen2); use --loop hf")
+    return tiny_llama_config(spec.model, max_seq_len)
+
+
+def tiny_llama_config(m: dict, max_seq_len: int) -> TinyLlamaConfig:
+    """The package's TinyLlama with a Hugging Face Llama-style shape dict (e.g. LLAMA2_7B)."""
     heads = m["num_attention_heads"]
     head_dim = m.get("head_dim") or m["hidden_size"] // heads
     if head_dim * heads != m["hidden_size"]:
         raise ValueError(f"head_dim={head_dim} x heads={heads} != hidden_size={m['hidden_size']}: "
                          f"the package's TinyLlama needs hidden = heads x head_dim")
-    if spec.family == "qwen2":
-        raise ValueError("the package's TinyLlama has no q/k/v bias (Qwen2); use --loop hf")
     return TinyLlamaConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
                            intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_hidden_layers"],
                            num_attention_heads=heads, num_key_value_heads=m.get("num_key_value_heads") or heads,

@@ -19,10 +19,10 @@ import torch
 
 import adafuse_compile as af
 from adafuse_compile import backend
+from adafuse_compile.bench import LLAMA2_7B, tiny_llama_config
 
 PRESETS = {
-    "llama2-7b": af.TinyLlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                    num_attention_heads=32, num_key_value_heads=32, max_seq_len=512),
+    "llama2-7b": tiny_llama_config(LLAMA2_7B, max_seq_len=512),
     "tiny": af.TinyLlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_seq_len=128),
     "small": af.TinyLlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,

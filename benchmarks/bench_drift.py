@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from adafuse_compile.bench import LLAMA2_7B, tiny_llama_config
 from adafuse_compile.cutlass_kernels.ops import sgmm_switch_
 from adafuse_compile.runtime.switch_state import SwitchState
 
@@ -89,8 +90,7 @@ def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
 MODEL_PRESETS = {
     "small": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_seq_len=64),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_seq_len=64),
+    "llama2-7b": dict(LLAMA2_7B, max_seq_len=64),
 }
 
 
@@ -100,7 +100,8 @@ def run_model(dtype, device, counts, mode, resync_every, impl, preset="small", c
 
     import adafuse_compile as af
 
-    cfg = af.TinyLlamaConfig(**MODEL_PRESETS[preset])
+    shape = MODEL_PRESETS[preset]
+    cfg = tiny_llama_config(shape, shape["max_seq_len"])
     torch.manual_seed(seed)
     with torch.device(device):  # a 7B model is built on the GPU (minutes of CPU init otherwise)
         model = af.TinyLlama(cfg)

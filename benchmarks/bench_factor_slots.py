@@ -26,12 +26,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sgmm import copy_bandwidth, time_eager, time_graph  # noqa: E402
+from bench_sgmm import (  # noqa: E402
+    FFN, HIDDEN, LAYERS, N_EXPERTS, RANK, TOP_K, copy_bandwidth, time_eager, time_graph, run_header)
 
 from adafuse_compile.cutlass_kernels import factor_slots as fs  # noqa: E402
 
-LAYERS, HIDDEN, FFN = 32, 4096, 11008
-N_EXPERTS, RANK, TOP_K, SCALING = 8, 64, 2, 0.5
+SCALING = 0.5
 SETS = {  # per layer, (out, in)
     "qv": [(HIDDEN, HIDDEN)] * 2,
     "all7": [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN)] * 2 + [(HIDDEN, FFN)],
@@ -105,10 +105,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP tile configs")
     a = ap.parse_args(argv)
     results = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
-        "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
-                  "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"},
+        **run_header(),
         "bytes_note": "read the k experts' A and B + write the slots, per linear "
                       "2 * k * r * (in + out) * 2 bytes",
         "timing_note": "graph_ms: one call captured in a CUDA graph, median of replays; "

@@ -31,12 +31,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sgmm import copy_bandwidth, time_graph  # noqa: E402
+from bench_sgmm import (  # noqa: E402
+    FFN, HIDDEN, LAYERS, N_EXPERTS, RANK, TOP_K, copy_bandwidth, time_graph, run_header)
 
 from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
 
-LAYERS, HIDDEN, FFN = 32, 4096, 11008
-N_EXPERTS, RANK, TOP_K = 8, 64, 2
 GROUPS = {"qkv": [HIDDEN] * 3, "gate_up": [FFN] * 2}
 TOKENS = (1, 8, 32, 128, 512)
 # --sweep: Triton config overrides tried on top of the shape-picked default (plan.config).
@@ -139,10 +138,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time the Triton SWEEP configs")
     a = ap.parse_args(argv)
     results = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
-        "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
-                  "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"},
+        **run_header(),
         "bytes_note": "read x + read A,B rows of the distinct experts used + write deltas; "
                       "h (fp32 intermediate) apart in h_bytes",
         "timing_note": "32 layers (own factors each) in one CUDA graph; per-call = total / 32",

@@ -44,6 +44,14 @@ def shapes_for(adapted: str) -> list[tuple[int, int]]:
     return per_layer * LAYERS
 
 
+def run_header() -> dict:
+    """GPU, versions and the Llama-2-7B adapter shape: the head of every kernel benchmark's JSON."""
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
+            "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
+                      "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"}}
+
+
 def time_graph(fn, reps: int, warmup: int = 3) -> dict:
     """Capture fn() in a CUDA graph, replay `reps` times; median/min/max ms (CUDA events)."""
     s = torch.cuda.Stream()
@@ -242,10 +250,7 @@ def main(argv=None):
     except Exception as exc:
         variants, build_error = [], str(exc)[-4000:]
     results = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
-        "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
-                  "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"},
+        **run_header(),
         "build_s": time.time() - t0, "cutlass_build_error": build_error,
         "bytes_note": "inplace: read W + write W + 2k gathered factors; pristine: read W0 + "
                       "write W + k gathered factors",

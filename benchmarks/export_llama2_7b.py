@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 import adafuse_compile as af
+from adafuse_compile.bench import LLAMA2_7B, tiny_llama_config
 
 PRESETS = {
-    # Llama-2-7B's shape (benchmarks/bench_decode.py), KV capacity 64: the weights dominate, not the cache.
-    "llama2-7b": af.TinyLlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                    num_attention_heads=32, num_key_value_heads=32, max_seq_len=64),
+    # Llama-2-7B's shape (adafuse_compile.bench.LLAMA2_7B), KV capacity 64: the weights dominate, not the cache.
+    "llama2-7b": tiny_llama_config(LLAMA2_7B, max_seq_len=64),
     # 7B's vocab and heads at half the width and a quarter of the layers: 2.1 GiB fp32, still over the
     # 1.5 GiB external-data threshold (the point the 7B estimate was extrapolated from).
     "medium": af.TinyLlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=8,
