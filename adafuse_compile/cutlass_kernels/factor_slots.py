@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor

@@ -21,7 +21,6 @@ Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor

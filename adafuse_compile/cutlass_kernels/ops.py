@@ -18,13 +18,12 @@ Importable on a CPU-only machine with neither Triton nor CUTLASS: those load laz
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
-
 from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
 
 __all__ = ["sgmm_switch_", "simple_merge_switch_", "IMPLS", "clear_plan_cache"]
