@@ -1,17 +1,25 @@
-"""Decode latency of the adafuse backend against the compiled backbone, on one GPU (issue 3's figure).
+"""Decode and prefill speed of the adafuse backend's paths against the compiled backbone, one GPU.
 
-Builds a Llama-shaped TinyLlama (random bf16 weights, std 0.02; expert B std 0.002), then times
-decode ms/token (CUDA events, batch 1, after warm-up) for: the backbone eager and compiled
-(Inductor + CUDA graphs), the pre-gated model eager and under plain torch.compile, and the
-adafuse backend (merge path). Also checks adafuse logits against eager (teacher-forced, same
-tokens), and counts switching-kernel launches per decode step with the torch profiler.
+Builds a Llama-shaped TinyLlama (random bf16 weights, std 0.02; expert B std 0.002; N=8, r=64,
+top-2), then measures, phase by phase (JSON saved after each, so a timeout keeps what ran):
+  b1      batch-1 decode ms/token with a 512-position KV cache (prompt of --prompt-len, run by the
+          eager model, then --steps greedy steps) for the backbone eager and compiled (Inductor +
+          CUDA graphs), the pre-gated model eager and under plain torch.compile (the naive model),
+          and each adafuse path (merge exact, factor, gather, auto); plus each path's logits
+          against eager bf16 and fp32 (teacher forced) and the torch profiler's kernel count
+  batch   decode ms/token (per step, all sequences) at each --batches size: backbone compiled
+          and adafuse auto (which picks gather for multi-token steps; the path it compiled is
+          recorded)
+  prefill tokens/s of a --prefill-len prompt through the compiled graph: backbone and auto
 
     python benchmarks/bench_decode.py --preset llama2-7b --targets qv --out results.json
+    python benchmarks/bench_decode.py --device cpu --preset tiny --out /tmp/smoke.json   # CPU smoke
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -22,7 +30,7 @@ from adafuse_compile import backend
 from adafuse_compile.bench import LLAMA2_7B, tiny_llama_config
 
 PRESETS = {
-    "llama2-7b": tiny_llama_config(LLAMA2_7B, max_seq_len=512),
+    "llama2-7b": tiny_llama_config(LLAMA2_7B, max_seq_len=512),  # the KV cache every step attends over
     "tiny": af.TinyLlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_seq_len=128),
     "small": af.TinyLlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
@@ -42,27 +50,44 @@ def build(cfg: af.TinyLlamaConfig) -> af.TinyLlama:
     return model.eval()
 
 
-def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3, prefill=None) -> float:
-    """Median over repeats of ms/token for `steps` greedy decode steps after a prompt.
+def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3, prefill=None, batch: int = 1) -> float:
+    """Median over repeats of ms per decode step (all `batch` sequences) for `steps` greedy steps.
 
     `prefill` (the eager model) runs the prompt: prefill is excluded from the figure anyway, and a
     compiled prefill graph of a 32-layer model costs a minute of compile time per prompt length."""
     dev = DEV
     positions = [torch.tensor([p], device=dev) for p in range(prompt_len + steps + 1)]
-    prompt = torch.randint(0, 1000, (1, prompt_len), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    prompt = torch.randint(0, 1000, (batch, prompt_len), device=dev, generator=torch.Generator(dev).manual_seed(0))
     times = []
     for _ in range(repeats + 1):  # first repeat warms up (compiles, records graphs)
         logits = (prefill or step)(prompt, torch.arange(prompt_len, device=dev))
         nxt = logits[:, -1:].argmax(-1)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for i in range(steps):
             nxt = step(nxt, positions[prompt_len + i])[:, -1:].argmax(-1)
-        if dev == "cuda":
-            torch.cuda.synchronize()  # CPU-side clock over many steps: the synchronizes bracket the work
+        sync()  # CPU-side clock over many steps: the synchronizes bracket the work
         times.append((time.perf_counter() - t) * 1000 / steps)
     return statistics.median(times[1:])
+
+
+def prefill_tokens_per_s(step, length: int, repeats: int = 5) -> float:
+    """Tokens/s of one `length`-token prompt (batch 1) through `step`, median after one warm-up."""
+    prompt = torch.randint(0, 1000, (1, length), device=DEV, generator=torch.Generator(DEV).manual_seed(2))
+    pos = torch.arange(length, device=DEV)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t = time.perf_counter()
+        step(prompt, pos)
+        sync()
+        times.append(time.perf_counter() - t)
+    return length / statistics.median(times[1:])
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def teacher_forced_logits(step, tokens: torch.Tensor, prefill=None) -> torch.Tensor:
@@ -108,96 +133,165 @@ def main() -> None:
     ap.add_argument("--targets", default="qv", choices=sorted(TARGETS))
     ap.add_argument("--impl", default="auto", help="SGMM implementation for the merge paths")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="decode starts after this many prompt tokens (default: the KV cache less --steps)")
+    ap.add_argument("--phases", default="b1,batch,prefill", help="which of b1, batch, prefill to run, in order")
     ap.add_argument("--skip-naive", action="store_true", help="skip torch.compile of the naive pre-gated model")
     ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")
+    ap.add_argument("--batches", default="8,32", help="decode batch sizes of the batch phase")
+    ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip phases that would start after this")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     global DEV
     DEV = args.device
+    # Every batch size / prompt length is its own static graph (as generate() with a static cache
+    # sees them); automatic dynamic shapes would instead recompile the second shape symbolically.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     cfg = PRESETS[args.preset]
+    prompt_len = args.prompt_len or cfg.max_seq_len - args.steps
     paths = args.paths.split(",") if args.paths else []
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else []
+    phases = args.phases.split(",")
     res = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__, "preset": args.preset,
            "targets": args.targets, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2,
-           "steps": args.steps, "method": "wall clock (synchronized) over `steps` greedy batch-1 decode steps after a 16-token "
-           "prompt (run by the eager model), median of 3 repeats after one warm-up repeat; compiled = Inductor + CUDA graphs"}
+           "steps": args.steps, "prompt_len": prompt_len, "kv_cache_len": cfg.max_seq_len,
+           "method": f"decode: wall clock (synchronized) over `steps` greedy decode steps after a {prompt_len}-token "
+           "prompt (run by the eager model), median of 3 repeats after one warm-up repeat; attention runs over the "
+           f"whole {cfg.max_seq_len}-position KV cache (masked), so every step costs a {cfg.max_seq_len}-long KV; "
+           "prefill: one prompt through the compiled graph, median of 5 after a warm-up; compiled = Inductor + "
+           "CUDA graphs, automatic dynamic shapes off (one static graph per batch size / length)",
+           "skipped": []}
+    t0 = time.time()
 
     def save() -> None:  # after every phase: a timeout still leaves what was measured
+        res["wall_s"] = round(time.time() - t0, 1)
+        base = res.get("backbone_compiled_ms")
+        for k in list(res):  # batch-1 figures over the compiled backbone's (batch ones carry their own ratio)
+            if base and k.endswith("_ms") and not re.search(r"_b\d+_", k):
+                res[k.replace("_ms", "_x_compiled_backbone")] = round(res[k] / base, 3)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    t0 = time.time()
+    def phase(name: str, fn) -> None:
+        """Run one measurement; its failure or the time budget must not lose the others."""
+        if time.time() - t0 > args.budget_s:
+            res["skipped"].append(name)
+            return
+        t1 = time.time()
+        try:
+            fn()
+        except Exception as exc:
+            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        finally:
+            if af.adapted_linears(model):
+                af.restore(model)
+            res.setdefault("phase_s", {})[name] = round(time.time() - t1, 1)
+            print(name, {k: v for k, v in res.items() if k.startswith(name)}, flush=True)
+            save()
+
+    def compile_adafuse(path: str):
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        return torch.compile(model, backend="adafuse", options={**PATHS[path], "cudagraphs": True, "sgmm_impl": args.impl})
+
+    def compiled_paths() -> list:  # per compiled graph: merge / factor / gather, or None (not rewritten)
+        return [r["path"] for r in backend.last_compilations]
+
     model = build(cfg)
     model.setup_cache(1)
     with torch.no_grad():
-        res["backbone_eager_ms"] = decode_ms(model, 16, 16, repeats=2)
-        torch._dynamo.reset()
-        t1 = time.time()
-        compiled = torch.compile(model, mode="reduce-overhead")
-        res["backbone_compiled_ms"] = decode_ms(compiled, 16, args.steps, prefill=model)
-        res["backbone_compile_and_time_s"] = round(time.time() - t1, 1)
-        print(res, flush=True)
-        save()
+        if "b1" in phases:
+            res["backbone_eager_ms"] = decode_ms(model, prompt_len, args.steps, repeats=1)
+            torch._dynamo.reset()
+            res["backbone_compiled_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), prompt_len, args.steps,
+                                                    prefill=model)
+            save()
+        # The backbone's batch and prefill figures are taken before injection (same weights, no adapters).
+        backbone = {}
+        for b in batches if "batch" in phases else []:
+            def backbone_batch(b=b):
+                torch._dynamo.reset()
+                model.setup_cache(b)
+                backbone[f"b{b}"] = res[f"backbone_b{b}_compiled_ms"] = decode_ms(
+                    torch.compile(model, mode="reduce-overhead"), prompt_len, args.steps, prefill=model, batch=b)
+            phase(f"backbone_b{b}", backbone_batch)
+        if "prefill" in phases:
+            def backbone_prefill():
+                torch._dynamo.reset()
+                model.setup_cache(1)
+                res["backbone_prefill_tokens_per_s"] = prefill_tokens_per_s(torch.compile(model, mode="reduce-overhead"),
+                                                                            args.prefill_len)
+            phase("backbone_prefill", backbone_prefill)
+
         af.inject(model, af.AdaFuseConfig(num_experts=8, rank=64, top_k=2, target_modules=TARGETS[args.targets]))
         for lin in af.adapted_linears(model).values():
             lin.lora_B.normal_(std=0.002)
         model.setup_cache(1)
-        res["adapters_eager_ms"] = decode_ms(model, 16, 16, repeats=2)
-        if not args.skip_naive:
-            torch._dynamo.reset()
-            res["adapters_torch_compile_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), 16, args.steps,
-                                                        prefill=model)
-        print(res, flush=True)
-        save()
-        # bf16 tolerance, calibrated: the eager bf16 model's own error against an fp32 copy of it.
-        tokens = torch.randint(0, 1000, (1, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(1))
-        model.setup_cache(1)
-        ref = teacher_forced_logits(model, tokens)
-        model.float()
-        model.setup_cache(1)
-        ref32 = teacher_forced_logits(model, tokens)
-        model.to(torch.bfloat16)
-        res["eager_bf16_vs_fp32_max_rel_logit_err"] = rel_err(ref, ref32)
-        res["eager_bf16_vs_fp32_argmax_agreement"] = (ref.argmax(-1) == ref32.argmax(-1)).float().mean().item()
-        for name in paths:
-            torch._dynamo.reset()
-            backend.last_compilations.clear()
+        if "b1" in phases:
+            res["adapters_eager_ms"] = decode_ms(model, prompt_len, args.steps, repeats=1)
+            if not args.skip_naive:
+                def naive():
+                    torch._dynamo.reset()
+                    model.setup_cache(1)
+                    res["naive_torch_compile_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), prompt_len,
+                                                              args.steps, prefill=model)
+                phase("naive_torch_compile", naive)
+            # bf16 tolerance, calibrated: the eager bf16 model's own error against an fp32 copy of it.
+            tokens = torch.randint(0, 1000, (1, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(1))
             model.setup_cache(1)
-            options = {**PATHS[name], "cudagraphs": True, "sgmm_impl": args.impl}
-            fused = torch.compile(model, backend="adafuse", options=options)
-            t1 = time.time()
-            try:
-                res[f"adafuse_{name}_ms"] = decode_ms(fused, 16, args.steps, prefill=model)
-                res[f"adafuse_{name}_compile_and_time_s"] = round(time.time() - t1, 1)
-                res[f"adafuse_{name}_paths_compiled"] = [r["path"] for r in backend.last_compilations]
-                af.restore(model)
+            ref = teacher_forced_logits(model, tokens)
+            model.float()
+            model.setup_cache(1)
+            ref32 = teacher_forced_logits(model, tokens)
+            model.to(torch.bfloat16)
+            res["eager_bf16_vs_fp32_max_rel_logit_err"] = rel_err(ref, ref32)
+            res["eager_bf16_vs_fp32_argmax_agreement"] = (ref.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+            for name in paths:
+                def b1_path(name=name):
+                    model.setup_cache(1)
+                    fused = compile_adafuse(name)
+                    res[f"adafuse_{name}_ms"] = decode_ms(fused, prompt_len, args.steps, prefill=model)
+                    res[f"adafuse_{name}_paths_compiled"] = compiled_paths()
+                    res[f"adafuse_{name}_path_decisions"] = [r["path_decision"] for r in backend.last_compilations
+                                                             if r["path_decision"]]
+                    af.restore(model)
+                    model.setup_cache(1)
+                    got = teacher_forced_logits(fused, tokens, prefill=model)
+                    res[f"adafuse_{name}_max_rel_logit_err"] = rel_err(got, ref)
+                    res[f"adafuse_{name}_vs_fp32_max_rel_logit_err"] = rel_err(got, ref32)
+                    res[f"adafuse_{name}_argmax_agreement"] = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+                phase(f"adafuse_{name}", b1_path)
+        for b in batches if "batch" in phases else []:
+            def auto_batch(b=b):
+                model.setup_cache(b)
+                res[f"adafuse_auto_b{b}_ms"] = decode_ms(compile_adafuse("auto"), prompt_len, args.steps,
+                                                         prefill=model, batch=b)
+                res[f"adafuse_auto_b{b}_paths_compiled"] = compiled_paths()
+                if f"b{b}" in backbone:
+                    res[f"adafuse_auto_b{b}_x_backbone_b{b}"] = round(res[f"adafuse_auto_b{b}_ms"] / backbone[f"b{b}"], 3)
+            phase(f"adafuse_auto_b{b}", auto_batch)
+        if "prefill" in phases:
+            def auto_prefill():
                 model.setup_cache(1)
-                got = teacher_forced_logits(fused, tokens, prefill=model)
-                af.restore(model)
-                res[f"adafuse_{name}_max_rel_logit_err"] = rel_err(got, ref)
-                res[f"adafuse_{name}_vs_fp32_max_rel_logit_err"] = rel_err(got, ref32)
-                res[f"adafuse_{name}_argmax_agreement"] = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-            except Exception as exc:  # one broken path must not lose the others' figures
-                af.restore(model)
-                res[f"adafuse_{name}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            print({k: v for k, v in res.items() if k.startswith(f"adafuse_{name}")}, flush=True)
-            save()
-        if not args.skip_profile:
-            # Launch count without CUDA graphs (graph replay hides kernels from the profiler).
-            torch._dynamo.reset()
-            model.setup_cache(1)
-            # codegen="eager": the rewritten graph run as is, kernel by kernel (no Inductor compile).
-            res["profile"] = count_switch_kernels(
-                torch.compile(model, backend="adafuse", options={"path": "merge", "cudagraphs": False, "codegen": "eager",
-                                                                 "sgmm_impl": args.impl}), cfg)
-            af.restore(model)
-    base = res["backbone_compiled_ms"]
-    for k in list(res):
-        if k.endswith("_ms"):
-            res[k.replace("_ms", "_x_compiled_backbone")] = round(res[k] / base, 3)
-    res["wall_s"] = round(time.time() - t0, 1)
-    print(json.dumps(res, indent=1))
+                res["adafuse_auto_prefill_tokens_per_s"] = prefill_tokens_per_s(compile_adafuse("auto"), args.prefill_len)
+                res["adafuse_auto_prefill_paths_compiled"] = compiled_paths()
+                if "backbone_prefill_tokens_per_s" in res:
+                    res["adafuse_auto_prefill_x_backbone"] = round(
+                        res["adafuse_auto_prefill_tokens_per_s"] / res["backbone_prefill_tokens_per_s"], 3)
+            phase("adafuse_auto_prefill", auto_prefill)
+        if "b1" in phases and not args.skip_profile and DEV == "cuda":
+            def profile():
+                # Launch count without CUDA graphs (graph replay hides kernels from the profiler);
+                # codegen="eager": the rewritten graph run as is, kernel by kernel (no Inductor compile).
+                torch._dynamo.reset()
+                model.setup_cache(1)
+                res["profile"] = count_switch_kernels(torch.compile(model, backend="adafuse", options={
+                    "path": "merge", "cudagraphs": False, "codegen": "eager", "sgmm_impl": args.impl}), cfg)
+            phase("profile", profile)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("config", "profile")}, indent=1))
     save()
 
 

@@ -9,11 +9,16 @@ checkpoint n in --counts measures
                        same dtype and kernel: what repeated switching added (zero = no drift),
   output_max_rel_err   max relative error of y = W x on random inputs against an unmerged
                        fp32 reference (W0 x + B(A x) in fp32), the per-layer proxy of logit error,
-and, with --model, the max relative logit error of a small TinyLlama (q,v adapted) compiled with
-the adafuse backend (merge path, codegen eager) against the same model unmerged in fp32, probed at
-each checkpoint with a one-token step at position 0 (which attends to nothing earlier, so the
-probe does not depend on the decode history); the exact mode's value is the floor (bf16/fp16
-rounding and any router flip), what in place adds above it is drift.
+and, with --model, the max relative logit error of a TinyLlama (q,v adapted; --model-preset small
+or llama2-7b) compiled with the adafuse backend (merge path) against the same model unmerged in
+fp32, probed at each checkpoint with a one-token step at position 0 (which attends to nothing
+earlier, so the probe does not depend on the decode history); the exact mode's value is the floor
+(bf16/fp16 rounding and any router flip), what in place adds above it is drift. Between probes the
+model either decodes (--between decode: every switch is a compiled decode step with the router's
+experts) or is switched directly (--between switch: the compiled step's own SwitchState and SGMM
+call with random top-2 experts, as the weight-level runs do; the same kernel and bookkeeping
+without a forward pass, so 10,000 switches of a 7B model take seconds). In-place runs also time
+one exact resync (the pinned-host copy of every adapted weight) and its cost per token.
 
     python benchmarks/bench_drift.py --device cpu --shape small --out results/drift_cpu.json
     python benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --out results/drift_h200.json
@@ -94,8 +99,46 @@ MODEL_PRESETS = {
 }
 
 
+def direct_switcher(model, impl, gen):
+    """Switches the compiled model's adapted weights to random top-K experts without a forward pass:
+    the SwitchState and SGMM call the compiled decode step uses, in the same order."""
+    import adafuse_compile as af
+    from adafuse_compile.modeling.inject import gate_channel
+
+    state = gate_channel(model).switch_state
+    by_weight = {id(lin.weight): lin for lin in af.adapted_linears(model).values()}
+    lins = [by_weight[id(w)] for w in state.weights]
+    lora_a, lora_b = [lin.lora_A for lin in lins], [lin.lora_B for lin in lins]
+    pristine = state.pristine_of(state.weights) if state.exact else None
+    device = state.weights[0].device
+
+    def switch() -> None:
+        experts = torch.randperm(N, generator=gen).to(device)[:K]
+        gates = torch.softmax(torch.randn(K, generator=gen), 0).to(device)
+        state.before_merge_step()
+        sgmm_switch_(state.weights, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
+                     lins[0].scaling, pristine, impl)
+    return state, switch
+
+
+def time_resync(state, device, repeats=5) -> dict:
+    """One exact resync of every adapted weight (from pinned host memory in place), and per token."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    state._write_pristine()  # warm-up; also leaves W = W0 with nothing merged, as a resync does
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        state._write_pristine()
+    sync()
+    ms = (time.perf_counter() - t) * 1000 / repeats
+    nbytes = sum(w.numel() * w.element_size() for w in state.weights)
+    return {"resync_ms": ms, "resync_bytes": nbytes, "resync_GBps": nbytes / ms / 1e6,
+            "resync_ms_per_token": ms / state.resync_every if state.resync_every else None}
+
+
 @torch.no_grad()
-def run_model(dtype, device, counts, mode, resync_every, impl, preset="small", codegen="eager", seed=0):
+def run_model(dtype, device, counts, mode, resync_every, impl, preset="small", codegen="eager", seed=0,
+              between="decode"):
     import copy
 
     import adafuse_compile as af
@@ -127,21 +170,33 @@ def run_model(dtype, device, counts, mode, resync_every, impl, preset="small", c
     tokens = torch.randint(0, cfg.vocab_size, (max(counts) + 1,), generator=gen).to(device)
     probe, pos0 = torch.tensor([[7]], device=device), torch.tensor([0], device=device)
     want = ref(probe, pos0).float()
-    rows, n = [], 0
+    rows, n, switch = [], 0, None
     for target in counts:
         while n < target - 1:  # the probe below is switch number `target`
-            pos = torch.tensor([1 + n % (cfg.max_seq_len - 1)], device=device)
-            step(tokens[n].view(1, 1), pos)
+            if between == "switch":
+                if switch is None:  # the probe at n=1 compiled the step and made its SwitchState
+                    state, switch = direct_switcher(model, impl, gen)
+                switch()
+            else:
+                pos = torch.tensor([1 + n % (cfg.max_seq_len - 1)], device=device)
+                step(tokens[n].view(1, 1), pos)
             n += 1
         got = step(probe, pos0).float().clone()
         n += 1
         err = ((got - want).abs().max() / want.abs().max()).item()
         rows.append({"switches": n, "logit_max_rel_err": err})
         print(f"{'model ' + mode:>22} {str(dtype):>15} n={n:>6}  logit rel err vs fp32 unmerged={err:.2e}", flush=True)
+    extra = {}
+    if mode != "exact":
+        from adafuse_compile.modeling.inject import gate_channel
+
+        extra = time_resync(gate_channel(model).switch_state, device)
+        print(f"{'model ' + mode:>22} {str(dtype):>15} one resync {extra['resync_ms']:.2f} ms "
+              f"({extra['resync_GBps']:.1f} GB/s), {extra['resync_ms_per_token'] or 0:.3f} ms/token", flush=True)
     af.restore(model)
     del model, ref, step
     torch._dynamo.reset()
-    return rows
+    return rows, extra
 
 
 def main() -> None:
@@ -156,6 +211,8 @@ def main() -> None:
     ap.add_argument("--skip-weights", action="store_true", help="only the model-level runs")
     ap.add_argument("--model-preset", default="small", choices=sorted(MODEL_PRESETS))
     ap.add_argument("--model-codegen", default="eager", choices=("eager", "inductor"))
+    ap.add_argument("--between", default="decode", choices=("decode", "switch"),
+                    help="between probes: compiled decode steps, or direct switches to random experts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -165,13 +222,18 @@ def main() -> None:
     t0 = time.time()
     if args.model:
         res["model"] = {"preset": args.model_preset, "config": MODEL_PRESETS[args.model_preset], "codegen": args.model_codegen,
+                        "between": args.between,
                         "adapted": ["q_proj", "v_proj"], "runs": []}
     for name in args.dtypes.split(","):
         for mode, resync in (("exact", None), ("inplace", 0), ("inplace_resync", args.resync)):
             if args.model:
-                rows = run_model(DTYPES[name], args.device, counts, mode, resync, args.impl, args.model_preset,
-                                 args.model_codegen)
-                res["model"]["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows})
+                rows, extra = run_model(DTYPES[name], args.device, counts, mode, resync, args.impl, args.model_preset,
+                                        args.model_codegen, between=args.between)
+                res["model"]["runs"].append({"dtype": name, "mode": mode, "resync_every": resync, "checkpoints": rows,
+                                             **extra})
+                res["wall_s"] = round(time.time() - t0, 1)
+                with open(args.out, "w") as f:
+                    json.dump(res, f, indent=1)
             if args.skip_weights:
                 continue
             rows = run_mode(SHAPES[args.shape], DTYPES[name], args.device, counts, mode, resync, args.impl)

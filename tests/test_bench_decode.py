@@ -1,0 +1,28 @@
+"""benchmarks/bench_decode.py's CPU smoke run: every phase runs and every path matches eager."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_decode_cpu_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--preset", "tiny",
+                    "--steps", "3", "--prefill-len", "16", "--batches", "2", "--skip-naive", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert not [k for k in res if k.endswith("_error")], res
+    assert res["skipped"] == []
+    bf16_own_err = res["eager_bf16_vs_fp32_max_rel_logit_err"]
+    for path, compiled in (("merge-exact", "merge"), ("factor", "factor"), ("gather", "gather")):
+        assert res[f"adafuse_{path}_paths_compiled"] == [compiled]
+        assert res[f"adafuse_{path}_ms"] > 0
+        assert res[f"adafuse_{path}_vs_fp32_max_rel_logit_err"] <= 1.5 * bf16_own_err + 1e-3
+    assert res["adafuse_auto_path_decisions"][0]["path"] in ("merge", "factor")
+    assert res["adafuse_auto_b2_paths_compiled"] == ["gather"]  # multi-token steps: the gather path
+    assert res["adafuse_auto_prefill_paths_compiled"] == ["gather"]
+    for key in ("backbone_compiled_ms", "backbone_b2_compiled_ms", "adafuse_auto_b2_ms",
+                "backbone_prefill_tokens_per_s", "adafuse_auto_prefill_tokens_per_s"):
+        assert res[key] > 0
