@@ -8,6 +8,7 @@
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
 #   kernels  SGMM and gather kernel benchmarks                             ~4 min
+#   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min (not yet run)
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
 #            probes), bf16 and fp16, and the in-place resync's cost    ~4 min
@@ -38,6 +39,8 @@ for stage in "${@:-tests}"; do
   kernels)
     timeout 280 python3 benchmarks/bench_sgmm.py --out "$OUT/sgmm_h200.json" 2>&1 | tail -15
     timeout 260 python3 benchmarks/bench_gather.py --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
+  factor-layout)
+    timeout 120 python3 benchmarks/bench_factor_layout.py --out "$OUT/factor_layout_h200.json" 2>&1 | tail -30 ;;
   drift)
     timeout 300 python3 benchmarks/bench_drift.py --device cuda --shape llama2-7b-qv --counts 1,100,1000,10000 \
       --out "$OUT/drift_h200.json" 2>&1 | tail -30 ;;
