@@ -20,7 +20,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
         assert res[f"adafuse_{path}_paths_compiled"] == [compiled]
         assert res[f"adafuse_{path}_ms"] > 0
         assert res[f"adafuse_{path}_vs_fp32_max_rel_logit_err"] <= 1.5 * bf16_own_err + 1e-3
-    assert res["adafuse_auto_path_decisions"][0]["path"] in ("merge", "factor")
+    assert res["adafuse_auto_path_decisions"][0]["path"] in ("merge", "factor", "gather")
     assert res["adafuse_auto_b2_paths_compiled"] == ["gather"]  # multi-token steps: the gather path
     assert res["adafuse_auto_prefill_paths_compiled"] == ["gather"]
     for key in ("backbone_compiled_ms", "backbone_b2_compiled_ms", "adafuse_auto_b2_ms",

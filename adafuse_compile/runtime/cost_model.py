@@ -29,15 +29,16 @@ Three parameters, `Costs`. Their defaults and where they come from (H200, this r
   graph) at 1.15x (q,v) and 1.51x (all seven) of the compiled 7B backbone (4.98 ms,
   decode_llama2-7b_qv_h200.json): +0.75 ms over 128 small GEMVs and +2.54 ms over 448, minus
   their bytes, is 5.6 and 5.3 us per GEMV. It is the cost of one small dependent kernel inside a
-  CUDA graph beyond its bytes, which is what `measure` times on the user's GPU.
+  CUDA graph beyond its bytes, which is what `measure` times on the user's GPU: 3.8 us there on
+  the H200 (and 4.17e12 B/s copy), decode_llama2-7b_qv_kv512_h200.json's recorded decision.
 
 Sanity check against the measured 7B q,v decode (adafuse merge exact 6.32 ms/token against the
 compiled backbone's 4.98 ms: +1.33 ms): the merge estimate is 4.43 GB / (0.78 * 4.26 TB/s)
 + 2 launches = 1.34 ms.
 
 `calibrate(device)` measures once per process per device (a 256 MiB copy for the bandwidth,
-a CUDA graph of 128 small GEMVs for launch_s, on a helper thread; tens of milliseconds of GPU work
-plus cuBLAS start-up, not yet timed on a GPU), caches the result as JSON under
+a CUDA graph of 128 small GEMVs for launch_s, on a helper thread; ran inside the H200 7B
+benchmark's first auto compile, its time not recorded separately), caches the result as JSON under
 $XDG_CACHE_HOME/adafuse_compile/costs.json (default ~/.cache/...) keyed by GPU name, torch
 version and CUDA version, and loads it on the next run. On a CPU, with ADAFUSE_CALIBRATE=0, or
 when measuring fails, it returns the defaults above and logs why. Nothing is measured at import.
@@ -149,9 +150,15 @@ def gather_extra_s(step: StepShape, costs: Costs) -> float | None:
 
 
 ESTIMATES = {"merge": merge_extra_s, "factor": factor_extra_s, "gather": gather_extra_s}
-# One-token steps choose between these two. Gather is valid there too, but its Triton kernels have
-# not been timed at T == 1 on a GPU; its estimate is recorded, not acted on.
-DECODE_CANDIDATES = ("merge", "factor")
+# One-token steps take the fastest estimate of all three. Measured on the H200 (bf16, Llama-2-7B
+# shape, KV 512, benchmarks/results/decode_llama2-7b_{qv,all}_kv512_h200.json), extra ms/token
+# over the compiled backbone (5.02 ms), against this model's estimates with the calibrated costs:
+#   q,v        merge +1.34 (est 1.37)  factor +0.76 (est 0.59)  gather +0.37 (est 0.28)
+#   all seven  merge +8.23 (est 8.17)  factor +2.60 (est 2.18)  gather +1.36 (est 1.13)
+# The ranking holds in both. In this model gather never costs more than factor at T == 1 (it reads
+# the same k experts' factors in place, with fewer launches and no slot write), so auto does not
+# pick factor; the explicit path="factor" stays for comparison.
+DECODE_CANDIDATES = ("merge", "factor", "gather")
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,9 @@ def choose_path(step: StepShape, costs: Costs) -> Decision:
             f"{count} tokens per step (prefill or batch > 1): merging one token's experts into W, or writing them "
             f"into the slots, would be wrong for the other tokens; gather"), costs)
     best = min(DECODE_CANDIDATES, key=lambda p: estimates[p])
-    other = next(p for p in DECODE_CANDIDATES if p != best)
+    others = " and ".join(p for p in DECODE_CANDIDATES if p != best)
     return Decision(best, estimates, (
-        f"one-token decode: {best} estimated faster than {other} over the backbone; costs: {costs.source}"), costs)
+        f"one-token decode: {best} estimated faster than {others} over the backbone; costs: {costs.source}"), costs)
 
 
 # Calibration ------------------------------------------------------------------------------------
