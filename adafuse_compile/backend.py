@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -57,10 +58,20 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _codegen(gm: fx.GraphModule, example_inputs: list, settings: BackendSettings):
+def _codegen(gm: fx.GraphModule, example_inputs: list, settings: BackendSettings, extra: list = ()):
+    """Compile `gm`, whose inputs are Dynamo's example inputs followed by our own static buffers."""
     if settings.codegen == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
+
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is not None and extra:
+        # Our buffers have no Dynamo source: faked with symbolic sizes in a dynamic-shape compile,
+        # any guard on those sizes (e.g. a linear reading a merged buffer) could not be expressed.
+        # Their shapes are fixed for the life of the compiled graph: fake them static.
+        with fake_mode:
+            extra = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
+    example_inputs = list(example_inputs) + list(extra)
 
     patches = {}
     if settings.cudagraphs and any(getattr(t, "is_cuda", False) for t in example_inputs):
@@ -70,12 +81,15 @@ def _codegen(gm: fx.GraphModule, example_inputs: list, settings: BackendSettings
 
 
 def _adapter_channels(example_inputs: list) -> list:
-    """Gate channels of the models whose adapted weights this graph reads."""
+    """Gate channels of the models whose adapters or adapted weights this graph reads: expert
+    factors first (a model's own), then weights (a backbone shared by two models carries the tag
+    of the one injected last)."""
     channels = []
-    for t in example_inputs:
-        tag = getattr(t, "_adafuse_tag", None)
-        if tag is not None and tag.role == "weight" and not any(c is tag.channel for c in channels):
-            channels.append(tag.channel)
+    for role in ("lora_A", "weight"):
+        for t in example_inputs:
+            tag = getattr(t, "_adafuse_tag", None)
+            if tag is not None and tag.role == role and not any(c is tag.channel for c in channels):
+                channels.append(tag.channel)
     return channels
 
 
@@ -108,7 +122,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             log.info("adafuse: %s", reason)
         if "adafuse_factor" in analysis:
             extra = analysis["adafuse_extra_inputs"]
-            return _guarded(_codegen(work, list(example_inputs) + extra, settings), extra, example_inputs, None)
+            return _guarded(_codegen(work, example_inputs, settings, extra), extra, example_inputs, None,
+                            rebind=analysis["adafuse_rebind"])
         if "adafuse_gather_groups" in analysis:
             return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None)
         if "adafuse_switch" not in analysis:
@@ -116,13 +131,13 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         extra = analysis["adafuse_extra_inputs"]
         state = analysis["adafuse_state"]
         if state.exact:
-            log.info("adafuse: exact mode keeps a pristine copy of the adapted weights: %.1f MiB of device memory",
-                     state.pristine_bytes / 2**20)
+            log.info("adafuse: exact mode switches into separate buffers (the model's weights are never written): "
+                     "%.1f MiB of device memory", state.buffer_bytes / 2**20)
         else:
             log.info("adafuse: in-place switching, exact resync from host memory every %d switches",
                      state.resync_every)
-        compiled = _codegen(work, list(example_inputs) + extra, settings)
-        return _guarded(compiled, extra, example_inputs, state)
+        compiled = _codegen(work, example_inputs, settings, extra)
+        return _guarded(compiled, extra, example_inputs, state, rebind=analysis["adafuse_rebind"])
     except Exception as exc:  # a compile failure must never break the user's model
         warnings.warn(f"adafuse: compilation failed ({type(exc).__name__}: {exc}); running the original graph "
                       f"unchanged", stacklevel=2)
@@ -130,20 +145,40 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         return _guarded(original.forward, [], example_inputs, None)
 
 
-def _guarded(compiled, extra: list, example_inputs: list, state):
-    """Wrap a compiled graph: merge graphs mark their model merged; others restore it first."""
-    if state is not None:
-        def run_merged(*args):
-            state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
-            return compiled(*args, *extra)
-        return run_merged
+def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None):
+    """Wrap a compiled graph: merge graphs mark their model merged; others restore it first.
+
+    Dynamo reuses a graph for another instance of the same model class (its parameters are graph
+    inputs), but our extra inputs (switch state, merged buffers, factor slots) belong to the model
+    the graph was compiled for. So each call finds its model from the adapted weights it is given,
+    and `rebind(channel, args)` makes (state, extra) for a model seen for the first time.
+    """
+    # Where the first model's expert factors sit among the inputs: they name the model of a call.
+    positions = [i for i, t in enumerate(example_inputs)
+                 if getattr(getattr(t, "_adafuse_tag", None), "role", None) == "lora_A"]
     channels = _adapter_channels(example_inputs)
+    if state is not None or rebind is not None:
+        bound = weakref.WeakKeyDictionary({channels[0]: (state, extra)})
+
+        def run_merged(*args):
+            channel = args[positions[0]]._adafuse_tag.channel
+            entry = bound.get(channel)
+            if entry is None:
+                entry = bound[channel] = rebind(channel, args)
+            step_state, step_extra = entry
+            if step_state is not None:
+                step_state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
+            else:  # the factor path writes no weight: only another model's in-place merge to undo
+                channel.restore()
+            return compiled(*args, *step_extra)
+        return run_merged
     if not channels and not extra:
         return compiled
 
     def run_unmerged(*args):
         # Per call: whichever model merged into these weights last (this one, or one sharing them).
-        for channel in channels:
+        first = args[positions[0]]._adafuse_tag.channel if positions else None
+        for channel in channels if first is None or first is channels[0] else _adapter_channels(args):
             channel.restore()
         return compiled(*args, *extra)
     return run_unmerged

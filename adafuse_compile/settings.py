@@ -30,7 +30,7 @@ class BackendSettings:
     # auto only: cost parameters to use instead of the calibrated/default ones, any of
     # runtime.cost_model.COST_PARAMETERS, e.g. {"launch_s": 3e-6}; stored as sorted (key, value) pairs
     auto_costs: dict | tuple | None = None
-    # Merge from a pristine copy (W = W0 + delta_t): no drift, costs one copy of the adapted weights.
+    # Merge into buffers of our own (M = W0 + delta_t, W never written): no drift, costs one copy of the adapted weights.
     # None: exact unless that copy exceeds pristine_memory_fraction of free GPU memory.
     exact: bool | None = None
     pristine_memory_fraction: float = 0.5

@@ -57,7 +57,8 @@ def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
     w0 = [w.double().clone() for w in weights]
     exact = mode == "exact"
     state = SwitchState(weights, K, exact=exact, resync_every=resync_every)
-    pristine = state.pristine_of(weights) if exact else None
+    # Exact: the switch writes the state's own buffers from W (never written); in place: W itself.
+    weights, pristine = state.switch_operands(weights)
     x = torch.randn(16, shape[2], generator=gen, device=device)
     rows, n = [], 0
     for target in counts:
@@ -109,14 +110,14 @@ def direct_switcher(model, impl, gen):
     by_weight = {id(lin.weight): lin for lin in af.adapted_linears(model).values()}
     lins = [by_weight[id(w)] for w in state.weights]
     lora_a, lora_b = [lin.lora_A for lin in lins], [lin.lora_B for lin in lins]
-    pristine = state.pristine_of(state.weights) if state.exact else None
+    targets, pristine = state.switch_operands(state.weights)
     device = state.weights[0].device
 
     def switch() -> None:
         experts = torch.randperm(N, generator=gen).to(device)[:K]
         gates = torch.softmax(torch.randn(K, generator=gen), 0).to(device)
         state.before_merge_step()
-        sgmm_switch_(state.weights, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
+        sgmm_switch_(targets, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
                      lins[0].scaling, pristine, impl)
     return state, switch
 

@@ -103,7 +103,7 @@ def test_removed_replaced_and_added_nodes_with_provenance(captured, report):
     for c in replaced:
         assert c["target"] == "add" and final[c["replaced_by"]]["target"] == "linear"
         assert final[c["replaced_by"]]["module"] == c["region"]
-    # Exactly one switching call is added, plus its inputs (previous experts/gates, pristine copies).
+    # Exactly one switching call is added, plus its inputs (previous experts/gates, merged buffers).
     switch = [c for c in added if c["target"] == "sgmm_switch.default"]
     assert len(switch) == 1 and switch[0]["name"] in final
     assert {"adafuse_prev_experts", "adafuse_prev_gates"} <= {c["name"] for c in added if c["op"] == "placeholder"}

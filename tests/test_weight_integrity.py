@@ -51,19 +51,42 @@ def test_state_dict_and_saves_after_decode_are_bit_exact(tmp_path, exact):
     model.setup_cache(1)
     compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": exact})
     decode_steps(compiled, 4)
-    assert merged_now(model, w0)
-    sd = model.state_dict()  # restores first
+    assert merged_now(model, w0) == (not exact)  # exact mode switches its own buffers: W never changes
+    sd = model.state_dict()  # in place: restores first
     assert all(torch.equal(sd[k], w0[k]) for k in w0)
     decode_steps(compiled, 2, start=4)
     torch.save(model.state_dict(), tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt")
     assert all(torch.equal(loaded[k], w0[k]) for k in w0)
     decode_steps(compiled, 2, start=6)
-    assert merged_now(model, w0)
+    assert merged_now(model, w0) == (not exact)
     save_adapters(model, tmp_path / "a.safetensors")  # router + experts only: merging never touches them
     saved = load_file(str(tmp_path / "a.safetensors"))
     assert set(saved) == set(adapter_state_dict(model)) and not any(k.endswith("proj.weight") for k in saved)
     assert all(torch.equal(saved[k], v) for k, v in adapter_state_dict(model).items())
+
+
+def test_exact_mode_never_writes_the_models_weights(tmp_path):
+    """Between a user's own compiled steps, every view of the model is the backbone: parameters,
+    named_parameters(), pickling the whole module; and the steps still match eager."""
+    model = adapted()
+    w0 = snapshot(model)
+    params = dict(model.named_parameters())
+    versions = {n: p._version for n, p in params.items()}
+    model.setup_cache(1)
+    with torch.no_grad():
+        ref = [model(torch.tensor([[3 + i]]), torch.tensor([i])) for i in range(4)]
+        model.setup_cache(1)
+        compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": True})
+        for i in range(4):
+            out = compiled(torch.tensor([[3 + i]]), torch.tensor([i]))
+            torch.testing.assert_close(out, ref[i], rtol=1e-4, atol=1e-5)
+            assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    assert af.gate_channel(model).switch_state.exact
+    assert all(p._version == versions[n] for n, p in params.items())  # not even written with equal values
+    torch.save(model, tmp_path / "whole.pt")  # no restore hook runs for pickling: nothing to restore
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert all(torch.equal(v, w0[k]) for k, v in again.state_dict().items())
 
 
 def test_hf_save_pretrained_after_compiled_generate(tmp_path):
@@ -96,12 +119,13 @@ class _Raise(LogitsProcessor):
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom inside a decode step"), KeyboardInterrupt()])
-def test_error_or_interrupt_inside_generate_leaves_weights_pristine(exc):
+@pytest.mark.parametrize("exact", [True, False])
+def test_error_or_interrupt_inside_generate_leaves_weights_pristine(exc, exact):
     model = tiny_hf_model("mistral")
     af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
     model.generation_config.cache_implementation = "static"
     w0 = snapshot(model)
-    model.compile(backend="adafuse", options={"codegen": "eager"})
+    model.compile(backend="adafuse", options={"codegen": "eager", "exact": exact})
     processor = _Raise(at=5, exc=exc)
     with pytest.raises(type(exc)), torch.no_grad():
         model.generate(torch.randint(0, 256, (1, 6)), max_new_tokens=10, do_sample=False,
@@ -115,7 +139,8 @@ def test_decoding_context_and_train_restore():
     model = adapted()
     w0 = snapshot(model)
     model.setup_cache(1)
-    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    # In place: the mode that writes W, so restoring has something to do.
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
     with pytest.raises(KeyboardInterrupt):
         with af.decoding(model):
             decode_steps(compiled, 3)
@@ -127,11 +152,12 @@ def test_decoding_context_and_train_restore():
     assert not merged_now(model, w0)
 
 
-def test_second_thread_on_a_merged_model_fails_clearly():
+@pytest.mark.parametrize("exact", [True, False])
+def test_second_thread_on_a_merged_model_fails_clearly(exact):
     model = adapted()
     w0 = snapshot(model)
     model.setup_cache(1)
-    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": exact})
     decode_steps(compiled, 2)  # this thread holds a merged decode
     errors = []
 
@@ -176,6 +202,49 @@ def test_two_models_sharing_one_backbone_interleave_correctly():
             torch.testing.assert_close(out, refs[name][i], rtol=1e-4, atol=1e-5)
 
 
+def test_two_exact_models_sharing_a_backbone_decode_on_two_threads_at_once():
+    """Exact mode never writes the shared weights, so two such models can decode concurrently."""
+    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
+    other = af.TinyLlama(TINY)
+    for p, q in zip(backbone.modules(), other.modules()):
+        if isinstance(p, torch.nn.Linear):
+            q.weight = p.weight
+    models = {"first": adapted(1, backbone), "second": adapted(2, other)}
+    tokens = [torch.tensor([[5 + i]]) for i in range(5)]
+    refs, compiled = {}, {}
+    with torch.no_grad():
+        for name, m in models.items():
+            m.setup_cache(1)
+            refs[name] = [m(t, torch.tensor([i])) for i, t in enumerate(tokens)]
+            m.setup_cache(1)
+            compiled[name] = torch.compile(m, backend="adafuse", options={"codegen": "eager", "exact": True})
+            compiled[name](tokens[0], torch.tensor([0]))  # compile here, not inside the race
+            af.restore(m)  # this thread's decode ends here
+            m.setup_cache(1)
+    barrier, outs, errors = threading.Barrier(2), {"first": [], "second": []}, []
+
+    def run(name):
+        try:
+            with torch.no_grad():
+                for i, t in enumerate(tokens):
+                    barrier.wait()  # both threads inside a decode at every step
+                    outs[name].append(compiled[name](t, torch.tensor([i])))
+            af.restore(models[name])
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name in models:
+        for got, want in zip(outs[name], refs[name]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_recompiling_with_another_exact_mode_keeps_weights_right():
     """A second compile with exact=False gets its own switch state; both compiled models stay
     right against eager, and restore() puts back W0 whichever of them merged last."""
@@ -195,8 +264,39 @@ def test_recompiling_with_another_exact_mode_keeps_weights_right():
         assert af.gate_channel(model).switch_state.exact is False
         model.setup_cache(1)
         c = exact(tok, pos)  # the first compiled model merges again, after the second one
-    for got in (a, b, c):
+        assert not merged_now(model, w0)  # the exact step restored the in-place merge and wrote only its buffers
+        model.setup_cache(1)
+        d = inplace(tok, pos)
+        assert merged_now(model, w0)
+    for got in (a, b, c, d):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    assert merged_now(model, w0)
     af.restore(model)
     assert not merged_now(model, w0)
+
+
+@pytest.mark.parametrize("options", [{"exact": True}, {"exact": False}, {"path": "factor"}],
+                         ids=["exact", "inplace", "factor"])
+def test_two_instances_of_one_model_class_each_get_their_own_state(options):
+    """Dynamo reuses the first instance's graph for a second instance of the same class; the second
+    must still switch its own weights with its own state, buffers and slots."""
+    models = [adapted(seed) for seed in (3, 4)]  # different backbones and adapters, same class
+    tokens = [torch.tensor([[5 + i]]) for i in range(5)]
+    refs, compiled = [], []
+    with torch.no_grad():
+        for m in models:
+            m.setup_cache(1)
+            refs.append([m(t, torch.tensor([i])) for i, t in enumerate(tokens)])
+        for m in models:
+            m.setup_cache(1)
+            compiled.append(torch.compile(m, backend="adafuse", options={"codegen": "eager", **options}))
+        for i, t in enumerate(tokens):  # interleaved steps
+            for m, c, ref in zip(models, compiled, refs):
+                torch.testing.assert_close(c(t, torch.tensor([i])), ref[i], rtol=1e-4, atol=1e-5)
+    channels = [af.gate_channel(m) for m in models]
+    if "exact" in options:
+        assert channels[0].switch_state is not channels[1].switch_state
+        assert all(c.switch_state.exact == options["exact"] for c in channels)
+    else:
+        assert channels[0].factor_slots[1][0] is not channels[1].factor_slots[1][0]
+    for m in models:
+        af.restore(m)

@@ -56,11 +56,12 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     object.__setattr__(model, _CHANNEL_ATTR, channel)
     object.__setattr__(model, _CONFIG_ATTR, config)
     # The channel is open for exactly one top-level forward: a gate never outlives its step.
+    # (partials of a module-level function, not lambdas: torch.save(model) pickles the hooks)
     hooks = (
-        model.register_forward_pre_hook(lambda *_: channel.open()),
-        model.register_forward_hook(lambda *_: channel.close(), always_call=True),
+        model.register_forward_pre_hook(functools.partial(_call_channel, channel, "open")),
+        model.register_forward_hook(functools.partial(_call_channel, channel, "close"), always_call=True),
         # Saving (state_dict, save_pretrained, torch.save(model.state_dict())) sees backbone weights.
-        model.register_state_dict_pre_hook(lambda *_, **__: channel.restore()),
+        model.register_state_dict_pre_hook(functools.partial(_call_channel, channel, "restore")),
     )
     object.__setattr__(model, _HOOKS_ATTR, hooks)
     _restore_around(model, "train", channel)
@@ -69,20 +70,28 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     return model
 
 
-def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
-    """Wrap model.<method> (on this instance) so the backbone weights are restored when it ends,
-    however it ends (return, exception, KeyboardInterrupt): leaving generate() or switching to
-    training never leaves merged weights behind."""
-    inner = getattr(model, method)
+def _call_channel(channel: GateChannel, method: str, *_hook_args, **_hook_kwargs) -> None:
+    getattr(channel, method)()
 
-    @functools.wraps(inner)
-    def wrapped(*args, **kwargs):
+
+class _RestoreAfter:
+    """model.<method> (on this instance), restoring the backbone weights when it ends, however it
+    ends (return, exception, KeyboardInterrupt): leaving generate() or switching to training never
+    leaves merged weights behind. A class rather than a closure, so torch.save(model) pickles it."""
+
+    def __init__(self, inner, channel: GateChannel):
+        self.inner, self.channel = inner, channel
+        functools.update_wrapper(self, inner)
+
+    def __call__(self, *args, **kwargs):
         try:
-            return inner(*args, **kwargs)
+            return self.inner(*args, **kwargs)
         finally:
-            channel.restore()
+            self.channel.restore()
 
-    object.__setattr__(model, method, wrapped)
+
+def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
+    object.__setattr__(model, method, _RestoreAfter(getattr(model, method), channel))
 
 
 def is_injected(model: nn.Module) -> bool:

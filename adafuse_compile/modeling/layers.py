@@ -65,7 +65,16 @@ class GateChannel:
         self.merged = False
         self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, execution order
         self.switch_state = None  # the compiler's runtime state for this model (adafuse_compile.runtime)
+        self.switch_states: list = []  # every one made for this model (one per `exact` it was compiled with)
         self.factor_slots = None  # the factor path's slot buffers (adafuse_compile.passes.rewrite_factor)
+
+    def __getstate__(self) -> dict:
+        # Pickling the model (torch.save(model)) keeps the adapters, not the compiled runtime: a
+        # loaded model starts unmerged and uncompiled.
+        state = dict(self.__dict__)
+        state.update(routing=None, aux_loss=None, on_route=None, merged=False, switch_state=None, switch_states=[],
+                     factor_slots=None)
+        return state
 
     def open(self) -> None:
         self.routing = None
@@ -75,13 +84,18 @@ class GateChannel:
             self.restore()
 
     def restore(self) -> None:
-        """Backbone weights back in place if a compiled decode step merged experts into them
-        (this model's, or another model's that shares these weights)."""
+        """End this model's compiled decode (in place: backbone weights back), and undo another
+        model's in-place merge into weights this model shares. Another model's exact-mode decode
+        never wrote them and is left alone (it may be running on another thread)."""
         seen = []
+        for state in self.switch_states:
+            if state.merged:
+                state.restore()
+            seen.append(state)
         for w in self.adapted_weights:
             ref = getattr(w, "_adafuse_owner", None)
             owner = ref() if ref is not None else None
-            if owner is not None and owner.merged and all(o is not owner for o in seen):
+            if owner is not None and owner.merged and not owner.exact and all(o is not owner for o in seen):
                 seen.append(owner)
                 owner.restore()
 

@@ -23,6 +23,16 @@ from .path_policy import decide_path
 from .regions import graph_inputs, regions_of
 
 
+def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, list]:
+    """The model's slot buffers for these factors (made once; they live as long as its channel)."""
+    key = tuple(id(a) for a in lora_a)
+    slots = channel.factor_slots
+    if slots is None or slots[0] != key:
+        slots = (key, *factor_slots.make_slots(lora_a, lora_b, top_k))
+        channel.factor_slots = slots
+    return slots[1], slots[2]
+
+
 def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
     if "adafuse_switch" in gm.meta:
         return gm
@@ -43,13 +53,7 @@ def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     top_k = regions[0].factors["top_k"]
     lora_a = [inputs[r.factors["lora_A"]] for r in regions]
     lora_b = [inputs[r.factors["lora_B"]] for r in regions]
-    channel = regions[0].factors["channel"]
-    key = tuple(id(a) for a in lora_a)
-    slots = channel.factor_slots
-    if slots is None or slots[0] != key:  # the slot buffers live as long as the model's channel
-        slots = (key, *factor_slots.make_slots(lora_a, lora_b, top_k))
-        channel.factor_slots = slots
-    _, a_slots, b_slots = slots
+    a_slots, b_slots = slots_for(regions[0].factors["channel"], lora_a, lora_b, top_k)
 
     graph = gm.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -78,6 +82,15 @@ def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         gm.meta["adafuse_replaced"][r.add.name] = summed.name
     gm.meta["adafuse_factor"] = write
     gm.meta["adafuse_extra_inputs"] = a_slots + b_slots
+    names = list(inputs)
+    a_pos = [names.index(r.factors["lora_A"]) for r in regions]
+    b_pos = [names.index(r.factors["lora_B"]) for r in regions]
+
+    def rebind(channel, args):
+        """Another instance of the model runs this graph: its own slots."""
+        a, b = slots_for(channel, [args[i] for i in a_pos], [args[i] for i in b_pos], top_k)
+        return None, a + b
+    gm.meta["adafuse_rebind"] = rebind
     note(gm, f"rewrite_factor: {len(regions)} adapter branches -> 1 slot-writing call + 2 slot products per "
              f"linear; backbone weights untouched")
     return clean_up(gm)

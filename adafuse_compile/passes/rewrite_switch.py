@@ -1,15 +1,22 @@
 """rewrite_switch: replace every adapter branch by ONE switching call plus plain backbone linears.
 
     before:  gates = routing(x1); y_l = linear(x_l, W_l) + branch_l(x_l, A_l, B_l, gates)   (each l)
-    after:   gates = routing(x1); adafuse.sgmm_switch(W[*], A[*], B[*], experts, gates, prev...)
+    after (exact, the default):
+             gates = routing(x1); adafuse.sgmm_switch(M[*], A[*], B[*], experts, gates, ..., pristine=W[*])
+             y_l = linear(x_l, M_l)                                                         (each l)
+    after (in place):
+             gates = routing(x1); adafuse.sgmm_switch(W[*], A[*], B[*], experts, gates, prev...)
              y_l = linear(x_l, W_l)                                                         (each l)
+
+Exact mode writes M_l = W_l + delta_t into buffers of its own (runtime/switch_state.py) and
+only reads the model's W_l, so the model's weights are never changed.
 
 Only for a decode step of one token: merging one token's experts into W would be wrong for any
 other token of the step, so multi-token steps (prefill, batch > 1) are left to rewrite_gather
 (or, with path="merge", stay on the eager unmerged adapter path, exact either way). With
 path="auto" a one-token step merges only when the cost model estimates merge faster than the
 factor path (passes/path_policy.py).
-The previous step's experts/gates and the pristine copies enter as extra graph inputs (static
+The previous step's experts/gates and the merged buffers enter as extra graph inputs (static
 buffers owned by the model's SwitchState), so the unmerge is right under CUDA-graph replay.
 """
 from __future__ import annotations
@@ -58,12 +65,13 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                                    settings.pristine_memory_fraction, settings.resync_every)
     weights = [inputs[r.weight] for r in regions]
     scaling = float(scalings.pop())
-    extra = [state.prev_experts, state.prev_gates] + (state.pristine_of(weights) if state.exact else [])
+    buffers = state.switch_operands(weights)[0] if state.exact else []
+    extra = [state.prev_experts, state.prev_gates] + buffers
 
     graph = gm.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_placeholder):
-        names = ["adafuse_prev_experts", "adafuse_prev_gates"] + [f"adafuse_pristine_{i}" for i in range(len(extra) - 2)]
+        names = ["adafuse_prev_experts", "adafuse_prev_gates"] + [f"adafuse_merged_{i}" for i in range(len(buffers))]
         placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
     for p in placeholders:
         # Static buffers owned by the SwitchState: AOT/cudagraphs must not copy them per call (the
@@ -76,18 +84,30 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         gates = graph.call_method("reshape", (routing["weights"], -1))
     with graph.inserting_after(gates):
         gates32 = graph.call_method("float", (gates,))
+    targets = placeholders[2:] if state.exact else [r.weight for r in regions]
     with graph.inserting_after(gates32):
         switch = graph.call_function(torch.ops.adafuse.sgmm_switch.default, (
-            [r.weight for r in regions], [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
+            targets, [r.factors["lora_A"] for r in regions], [r.factors["lora_B"] for r in regions],
             experts, gates32, placeholders[0], placeholders[1], scaling,
-            placeholders[2:] if state.exact else None, settings.sgmm_impl,
+            [r.weight for r in regions] if state.exact else None, settings.sgmm_impl,
         ))
-    for r in regions:
+    for r, target in zip(regions, targets):
+        r.linear.update_arg(1, target)  # exact: the linear reads the merged buffer, W stays W0
         r.add.replace_all_uses_with(r.linear)
         gm.meta["adafuse_replaced"][r.add.name] = r.linear.name
     gm.meta["adafuse_extra_inputs"] = extra
     gm.meta["adafuse_state"] = state
+    positions = [list(inputs).index(r.weight) for r in regions]
+    top_k, exact, resync_every = first["top_k"], state.exact, state.resync_every
+
+    def rebind(channel, args):
+        """Another instance of the model runs this graph: its own state and buffers."""
+        other, _ = switch_state_for(channel, top_k, exact, resync_every=resync_every)
+        buffers = other.switch_operands([args[i] for i in positions])[0] if exact else []
+        return other, [other.prev_experts, other.prev_gates] + buffers
+    gm.meta["adafuse_rebind"] = rebind
     gm.meta["adafuse_switch"] = switch
-    formula = "W = W0 + delta_t" if state.exact else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}"
+    formula = ("M = W + delta_t into separate buffers, W never written" if state.exact
+               else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}")
     note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode} ({formula})")
     return clean_up(gm)

@@ -6,18 +6,23 @@ backbone weights: it restores them first. The previous step's experts and gates 
 device buffers so the unmerge stays right under CUDA-graph replay.
 
 Two modes:
-- exact: W = W0 + delta_t from a pristine device copy. Zero drift; costs one copy of the
-  adapted weights in device memory.
-- in place (the paper's): W += delta_t - delta_{t-1}. In bf16/fp16 every switch rounds W, so
-  it drifts; every `resync_every` switches the weights are restored exactly from a pristine
-  copy in (pinned) host memory and the current experts re-merged from zero. The interval and
-  the bound it keeps are measured by benchmarks/bench_drift.py (docs/weights.md).
+- exact: M = W0 + delta_t, written into a separate device buffer M per adapted weight, which
+  the compiled decode step's linears read instead of W. The model's own weights (W0) are only
+  read, never written: state_dict(), named_parameters(), torch.save(model) and every other view
+  of the model see the backbone at every moment, and there is zero drift. Costs one copy of the
+  adapted weights in device memory (the same bytes per switch as merging into W).
+- in place (the paper's, for when that copy does not fit): W += delta_t - delta_{t-1}. In
+  bf16/fp16 every switch rounds W, so it drifts; every `resync_every` switches the weights are
+  restored exactly from a pristine copy in (pinned) host memory and the current experts
+  re-merged from zero. The interval and the bound it keeps are measured by
+  benchmarks/bench_drift.py (docs/weights.md).
 
-Integrity rules (tests/test_weight_integrity.py): a model's weights are merged only while one of
-its compiled decode steps runs; state_dict(), eager calls, train(), leaving generate() (also by
-an exception or KeyboardInterrupt) restore them. One SwitchState owns a set of weights at a
-time: a second model sharing those weights restores the first before it merges, and a merged
-model used from a second thread fails with a clear error instead of corrupting the first.
+Integrity rules (tests/test_weight_integrity.py): in place, a model's weights are merged only
+while its compiled decode steps run; state_dict(), eager calls, train(), leaving generate()
+(also by an exception or KeyboardInterrupt) restore them. One SwitchState owns a set of weights
+at a time: a second model sharing those weights restores the first before it merges, and a
+model in the middle of a decode used from a second thread fails with a clear error instead of
+corrupting the first (in both modes: the step's buffers and previous experts are per model).
 """
 from __future__ import annotations
 
@@ -42,6 +47,26 @@ _OWNER_ATTR = "_adafuse_owner"
 _owner_lock = threading.Lock()
 
 
+def _no_owner() -> None:
+    return None
+
+
+class _OwnerRef:
+    """A weak reference to the owning SwitchState that pickles as None: a saved model (torch.save of
+    the whole module, which pickles Parameter attributes) carries no compiled runtime state."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, owner: "SwitchState"):
+        self.ref = weakref.ref(owner)
+
+    def __call__(self) -> "SwitchState | None":
+        return self.ref()
+
+    def __reduce__(self):
+        return _no_owner, ()
+
+
 def merged_owners(weights: list[Tensor]) -> list["SwitchState"]:
     """SwitchStates whose merged experts currently sit in any of `weights`."""
     owners: list[SwitchState] = []
@@ -60,19 +85,21 @@ class ConcurrentUseError(RuntimeError):
 class SwitchState:
     def __init__(self, weights: list[Tensor], top_k: int, exact: bool, resync_every: int | None = None):
         for other in merged_owners(weights):  # a model sharing these weights: copy W0, not its merge
-            other.restore()
+            if not other.exact:
+                other.restore()
         device = weights[0].device
         self.weights = weights
         self.exact = exact
         self.prev_experts = torch.zeros(top_k, dtype=torch.int64, device=device)
         self.prev_gates = torch.zeros(top_k, dtype=torch.float32, device=device)
-        # Taken now, while the weights are pristine: on the device for exact mode, in pinned host
-        # memory for the in-place mode's periodic exact resync.
+        # Exact mode: the buffers the switch writes and the decode step reads (W stays W0).
+        # In place: W0 taken now, while the weights are pristine, into pinned host memory for the
+        # periodic exact resync.
         if exact:
-            self.pristine = {id(w): w.detach().clone() for w in weights}
+            self.merged_buffers = {id(w): w.detach().clone() for w in weights}
             self.host_pristine = {}
         else:
-            self.pristine = {}
+            self.merged_buffers = {}
             pin = device.type == "cuda"
             self.host_pristine = {id(w): (w.detach().to("cpu", copy=True).pin_memory() if pin
                                           else w.detach().clone()) for w in weights}
@@ -85,11 +112,16 @@ class SwitchState:
         self._lock = threading.Lock()
 
     @property
-    def pristine_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.pristine.values())
+    def buffer_bytes(self) -> int:
+        """Device memory of exact mode's separate merged buffers (0 in place)."""
+        return sum(t.numel() * t.element_size() for t in self.merged_buffers.values())
 
-    def pristine_of(self, weights: list[Tensor]) -> list[Tensor]:
-        return [self.pristine[id(w)] for w in weights]
+    def switch_operands(self, weights: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
+        """(what the switch writes and the linears read, the pristine source or None) for `weights`:
+        exact: (the merged buffers, W itself as W0); in place: (W, None)."""
+        if self.exact:
+            return [self.merged_buffers[id(w)] for w in weights], weights
+        return weights, None
 
     def _check_thread(self) -> None:
         me = threading.get_ident()
@@ -120,31 +152,33 @@ class SwitchState:
                 ref = getattr(w, _OWNER_ATTR, None)
                 other = ref() if ref is not None else None
                 if other is not None and other is not self:
-                    if other.merged:
-                        other.restore()  # another model shares these weights: give them back first
+                    if other.merged and not other.exact:
+                        other.restore()  # another model merged into these weights in place: undo it first
                     other.owns_weights = False
-            me = weakref.ref(self)
+            me = _OwnerRef(self)
             for w in self.weights:
                 setattr(w, _OWNER_ATTR, me)
             self.owns_weights = True
 
     @torch.no_grad()
     def _write_pristine(self) -> None:
-        """W = W0 exactly, and forget the previous experts (the next switch merges from zero)."""
-        source = self.pristine if self.exact else self.host_pristine
-        for w in self.weights:  # streamed weight by weight from host memory in in-place mode
-            w.copy_(source[id(w)], non_blocking=True)
+        """W = W0 exactly, and forget the previous experts (the next switch merges from zero).
+        Exact mode never wrote W: nothing to copy."""
+        if not self.exact:
+            for w in self.weights:  # streamed weight by weight from pinned host memory
+                w.copy_(self.host_pristine[id(w)], non_blocking=True)
         self.prev_gates.zero_()
         self.switches = 0
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the backbone weights back (before an unmerged graph runs, or when leaving decode)."""
+        """End a decode: in place, put the backbone weights back (before an unmerged graph runs, or
+        when leaving decode); in both modes, release the model to other threads."""
         with self._lock:
             if not self.merged:
                 return
             self._check_thread()
-            # Exactly, from the pristine copy, in both modes: the in-place mode's drift ends here.
+            # In place, exactly from the host copy: the in-place mode's drift ends here.
             self._write_pristine()
             self.merged = False
             self.owner_thread = None
@@ -155,7 +189,7 @@ def adapted_weight_bytes(weights: list[Tensor]) -> int:
 
 
 def choose_exact(weights: list[Tensor], exact: bool | None, memory_fraction: float) -> tuple[bool, str]:
-    """Exact mode unless told otherwise or its pristine copy would take too much free device memory."""
+    """Exact mode unless told otherwise or its merged buffers would take too much free device memory."""
     need = adapted_weight_bytes(weights)
     if exact is not None:
         return exact, "exact" if exact else "in place (exact=False)"
@@ -163,9 +197,9 @@ def choose_exact(weights: list[Tensor], exact: bool | None, memory_fraction: flo
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need > memory_fraction * free:
-            return False, (f"in place: the pristine copy ({need / 2**30:.2f} GiB) exceeds "
+            return False, (f"in place: exact mode's merged buffers ({need / 2**30:.2f} GiB) exceed "
                            f"pristine_memory_fraction={memory_fraction} of free GPU memory ({free / 2**30:.2f} GiB)")
-    return True, f"exact, pristine copy {need / 2**20:.1f} MiB"
+    return True, f"exact, merged buffers {need / 2**20:.1f} MiB (the model's weights are never written)"
 
 
 def switch_state_for(channel, top_k: int, exact: bool | None, memory_fraction: float = 0.5,
@@ -180,6 +214,7 @@ def switch_state_for(channel, top_k: int, exact: bool | None, memory_fraction: f
         weights = list(channel.adapted_weights)
         chosen, why = choose_exact(weights, exact, memory_fraction)
         channel.switch_state = SwitchState(weights, top_k, chosen, resync_every)
+        channel.switch_states.append(channel.switch_state)
         return channel.switch_state, why
     return state, "exact" if state.exact else "in place"
 
