@@ -48,21 +48,55 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
                                   const int64_t* ptr_d, int sm_count, std::string* err);
 
 // Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N,
-// epilogue tile M, N (0, 0 = CUTLASS's automatic choice)). Measured on H200 by
-// benchmarks/bench_sgmm.py (benchmarks/results/sgmm_h200*.json, docs/kernels.md).
+// epilogue tile M, N (0, 0 = CUTLASS's automatic choice), epilogue C stages (0 = CUTLASS's
+// choice)). Ids must run 0, 1, 2, ... in order (checked below); cutlass_sgmm.py's
+// DEFAULT_VARIANT and build.py's NUM_VARIANTS refer to them.
+//
+// 0-4: measured on H200 by benchmarks/bench_sgmm.py (benchmarks/results/sgmm_h200*.json,
+// docs/kernels.md): q,v switch at 61% (inplace, K = 256) and 78% (pristine, K = 128) of copy
+// bandwidth. At this K the C-load / D-store epilogue is as heavy as the main loop.
+//
+// 5-12: NOT yet measured on a GPU (compiled only; docs/kernels.md, "Variants"). Each tries to
+// overlap one tile's epilogue with the next tile's main loop, or to keep more C in flight:
+// - pingpong (5-9): the two consumer warp groups take alternate 64-row tiles, so one group's
+//   epilogue runs during the other's MMA. Runs 1-2 measured pingpong only with the automatic
+//   64x32 epilogue tile (16 KB of C in shared memory; q,v 2.1 / 1.8 ms, slower than
+//   cooperative); 5 repeats that as the control. 6-9 use a 64x128 epilogue tile.
+// - cooperative 128x256 / 256x128 (10, 11): at K = 256, 192 KB of L/R tile loads per 128 KB of
+//   W in and out (128x128: 128 KB per 64 KB), with 64 KB of C as in variant 3. Runs 1-2
+//   measured these tiles only with the automatic 128x32 epilogue tile (32 KB of C).
+// - more C stages (9, 12): pristine q,v in run 3 ran faster with more C in shared memory
+//   (variants 0, 1, 3: 32, 48, 64 KB -> 1.48, 1.45, 1.33 ms); 12 has 96 KB, 9 has 64 KB. Costs
+//   main-loop stages (12: 5 -> 4, 9: 8 -> 6); K <= 256 is at most 4 k-blocks.
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0)                        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0, 0)                     \
   X(1, coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64)                     \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)                  \
   X(2, coop_128x128x64_e128x64_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,           \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 64)                     \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 64, 0)                  \
   X(3, coop_128x128x64_e128x128, KernelPtrArrayTmaWarpSpecializedCooperative,               \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128)                    \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 0)                 \
   X(4, coop_128x128x64_e128x128_c2x1, KernelPtrArrayTmaWarpSpecializedCooperative,          \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 128)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 2, 1, 128, 128, 0)                 \
+  X(5, pingpong_64x128x64, KernelPtrArrayTmaWarpSpecializedPingpong,                        \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 1, 1, 0, 0, 0)                         \
+  X(6, pingpong_64x128x64_e64x128, KernelPtrArrayTmaWarpSpecializedPingpong,                \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 1, 1, 64, 128, 0)                      \
+  X(7, pingpong_64x128x64_e64x128_c2x1, KernelPtrArrayTmaWarpSpecializedPingpong,           \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 2, 1, 64, 128, 0)                      \
+  X(8, pingpong_64x256x64_e64x128, KernelPtrArrayTmaWarpSpecializedPingpong,                \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1, 64, 128, 0)                      \
+  X(9, pingpong_64x128x64_e64x128_sc4, KernelPtrArrayTmaWarpSpecializedPingpong,            \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 128, 64, 1, 1, 64, 128, 4)                      \
+  X(10, coop_128x256x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,               \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 128, 64, 0)                  \
+  X(11, coop_256x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,               \
+    PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 1, 128, 64, 0)                  \
+  X(12, coop_128x128x64_e128x128_sc3, KernelPtrArrayTmaWarpSpecializedCooperative,          \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 3)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 5
+#define ADAFUSE_SGMM_NUM_VARIANTS 13
 
 }  // namespace adafuse_sgmm
 
@@ -85,7 +119,7 @@ namespace adafuse_sgmm {
 using namespace cute;
 
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
-          int CM, int CN, int EM, int EN>
+          int CM, int CN, int EM, int EN, int SC>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -98,11 +132,33 @@ struct GroupedGemm {
   using EpilogueTile = std::conditional_t<EM == 0, cutlass::epilogue::collective::EpilogueTileAuto,
                                           Shape<Int<EM == 0 ? 1 : EM>, Int<EN == 0 ? 1 : EN>>>;
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using Fusion = cutlass::epilogue::fusion::LinearCombination<Element, float>;
+  using BuilderEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       EpilogueTile, float, float,
       Element, LayoutC*, kAlign, Element, LayoutC*, kAlign, EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+      Fusion>::CollectiveOp;
+  // SC != 0: the builder's epilogue with StagesC = SC (C tiles the load warp may prefetch).
+  // Same steps as the builder (CUTLASS 4.2, epilogue/collective/builders/sm90_builder.inl):
+  // epilogue tile, dispatch policy, Sm90TmaBuilderImpl; only StagesC differs.
+  using EpilogueTileMN = decltype(cutlass::epilogue::collective::detail::
+                                      sm90_compute_tile_shape_or_override<
+                                          Element, EpilogueTile, EpilogueSchedule, TileShape>());
+  using BuilderPolicy = decltype(cutlass::epilogue::collective::detail::
+                                     sm90_get_tma_dispatch_policy<TileShape, EpilogueTileMN,
+                                                                  Element, Element,
+                                                                  EpilogueSchedule>());
+  using StagedPolicy = cutlass::epilogue::Sm90PtrArrayTmaWarpSpecialized<
+      SC == 0 ? BuilderPolicy::StagesC : SC, BuilderPolicy::StagesD, BuilderPolicy::FragmentSize,
+      BuilderPolicy::ReuseSmemC, BuilderPolicy::DelayTmaStore,
+      BuilderPolicy::NumEpilogueWarpGroups>;
+  using StagedEpilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
+      TileShape, EpilogueTileMN, float, float, Element, LayoutC*, kAlign, Element, LayoutC*,
+      kAlign, Fusion, StagedPolicy>::CollectiveOp;
+  static_assert(!std::is_same_v<BuilderPolicy, StagedPolicy> ||
+                    std::is_same_v<BuilderEpilogue, StagedEpilogue>,
+                "the staged epilogue path must reproduce the builder's epilogue");
+  using CollectiveEpilogue = std::conditional_t<SC == 0, BuilderEpilogue, StagedEpilogue>;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
@@ -248,10 +304,10 @@ using SgmmElement = cutlass::half_t;
 
 namespace adafuse_sgmm {
 template <int V> struct VariantCfg;
-#define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                       \
+#define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)           \
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
-                            CM, CN, EM, EN>;                                                \
+                            CM, CN, EM, EN, SC>;                                            \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
@@ -275,7 +331,7 @@ namespace adafuse_sgmm {
 
 // Weak: an extension built with a subset of the variants links, and asks for a missing one
 // get a clear error instead of a crash.
-#define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                          \
+#define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)               \
   __attribute__((weak)) PlanBase* create_plan_bf16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
       std::string*);                                                                         \
@@ -284,8 +340,19 @@ namespace adafuse_sgmm {
       std::string*);
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
 
-#define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN) #NAME,
+#define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC) #NAME,
 static const char* kVariantNames[] = {ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_NAME)};
+
+#define ADAFUSE_SGMM_ID(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC) ID,
+constexpr int kVariantIds[] = {ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_ID)};
+constexpr bool variant_ids_in_order() {
+  for (int i = 0; i < ADAFUSE_SGMM_NUM_VARIANTS; ++i)
+    if (kVariantIds[i] != i) return false;
+  return true;
+}
+static_assert(sizeof(kVariantIds) / sizeof(kVariantIds[0]) == ADAFUSE_SGMM_NUM_VARIANTS,
+              "ADAFUSE_SGMM_NUM_VARIANTS must count the ADAFUSE_SGMM_VARIANTS entries");
+static_assert(variant_ids_in_order(), "ADAFUSE_SGMM_VARIANTS ids must be 0, 1, 2, ... in order");
 
 int num_variants() { return ADAFUSE_SGMM_NUM_VARIANTS; }
 const char* variant_name(int v) {
@@ -295,7 +362,7 @@ const char* variant_name(int v) {
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
                       int sm_count, std::string* err) {
-#define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN)                              \
+#define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)                  \
   case ID: {                                                                                 \
     CreatePlanFn fn = dtype == kBF16 ? create_plan_bf16_##ID : create_plan_fp16_##ID;        \
     if (fn == nullptr) {                                                                     \
