@@ -8,19 +8,35 @@ timed separately (CUDA events on the GPU, perf_counter on the CPU); decode ms/to
 built from the same seed, after a warm-up on two prompts of other lengths (compilation, CUDA-graph
 recording), with the peak-memory counter reset before the model is built.
 
+Time budgets (for runs that must fit a fixed window, e.g. one 10-minute GPU call): with
+`method_budget_s` a method stops serving prompts once its measured prompts have taken that many
+seconds (wall clock; at least one prompt is always served, after the warm-up), and its entry says
+how many it served of how many asked (`prompts_served`, `prompts_asked`, `truncated_by_budget`).
+With `budget_s` no method starts once the run has taken that many seconds: the rest are recorded
+with status "skipped". The per-prompt lists then cover the first `prompts_served` prompts of
+`prompt_lengths`. `prefill`: "compiled" (default) runs the prompt through the compiled model too;
+"eager" compiles only the one-token decode step and runs the prompt through the uncompiled model
+(gpt-fast's default, and what generate()'s own compile does): one compiled graph per method instead
+of three (the prefill at the warm-up's first length, the decode step, the prefill again for any
+length: Dynamo's recompile log on the tiny preset).
+
 Two decode loops, `loop`:
 - "hf": Hugging Face `generate()` (what users run) on LlamaForCausalLM / MistralForCausalLM built
   from the preset's config, static cache sized once for the longest prompt (no reallocation, no
   recompilation between prompts), `disable_compile=True` so that generate() never compiles on its
   own (on CUDA with a static cache it otherwise wraps the forward in its own torch.compile):
-  every compiled method is compiled by us, with `model.compile(...)`. Decode steps are timed by
-  a logits processor that records an event after each forward (no host sync added).
+  every compiled method is compiled by us, with `model.compile(...)`; with prefill "eager", through
+  `generation_config.compile_config` instead, so that generate() compiles the decode forward only
+  (our backend and options). Decode steps are timed by a logits processor that records an event
+  after each forward (no host sync added).
 - "own": the package's TinyLlama (gpt-fast style, static KV cache) with the same shape, and a
   plain greedy loop over `model(tokens, input_pos)`.
 
-Methods (`METHODS`, in table order): the backbone eager and compiled "the same way" as adafuse
-(the adafuse backend on a model without adapters: Inductor, CUDA graphs on the GPU; this is the
-reference every ratio divides by), layer-wise routed MoE-LoRA (MoLA style) eager and under
+Methods (`METHODS`, in table order; they run in the order of `BenchConfig.methods`, else of
+`RUN_ORDER`: the cheap, most telling ones first, so that a time budget cuts the least useful):
+the backbone eager and compiled "the same way" as adafuse (the adafuse backend on a model
+without adapters: Inductor, CUDA graphs on the GPU; this is the reference every ratio divides
+by), layer-wise routed MoE-LoRA (MoLA style) eager and under
 torch.compile, the pre-gated model eager and under torch.compile (default Inductor), the paper's
 simple merge (`baselines.SimpleMerge`), and the adafuse backend: merge with each SGMM
 implementation, and factor / gather / auto where `settings.AVAILABLE_PATHS` has them. A path
@@ -37,28 +53,38 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
                  "dtype", "device", "targets", "target_modules", "adapters": {"num_experts", "rank",
                  "top_k", "alpha", "b_std", "weight_std"}, "prompts", "new_tokens", "loops",
                  "codegen", "cudagraphs", "seed", "max_cache_len",
-                 "prompt_distribution": {"kind", "median", "sigma", "min", "max", "seed"}},
+                 "prompt_distribution": {"kind", "median", "sigma", "min", "max", "seed"},
+                 "prefill": "compiled"|"eager", "method_budget_s": float|null, "budget_s": float|null,
+                 "run_order": [method name, ...]},   # the order the methods ran in (per loop)
       "prompt_lengths": [int, ...],                     # one per prompt, in serving order
       "analytics": {"backbone_params", "backbone_linear_flops_per_token",
                     "backbone_attention_flops_per_token", "backbone_flops_per_token",
                     "mean_context", "kinds": {kind: {"params", "param_overhead_pct",
                     "flops_per_token", "flop_overhead_pct", "note"}}},
-      "results": [                                      # one per (loop, method)
+      "results": [                                      # one per (loop, method), in run order
         {"loop": "hf"|"own", "method": str, "label": str, "kind": str,
-         "status": "ok"|"failed"|"unavailable", "reason": str|null,   # why failed / unavailable
+         "status": "ok"|"failed"|"unavailable"|"skipped", "reason": str|null,  # why not ok
          "traceback": str|null,                         # the tail of the traceback of a failed method
          "compile": {...how it was compiled...},
-         "decode_ms_per_token": [float per prompt]|null, "prefill_ms": [float per prompt]|null,
+         "decode_ms_per_token": [float per served prompt]|null, "prefill_ms": [float per served prompt]|null,
          "warmup_s": float|null, "peak_memory_bytes": int|null,
-         "tokens_sha1": [str per prompt]|null, "reference_method": str|null,
+         "prompts_asked": int, "prompts_served": int|null,  # served < asked only under method_budget_s
+         "truncated_by_budget": bool, "measure_s": float|null,  # wall s of the measured prompts
+         "start_s": float|null, "method_s": float|null,  # when it started in the run, its whole wall time
+         "tokens_sha1": [str per served prompt]|null, "reference_method": str|null,
          "tokens_match_reference": float|null,          # fraction of prompts with identical tokens
          "adafuse_paths": [str]|null,                   # what the backend did per graph (merge/gather/None)
          "summary": {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median",
                      "tokens_per_s", "x_backbone", "overhead_pct", "memory_overhead_pct",
                      "param_overhead_pct", "flop_overhead_pct"}|null}
       ],
+      "pending": ["loop:method", ...],                  # not run yet: empty once the run has finished
       "wall_s": float
     }
+
+Adding keys keeps the schema "adafuse-bench/1": with no budget every list has one value per prompt,
+as before. A partial file (written after each method when `run_bench` gets a `checkpoint`) has the
+methods that finished and lists the others under "pending".
 
 Ratios (`x_backbone`, `overhead_pct`, `memory_overhead_pct`) divide by the method "backbone" of
 the same loop. Python: `run_bench(BenchConfig(...))` returns this dict; `write_outputs(result, path)`
@@ -94,6 +120,7 @@ from .modeling.inject import gate_channel, is_injected
 SCHEMA = "adafuse-bench/1"
 TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
 LOOPS = ("hf", "own")
+PREFILLS = ("compiled", "eager")
 
 # Prompt lengths: log-normal, median 96 tokens, sigma 1.0 (natural log), clipped to [4, 1024].
 # Why: ShareGPT first user turns are short with a heavy tail; published statistics of the
@@ -159,7 +186,7 @@ class BenchConfig:
     loop: str = "both"  # hf | own | both
     prompts: int | None = None  # None: the preset's
     new_tokens: int | None = None
-    methods: tuple[str, ...] | None = None  # None: all; else names from METHODS
+    methods: tuple[str, ...] | None = None  # None: all, in RUN_ORDER; else names from METHODS, run in this order
     device: str | None = None  # None: the preset's (cuda presets fall back to nothing: they need a GPU)
     dtype: str | None = None
     codegen: str | None = None  # inductor | eager for compiled methods; None: the preset's
@@ -168,6 +195,12 @@ class BenchConfig:
     # whole methods 20x to 80x slower whenever another process held a core), torch's default on the GPU.
     threads: int | None = None
     progress: bool = True
+    # compiled: the prompt runs through the compiled model too; eager: only the decode step is compiled
+    prefill: str = "compiled"
+    # Seconds of measured prompts after which a method stops serving prompts (at least one is served).
+    method_budget_s: float | None = None
+    # Seconds into the run after which no method starts; the rest are recorded as skipped.
+    budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -178,6 +211,11 @@ class BenchConfig:
             raise ValueError(f"loop={self.loop!r} is not one of hf, own, both")
         if self.codegen not in (None, "inductor", "eager"):
             raise ValueError(f"codegen={self.codegen!r} is not one of inductor, eager")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill={self.prefill!r} is not one of {', '.join(PREFILLS)}")
+        for name, v in (("method_budget_s", self.method_budget_s), ("budget_s", self.budget_s)):
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {v}")
         for name, v in (("prompts", self.prompts), ("new_tokens", self.new_tokens)):
             if v is not None and v < (1 if name == "prompts" else 2):
                 raise ValueError(f"{name} must be >= {1 if name == 'prompts' else 2}, got {v}")
@@ -185,6 +223,8 @@ class BenchConfig:
             unknown = sorted(set(self.methods) - {m.name for m in METHODS})
             if unknown:
                 raise ValueError(f"unknown methods {unknown}; valid: {[m.name for m in METHODS]}")
+            if len(set(self.methods)) != len(self.methods):
+                raise ValueError(f"methods lists a method twice: {list(self.methods)}")
 
 
 # Prompts ---------------------------------------------------------------------------------------
@@ -228,6 +268,7 @@ class Spec:
     cudagraphs: bool
     seed: int
     hf_config_path: str | None
+    prefill: str = "compiled"
 
     @property
     def on_gpu(self) -> bool:
@@ -256,7 +297,7 @@ def resolve(cfg: BenchConfig) -> Spec:
     return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
                 cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
                 preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"),
-                device.type == "cuda", cfg.seed, cfg.hf_config)
+                device.type == "cuda", cfg.seed, cfg.hf_config, cfg.prefill)
 
 
 @torch.no_grad()
@@ -379,6 +420,14 @@ METHODS: list[Method] = [
            path="auto", reference="pregated_eager"),
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
+# Run order when BenchConfig.methods is None: the reference and the adafuse paths first, then the
+# baselines whose one compiled graph or eager prompts cost least, the slowest compile (MoLA under
+# torch.compile: one data-dependent branch per expert and linear) last. Under a global time budget
+# the methods cut are those at the end of this list.
+RUN_ORDER = ("backbone", "adafuse_gather", "adafuse_auto", "adafuse_merge_cutlass", "pregated_inductor", "simple_merge",
+             "adafuse_factor", "pregated_eager", "mola_eager", "backbone_eager", "adafuse_merge_triton",
+             "adafuse_merge_reference", "mola_compiled")
+assert sorted(RUN_ORDER) == sorted(METHOD_BY_NAME), "RUN_ORDER must list every method once"
 
 
 def unavailable_reason(method: Method, spec: Spec) -> str | None:
@@ -414,6 +463,17 @@ def _compile(model: nn.Module, method: Method, spec: Spec, loop: str) -> tuple[C
         options = {"codegen": spec.codegen, "cudagraphs": spec.cudagraphs, **method.options}
         info = {"compiler": "torch.compile(backend='adafuse')", "options": options}
         kw = {"backend": "adafuse", "options": options}
+    info["prefill"] = spec.prefill
+    if loop == "hf" and spec.prefill == "eager":
+        # generate()'s own compile: the prompt runs through the plain forward, the decode steps
+        # through torch.compile(model.__call__, **compile_config) (mode None: our backend and options).
+        from transformers import CompileConfig
+
+        cc = CompileConfig(fullgraph=False, dynamic=None, backend=kw["backend"], mode=None, options=kw.get("options"))
+        cc._compile_all_devices = True  # generate() compiles only on accelerators unless told (the CPU preset)
+        model.generation_config.compile_config = cc
+        model.generation_config.disable_compile = False
+        return model, info
     if loop == "hf":
         model.compile(**kw)  # in place: generate() calls the compiled forward
         return model, info
@@ -421,6 +481,9 @@ def _compile(model: nn.Module, method: Method, spec: Spec, loop: str) -> tuple[C
 
 
 # Timing ----------------------------------------------------------------------------------------
+
+_now = time.perf_counter  # the clock of the time budgets (a test may replace it)
+
 
 class _Clock:
     """Marks on the device timeline: CUDA events on the GPU (no sync), perf_counter on the CPU."""
@@ -447,13 +510,14 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _own_generate(step, model: nn.Module, prompt: torch.Tensor, n: int, positions: list, clock: _Clock) -> torch.Tensor:
-    """Prefill, then n - 1 decode steps; marks: start, after prefill (first token), after the last step."""
+def _own_generate(step, prefill, prompt: torch.Tensor, n: int, positions: list, clock: _Clock) -> torch.Tensor:
+    """Prefill (through `prefill`: the step itself or the uncompiled model), then n - 1 decode steps;
+    marks: start, after prefill (first token), after the last step."""
     t = prompt.shape[1]
-    if t > 1:  # one prefill graph for every prompt length (the decode step stays static)
+    if t > 1 and prefill is step:  # one prefill graph for every prompt length (the decode step stays static)
         torch._dynamo.maybe_mark_dynamic(prompt, 1)
     clock.mark()
-    nxt = step(prompt, torch.arange(t, device=prompt.device))[:, -1:].argmax(-1)
+    nxt = prefill(prompt, torch.arange(t, device=prompt.device))[:, -1:].argmax(-1)
     clock.mark()
     out = [nxt]
     for i in range(n - 1):
@@ -508,11 +572,13 @@ def _cleanup() -> None:
 
 
 def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor], max_cache_len: int,
-               on_prompt: Callable[[], None] | None = None) -> dict:
-    """Build, adapt, compile, warm up and time one method; returns its raw entry (no summary yet)."""
+               on_prompt: Callable[[], None] | None = None, budget_s: float | None = None) -> dict:
+    """Build, adapt, compile, warm up and time one method; returns its raw entry (no summary yet).
+
+    budget_s: stop serving prompts once the measured ones have taken this many seconds (at least one)."""
     from . import backend
 
-    entry = _entry(method, loop)
+    entry = _entry(method, loop, len(prompts))
     if method.compiler and spec.codegen != "inductor":
         entry["label"] += f" [codegen {spec.codegen}]"
     reason = unavailable_reason(method, spec)
@@ -538,6 +604,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
+            prefill = model if spec.prefill == "eager" else step  # own loop; generate() is set up by _compile
             n = spec.new_tokens
 
             def one(prompt, n_tokens):
@@ -546,7 +613,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                     if loop == "hf":
                         tokens = _hf_generate(model, prompt, n_tokens, clock)
                     else:
-                        tokens = _own_generate(step, model, prompt, n_tokens, positions, clock)
+                        tokens = _own_generate(step, prefill, prompt, n_tokens, positions, clock)
                 clock.sync()
                 _restore_weights(model)
                 return tokens, clock
@@ -559,20 +626,26 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                                      generator=torch.Generator().manual_seed(99)).to(spec.device)
                 one(warm, min(n, 4))
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
-            decode, prefill, shas = [], [], []
+            decode, prefill_ms, shas = [], [], []
+            t_measure = _now()
             for prompt in prompts:
                 tokens, clock = one(prompt, n)
                 if tokens.shape[1] != n:
                     raise RuntimeError(f"generated {tokens.shape[1]} tokens, expected {n}")
                 last = len(clock.marks) - 1
-                prefill.append(clock.elapsed_ms(0, 1))
+                prefill_ms.append(clock.elapsed_ms(0, 1))
                 decode.append(clock.elapsed_ms(1, last) / (n - 1))
                 shas.append(_sha(tokens))
                 if on_prompt:
                     on_prompt()
+                if budget_s is not None and _now() - t_measure >= budget_s and len(decode) < len(prompts):
+                    entry["truncated_by_budget"] = True
+                    break
+            entry["measure_s"] = round(_now() - t_measure, 3)
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-            entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill, tokens_sha1=shas)
+            entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill_ms, tokens_sha1=shas,
+                         prompts_served=len(decode))
             if method.compiler == "adafuse":
                 entry["adafuse_paths"] = [r.get("path", "merge" if r.get("rewritten") else None)
                                           for r in backend.last_compilations]
@@ -588,11 +661,13 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
     return entry
 
 
-def _entry(method: Method, loop: str) -> dict:
+def _entry(method: Method, loop: str, prompts_asked: int) -> dict:
     return {"loop": loop, "method": method.name, "label": method.label, "kind": method.kind,
             "status": None, "reason": None, "compile": None, "decode_ms_per_token": None, "prefill_ms": None,
-            "warmup_s": None, "peak_memory_bytes": None, "tokens_sha1": None, "reference_method": method.reference,
-            "tokens_match_reference": None, "adafuse_paths": None, "summary": None, "traceback": None}
+            "warmup_s": None, "peak_memory_bytes": None, "prompts_asked": prompts_asked, "prompts_served": None,
+            "truncated_by_budget": False, "measure_s": None, "start_s": None, "method_s": None,
+            "tokens_sha1": None, "reference_method": method.reference, "tokens_match_reference": None,
+            "adafuse_paths": None, "summary": None, "traceback": None}
 
 
 # Analytics: parameters and FLOPs per token -------------------------------------------------------
@@ -717,23 +792,28 @@ def environment(device: torch.device) -> dict:
 
 # Entry point -----------------------------------------------------------------------------------
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Run the benchmark; returns the result dict (schema in the module docstring)."""
+def run_bench(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Run the benchmark; returns the result dict (schema in the module docstring).
+
+    checkpoint: called with the result so far (summarized, "pending" listing what has not run) before
+    the first method and after each one, e.g. to write partial outputs that survive a killed run."""
     t_start = time.perf_counter()
+    t_budget = _now()
     spec = resolve(cfg)
     threads = cfg.threads or (1 if spec.device.type == "cpu" else None)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = _run(cfg, spec)
+        result = _run(cfg, spec, t_budget, t_start, checkpoint)
     finally:
         torch.set_num_threads(old_threads)
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
     return result
 
 
-def _run(cfg: BenchConfig, spec: Spec) -> dict:
+def _run(cfg: BenchConfig, spec: Spec, t_budget: float, t_start: float,
+         checkpoint: Callable[[dict], None] | None) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     lengths = prompt_lengths(spec.prompts, spec.seed, spec.max_prompt_len)
@@ -741,7 +821,7 @@ def _run(cfg: BenchConfig, spec: Spec) -> dict:
     # One static cache size for every prompt: no reallocation, no recompilation between prompts.
     max_cache_len = int(math.ceil((max(lengths + [11]) + spec.new_tokens) / 64) * 64)
     loops = LOOPS if cfg.loop == "both" else (cfg.loop,)
-    methods = [m for m in METHODS if cfg.methods is None or m.name in cfg.methods]
+    methods = [METHOD_BY_NAME[name] for name in (cfg.methods or RUN_ORDER)]
     mean_ctx = statistics.fmean(lengths) + spec.new_tokens / 2
     result = {
         "schema": SCHEMA,
@@ -757,28 +837,51 @@ def _run(cfg: BenchConfig, spec: Spec) -> dict:
             "cudagraphs": spec.cudagraphs, "seed": spec.seed, "max_cache_len": max_cache_len,
             "prompt_distribution": {"kind": "lognormal", "median": PROMPT_MEDIAN, "sigma": PROMPT_SIGMA,
                                     "min": PROMPT_MIN, "max": min(PROMPT_MAX, spec.max_prompt_len), "seed": spec.seed},
+            "prefill": spec.prefill, "method_budget_s": cfg.method_budget_s, "budget_s": cfg.budget_s,
+            "run_order": [m.name for m in methods],
         },
         "prompt_lengths": lengths,
         "analytics": analytics(spec, mean_ctx),
         "results": [],
+        "pending": [f"{loop}:{m.name}" for loop in loops for m in methods],
         "wall_s": None,
     }
+
+    def save() -> None:
+        if checkpoint is not None:
+            summarize(result)
+            result["wall_s"] = round(time.perf_counter() - t_start, 2)
+            checkpoint(result)
+
+    save()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not cfg.progress, transient=False) as bar:
         overall = bar.add_task("methods", total=len(loops) * len(methods))
         for loop in loops:
             for method in methods:
                 task = bar.add_task(f"{loop}: {method.name}", total=spec.prompts)
-                entry = run_method(method, spec, loop, prompts, max_cache_len,
-                                   on_prompt=lambda: bar.advance(task))
+                start = _now() - t_budget
+                if cfg.budget_s is not None and start >= cfg.budget_s:
+                    entry = _entry(method, loop, spec.prompts)
+                    entry.update(status="skipped", reason=f"global time budget: {start:.1f} s of budget_s="
+                                 f"{cfg.budget_s:g} s had passed when this method was to start")
+                else:
+                    entry = run_method(method, spec, loop, prompts, max_cache_len,
+                                       on_prompt=lambda: bar.advance(task), budget_s=cfg.method_budget_s)
+                    entry["start_s"] = round(start, 2)
+                    entry["method_s"] = round(_now() - t_budget - start, 2)
                 result["results"].append(entry)
+                result["pending"].remove(f"{loop}:{method.name}")
                 status = entry["status"]
                 if status == "ok":
                     med = statistics.median(entry["decode_ms_per_token"])
-                    bar.update(task, description=f"{loop}: {method.name} [green]{med:.2f} ms/token")
+                    served = f" ({_served(entry, spec.prompts)})" if entry["truncated_by_budget"] else ""
+                    bar.update(task, total=entry["prompts_served"],
+                               description=f"{loop}: {method.name} [green]{med:.2f} ms/token{served}")
                 else:
                     bar.update(task, description=f"{loop}: {method.name} [red]{status}")
                 bar.advance(overall)
+                save()
     summarize(result)
     return result
 
@@ -789,26 +892,57 @@ def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _table_order(entries: list[dict]) -> list[dict]:
+    """Entries in METHODS order (the paper's table layout), whatever order they ran in."""
+    rank = {m.name: i for i, m in enumerate(METHODS)}
+    return sorted(entries, key=lambda e: rank.get(e["method"], len(rank)))
+
+
+def _served(e: dict, asked: int) -> str:
+    """'12/50 (budget)' for a method the time budget stopped, '50/50' for a full one, '' if it did not run."""
+    if e["status"] != "ok":
+        return ""
+    served = e.get("prompts_served", len(e["decode_ms_per_token"]))  # files from before the budgets
+    return f"{served}/{e.get('prompts_asked', asked)}" + (" (budget)" if e.get("truncated_by_budget") else "")
+
+
 def markdown_table(result: dict) -> str:
     """Paper Table 5 layout: method, ms/token, overhead vs backbone, peak memory, memory overhead."""
     env, cfg = result["env"], result["config"]
     where = env["gpu"] or f"CPU ({env['platform']})"
+    budget, total = cfg.get("method_budget_s"), cfg.get("budget_s")
     lines = [f"# adafuse bench: {cfg['preset']}, adapted {cfg['targets']} ({', '.join(cfg['target_modules'])})", "",
              f"{where}; torch {env['torch']}, transformers {env['transformers']}; {cfg['dtype']}; "
-             f"{cfg['prompts']} prompts x {cfg['new_tokens']} new tokens, batch 1, greedy; "
-             f"N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, "
+             f"{cfg['prompts']} prompts{' asked' if budget is not None else ''} x {cfg['new_tokens']} new tokens, "
+             f"batch 1, greedy; N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, "
              f"top-{cfg['adapters']['top_k']}; "
-             f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}.", ""]
+             f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}; prefill "
+             f"{'eager (only the decode step is compiled)' if cfg.get('prefill') == 'eager' else 'compiled'}.", ""]
+    truncated = [e for e in result["results"] if e.get("truncated_by_budget")]
+    skipped = [e for e in result["results"] if e["status"] == "skipped"]
+    if truncated or skipped or result.get("pending"):
+        why = []
+        if budget is not None:
+            why.append(f"a method stopped serving prompts once its measured prompts had taken {budget:g} s, "
+                       f"after at least one")
+        if total is not None:
+            why.append(f"no method started after {total:g} s of the run")
+        lines += [f"**Not the full {cfg['prompts']}-prompt protocol**: time budgets ({'; '.join(why) or 'none set'}). "
+                  f"{len(truncated)} method(s) stopped early by their budget (column Prompts: served/asked), "
+                  f"{len(skipped)} skipped by the global budget.", ""]
+    if result.get("pending"):
+        lines += [f"**Partial result**: the run had not finished when this was written; not run yet: "
+                  f"{', '.join(result['pending'])}.", ""]
     for loop in cfg["loops"]:
         name = "Hugging Face generate()" if loop == "hf" else "own decode loop (TinyLlama)"
         lines += [f"## {name}", "",
-                  "| Method | ms/token (median) | p90 | Overhead vs backbone | Peak memory (GiB) | Memory overhead "
-                  "| Params + | FLOPs/token + | Prefill ms (median) | Tokens = reference |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for e in (x for x in result["results"] if x["loop"] == loop):
+                  "| Method | Prompts | ms/token (median) | p90 | Overhead vs backbone | Peak memory (GiB) "
+                  "| Memory overhead | Params + | FLOPs/token + | Prefill ms (median) | Tokens = reference |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in _table_order([x for x in result["results"] if x["loop"] == loop]):
             if e["status"] != "ok":
                 why = (e["reason"] or "").split("\n")[0][:120].replace("|", "/")
-                lines.append(f"| {e['label']} | {e['status']}: {why} | | | | | | | | |")
+                lines.append(f"| {e['label']} | | {e['status']}: {why} | | | | | | | | |")
                 continue
             s = e["summary"]
             over = "1.00 (reference)" if e["method"] == "backbone" else (
@@ -816,13 +950,17 @@ def markdown_table(result: dict) -> str:
             mem = None if e["peak_memory_bytes"] is None else e["peak_memory_bytes"] / 2**30
             match = "" if e["tokens_match_reference"] is None else f"{100 * e['tokens_match_reference']:.0f}%"
             lines.append(
-                f"| {e['label']} | {s['decode_ms_median']:.3f} | {s['decode_ms_p90']:.3f} | {over} | {_fmt(mem)} | "
-                f"{_fmt(s['memory_overhead_pct'], '+.1f', '%')} | {s['param_overhead_pct']:.2f}% | "
-                f"{s['flop_overhead_pct']:.2f}% | {s['prefill_ms_median']:.2f} | {match} |")
+                f"| {e['label']} | {_served(e, cfg['prompts'])} | {s['decode_ms_median']:.3f} | "
+                f"{s['decode_ms_p90']:.3f} | {over} | {_fmt(mem)} | {_fmt(s['memory_overhead_pct'], '+.1f', '%')} | "
+                f"{s['param_overhead_pct']:.2f}% | {s['flop_overhead_pct']:.2f}% | {s['prefill_ms_median']:.2f} | "
+                f"{match} |")
         lines.append("")
     lines += ["Overheads divide by 'backbone, compiled (reference)' of the same loop. Params + and FLOPs/token + are "
               "analytic (see the JSON's `analytics`). 'Tokens = reference': share of prompts whose greedy tokens "
-              "equal those of the method's reference (backbone eager, MoLA eager or pre-gated eager).", ""]
+              "equal those of the method's reference (backbone eager, MoLA eager or pre-gated eager), over the "
+              "prompts both served. Prompts: prompts served / asked, each of "
+              f"{cfg['new_tokens']} new tokens; '(budget)': the per-method time budget stopped the method there, "
+              "so its medians are over those prompts only.", ""]
     return "\n".join(lines)
 
 
@@ -836,8 +974,9 @@ def plot(result: dict, path: Path) -> None:
     loops = result["config"]["loops"]
     fig, axes = plt.subplots(len(loops), 1, figsize=(11, 4.2 * len(loops)), squeeze=False)
     for ax, loop in zip(axes[:, 0], loops):
-        entries = [e for e in result["results"] if e["loop"] == loop]
-        names = [e["method"] for e in entries]
+        entries = _table_order([e for e in result["results"] if e["loop"] == loop])
+        names = [e["method"] + (f"\n{e['prompts_served']}/{e['prompts_asked']} prompts (budget)"
+                                if e.get("truncated_by_budget") else "") for e in entries]
         vals = [e["summary"]["decode_ms_median"] if e["status"] == "ok" else 0.0 for e in entries]
         err = [(e["summary"]["decode_ms_p90"] - e["summary"]["decode_ms_median"]) if e["status"] == "ok" else 0.0
                for e in entries]
@@ -862,14 +1001,19 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, json_path: str | Path) -> dict[str, Path]:
-    """Write the JSON, the Markdown table (.md) and the plot (.png) side by side; returns their paths."""
+def write_outputs(result: dict, json_path: str | Path, png: bool = True) -> dict[str, Path]:
+    """Write the JSON, the Markdown table (.md) and the plot (.png, unless png=False) side by side;
+    returns their paths. Each file is written whole then renamed, so a killed run leaves the last
+    complete version."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["md"].write_text(markdown_table(result))
-    plot(result, paths["png"])
+    for key, text in (("json", json.dumps(result, indent=1)), ("md", markdown_table(result))):
+        tmp = paths[key].with_name(paths[key].name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(paths[key])
+    if png:
+        plot(result, paths["png"])
     return paths
 
 
@@ -878,5 +1022,5 @@ def default_output(cfg: BenchConfig) -> Path:
     return Path(f"bench_{cfg.preset}_{cfg.targets}_{device}.json")
 
 
-__all__ = ["BenchConfig", "METHODS", "PRESETS", "SCHEMA", "markdown_table", "plot", "prompt_lengths", "run_bench",
-           "write_outputs"]
+__all__ = ["BenchConfig", "METHODS", "PRESETS", "RUN_ORDER", "SCHEMA", "markdown_table", "plot", "prompt_lengths",
+           "run_bench", "write_outputs"]

@@ -12,7 +12,10 @@
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
 #            probes), bf16 and fp16, and the in-place resync's cost    ~4 min
-#   bench-qv     adafuse bench, 7B q,v, own loop, short protocol            ~9 min (not yet run)
+#   bench-qv     adafuse bench, 7B q,v, own loop, time-budgeted protocol (see the case)  ~9 min (not yet run)
+#   bench-all    the same for all seven linears                                          ~9 min (not yet run)
+#   bench-qv-hf  q,v through Hugging Face generate(), fewer methods; only if >= 9 min of
+#                device time remain after bench-qv and bench-all                         ~6 min (not yet run)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -47,10 +50,50 @@ for stage in "${@:-tests}"; do
   drift-model)
     timeout "${DRIFT_TIMEOUT:-330}" python3 benchmarks/bench_drift.py --device cuda --model --skip-weights --model-preset llama2-7b \
       --between switch --dtypes bf16,fp16 --counts 1,100,1000,10000 --out "$OUT/drift_model_h200.json" 2>&1 | tail -20 ;;
+  # adafuse bench stages. The paper's 50 prompts x 200 tokens per method (about 100 s of decoding
+  # for a fast method, 17 min for MoLA eager at all seven) cannot fit a 10-minute call, and the
+  # compiles dominate anyway: one 32-layer Inductor compile of the decode step takes 35-120 s on the
+  # H200 (bench_decode's phase_s: backbone ~35, q,v gather 65 / factor 70 / naive torch.compile 55 /
+  # merge 40 + 70 for the CUTLASS JIT build, once per fresh machine; all seven gather 98 / factor 108
+  # / naive 122 / merge 83 + 70). So: --prefill eager (only the decode step is compiled: one graph
+  # per method, not three), 50 prompts asked and --method-budget-s 5 (each method serves prompts
+  # until 5 s of them have passed: ~9 prompts at 5-6 ms/token, 1-2 for the eager baselines, always
+  # at least one), --new-tokens 100 (the own loop's attention reads the whole static cache, 1152
+  # positions here, every step, so ms/token does not depend on the position: 100 tokens measure the
+  # same as 200, in half the time of a slow method's one prompt), and --budget-s: no method starts
+  # after it, the rest are recorded as skipped. JSON and .md are rewritten after each method, so a
+  # run killed by `timeout` keeps what finished. Estimates (s, build ~5 + compile + serve; python
+  # start ~15) in run order, cumulative:
+  #   qv:  backbone 45 (60), gather 75 (135), auto 60 (195), merge_cutlass 120 (315), pregated_inductor
+  #        65 (380), simple_merge 13 (393), pregated_eager 13 (406), mola_eager ~15 (421), backbone_eager 10
+  #        (431), factor 80 (511); mola_compiled (compile of minutes) starts after --budget-s 440: skipped.
+  #        A factor that starts at 440 and compiles 1.4x slower still ends before the 560-s timeout.
+  #   all: backbone 45 (60), gather 108 (168), merge_cutlass 163 (331), then the eager baselines, cheap
+  #        because they compile nothing: simple_merge ~15 (346), pregated_eager 14 (360), mola_eager ~35
+  #        (395), backbone_eager 11 (406); pregated_inductor 133 (539) starts before --budget-s 425;
+  #        auto (the cost model picks gather at all seven), factor (7.6 ms/token at all seven in
+  #        decode_llama2-7b_all_kv512_h200.json) and mola_compiled are skipped.
   bench-qv)
-    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prompts 5 --new-tokens 64 --no-progress \
-      --methods backbone,pregated_eager,pregated_inductor,simple_merge,adafuse_merge_cutlass,adafuse_factor,adafuse_auto \
-      --out "$OUT/bench_llama2-7b_qv_own_h200.json" 2>&1 | tail -25 ;;
+    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prefill eager \
+      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 440 --no-progress \
+      --methods backbone,adafuse_gather,adafuse_auto,adafuse_merge_cutlass,pregated_inductor,simple_merge,pregated_eager,mola_eager,backbone_eager,adafuse_factor,mola_compiled \
+      --out "$OUT/bench_llama2-7b_qv_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_own_h200.log" | grep -v -i warn | tail -40 ;;
+  bench-all)
+    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop own --prefill eager \
+      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 425 --no-progress \
+      --methods backbone,adafuse_gather,adafuse_merge_cutlass,simple_merge,pregated_eager,mola_eager,backbone_eager,pregated_inductor,adafuse_auto,adafuse_factor,mola_compiled \
+      --out "$OUT/bench_llama2-7b_all_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_own_h200.log" | grep -v -i warn | tail -40 ;;
+  # generate() with the static cache, generate()'s own decode-only compile (our backend and options):
+  # never run on a GPU. Same protocol; HF's forward traces slower (estimate 1.2x the own loop's
+  # compiles) and its eager forward pays more Python. Estimates: backbone 56 (71), gather 91 (162),
+  # pregated_inductor 76 (238), pregated_eager 14 (252), backbone_eager 11 (263), auto 71 (334) <
+  # the 370-s timeout; merge (70-s CUTLASS build), simple_merge, MoLA and factor start after
+  # --budget-s 270 and are skipped. Feasible only as a third call: the two own-loop tables first.
+  bench-qv-hf)
+    timeout 370 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop hf --prefill eager \
+      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 270 --no-progress \
+      --methods backbone,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_auto,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled \
+      --out "$OUT/bench_llama2-7b_qv_hf_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_hf_h200.log" | grep -v -i warn | tail -40 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -1,5 +1,6 @@
 """`adafuse bench`: the tiny preset end to end on the CPU (schema, every method accounted for,
-outputs written, adafuse tokens = pre-gated eager tokens), plus the pieces it is built from."""
+outputs written, adafuse tokens = pre-gated eager tokens), the time budgets and partial outputs,
+plus the pieces it is built from."""
 import argparse
 import json
 import time
@@ -12,7 +13,9 @@ from adafuse_compile.bench_cli import add_bench_parser
 
 RESULT_KEYS = {"loop", "method", "label", "kind", "status", "reason", "traceback", "compile", "decode_ms_per_token",
                "prefill_ms", "warmup_s", "peak_memory_bytes", "tokens_sha1", "reference_method",
-               "tokens_match_reference", "adafuse_paths", "summary"}
+               "tokens_match_reference", "adafuse_paths", "summary", "prompts_asked", "prompts_served",
+               "truncated_by_budget", "measure_s", "start_s", "method_s"}
+TOP_KEYS = {"schema", "env", "config", "prompt_lengths", "analytics", "results", "pending", "wall_s"}
 SUMMARY_KEYS = {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median", "tokens_per_s",
                 "x_backbone", "overhead_pct", "memory_overhead_pct", "param_overhead_pct", "flop_overhead_pct"}
 ENV_KEYS = {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform", "adafuse_compile",
@@ -45,11 +48,13 @@ def test_tiny_json_schema(tiny_run):
     _, _, out = tiny_run
     r = json.loads(out.read_text())
     assert r["schema"] == bench.SCHEMA
-    assert set(r) == {"schema", "env", "config", "prompt_lengths", "analytics", "results", "wall_s"}
+    assert set(r) == TOP_KEYS and r["pending"] == []
     assert set(r["env"]) == ENV_KEYS and r["env"]["device"] == "cpu" and r["env"]["cpu_threads"] == 1
     cfg = r["config"]
     assert cfg["preset"] == "tiny" and cfg["dtype"] == "float32" and cfg["loops"] == ["hf", "own"]
     assert cfg["prompt_distribution"]["kind"] == "lognormal"
+    assert cfg["prefill"] == "compiled" and cfg["method_budget_s"] is None and cfg["budget_s"] is None
+    assert cfg["run_order"] == list(bench.RUN_ORDER)
     assert len(r["prompt_lengths"]) == cfg["prompts"] == bench.PRESETS["tiny"].prompts
     assert r["prompt_lengths"] == bench.prompt_lengths(cfg["prompts"], cfg["seed"], bench.PRESETS["tiny"].max_prompt_len)
     assert set(r["analytics"]["kinds"]) == {m.kind for m in bench.METHODS} | {"adafuse_unmerged"}
@@ -72,6 +77,8 @@ def test_every_method_has_numbers_or_says_why_not(tiny_run):
             continue
         assert e["status"] == "ok", (loop, name, e["reason"], e["traceback"])
         assert len(e["decode_ms_per_token"]) == len(e["prefill_ms"]) == len(e["tokens_sha1"]) == n_prompts
+        assert e["prompts_served"] == e["prompts_asked"] == n_prompts and e["truncated_by_budget"] is False
+        assert e["measure_s"] > 0 and e["method_s"] >= e["measure_s"] and e["start_s"] >= 0
         assert all(t > 0 for t in e["decode_ms_per_token"] + e["prefill_ms"])
         s = e["summary"]
         assert set(s) == SUMMARY_KEYS
@@ -86,6 +93,7 @@ def test_every_method_has_numbers_or_says_why_not(tiny_run):
         assert "merge" in got[(loop, "adafuse_merge_reference")]["adafuse_paths"]
         if got[(loop, "adafuse_gather")]["status"] == "ok":
             assert "gather" in got[(loop, "adafuse_gather")]["adafuse_paths"]
+            assert len(got[(loop, "adafuse_gather")]["adafuse_paths"]) > 1  # compiled prefill: prefill graphs too
 
 
 def test_adafuse_tokens_equal_pregated_eager_tokens(tiny_run):
@@ -108,13 +116,141 @@ def test_adafuse_tokens_equal_pregated_eager_tokens(tiny_run):
 def test_markdown_table_and_png_written(tiny_run):
     _, _, out = tiny_run
     md = out.with_suffix(".md").read_text()
-    assert "| Method | ms/token (median) |" in md and "Overhead vs backbone" in md and "Memory overhead" in md
+    assert "| Method | Prompts | ms/token (median) |" in md and "Overhead vs backbone" in md and "Memory overhead" in md
+    assert "| 3/3 |" in md and "/3 (budget)" not in md and "Not the full" not in md  # no budget: the whole protocol
     assert "## Hugging Face generate()" in md and "## own decode loop" in md
     for m in bench.METHODS:
         assert m.label in md
     assert "[codegen eager]" in md  # the tiny preset's compiled methods say how they were generated
     assert "1.00 (reference)" in md and "unavailable" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Time budgets, run order, partial outputs, eager prefill ------------------------------------------
+
+def test_method_budget_truncates_and_says_so(tmp_path):
+    out = tmp_path / "budget.json"
+    args = parse(["--preset", "tiny", "--loop", "own", "--prompts", "3", "--new-tokens", "3", "--method-budget-s", "0",
+                  "--methods", "pregated_eager,backbone_eager,simple_merge", "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0  # no backbone asked for: no reference to miss
+    r = json.loads(out.read_text())
+    assert set(r) == TOP_KEYS and r["pending"] == [] and r["schema"] == bench.SCHEMA
+    assert r["config"]["method_budget_s"] == 0 and r["config"]["budget_s"] is None
+    assert r["config"]["run_order"] == ["pregated_eager", "backbone_eager", "simple_merge"]
+    assert [e["method"] for e in r["results"]] == r["config"]["run_order"]  # run in the order asked
+    for e in r["results"]:
+        assert set(e) == RESULT_KEYS
+        assert e["status"] == "ok" and e["truncated_by_budget"] is True, (e["method"], e["reason"])
+        assert e["prompts_asked"] == 3 and e["prompts_served"] == 1  # at least one prompt, then the budget
+        assert len(e["decode_ms_per_token"]) == len(e["prefill_ms"]) == len(e["tokens_sha1"]) == 1
+        assert e["summary"]["decode_ms_median"] > 0 and e["measure_s"] > 0
+    got = {e["method"]: e for e in r["results"]}
+    assert got["simple_merge"]["tokens_match_reference"] == 1.0  # over the one prompt both served
+    md = out.with_suffix(".md").read_text()
+    assert "3 prompts asked x 3 new tokens" in md and "**Not the full 3-prompt protocol**" in md
+    assert "3 method(s) stopped early by their budget" in md
+    row = [line for line in md.splitlines() if line.startswith("| pre-gated LoRA-MoE, eager |")]
+    assert len(row) == 1 and row[0].startswith("| pre-gated LoRA-MoE, eager | 1/3 (budget) |")
+    # the table keeps the paper's order, whatever order the methods ran in
+    assert md.index("| backbone, eager |") < md.index("| pre-gated LoRA-MoE, eager |") < md.index("| simple merge")
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_global_budget_skips_the_rest_and_records_it(monkeypatch):
+    clock = [0.0]  # each method takes 100 s of this clock; the budget allows starts before 150 s
+    monkeypatch.setattr(bench, "_now", lambda: clock[0])
+    real = bench.run_method
+
+    def run_method(*args, **kwargs):
+        entry = real(*args, **kwargs)
+        clock[0] += 100.0
+        return entry
+
+    monkeypatch.setattr(bench, "run_method", run_method)
+    snapshots = []
+    r = bench.run_bench(bench.BenchConfig(preset="tiny", loop="own", prompts=1, new_tokens=3, progress=False,
+                                          budget_s=150, methods=("backbone_eager", "pregated_eager", "simple_merge")),
+                        checkpoint=lambda partial: snapshots.append(json.loads(json.dumps(partial))))
+    assert set(r) == TOP_KEYS and r["pending"] == [] and r["config"]["budget_s"] == 150
+    got = {e["method"]: e for e in r["results"]}
+    assert got["backbone_eager"]["status"] == got["pregated_eager"]["status"] == "ok"
+    assert (got["backbone_eager"]["start_s"], got["pregated_eager"]["start_s"]) == (0.0, 100.0)
+    skipped = got["simple_merge"]
+    assert set(skipped) == RESULT_KEYS
+    assert skipped["status"] == "skipped" and "global time budget" in skipped["reason"]
+    assert "200.0 s of budget_s=150 s" in skipped["reason"]
+    assert skipped["summary"] is None and skipped["decode_ms_per_token"] is None
+    assert skipped["prompts_served"] is None and skipped["truncated_by_budget"] is False
+    # one checkpoint before the first method and one after each, listing what had not run yet
+    assert [snap["pending"] for snap in snapshots] == [
+        ["own:backbone_eager", "own:pregated_eager", "own:simple_merge"], ["own:pregated_eager", "own:simple_merge"],
+        ["own:simple_merge"], []]
+    assert [len(snap["results"]) for snap in snapshots] == [0, 1, 2, 3]
+    md = bench.markdown_table(r)
+    assert "| simple merge (paper Table 6) | | skipped: global time budget" in md
+    assert "0 method(s) stopped early by their budget" in md and "1 skipped by the global budget" in md
+    assert "no method started after 150 s of the run" in md
+
+
+def test_a_killed_run_leaves_the_finished_methods_on_disk(tmp_path, monkeypatch):
+    real = bench.run_method
+
+    def run_method(method, *args, **kwargs):
+        if method.name == "simple_merge":
+            raise KeyboardInterrupt  # the run dies in the middle of this method, as under `timeout`
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", run_method)
+    out = tmp_path / "partial.json"
+    args = parse(["--preset", "tiny", "--loop", "own", "--prompts", "1", "--new-tokens", "3",
+                  "--methods", "pregated_eager,simple_merge,backbone_eager", "--out", str(out), "--no-progress"])
+    with pytest.raises(KeyboardInterrupt):
+        args.func(args)
+    r = json.loads(out.read_text())
+    assert set(r) == TOP_KEYS
+    assert [(e["method"], e["status"]) for e in r["results"]] == [("pregated_eager", "ok")]
+    assert r["results"][0]["summary"]["decode_ms_median"] > 0
+    assert r["pending"] == ["own:simple_merge", "own:backbone_eager"]
+    md = out.with_suffix(".md").read_text()
+    assert "**Partial result**" in md and "not run yet: own:simple_merge, own:backbone_eager" in md
+    assert "| pre-gated LoRA-MoE, eager | 1/1 |" in md
+
+
+def test_eager_prefill_compiles_only_the_decode_step():
+    r = bench.run_bench(bench.BenchConfig(preset="tiny", prompts=2, new_tokens=4, progress=False, prefill="eager",
+                                          methods=("pregated_eager", "adafuse_gather", "pregated_inductor")))
+    assert r["config"]["prefill"] == "eager"
+    got = {(e["loop"], e["method"]): e for e in r["results"]}
+    for loop in ("hf", "own"):
+        gather = got[(loop, "adafuse_gather")]
+        assert gather["status"] == "ok", (loop, gather["reason"], gather["traceback"])
+        assert gather["adafuse_paths"] == ["gather"], loop  # one graph, the decode step (the backend did compile it)
+        assert gather["compile"]["prefill"] == "eager"
+        ref = got[(loop, "pregated_eager")]["tokens_sha1"]
+        for name in ("adafuse_gather", "pregated_inductor"):
+            assert got[(loop, name)]["status"] == "ok", (loop, name, got[(loop, name)]["reason"])
+            assert got[(loop, name)]["tokens_sha1"] == ref, (loop, name)
+    assert "prefill eager (only the decode step is compiled)" in bench.markdown_table(r)
+
+
+def test_budget_and_prefill_options_are_validated():
+    args = parse(["--method-budget-s", "12.5", "--budget-s", "450", "--prefill", "eager",
+                  "--methods", "adafuse_gather,backbone"])
+    from adafuse_compile.bench_cli import config_from_args
+
+    cfg = config_from_args(args)
+    assert (cfg.method_budget_s, cfg.budget_s, cfg.prefill, cfg.methods) == (12.5, 450.0, "eager",
+                                                                              ("adafuse_gather", "backbone"))
+    with pytest.raises(ValueError, match="method_budget_s must be >= 0"):
+        bench.BenchConfig(method_budget_s=-1)
+    with pytest.raises(ValueError, match="budget_s must be >= 0"):
+        bench.BenchConfig(budget_s=float("nan"))
+    with pytest.raises(ValueError, match="prefill="):
+        bench.BenchConfig(prefill="lazy")
+    with pytest.raises(ValueError, match="twice"):
+        bench.BenchConfig(methods=("backbone", "backbone"))
+    assert sorted(bench.RUN_ORDER) == sorted(m.name for m in bench.METHODS)
+    assert bench.RUN_ORDER[0] == "backbone" and bench.RUN_ORDER[-1] == "mola_compiled"
 
 
 # Pieces --------------------------------------------------------------------------------------------
