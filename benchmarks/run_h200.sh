@@ -7,7 +7,8 @@
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
-#   kernels  SGMM and gather kernel benchmarks                             ~4 min
+#   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
+#   gather-kernels  gather kernel benchmark                               ~3 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min (not yet run)
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
@@ -40,7 +41,11 @@ for stage in "${@:-tests}"; do
       --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
       --out "$OUT/decode_llama2-7b_all.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
-    timeout 280 python3 benchmarks/bench_sgmm.py --out "$OUT/sgmm_h200.json" 2>&1 | tail -15
+    # All 13 CUTLASS variants (0-4 measured, 5-12 new): ~2.5 min build + timing. A variant that hangs
+    # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
+    timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
+      --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
+  gather-kernels)
     timeout 260 python3 benchmarks/bench_gather.py --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   factor-layout)
     timeout 120 python3 benchmarks/bench_factor_layout.py --out "$OUT/factor_layout_h200.json" 2>&1 | tail -30 ;;
