@@ -9,7 +9,7 @@
 #   decode-all  the same for all seven linears                            ~9 min
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   gather-kernels  gather kernel benchmark                               ~3 min
-#   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min (not yet run)
+#   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
 #            probes), bf16 and fp16, and the in-place resync's cost    ~4 min
