@@ -110,15 +110,27 @@ def test_triton_matches_oracle(triton_gather, dtype, k, T):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cfg", [
-    dict(SORTED=False, BLOCK_M=32, BLOCK_K=16, SPLIT_K=2),  # masked, split K (atomics)
+    dict(SORTED=False, BLOCK_M=32, BLOCK_K=16, SPLIT_K=2),  # masked, split K (partials summed by the expand)
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=3),  # several row blocks per expert
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, BLOCK_T=16, BLOCK_O=16),
 ])
-def test_triton_config_paths(triton_gather, dtype, cfg):
-    """Every shrink form and the split-K atomics, forced (the default config picks by shape)."""
+def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
+    """Every shrink form and the split-K partials, forced (the default config picks by shape). The
+    partial buffer h is allocated uninitialized: poisoned with NaN here, any slot the expand reads
+    but no shrink program wrote would show."""
     p = _problem(21, 2, dtype, rank=8)  # r=8: padded to 16 lanes, masked
+    p["experts"][5, 1] = -1  # an out-of-range id: contributes nothing, its unwritten h rows unread
     plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):
+        return empty(*shape, **kw).fill_(float("nan"))
+    monkeypatch.setattr(torch, "empty", poisoned_empty)  # the launcher's allocations, during this call
     got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], config=cfg)
+    monkeypatch.undo()
+    assert all(not y.isnan().any() for y in got)
+    p["gates"][5, 1] = 0.0  # what the oracle should ignore for the out-of-range slot
+    p["experts"][5, 1] = 0
     _check(got, p, dtype, f"triton {cfg}")
 
 
@@ -243,18 +255,18 @@ _AOT = textwrap.dedent("""
         for srt in (False, True):
             sig = dict(x_ptr=dt, desc_ptr="*i64", experts_ptr="*i64", gates_ptr="*fp32",
                        rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
-                       n_in="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
-                       SORTED=C, ATOMIC=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
-            cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt, ATOMIC=True,
+                       n_in="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
+                       SORTED=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
+            cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt,
                        BLOCK_M=64 if srt else 16, BLOCK_K=64, ALIGNED=True, IEEE=ieee)
             k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
-                   n_experts="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
-                   BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
-        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
+                   n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
+                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
+        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=4, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
                    IEEE=ieee)
         k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
         assert "cubin" in k.asm

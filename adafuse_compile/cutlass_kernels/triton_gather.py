@@ -12,8 +12,12 @@ tiles is read once per row block (SGMV). Two ways to find the rows, picked by th
   sorted (prefill): the launcher sorts the rows by expert and finds each expert's segment
       (torch.sort + torch.searchsorted: device ops, no host sync); programs past the end of
       their expert's segment do nothing.
-With SPLIT_K > 1 (decode: few active programs) each program covers a slice of `in` and adds
-its partial result with an fp32 atomic into h (zeroed by the launcher).
+With SPLIT_K > 1 (decode: few active programs) each program covers a slice of `in` and stores
+its partial result in its own slice of h ([SPLIT_K, M, rows, r] fp32); the expand sums the
+slices when it loads h. Every (slice, row) a later read uses is written by exactly one program on
+every call, so h needs no zeroing: no memset launch, no atomics, and a deterministic sum. (The
+first version added the partials with fp32 atomics into a zeroed h: one more launch per call,
+a third of a decode step's gather launches.)
 
 Expand (grid: token block, out block, module m):
     y_m[t, :] = sum_j B_m[e_tj] @ h[m, t*k + j, :]
@@ -45,9 +49,9 @@ MASKED_MAX_ROWS = 64
 @triton.jit
 def _shrink_kernel(
     x_ptr, desc_ptr, experts_ptr, gates_ptr, rows_ptr, seg_ptr, h_ptr,
-    n_rows, n_in, scaling,
+    n_rows, n_in, n_modules, scaling,
     K_SEL: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
-    SORTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    SORTED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     elem = x_ptr.dtype.element_ty
@@ -100,20 +104,17 @@ def _shrink_kernel(
                 acc = tl.dot(xt, at, acc)
         g = tl.load(gates_ptr + rows, mask=valid, other=0.0)
         acc = acc * (g * scaling)[:, None]
-        h_ptrs = h_ptr + (m * n_rows + rows)[:, None] * R + offs_r[None, :]
-        h_mask = valid[:, None] & mask_r[None, :]
-        if ATOMIC:
-            tl.atomic_add(h_ptrs, acc, mask=h_mask)
-        else:
-            tl.store(h_ptrs, acc, mask=h_mask)
+        # This split's own slice of h: a plain store (see the module docstring).
+        h_ptrs = h_ptr + ((sk * n_modules + m) * n_rows + rows)[:, None] * R + offs_r[None, :]
+        tl.store(h_ptrs, acc, mask=valid[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _expand_kernel(
     h_ptr, desc_ptr, experts_ptr, dtype_ref,
     y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
-    n_tokens, n_rows, n_experts, m_first,
-    K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr,
+    n_tokens, n_rows, n_experts, n_modules, m_first,
+    K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     elem = dtype_ref.dtype.element_ty
@@ -140,8 +141,11 @@ def _expand_kernel(
         rows = toks.to(tl.int64)[:, None] * K_SEL + offs_j[None, :]  # [BLOCK_T, K_P2]
         mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
         ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
-        h3 = tl.load(h_ptr + (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :],
-                     mask=mask_tj[:, :, None] & mask_r[None, None, :], other=0.0)
+        h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
+        h_mask = mask_tj[:, :, None] & mask_r[None, None, :]
+        h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+        for sk in range(1, SPLIT_K):  # the shrink's K-split partials, summed here
+            h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
@@ -237,9 +241,8 @@ class GatherPlan:
         ids = experts.contiguous()
         g = gates.to(torch.float32).contiguous()
         aligned = self.aligned and x.data_ptr() % 16 == 0
-        atomic = cfg["SPLIT_K"] > 1
-        alloc = torch.zeros if atomic else torch.empty
-        h = alloc(m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
+        # Every slice and row the expand reads is stored by the shrink: empty, not zeros (no memset).
+        h = torch.empty(cfg["SPLIT_K"], m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
 
         if cfg["SORTED"]:
             sorted_ids, rows = torch.sort(ids.view(-1), stable=True)
@@ -249,9 +252,9 @@ class GatherPlan:
             rows, seg = ids, ids  # unused in the masked form
             row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
         _shrink_kernel[(row_blocks, self.n_experts, m_total * cfg["SPLIT_K"])](
-            x, self.desc, ids, g, rows, seg, h, n_rows, self.n_in, float(scaling),
+            x, self.desc, ids, g, rows, seg, h, n_rows, self.n_in, m_total, float(scaling),
             K_SEL=k, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], SORTED=cfg["SORTED"],
-            ATOMIC=atomic, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], ALIGNED=aligned,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], ALIGNED=aligned,
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
@@ -261,8 +264,8 @@ class GatherPlan:
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]),
                     len(chunk))
             _expand_kernel[grid](
-                h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m0,
-                K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2,
+                h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m_total, m0,
+                K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned,
                 IEEE=self.ieee,
             )
