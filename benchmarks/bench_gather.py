@@ -44,6 +44,9 @@ SWEEP = [
     {"BLOCK_K": 128},
     {"BLOCK_K": 32},
     {"SPLIT_K": 1},
+    {"SPLIT_K": 2},
+    {"SPLIT_K": 4},
+    {"SPLIT_K": 16},  # beyond MAX_SPLIT_K: the expand sums more partials
     {"BLOCK_O": 128},
     {"BLOCK_O": 32},
     {"BLOCK_T": 16},

@@ -144,7 +144,7 @@ def _expand_kernel(
         h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
         h_mask = mask_tj[:, :, None] & mask_r[None, None, :]
         h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-        for sk in range(1, SPLIT_K):  # the shrink's K-split partials, summed here
+        for sk in tl.static_range(1, SPLIT_K):  # the shrink's K-split partials; unrolled, so the loads overlap
             h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
@@ -174,6 +174,8 @@ SHRINK_BLOCK_K = 64  # interpreter / fp32: 32 keeps odd `in` covered by several 
 SORTED_BLOCK_M = 64
 EXPAND_BLOCK_O = 64
 TARGET_PROGRAMS_PER_SM = 2
+# The expand loads every split's partial of h: at most this many (a guess; bench_gather --sweep).
+MAX_SPLIT_K = 8
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -219,7 +221,7 @@ class GatherPlan:
         k_blocks = triton.cdiv(self.n_in, block_k)
         split = 1
         target = TARGET_PROGRAMS_PER_SM * self.sms
-        while split * 2 * active <= target and split * 2 <= k_blocks // 2:
+        while split * 2 * active <= target and split * 2 <= k_blocks // 2 and split * 2 <= MAX_SPLIT_K:
             split *= 2
         # Expand: token block up to 32 rows of h (h block in registers: 32 x k x r fp32).
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
