@@ -107,7 +107,6 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         return other, [other.prev_experts, other.prev_gates] + buffers
     gm.meta["adafuse_rebind"] = rebind
     gm.meta["adafuse_switch"] = switch
-    formula = ("M = W + delta_t into separate buffers, W never written" if state.exact
-               else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}")
+    formula = "M = W + delta_t" if state.exact else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}"
     note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode} ({formula})")
     return clean_up(gm)
