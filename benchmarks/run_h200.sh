@@ -7,6 +7,7 @@
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
+#            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   gather-kernels  gather kernel benchmark                               ~3 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
@@ -33,11 +34,11 @@ for stage in "${@:-tests}"; do
   tests-backend)
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
   decode)
-    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --skip-profile \
+    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --skip-profile ${SKIP_NAIVE:+--skip-naive} \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
       --out "$OUT/decode_llama2-7b_qv.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   decode-all)
-    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets all --skip-profile \
+    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets all --skip-profile ${SKIP_NAIVE:+--skip-naive} \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
       --out "$OUT/decode_llama2-7b_all.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
