@@ -153,6 +153,54 @@ def test_triton_repeated_expert_and_plan_reuse(triton_gather):
     assert len(gl._plans) == n_plans
 
 
+@pytest.mark.parametrize("T, k", [(40, 2), (17, 4), (3, 2)])
+def test_triton_with_segments_computed_once(triton_gather, T, k):
+    """expert_segments computed by the caller (once per step in the backend) give the same result
+    as the launcher's own sort; below SORTED_MIN_ROWS rows the masked shrink ignores them."""
+    p = _problem(T, k, torch.float32)
+    rows, segments = gl.expert_segments(p["experts"], p["lora_A"][0].shape[0])
+    assert torch.equal(p["experts"].reshape(-1)[rows], p["experts"].reshape(-1).sort(stable=True).values)
+    got = gather_lora(**p, impl="triton", rows=rows, segments=segments)
+    _check(got, p, torch.float32, f"triton T={T} k={k}, given segments")
+    with pytest.raises(ValueError, match="pass both"):
+        gather_lora(**p, impl="triton", rows=rows)
+
+
+def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
+    """A 40-token prefill of a 3-layer model (80 rows: the sorted shrink): one expert_segments node
+    in the step's graph, feeding all six gather calls; the step matches the eager model."""
+    import operator
+
+    import adafuse_compile as af
+    from adafuse_compile import backend
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+    torch.manual_seed(0)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=0)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj", "o_proj")))
+    model.eval().setup_cache(1)
+    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    with torch.no_grad():
+        ref = model(tokens, pos)
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model.setup_cache(1)
+        got = torch.compile(model, backend="adafuse", options={"codegen": "eager", "sgmm_impl": "triton"})(tokens, pos)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    gm = backend.last_compilations[0]["graph"]
+    sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
+    calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
+    assert len(sorts) == 1 and len(calls) == 6  # q,v share x (one call), o alone: 2 per layer
+    shared = {tuple(n.args[7:9]) for n in calls}
+    assert len(shared) == 1
+    rows, segments = next(iter(shared))
+    assert rows.target is operator.getitem and rows.args == (sorts[0], 0)
+    assert segments.target is operator.getitem and segments.args == (sorts[0], 1)
+    af.restore(model)
+
+
 def test_triton_zero_tokens(triton_gather):
     p = _problem(0, 2, torch.float32)
     got = gather_lora(**p, impl="triton")

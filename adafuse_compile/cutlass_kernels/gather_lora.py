@@ -1,6 +1,7 @@
 """Gather LoRA (the `gather` path): per-token experts, M modules sharing one input.
 
-    gather_lora(x, lora_A, lora_B, experts, gates, scaling, impl="auto") -> [delta_m]
+    gather_lora(x, lora_A, lora_B, experts, gates, scaling, impl="auto",
+                rows=None, segments=None) -> [delta_m]
 
 For T tokens, x [T, in]; for each module m, lora_A[m] [N, r, in] and lora_B[m] [N, out_m, r];
 experts [T, k] int64 and gates [T, k] (any float dtype, used in fp32):
@@ -17,6 +18,11 @@ the factors' data_ptrs (make one warm-up call before CUDA-graph capture). After 
 makes no host sync and no host-to-device copy. Out-of-range expert ids raise in the reference;
 the Triton kernels, which cannot check without a sync, let them contribute nothing.
 
+For steps of more than SORTED_MIN_ROWS (token, slot) rows (prefill) the Triton shrink works on
+the rows sorted by expert. `expert_segments(experts, N)` computes that order and each expert's
+segment; pre-gating gives every layer of a step the same experts, so the backend computes them
+once per step and passes them to every call (`rows`, `segments`); without them each call sorts.
+
 Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
@@ -27,12 +33,25 @@ from torch import Tensor
 
 from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
-__all__ = ["gather_lora", "reference_gather_lora", "oracle_gather_lora", "validate",
-           "make_gather_problem", "clear_plan_cache", "IMPLS"]
+__all__ = ["gather_lora", "expert_segments", "reference_gather_lora", "oracle_gather_lora", "validate",
+           "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS"]
 
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_K = 4
+# (token, slot) rows above which the Triton shrink sorts the rows by expert (prefill); at or below,
+# one masked row block serves all rows (decode).
+SORTED_MIN_ROWS = 65
+
+
+def expert_segments(experts: Tensor, n_experts: int, bounds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(rows, segments): the (token, slot) rows of `experts` [T, k] sorted by expert (stable), and
+    where each expert's run starts, [N + 1] (expert e's rows are rows[seg[e]:seg[e+1]]). Device ops,
+    no host sync (torch.bincount would sync). `bounds`: arange(N + 1) kept by the caller, if any."""
+    sorted_ids, rows = torch.sort(experts.reshape(-1), stable=True)
+    if bounds is None:
+        bounds = torch.arange(n_experts + 1, device=experts.device, dtype=sorted_ids.dtype)
+    return rows, torch.searchsorted(sorted_ids, bounds)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -197,33 +216,50 @@ def _resolve_impl(impl: str, x: Tensor) -> str:
     return impl  # "triton" off CUDA runs only under TRITON_INTERPRET=1 (tests)
 
 
-def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl) -> list[Tensor]:
+def _validate_segments(experts: Tensor, n_experts: int, rows: Tensor | None, segments: Tensor | None) -> None:
+    if (rows is None) != (segments is None):
+        raise ValueError("gather_lora: pass both `rows` and `segments` (from expert_segments) or neither")
+    if rows is None:
+        return
+    n_rows = experts.numel()
+    for name, t, shape in (("rows", rows, (n_rows,)), ("segments", segments, (n_experts + 1,))):
+        if _shape(t) != shape or t.dtype != torch.int64 or t.device != experts.device:
+            raise ValueError(f"gather_lora: {name} must be int64 {shape} on {experts.device} "
+                             f"(expert_segments(experts, N)), got {t.dtype} {_shape(t)} on {t.device}")
+
+
+def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
+    _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     if _resolve_impl(impl, x) == "reference":
         return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
-    return _get_triton_plan(lora_A, lora_B).run(x, experts, gates, scaling)
+    return _get_triton_plan(lora_A, lora_B).run(x, experts, gates, scaling, rows=rows, segments=segments)
 
 
 _SCHEMA = (
     "(Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, "
-    "float scaling, str impl) -> Tensor[]"
+    "float scaling, str impl, Tensor? rows=None, Tensor? segments=None) -> Tensor[]"
 )
 
 
 @torch.library.custom_op("adafuse::gather_lora", mutates_args=(), schema=_SCHEMA)
 def gather_lora_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
-                   gates: Tensor, scaling: float, impl: str) -> list[Tensor]:
-    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl)
+                   gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
+                   segments: Tensor | None = None) -> list[Tensor]:
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments)
 
 
 @gather_lora_op.register_fake
-def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl) -> list[Tensor]:
+def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
+    _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     return [x.new_empty(x.shape[0], b.shape[1]) for b in lora_B]
 
 
 def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
-                gates: Tensor, scaling: float, impl: str = "auto") -> list[Tensor]:
-    """delta_m = sum_j s g_j B_m[e_j] (A_m[e_j] x) per token, for all modules (module doc)."""
+                gates: Tensor, scaling: float, impl: str = "auto", rows: Tensor | None = None,
+                segments: Tensor | None = None) -> list[Tensor]:
+    """delta_m = sum_j s g_j B_m[e_j] (A_m[e_j] x) per token, for all modules (module doc).
+    `rows`, `segments`: this step's expert_segments(experts, N), computed once for all calls."""
     return torch.ops.adafuse.gather_lora(x, lora_A, lora_B, experts, gates, float(scaling),
-                                          impl)
+                                          impl, rows, segments)

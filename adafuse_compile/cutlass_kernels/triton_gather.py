@@ -41,9 +41,11 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from adafuse_compile.cutlass_kernels.gather_lora import SORTED_MIN_ROWS, expert_segments
+
 MAX_MODULES_PER_LAUNCH = 8
 # Rows (T*k) up to which the shrink uses the masked form (one row block, no sort).
-MASKED_MAX_ROWS = 64
+MASKED_MAX_ROWS = SORTED_MIN_ROWS - 1
 
 
 @triton.jit
@@ -231,7 +233,9 @@ class GatherPlan:
         return cfg
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
-            config: dict | None = None) -> list[Tensor]:
+            config: dict | None = None, rows: Tensor | None = None,
+            segments: Tensor | None = None) -> list[Tensor]:
+        """`rows`, `segments`: this step's expert_segments, if the caller computed them once."""
         n_tokens, k = experts.shape
         n_rows = n_tokens * k
         m_total = len(self.outs)
@@ -247,8 +251,9 @@ class GatherPlan:
         h = torch.empty(cfg["SPLIT_K"], m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
 
         if cfg["SORTED"]:
-            sorted_ids, rows = torch.sort(ids.view(-1), stable=True)
-            seg = torch.searchsorted(sorted_ids, self.expert_ids)  # [N+1] segment starts
+            seg = segments
+            if rows is None:  # not computed once for the step: sort here (2 more launches)
+                rows, seg = expert_segments(ids, self.n_experts, self.expert_ids)
             row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
         else:
             rows, seg = ids, ids  # unused in the masked form

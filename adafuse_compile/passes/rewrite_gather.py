@@ -7,7 +7,9 @@ with ONE fused gather call per group of adapted linears that share an input.
 
 Each token keeps its own experts (per-token indices from the one hoisted router): exact, like the
 eager layer, but one shrink and one expand launch per group instead of a gather, two einsums and
-the gate arithmetic per module.
+the gate arithmetic per module. For steps long enough that the Triton shrink sorts its rows by
+expert (prefill), the sort and the experts' segments are computed ONCE per step and shared by
+every call: pre-gating makes them the same for every layer.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..cutlass_kernels import gather_lora  # noqa: F401  (registers torch.ops.adafuse.gather_lora)
+from ..cutlass_kernels.gather_lora import SORTED_MIN_ROWS, expert_segments  # also registers the op
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
-from .regions import regions_of
+from .regions import graph_inputs, regions_of
 
 
 def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -37,6 +39,18 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
     with graph.inserting_after(experts):
         gates = graph.call_method("reshape", (routing["weights"], -1, top_k))
+    impl = settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto"
+    device = graph_inputs(gm)[regions[0].factors["lora_A"]].device
+    tokens = regions[0].tokens
+    segments = (None, None)
+    if (impl == "triton" or (impl == "auto" and device.type == "cuda")) and tokens is not None \
+            and tokens * top_k >= SORTED_MIN_ROWS:
+        with graph.inserting_after(gates):
+            both = graph.call_function(expert_segments, (experts, regions[0].factors["num_experts"]))
+        with graph.inserting_after(both):
+            rows = graph.call_function(operator.getitem, (both, 0))
+        with graph.inserting_after(rows):
+            segments = (rows, graph.call_function(operator.getitem, (both, 1)))
     groups: dict[fx.Node, list] = {}
     for r in regions:
         groups.setdefault(r.x, []).append(r)
@@ -48,7 +62,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             x2d = graph.call_method("reshape", (x, -1, in_features))
             deltas = graph.call_function(torch.ops.adafuse.gather_lora.default, (
                 x2d, [r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
-                experts, gates, scaling, settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto",
+                experts, gates, scaling, impl, *segments,
             ))
         for i, r in enumerate(group):
             with graph.inserting_before(r.add):  # after this region's own linear
@@ -58,6 +72,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             r.add.replace_all_uses_with(summed)
             gm.meta["adafuse_replaced"][r.add.name] = summed.name
     gm.meta["adafuse_gather_groups"] = len(groups)
+    shared = "; experts sorted once for the step, shared by every call" if segments[0] is not None else ""
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
-             f"(per-token experts, unmerged, exact)")
+             f"(per-token experts, unmerged, exact){shared}")
     return clean_up(gm)
