@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-import weakref
 
 import torch
 import torch.fx as fx
@@ -125,7 +124,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             return _guarded(_codegen(work, example_inputs, settings, extra), extra, example_inputs, None,
                             rebind=analysis["adafuse_rebind"])
         if "adafuse_gather_groups" in analysis:
-            return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None)
+            return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None,
+                            prepare=analysis.get("adafuse_prepare"))
         if "adafuse_switch" not in analysis:
             return _guarded(_codegen(original, example_inputs, settings), [], example_inputs, None)
         extra = analysis["adafuse_extra_inputs"]
@@ -145,26 +145,50 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         return _guarded(original.forward, [], example_inputs, None)
 
 
-def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None):
+class UntaggedInputsError(RuntimeError):
+    """A compiled step was given expert factors that carry no AdaFuse tag."""
+
+
+def _channel_of(t) -> object | None:
+    tag = getattr(t, "_adafuse_tag", None)
+    return tag.channel if tag is not None else None
+
+
+def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, prepare=None):
     """Wrap a compiled graph: merge graphs mark their model merged; others restore it first.
 
     Dynamo reuses a graph for another instance of the same model class (its parameters are graph
     inputs), but our extra inputs (switch state, merged buffers, factor slots) belong to the model
-    the graph was compiled for. So each call finds its model from the adapted weights it is given,
-    and `rebind(channel, args)` makes (state, extra) for a model seen for the first time.
+    the graph was compiled for. So each call finds its model from the expert factors it is given;
+    for a model seen for the first time `rebind(channel, args)` makes its (state, extra), and
+    `prepare(args)` builds its kernel plans here, before Inductor's CUDA-graph trees record the
+    graph for the new addresses (no plan may be built during capture). What a model gets is kept
+    on its own channel, keyed by this graph, so it lives and dies with the model.
     """
     # Where the first model's expert factors sit among the inputs: they name the model of a call.
     positions = [i for i, t in enumerate(example_inputs)
                  if getattr(getattr(t, "_adafuse_tag", None), "role", None) == "lora_A"]
     channels = _adapter_channels(example_inputs)
+    key = object()  # this graph, in the per-channel dict `adafuse_bound`
+
+    def channel_of_call(args):
+        channel = _channel_of(args[positions[0]])
+        if channel is None:
+            raise UntaggedInputsError(
+                "adafuse: a compiled step was given expert factors without their AdaFuse tag (parameters "
+                "replaced after inject, e.g. load_state_dict(assign=True)); call torch._dynamo.reset() and "
+                "compile the model again")
+        return channel
+
     if state is not None or rebind is not None:
-        bound = weakref.WeakKeyDictionary({channels[0]: (state, extra)})
+        channels[0].bound_graphs[key] = (state, extra)
 
         def run_merged(*args):
-            channel = args[positions[0]]._adafuse_tag.channel
-            entry = bound.get(channel)
+            channel = channel_of_call(args)
+            entry = channel.bound_graphs.get(key)
             if entry is None:
-                entry = bound[channel] = rebind(channel, args)
+                entry = rebind(channel, args)
+                channel.bound_graphs[key] = entry
             step_state, step_extra = entry
             if step_state is not None:
                 step_state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
@@ -174,11 +198,22 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None):
         return run_merged
     if not channels and not extra:
         return compiled
+    if positions:
+        channels[0].bound_graphs[key] = channels
 
     def run_unmerged(*args):
         # Per call: whichever model merged into these weights last (this one, or one sharing them).
-        first = args[positions[0]]._adafuse_tag.channel if positions else None
-        for channel in channels if first is None or first is channels[0] else _adapter_channels(args):
+        to_restore = channels
+        if positions:
+            channel = _channel_of(args[positions[0]])
+            if channel is not None:
+                to_restore = channel.bound_graphs.get(key)
+                if to_restore is None:  # another instance of the model: its channels, its plans
+                    to_restore = _adapter_channels(args)
+                    if prepare is not None:
+                        prepare(args)
+                    channel.bound_graphs[key] = to_restore
+        for channel in to_restore:
             channel.restore()
         return compiled(*args, *extra)
     return run_unmerged

@@ -300,3 +300,107 @@ def test_two_instances_of_one_model_class_each_get_their_own_state(options):
         assert channels[0].factor_slots[1][0] is not channels[1].factor_slots[1][0]
     for m in models:
         af.restore(m)
+
+
+def test_in_place_model_cannot_write_a_backbone_an_exact_model_reads_on_another_thread():
+    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
+    other = af.TinyLlama(TINY)
+    for p, q in zip(backbone.modules(), other.modules()):
+        if isinstance(p, torch.nn.Linear):
+            q.weight = p.weight
+    reader, writer = adapted(1, backbone), adapted(2, other)
+    w0 = snapshot(reader)
+    tok, pos = torch.tensor([[3]]), torch.tensor([0])
+    with torch.no_grad():
+        reader.setup_cache(1)
+        exact = torch.compile(reader, backend="adafuse", options={"codegen": "eager", "exact": True})
+        exact(tok, pos)
+        af.restore(reader)
+        writer.setup_cache(1)
+        inplace = torch.compile(writer, backend="adafuse", options={"codegen": "eager", "exact": False})
+        inplace(tok, pos)
+        af.restore(writer)
+    errors = []
+
+    def run(fn):
+        try:
+            with torch.no_grad():
+                fn(tok, pos)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=run, args=(exact,))  # thread 1 is inside an exact decode, reading W
+    t.start()
+    t.join()
+    t = threading.Thread(target=run, args=(inplace,))  # thread 2 would merge into that W
+    t.start()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], af.ConcurrentUseError), errors
+    assert "in-place switching would change the weights it reads" in str(errors[0])
+    # named_parameters, not state_dict: the reader is still inside thread 1's decode (its hook would refuse)
+    assert all(torch.equal(v, w0[k]) for k, v in reader.named_parameters() if k in w0)
+
+
+def test_a_deep_copy_of_a_compiled_model_runs_the_same_graph_with_its_own_state():
+    import copy
+
+    model = adapted(5)
+    tokens = [torch.tensor([[5 + i]]) for i in range(3)]
+    with torch.no_grad():
+        model.setup_cache(1)
+        ref = [model(t, torch.tensor([i])) for i, t in enumerate(tokens)]
+        model.setup_cache(1)
+        compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+        compiled(tokens[0], torch.tensor([0]))
+        twin = copy.deepcopy(model)  # restores the original first; the copy is unmerged and tagged
+        assert all(getattr(p, "_adafuse_tag", None) is not None for n, p in twin.named_parameters()
+                   if n.endswith(("lora_A", "lora_B")))
+        twin.setup_cache(1)
+        twin_compiled = torch.compile(twin, backend="adafuse", options={"codegen": "eager", "exact": False})
+        for i, t in enumerate(tokens):
+            torch.testing.assert_close(twin_compiled(t, torch.tensor([i])), ref[i], rtol=1e-4, atol=1e-5)
+    assert af.gate_channel(twin).switch_state is not af.gate_channel(model).switch_state
+    af.restore(twin)
+
+
+def test_torch_save_in_the_middle_of_an_in_place_decode_saves_the_backbone(tmp_path):
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    decode_steps(compiled, 3)
+    assert merged_now(model, w0)
+    torch.save(model, tmp_path / "whole.pt")
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert all(torch.equal(v, w0[k]) for k, v in again.state_dict().items())
+
+
+def test_a_second_instance_leaves_nothing_behind_and_refuses_a_different_mode(monkeypatch):
+    """What a graph binds for another instance lives on that instance (collected with it); an
+    instance whose memory would pick the other mode gets a clear error, not a wrong step."""
+    import gc
+    import weakref
+
+    from adafuse_compile.runtime import switch_state
+
+    first = adapted(3)
+    tok, pos = torch.tensor([[3]]), torch.tensor([0])
+    with torch.no_grad():
+        first.setup_cache(1)
+        compiled = torch.compile(first, backend="adafuse", options={"codegen": "eager"})
+        compiled(tok, pos)
+        af.restore(first)
+        second = adapted(4)
+        second.setup_cache(1)
+        torch.compile(second, backend="adafuse", options={"codegen": "eager"})(tok, pos)  # the same graph
+        af.restore(second)
+        channel = weakref.ref(af.gate_channel(second))
+        assert channel().switch_state is not None and channel().switch_state.exact
+        del second
+        gc.collect()
+        assert channel() is None
+        monkeypatch.setattr(switch_state, "choose_exact", lambda *a: (False, "in place (memory short, test)"))
+        third = adapted(5)
+        third.setup_cache(1)
+        with pytest.raises(RuntimeError, match="switches exactly, but another instance"):
+            torch.compile(third, backend="adafuse", options={"codegen": "eager"})(tok, pos)

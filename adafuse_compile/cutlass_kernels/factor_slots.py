@@ -149,6 +149,15 @@ def _write_factor_slots_fake(lora_A, lora_B, experts, gates, scaling, a_slots, b
     return None
 
 
+def prepare_plan(lora_A, lora_B, top_k: int, a_slots, b_slots, impl: str = "auto") -> None:
+    """Build (and cache) the plan a later call with these tensors will use, outside any CUDA-graph
+    capture (the experts and gates of a call only set k)."""
+    if _use_triton(impl, lora_A):
+        device = lora_A[0].device
+        experts = torch.zeros(top_k, dtype=torch.int64, device=device)
+        _get_plan(impl, lora_A, lora_B, experts, torch.zeros(top_k, device=device), a_slots, b_slots)
+
+
 def write_factor_slots_(lora_A, lora_B, experts, gates, scaling, a_slots, b_slots, impl: str = "auto") -> None:
     """Validated entry point (the compiled graph calls the op directly, validated at compile time)."""
     validate(lora_A, lora_B, experts, gates, a_slots, b_slots)

@@ -216,6 +216,12 @@ def _resolve_impl(impl: str, x: Tensor) -> str:
     return impl  # "triton" off CUDA runs only under TRITON_INTERPRET=1 (tests)
 
 
+def prepare_plan(lora_A: list[Tensor], lora_B: list[Tensor], impl: str = "auto") -> None:
+    """Build (and cache) the plan later calls with these factors will use, outside any CUDA-graph capture."""
+    if _resolve_impl(impl, lora_A[0]) == "triton":
+        _get_triton_plan(lora_A, lora_B)
+
+
 def _validate_segments(experts: Tensor, n_experts: int, rows: Tensor | None, segments: Tensor | None) -> None:
     if (rows is None) != (segments is None):
         raise ValueError("gather_lora: pass both `rows` and `segments` (from expert_segments) or neither")

@@ -185,6 +185,12 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
     return _plans.get(key, build, weights[0].device)
 
 
+def prepare_plan(impl, weights, lora_A, lora_B, prev_experts, prev_gates, pristine) -> None:
+    """Build (and cache) the plan a later call with these tensors will use, outside any CUDA-graph
+    capture; `prev_experts`/`prev_gates` stand in for this step's experts and gates (same k)."""
+    _get_plan(impl, weights, lora_A, lora_B, prev_experts, prev_gates, prev_experts, prev_gates, pristine)
+
+
 def _switch_impl(
     weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
     gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,

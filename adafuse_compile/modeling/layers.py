@@ -66,14 +66,18 @@ class GateChannel:
         self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, execution order
         self.switch_state = None  # the compiler's runtime state for this model (adafuse_compile.runtime)
         self.switch_states: list = []  # every one made for this model (one per `exact` it was compiled with)
+        # What each compiled graph that ran this model bound for it (adafuse_compile.backend._guarded).
+        self.bound_graphs: dict = {}
         self.factor_slots = None  # the factor path's slot buffers (adafuse_compile.passes.rewrite_factor)
 
     def __getstate__(self) -> dict:
-        # Pickling the model (torch.save(model)) keeps the adapters, not the compiled runtime: a
-        # loaded model starts unmerged and uncompiled.
+        # Pickling the model (torch.save(model), deepcopy) keeps the adapters, not the compiled
+        # runtime: the copy starts unmerged and uncompiled. Restored first: torch.save writes the
+        # tensors' bytes after pickling, so it saves the backbone weights, not an in-place merge.
+        self.restore()
         state = dict(self.__dict__)
         state.update(routing=None, aux_loss=None, on_route=None, merged=False, switch_state=None, switch_states=[],
-                     factor_slots=None)
+                     factor_slots=None, bound_graphs={})
         return state
 
     def open(self) -> None:
@@ -162,6 +166,15 @@ class AdaFuseLinear(nn.Linear):
         channel.adapted_weights.append(self.weight)
         for role, p in (("weight", self.weight), ("lora_A", self.lora_A), ("lora_B", self.lora_B)):
             p._adafuse_tag = AdapterTag(role, self.scaling, config.top_k, channel)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # copy.deepcopy copies Parameters without their Python attributes: tag the copies again.
+        channel = self.__dict__.get("_channel")
+        for role in ("weight", "lora_A", "lora_B"):
+            p = getattr(self, role, None)
+            if channel is not None and p is not None and getattr(p, "_adafuse_tag", None) is None:
+                p._adafuse_tag = AdapterTag(role, self.scaling, self.top_k, channel)
 
     def forward(self, x: Tensor) -> Tensor:
         channel: GateChannel = self._channel

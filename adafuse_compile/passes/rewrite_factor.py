@@ -87,8 +87,11 @@ def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     b_pos = [names.index(r.factors["lora_B"]) for r in regions]
 
     def rebind(channel, args):
-        """Another instance of the model runs this graph: its own slots."""
-        a, b = slots_for(channel, [args[i] for i in a_pos], [args[i] for i in b_pos], top_k)
+        """Another instance of the model runs this graph: its own slots, and their slot-writing plan
+        built now (not while CUDA-graph trees record the graph for its addresses)."""
+        lora_a, lora_b = [args[i] for i in a_pos], [args[i] for i in b_pos]
+        a, b = slots_for(channel, lora_a, lora_b, top_k)
+        factor_slots.prepare_plan(lora_a, lora_b, top_k, a, b)
         return None, a + b
     gm.meta["adafuse_rebind"] = rebind
     note(gm, f"rewrite_factor: {len(regions)} adapter branches -> 1 slot-writing call + 2 slot products per "

@@ -18,6 +18,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..cutlass_kernels import gather_lora
 from ..cutlass_kernels.gather_lora import SORTED_MIN_ROWS, expert_segments  # also registers the op
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
@@ -72,6 +73,16 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             r.add.replace_all_uses_with(summed)
             gm.meta["adafuse_replaced"][r.add.name] = summed.name
     gm.meta["adafuse_gather_groups"] = len(groups)
+    names = list(graph_inputs(gm))
+    group_pos = [([names.index(r.factors["lora_A"]) for r in g], [names.index(r.factors["lora_B"]) for r in g])
+                 for g in groups.values()]
+
+    def prepare(args):
+        """Another instance of the model runs this graph: build its gather plans now, not while
+        CUDA-graph trees record the graph for its addresses."""
+        for a_pos, b_pos in group_pos:
+            gather_lora.prepare_plan([args[i] for i in a_pos], [args[i] for i in b_pos], impl)
+    gm.meta["adafuse_prepare"] = prepare
     shared = "; experts sorted once for the step, shared by every call" if segments[0] is not None else ""
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")

@@ -97,14 +97,26 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         gm.meta["adafuse_replaced"][r.add.name] = r.linear.name
     gm.meta["adafuse_extra_inputs"] = extra
     gm.meta["adafuse_state"] = state
-    positions = [list(inputs).index(r.weight) for r in regions]
-    top_k, exact, resync_every = first["top_k"], state.exact, state.resync_every
+    names = list(inputs)
+    w_pos = [names.index(r.weight) for r in regions]
+    a_pos = [names.index(r.factors["lora_A"]) for r in regions]
+    b_pos = [names.index(r.factors["lora_B"]) for r in regions]
+    top_k, exact, impl = first["top_k"], state.exact, settings.sgmm_impl
 
     def rebind(channel, args):
-        """Another instance of the model runs this graph: its own state and buffers."""
-        other, _ = switch_state_for(channel, top_k, exact, resync_every=resync_every)
-        buffers = other.switch_operands([args[i] for i in positions])[0] if exact else []
-        return other, [other.prev_experts, other.prev_gates] + buffers
+        """Another instance of the model runs this graph: its own state and buffers, and its SGMM
+        plan built now (not while CUDA-graph trees record the graph for its addresses)."""
+        other, why = switch_state_for(channel, top_k, settings.exact, settings.pristine_memory_fraction,
+                                      settings.resync_every)
+        if other.exact != exact:
+            raise RuntimeError(
+                f"adafuse: this compiled decode step switches {'exactly' if exact else 'in place'}, but another "
+                f"instance of the model running it would switch {why}; compile each with an explicit `exact` "
+                "option, or call torch._dynamo.reset() between them")
+        targets, pristine = other.switch_operands([args[i] for i in w_pos])
+        ops.prepare_plan(impl, targets, [args[i] for i in a_pos], [args[i] for i in b_pos], other.prev_experts,
+                         other.prev_gates, pristine)
+        return other, [other.prev_experts, other.prev_gates] + (targets if exact else [])
     gm.meta["adafuse_rebind"] = rebind
     gm.meta["adafuse_switch"] = switch
     formula = "M = W + delta_t" if state.exact else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}"

@@ -78,6 +78,21 @@ def merged_owners(weights: list[Tensor]) -> list["SwitchState"]:
     return owners
 
 
+class _Readers:
+    """The exact-mode SwitchStates that read a weight as W0 (weakly); pickles as an empty set."""
+
+    __slots__ = ("states", "__weakref__")
+
+    def __init__(self):
+        self.states = weakref.WeakSet()
+
+    def __reduce__(self):
+        return _Readers, ()
+
+
+_READERS_ATTR = "_adafuse_readers"
+
+
 class ConcurrentUseError(RuntimeError):
     """A model whose weights are merged was used from another thread."""
 
@@ -98,6 +113,12 @@ class SwitchState:
         if exact:
             self.merged_buffers = {id(w): w.detach().clone() for w in weights}
             self.host_pristine = {}
+            for w in weights:  # so an in-place model sharing them can see it is being read
+                readers = getattr(w, _READERS_ATTR, None)
+                if readers is None:
+                    readers = _Readers()
+                    setattr(w, _READERS_ATTR, readers)
+                readers.states.add(self)
         else:
             self.merged_buffers = {}
             pin = device.type == "cuda"
@@ -147,6 +168,17 @@ class SwitchState:
             self.total_switches += 1
 
     def _take_weights(self) -> None:
+        me = threading.get_ident()
+        if not self.exact:  # about to write weights that an exact model on another thread may be reading
+            for w in self.weights:
+                readers = getattr(w, _READERS_ATTR, None)
+                for other in list(readers.states) if readers is not None else ():
+                    if other.merged and other.owner_thread not in (None, me):
+                        raise ConcurrentUseError(
+                            "another AdaFuse-compiled model sharing these backbone weights is in the middle of a "
+                            "decode on another thread; this model's in-place switching would change the weights "
+                            "it reads. Give each thread its own backbone, compile this one with exact=True, or "
+                            "finish the other thread's decode first.")
         with _owner_lock:
             for w in self.weights:
                 ref = getattr(w, _OWNER_ATTR, None)
