@@ -39,6 +39,16 @@ def merged_now(model, w0):
     return any(not torch.equal(w, w0[n]) for w, n in zip(af.gate_channel(model).adapted_weights, names))
 
 
+def two_models_sharing_a_backbone():
+    """Two adapted models (different experts) whose linears hold the same backbone Parameters."""
+    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
+    other = af.TinyLlama(TINY)
+    for p, q in zip(backbone.modules(), other.modules()):
+        if isinstance(p, torch.nn.Linear):  # share the Parameters themselves
+            q.weight = p.weight
+    return adapted(1, backbone), adapted(2, other)
+
+
 def decode_steps(compiled, n, start=0):
     """A user's own decode loop: compiled one-token steps, weights merged between them."""
     return [compiled(torch.tensor([[3 + i]]), torch.tensor([start + i])) for i in range(n)]
@@ -180,12 +190,7 @@ def test_second_thread_on_a_merged_model_fails_clearly(exact):
 
 
 def test_two_models_sharing_one_backbone_interleave_correctly():
-    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
-    other = af.TinyLlama(TINY)
-    for (name, p), (_, q) in zip(backbone.named_modules(), other.named_modules()):
-        if isinstance(p, torch.nn.Linear):  # share the Parameters themselves
-            q.weight = p.weight
-    first, second = adapted(1, backbone), adapted(2, other)
+    first, second = two_models_sharing_a_backbone()
     assert first.layers[0].self_attn.q_proj.weight is second.layers[0].self_attn.q_proj.weight
     tokens = [torch.tensor([[5 + i]]) for i in range(6)]
     refs = {}
@@ -204,12 +209,7 @@ def test_two_models_sharing_one_backbone_interleave_correctly():
 
 def test_two_exact_models_sharing_a_backbone_decode_on_two_threads_at_once():
     """Exact mode never writes the shared weights, so two such models can decode concurrently."""
-    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
-    other = af.TinyLlama(TINY)
-    for p, q in zip(backbone.modules(), other.modules()):
-        if isinstance(p, torch.nn.Linear):
-            q.weight = p.weight
-    models = {"first": adapted(1, backbone), "second": adapted(2, other)}
+    models = dict(zip(("first", "second"), two_models_sharing_a_backbone()))
     tokens = [torch.tensor([[5 + i]]) for i in range(5)]
     refs, compiled = {}, {}
     with torch.no_grad():
@@ -303,12 +303,7 @@ def test_two_instances_of_one_model_class_each_get_their_own_state(options):
 
 
 def test_in_place_model_cannot_write_a_backbone_an_exact_model_reads_on_another_thread():
-    backbone = af.TinyLlama(TINY).init_weights(std=0.1, seed=7)
-    other = af.TinyLlama(TINY)
-    for p, q in zip(backbone.modules(), other.modules()):
-        if isinstance(p, torch.nn.Linear):
-            q.weight = p.weight
-    reader, writer = adapted(1, backbone), adapted(2, other)
+    reader, writer = two_models_sharing_a_backbone()
     w0 = snapshot(reader)
     tok, pos = torch.tensor([[3]]), torch.tensor([0])
     with torch.no_grad():
