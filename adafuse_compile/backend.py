@@ -205,14 +205,13 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, pr
         # Per call: whichever model merged into these weights last (this one, or one sharing them).
         to_restore = channels
         if positions:
-            channel = _channel_of(args[positions[0]])
-            if channel is not None:
-                to_restore = channel.bound_graphs.get(key)
-                if to_restore is None:  # another instance of the model: its channels, its plans
-                    to_restore = _adapter_channels(args)
-                    if prepare is not None:
-                        prepare(args)
-                    channel.bound_graphs[key] = to_restore
+            channel = channel_of_call(args)
+            to_restore = channel.bound_graphs.get(key)
+            if to_restore is None:  # another instance of the model: its channels, its plans
+                to_restore = _adapter_channels(args)
+                if prepare is not None:
+                    prepare(args)
+                channel.bound_graphs[key] = to_restore
         for channel in to_restore:
             channel.restore()
         return compiled(*args, *extra)

@@ -162,6 +162,9 @@ def test_triton_with_segments_computed_once(triton_gather, T, k):
     assert torch.equal(p["experts"].reshape(-1)[rows], p["experts"].reshape(-1).sort(stable=True).values)
     got = gather_lora(**p, impl="triton", rows=rows, segments=segments)
     _check(got, p, torch.float32, f"triton T={T} k={k}, given segments")
+    if T * k >= gl.SORTED_MIN_ROWS:  # the sorted shrink really reads the given order: a wrong one shows
+        wrong = gather_lora(**p, impl="triton", rows=rows.flip(0), segments=segments)
+        assert not all(torch.allclose(a, b) for a, b in zip(wrong, got))
     with pytest.raises(ValueError, match="pass both"):
         gather_lora(**p, impl="triton", rows=rows)
 

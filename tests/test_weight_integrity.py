@@ -399,3 +399,41 @@ def test_a_second_instance_leaves_nothing_behind_and_refuses_a_different_mode(mo
         third.setup_cache(1)
         with pytest.raises(RuntimeError, match="switches exactly, but another instance"):
             torch.compile(third, backend="adafuse", options={"codegen": "eager"})(tok, pos)
+
+
+def test_copies_after_a_decode_on_a_finished_worker_thread(tmp_path):
+    """Exact mode: pickling or copying a model another thread decoded with never touches the
+    weights, so it works; in place the merge is undone first, or the copy fails loudly."""
+    import copy
+
+    for exact in (True, False):
+        model = adapted()
+        w0 = snapshot(model)
+        model.setup_cache(1)
+        compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": exact})
+        worker = threading.Thread(target=lambda: decode_steps(compiled, 2))  # ends without restoring
+        worker.start()
+        worker.join()
+        if exact:
+            torch.save(model, tmp_path / "m.pt")
+            saved = torch.load(tmp_path / "m.pt", weights_only=False).state_dict()
+            assert all(torch.equal(v, w0[k]) for k, v in saved.items())
+            assert all(torch.equal(v, w0[k]) for k, v in copy.deepcopy(model).state_dict().items())
+        else:
+            with pytest.raises(af.ConcurrentUseError):
+                copy.deepcopy(model)
+        torch._dynamo.reset()
+
+
+def test_deep_copy_of_a_part_of_an_in_place_merged_model_copies_the_backbone():
+    import copy
+
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    decode_steps(compiled, 3)
+    assert merged_now(model, w0)
+    layers = copy.deepcopy(model.layers)  # reaches the adapted weights before the model's channel
+    for k, v in layers.state_dict().items():
+        assert torch.equal(v, w0["layers." + k]), k

@@ -72,9 +72,10 @@ class GateChannel:
 
     def __getstate__(self) -> dict:
         # Pickling the model (torch.save(model), deepcopy) keeps the adapters, not the compiled
-        # runtime: the copy starts unmerged and uncompiled. Restored first: torch.save writes the
-        # tensors' bytes after pickling, so it saves the backbone weights, not an in-place merge.
-        self.restore()
+        # runtime: the copy starts unmerged and uncompiled. An in-place merge is undone first
+        # (torch.save writes the tensors' bytes after pickling, so it saves the backbone weights);
+        # exact mode never wrote them, so nothing is touched (and no other thread is disturbed).
+        self.restore_in_place()
         state = dict(self.__dict__)
         state.update(routing=None, aux_loss=None, on_route=None, merged=False, switch_state=None, switch_states=[],
                      factor_slots=None, bound_graphs={})
@@ -96,6 +97,16 @@ class GateChannel:
             if state.merged:
                 state.restore()
             seen.append(state)
+        for w in self.adapted_weights:
+            ref = getattr(w, "_adafuse_owner", None)
+            owner = ref() if ref is not None else None
+            if owner is not None and owner.merged and not owner.exact and all(o is not owner for o in seen):
+                seen.append(owner)
+                owner.restore()
+
+    def restore_in_place(self) -> None:
+        """Undo in-place merges into this model's adapted weights (its own or a sharing model's)."""
+        seen = []
         for w in self.adapted_weights:
             ref = getattr(w, "_adafuse_owner", None)
             owner = ref() if ref is not None else None
@@ -166,6 +177,12 @@ class AdaFuseLinear(nn.Linear):
         channel.adapted_weights.append(self.weight)
         for role, p in (("weight", self.weight), ("lora_A", self.lora_A), ("lora_B", self.lora_B)):
             p._adafuse_tag = AdapterTag(role, self.scaling, config.top_k, channel)
+
+    def __getstate__(self) -> dict:
+        # Copying or pickling a part of the model (deepcopy(model.layers)) reaches this module's
+        # weight before the channel: undo an in-place merge here too.
+        self._channel.restore_in_place()
+        return super().__getstate__()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

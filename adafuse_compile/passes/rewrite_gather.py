@@ -44,8 +44,10 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     device = graph_inputs(gm)[regions[0].factors["lora_A"]].device
     tokens = regions[0].tokens
     segments = (None, None)
-    if (impl == "triton" or (impl == "auto" and device.type == "cuda")) and tokens is not None \
-            and tokens * top_k >= SORTED_MIN_ROWS:
+    # A dynamic token count (a prefill recompiled for a second length) gets them too: two small
+    # launches per step, which the masked (short-step) kernel then ignores.
+    if (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
+            tokens is None or tokens * top_k >= SORTED_MIN_ROWS):
         with graph.inserting_after(gates):
             both = graph.call_function(expert_segments, (experts, regions[0].factors["num_experts"]))
         with graph.inserting_after(both):
