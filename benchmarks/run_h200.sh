@@ -3,7 +3,8 @@
 # writes logs/JSON under $OUT. From the repository root, with the nvidia-cutlass wheel carried in
 # .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
 #   tests    all GPU-marked tests (backend, SGMM, gather, factor slots)  ~4 min
-#   tests-backend  only the backend's GPU tests                           ~2 min
+#   tests-backend  the backend and factor-slot GPU tests (252 s on 2026-11-29, before the
+#            two-instance tests were added)                                ~5 min
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
@@ -32,7 +33,7 @@ for stage in "${@:-tests}"; do
   tests)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
   tests-backend)
-    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
+    timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py tests/test_factor_slots_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
   decode)
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --skip-profile ${SKIP_NAIVE:+--skip-naive} \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
