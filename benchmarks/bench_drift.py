@@ -51,6 +51,17 @@ def make_weights(shape, dtype, device, gen):
     return weights, lora_a, lora_b
 
 
+def random_switch(state, targets, lora_a, lora_b, scaling, pristine, impl, gen) -> tuple:
+    """One switch of `targets` to random top-K experts (drawn with `gen`, on its device), through
+    the SwitchState bookkeeping and SGMM call a compiled decode step makes; returns (experts, gates)."""
+    device = targets[0].device
+    experts = torch.randperm(N, generator=gen, device=gen.device)[:K].to(device)
+    gates = torch.softmax(torch.randn(K, generator=gen, device=gen.device), 0).to(device)
+    state.before_merge_step()
+    sgmm_switch_(targets, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates, scaling, pristine, impl)
+    return experts, gates
+
+
 def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
     gen = torch.Generator(device).manual_seed(seed)
     weights, lora_a, lora_b = make_weights(shape, dtype, device, gen)
@@ -63,11 +74,7 @@ def run_mode(shape, dtype, device, counts, mode, resync_every, impl, seed=0):
     rows, n = [], 0
     for target in counts:
         while n < target:
-            experts = torch.randperm(N, generator=gen, device=device)[:K]
-            gates = torch.softmax(torch.randn(K, generator=gen, device=device), 0)
-            state.before_merge_step()
-            sgmm_switch_(weights, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
-                         SCALING, pristine, impl)
+            experts, gates = random_switch(state, weights, lora_a, lora_b, SCALING, pristine, impl, gen)
             n += 1
         w_err, out_err, ulps = 0.0, 0.0, 0.0
         eps = torch.finfo(dtype).eps
@@ -111,14 +118,9 @@ def direct_switcher(model, impl, gen):
     lins = [by_weight[id(w)] for w in state.weights]
     lora_a, lora_b = [lin.lora_A for lin in lins], [lin.lora_B for lin in lins]
     targets, pristine = state.switch_operands(state.weights)
-    device = state.weights[0].device
 
     def switch() -> None:
-        experts = torch.randperm(N, generator=gen).to(device)[:K]
-        gates = torch.softmax(torch.randn(K, generator=gen), 0).to(device)
-        state.before_merge_step()
-        sgmm_switch_(targets, lora_a, lora_b, experts, gates, state.prev_experts, state.prev_gates,
-                     lins[0].scaling, pristine, impl)
+        random_switch(state, targets, lora_a, lora_b, lins[0].scaling, pristine, impl, gen)
     return state, switch
 
 

@@ -34,14 +34,11 @@ for stage in "${@:-tests}"; do
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
   tests-backend)
     timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py tests/test_factor_slots_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
-  decode)
-    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets qv --skip-profile ${SKIP_NAIVE:+--skip-naive} \
-      --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
-      --out "$OUT/decode_llama2-7b_qv.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
-  decode-all)
-    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets all --skip-profile ${SKIP_NAIVE:+--skip-naive} \
-      --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" --phases "${PHASES:-b1,batch,prefill}" \
-      --out "$OUT/decode_llama2-7b_all.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
+  decode|decode-all)
+    targets=$([ "$stage" = decode ] && echo qv || echo all)
+    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
+      ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" \
+      --phases "${PHASES:-b1,batch,prefill}" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
     # All 13 CUTLASS variants (0-4 measured, 5-12 new): ~2.5 min build + timing. A variant that hangs
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).

@@ -49,6 +49,17 @@ def two_models_sharing_a_backbone():
     return adapted(1, backbone), adapted(2, other)
 
 
+def in_place_merged_model():
+    """A model mid-way through its own in-place decode loop (weights merged), and its backbone."""
+    model = adapted()
+    w0 = snapshot(model)
+    model.setup_cache(1)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    decode_steps(compiled, 3)
+    assert merged_now(model, w0)
+    return model, w0
+
+
 def decode_steps(compiled, n, start=0):
     """A user's own decode loop: compiled one-token steps, weights merged between them."""
     return [compiled(torch.tensor([[3 + i]]), torch.tensor([start + i])) for i in range(n)]
@@ -359,12 +370,7 @@ def test_a_deep_copy_of_a_compiled_model_runs_the_same_graph_with_its_own_state(
 
 
 def test_torch_save_in_the_middle_of_an_in_place_decode_saves_the_backbone(tmp_path):
-    model = adapted()
-    w0 = snapshot(model)
-    model.setup_cache(1)
-    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
-    decode_steps(compiled, 3)
-    assert merged_now(model, w0)
+    model, w0 = in_place_merged_model()
     torch.save(model, tmp_path / "whole.pt")
     again = torch.load(tmp_path / "whole.pt", weights_only=False)
     assert all(torch.equal(v, w0[k]) for k, v in again.state_dict().items())
@@ -428,12 +434,7 @@ def test_copies_after_a_decode_on_a_finished_worker_thread(tmp_path):
 def test_deep_copy_of_a_part_of_an_in_place_merged_model_copies_the_backbone():
     import copy
 
-    model = adapted()
-    w0 = snapshot(model)
-    model.setup_cache(1)
-    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
-    decode_steps(compiled, 3)
-    assert merged_now(model, w0)
+    model, w0 = in_place_merged_model()
     layers = copy.deepcopy(model.layers)  # reaches the adapted weights before the model's channel
     for k, v in layers.state_dict().items():
         assert torch.equal(v, w0["layers." + k]), k

@@ -92,17 +92,10 @@ class GateChannel:
         """End this model's compiled decode (in place: backbone weights back), and undo another
         model's in-place merge into weights this model shares. Another model's exact-mode decode
         never wrote them and is left alone (it may be running on another thread)."""
-        seen = []
         for state in self.switch_states:
             if state.merged:
                 state.restore()
-            seen.append(state)
-        for w in self.adapted_weights:
-            ref = getattr(w, "_adafuse_owner", None)
-            owner = ref() if ref is not None else None
-            if owner is not None and owner.merged and not owner.exact and all(o is not owner for o in seen):
-                seen.append(owner)
-                owner.restore()
+        self.restore_in_place()  # this model's own states are no longer merged: only others' remain
 
     def restore_in_place(self) -> None:
         """Undo in-place merges into this model's adapted weights (its own or a sharing model's)."""
