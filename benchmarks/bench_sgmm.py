@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from adafuse_compile import gpu_lock
 from adafuse_compile.cutlass_kernels import ops
 from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
 
@@ -49,7 +50,8 @@ def run_header() -> dict:
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": __import__("triton").__version__,
             "shape": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "experts": N_EXPERTS,
-                      "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"}}
+                      "rank": RANK, "top_k": TOP_K, "dtype": "bfloat16"},
+            "gpu_shared_with_lock": gpu_lock.shared()}  # set: other benchmarks compiled meanwhile (never timed at once)
 
 
 def time_graph(fn, reps: int, warmup: int = 3) -> dict:
@@ -64,16 +66,17 @@ def time_graph(fn, reps: int, warmup: int = 3) -> dict:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(warmup):
-        g.replay()
     times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    with gpu_lock.timing():  # alone on the GPU when other benchmark processes share it
+        for _ in range(warmup):
+            g.replay()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
     del g
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "reps": reps}
@@ -81,16 +84,17 @@ def time_graph(fn, reps: int, warmup: int = 3) -> dict:
 
 def time_eager(fn, reps: int, warmup: int = 3) -> float:
     """Median ms of fn() called eagerly, each call bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
     times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    with gpu_lock.timing():
+        for _ in range(warmup):
+            fn()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
     return statistics.median(times)
 
 
@@ -103,10 +107,11 @@ def copy_bandwidth(reps: int) -> dict:
     n = 4 * 1024**3 // 2  # 4 GiB of bf16
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    t_end = time.time() + 1.0
-    while time.time() < t_end:
-        dst.copy_(src)
-        torch.cuda.synchronize()
+    with gpu_lock.timing():  # the warm-up copies heat the GPU like the timed ones do
+        t_end = time.time() + 1.0
+        while time.time() < t_end:
+            dst.copy_(src)
+            torch.cuda.synchronize()
     nbytes = 2 * src.numel() * src.element_size()
 
     ways = {

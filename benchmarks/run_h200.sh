@@ -19,13 +19,23 @@
 #   bench-all    the same for all seven linears                                          ~9 min (not yet run)
 #   bench-qv-hf  q,v through Hugging Face generate(), fewer methods; only if >= 9 min of
 #                device time remain after bench-qv and bench-all                         ~6 min (not yet run)
+#
+# -p (first argument): run the stages side by side, each in its own process, and pack $OUT into
+# results.tgz at the end (the device returns 8 files at most). A 7B benchmark is mostly compile
+# time on the CPU (16 cores there), so three of them fit one 10-minute call where one did before;
+# their timed sections take a file lock (adafuse_compile/gpu_lock.py), so no two ever time at
+# once. Not for `tests*` next to timed stages: tests do not take the lock.
+# Per-set overrides for decode / decode-all: PHASES_qv, PATHS_qv, PHASES_all, PATHS_all.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
+parallel=0; [ "${1:-}" = -p ] && { parallel=1; shift; }
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . .whl/*.whl > "$OUT/install.log" 2>&1 \
   || { tail -20 "$OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site   # installed (not editable) so the torch_dynamo_backends entry point is found
-for stage in "${@:-tests}"; do
+
+run_stage() {
+  local stage=$1
   echo "=== stage $stage ($(date +%T))"
   case "$stage" in
   tests-gather)
@@ -35,10 +45,13 @@ for stage in "${@:-tests}"; do
   tests-backend)
     timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py tests/test_factor_slots_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
   decode|decode-all)
+    local targets phases paths
     targets=$([ "$stage" = decode ] && echo qv || echo all)
+    phases_var=PHASES_$targets; paths_var=PATHS_$targets
+    phases=${!phases_var:-${PHASES:-b1,batch,prefill}}; paths=${!paths_var:-${PATHS:-merge-exact,factor,gather,auto}}
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
-      ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "${PATHS:-merge-exact,factor,gather,auto}" \
-      --phases "${PHASES:-b1,batch,prefill}" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
+      ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "$paths" \
+      --phases "$phases" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
     # All 13 CUTLASS variants (0-4 measured, 5-12 new): ~2.5 min build + timing. A variant that hangs
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
@@ -78,13 +91,13 @@ for stage in "${@:-tests}"; do
   #        auto (the cost model picks gather at all seven), factor (7.6 ms/token at all seven in
   #        decode_llama2-7b_all_kv512_h200.json) and mola_compiled are skipped.
   bench-qv)
-    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prefill eager \
-      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 440 --no-progress \
+    timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prefill eager \
+      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-440}" --no-progress \
       --methods backbone,adafuse_gather,adafuse_auto,adafuse_merge_cutlass,pregated_inductor,simple_merge,pregated_eager,mola_eager,backbone_eager,adafuse_factor,mola_compiled \
       --out "$OUT/bench_llama2-7b_qv_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_own_h200.log" | grep -v -i warn | tail -40 ;;
   bench-all)
-    timeout 560 python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop own --prefill eager \
-      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 425 --no-progress \
+    timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop own --prefill eager \
+      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-425}" --no-progress \
       --methods backbone,adafuse_gather,adafuse_merge_cutlass,simple_merge,pregated_eager,mola_eager,backbone_eager,pregated_inductor,adafuse_auto,adafuse_factor,mola_compiled \
       --out "$OUT/bench_llama2-7b_all_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_own_h200.log" | grep -v -i warn | tail -40 ;;
   # generate() with the static cache, generate()'s own decode-only compile (our backend and options):
@@ -98,6 +111,23 @@ for stage in "${@:-tests}"; do
       --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s 270 --no-progress \
       --methods backbone,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_auto,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled \
       --out "$OUT/bench_llama2-7b_qv_hf_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_hf_h200.log" | grep -v -i warn | tail -40 ;;
-  *) echo "unknown stage $stage"; exit 2 ;;
+  *) echo "unknown stage $stage"; return 2 ;;
   esac
+}
+
+if [ "$parallel" = 0 ]; then
+  for stage in "${@:-tests}"; do run_stage "$stage"; done
+  exit 0
+fi
+export ADAFUSE_GPU_LOCK=/tmp/adafuse_gpu.lock
+# Inductor's compile workers: a share of the cores each, not all of them to every process.
+export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / $# > 1 ? $(nproc) / $# : 1 ))
+pids=()
+for stage in "$@"; do
+  run_stage "$stage" > "$OUT/stage_$stage.out" 2>&1 &
+  pids+=($!)
+  sleep 5  # start-up (imports, the 13-GB model build) staggered
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for stage in "$@"; do echo; cat "$OUT/stage_$stage.out"; done
+(cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)

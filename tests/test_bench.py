@@ -19,7 +19,7 @@ TOP_KEYS = {"schema", "env", "config", "prompt_lengths", "analytics", "results",
 SUMMARY_KEYS = {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median", "tokens_per_s",
                 "x_backbone", "overhead_pct", "memory_overhead_pct", "param_overhead_pct", "flop_overhead_pct"}
 ENV_KEYS = {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform", "adafuse_compile",
-            "cpu_threads", "git_commit", "available_paths", "date"}
+            "cpu_threads", "git_commit", "available_paths", "date", "gpu_shared_with_lock"}
 
 
 def parse(argv):

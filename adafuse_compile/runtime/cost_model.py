@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from .. import gpu_lock
+
 log = logging.getLogger("adafuse_compile")
 
 COST_PARAMETERS = ("copy_bytes_per_s", "launch_s", "sgmm_fraction")
@@ -320,7 +322,8 @@ def calibrate(device: torch.device, enabled: bool = True) -> Costs:
             return DEFAULT_COSTS
         try:
             t0 = time.perf_counter()
-            costs = _on_helper_thread(measure, device)
+            with gpu_lock.timing():  # a measurement: alone on the GPU when benchmarks share it
+                costs = _on_helper_thread(measure, device)
             log.info("adafuse: auto policy calibrated %s in %.2f s: %.0f GB/s copy, %.2f us per small kernel",
                      key, time.perf_counter() - t0, costs.copy_bytes_per_s / 1e9, costs.launch_s * 1e6)
             save_cached(key, costs)
