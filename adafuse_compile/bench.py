@@ -600,7 +600,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
     dyn_patch = (torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
                  if method.adapters == "layerwise" and method.compiler else contextlib.nullcontext())
     try:
-        with torch.no_grad(), dyn_patch:
+        # Alone on the GPU, except while compiling, when other benchmarks share it (gpu_lock).
+        with torch.no_grad(), dyn_patch, gpu_lock.held_except_compiles():
             model = _adapt(build_model(spec, loop, max_cache_len), method, spec)
             if loop == "own":
                 model.setup_cache(1)
@@ -630,8 +631,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 one(warm, min(n, 4))
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
             decode, prefill_ms, shas = [], [], []
-            # Timed alone on the GPU when other benchmark processes share it (they compile meanwhile).
-            with gpu_lock.timing():
+            with gpu_lock.timing():  # (held already: a no-op that marks the timed section)
                 t_measure = _now()
                 for prompt in prompts:
                     tokens, clock = one(prompt, n)

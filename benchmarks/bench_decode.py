@@ -211,9 +211,10 @@ def main() -> None:
     def compiled_paths() -> list:  # per compiled graph: merge / factor / gather, or None (not rewritten)
         return [r["path"] for r in backend.last_compilations]
 
-    model = build(cfg)
-    model.setup_cache(1)
-    with torch.no_grad():
+    # Alone on the GPU, except while compiling, when other benchmarks share it (gpu_lock).
+    with gpu_lock.held_except_compiles(), torch.no_grad():
+        model = build(cfg)
+        model.setup_cache(1)
         if "b1" in phases:
             res["backbone_eager_ms"] = decode_ms(model, prompt_len, args.steps, repeats=1)
             torch._dynamo.reset()

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sgmm import (  # noqa: E402
     FFN, HIDDEN, LAYERS, N_EXPERTS, RANK, TOP_K, copy_bandwidth, time_graph, run_header)
 
+from adafuse_compile import gpu_lock  # noqa: E402
 from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
 
 GROUPS = {"qkv": [HIDDEN] * 3, "gate_up": [FFN] * 2}
@@ -177,4 +178,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with gpu_lock.held_except_compiles():  # alone on the GPU when other benchmarks share it
+        sys.exit(main())

@@ -252,7 +252,8 @@ def main(argv=None):
     requested = None if a.cutlass_variants == "all" \
         else [int(x) for x in a.cutlass_variants.split(",")]
     try:
-        mod = build.load_extension(tuple(requested or range(build.NUM_VARIANTS)))
+        with gpu_lock.released():  # minutes of nvcc on the CPU: the GPU is the others' meanwhile
+            mod = build.load_extension(tuple(requested or range(build.NUM_VARIANTS)))
         names = mod.variant_names()
         variants = requested or list(range(len(names)))
         build_error = None
@@ -288,4 +289,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with gpu_lock.held_except_compiles():  # alone on the GPU (but for the CUTLASS build) when shared
+        sys.exit(main())

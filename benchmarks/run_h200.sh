@@ -22,9 +22,12 @@
 #
 # -p (first argument): run the stages side by side, each in its own process, and pack $OUT into
 # results.tgz at the end (the device returns 8 files at most). A 7B benchmark is mostly compile
-# time on the CPU (16 cores there), so three of them fit one 10-minute call where one did before;
-# their timed sections take a file lock (adafuse_compile/gpu_lock.py), so no two ever time at
-# once. Not for `tests*` next to timed stages: tests do not take the lock.
+# time on the CPU (16 cores there), so three of them fit one 10-minute call where one did before.
+# Each benchmark holds a file lock (adafuse_compile/gpu_lock.py) whenever it uses the GPU and lets
+# go only while Dynamo compiles (and bench_sgmm while nvcc builds), so no two ever use the GPU at
+# once. (The first side-by-side run, 2026-11-29, locked only the timed sections: the others'
+# untimed GPU work disturbed them; its results carry the suffix _shared.) Not for `tests*` next to
+# timed stages: tests do not take the lock.
 # Per-set overrides for decode / decode-all: PHASES_qv, PATHS_qv, PHASES_all, PATHS_all.
 set -uo pipefail
 export PYTHONUNBUFFERED=1

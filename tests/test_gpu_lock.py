@@ -35,3 +35,52 @@ def test_without_the_variable_timing_is_a_no_op(monkeypatch):
     with gpu_lock.timing():
         pass
     assert gpu_lock.shared() is None and gpu_lock.waited_s == before
+
+
+def _free(lock_path) -> bool:
+    """Whether another holder could take the lock now (flock conflicts between open files, also in one process)."""
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def test_held_except_compiles_lets_go_exactly_while_dynamo_compiles(tmp_path, monkeypatch):
+    import torch
+
+    lock = tmp_path / "gpu.lock"
+    monkeypatch.setenv(gpu_lock.ENV, str(lock))
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["free_while_compiling"] = _free(lock)
+        seen["held_while_compiling"] = gpu_lock.held()
+        with gpu_lock.timing():  # a measurement inside the compile (the auto policy's calibration)
+            seen["free_while_measuring"] = _free(lock)
+        seen["free_after_measuring"] = _free(lock)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with gpu_lock.held_except_compiles():
+        assert not _free(lock) and gpu_lock.held()
+        fn = torch.compile(lambda x: x * 2 + 1, backend=backend)
+        assert fn(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+        assert not _free(lock), "the lock must be taken back when the compile ends"
+        torch._dynamo.reset()  # benchmarks reset between compiles; that clears Dynamo's callbacks
+        seen.clear()
+        fn = torch.compile(lambda x: x * 3, backend=backend)
+        assert fn(torch.ones(2)).tolist() == [3.0, 3.0] and seen["free_while_compiling"]
+        with gpu_lock.released():
+            assert _free(lock)
+            with gpu_lock.timing():
+                assert not _free(lock)
+            assert _free(lock)
+        assert not _free(lock)
+    assert _free(lock) and not gpu_lock.held()
+    assert seen == {"free_while_compiling": True, "held_while_compiling": False,
+                    "free_while_measuring": False, "free_after_measuring": True}
