@@ -10,7 +10,8 @@
 #   decode-all  the same for all seven linears                            ~9 min
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
-#   gather-kernels  gather kernel benchmark                               ~3 min
+#   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
+#   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
@@ -61,7 +62,13 @@ run_stage() {
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
   gather-kernels)
-    timeout 260 python3 benchmarks/bench_gather.py --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
+    timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
+  profile)
+    # Per-kernel time of each path against the backbone, 4 layers of the 7B shape (profile_paths.py).
+    for t in qv all; do
+      timeout "${PROFILE_TIMEOUT:-280}" python3 benchmarks/profile_paths.py --targets "$t" --out "$OUT/profile_$t.json" 2>&1 \
+        | grep -v -i -e warn -e USDT | tail -12
+    done ;;
   factor-layout)
     timeout 120 python3 benchmarks/bench_factor_layout.py --out "$OUT/factor_layout_h200.json" 2>&1 | tail -30 ;;
   drift)
