@@ -1,7 +1,7 @@
 """Gather-LoRA benchmark on Llama-2-7B shapes (the `gather` path's kernels, DESIGN.md sec. 7).
 
-Module groups sharing one input: q,k,v (in 4096, outs 4096 x 3) and gate,up (in 4096, outs
-11008 x 2); N = 8 experts, r = 64, top-2, bf16, factors A std 0.02, B std 0.002, x std 1.
+Module groups sharing one input, the four of a Llama layer: q,k,v (in 4096, outs 4096 x 3),
+o (in 4096, out 4096), gate,up (in 4096, outs 11008 x 2) and down (in 11008, out 4096); N = 8 experts, r = 64, top-2, bf16, factors A std 0.02, B std 0.002, x std 1.
 Tokens T in 1, 8, 32, 128, 512, each with its own uniformly drawn experts (fixed seed).
 
 Timing: 32 layers, each with its own adapter tensors (as in the model: 32 x the factors is
@@ -37,7 +37,9 @@ from bench_sgmm import (  # noqa: E402
 from adafuse_compile import gpu_lock  # noqa: E402
 from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
 
-GROUPS = {"qkv": [HIDDEN] * 3, "gate_up": [FFN] * 2}
+# group -> (in, outs)
+GROUPS = {"qkv": (HIDDEN, [HIDDEN] * 3), "o": (HIDDEN, [HIDDEN]), "gate_up": (HIDDEN, [FFN] * 2),
+          "down": (FFN, [HIDDEN])}
 TOKENS = (1, 8, 32, 128, 512)
 # --sweep: Triton config overrides tried on top of the shape-picked default (plan.config).
 SWEEP = [
@@ -48,6 +50,8 @@ SWEEP = [
     {"SPLIT_K": 2},
     {"SPLIT_K": 4},
     {"SPLIT_K": 16},  # beyond MAX_SPLIT_K: the expand sums more partials
+    {"SPLIT_K": 32},
+    {"BLOCK_K": 32, "SPLIT_K": 16},
     {"BLOCK_O": 128},
     {"BLOCK_O": 32},
     {"BLOCK_T": 16},
@@ -56,28 +60,28 @@ SWEEP = [
 ]
 
 
-def make_layers(outs: list[int], dtype=torch.bfloat16) -> list[tuple[list, list]]:
+def make_layers(n_in: int, outs: list[int], dtype=torch.bfloat16) -> list[tuple[list, list]]:
     layers = []
     for _ in range(LAYERS):
-        a = [torch.randn(N_EXPERTS, RANK, HIDDEN, device="cuda", dtype=dtype) * 0.02
+        a = [torch.randn(N_EXPERTS, RANK, n_in, device="cuda", dtype=dtype) * 0.02
              for _ in outs]
         b = [torch.randn(N_EXPERTS, o, RANK, device="cuda", dtype=dtype) * 0.002 for o in outs]
         layers.append((a, b))
     return layers
 
 
-def make_tokens(T: int, gen: torch.Generator):
-    x = torch.randn(T, HIDDEN, generator=gen).to("cuda", torch.bfloat16)
+def make_tokens(T: int, n_in: int, gen: torch.Generator):
+    x = torch.randn(T, n_in, generator=gen).to("cuda", torch.bfloat16)
     scores = torch.rand(T, N_EXPERTS, generator=gen)
     experts = scores.topk(TOP_K, dim=1).indices.to("cuda")
     gates = torch.softmax(torch.randn(T, TOP_K, generator=gen), 1).to("cuda")
     return x, experts, gates
 
 
-def min_bytes(T: int, outs: list[int], experts: torch.Tensor) -> tuple[int, int]:
+def min_bytes(T: int, n_in: int, outs: list[int], experts: torch.Tensor) -> tuple[int, int]:
     distinct = int(torch.unique(experts).numel())
-    factors = sum(distinct * RANK * (HIDDEN + o) * 2 for o in outs)
-    total = T * HIDDEN * 2 + factors + sum(T * o * 2 for o in outs)
+    factors = sum(distinct * RANK * (n_in + o) * 2 for o in outs)
+    total = T * n_in * 2 + factors + sum(T * o * 2 for o in outs)
     h_bytes = len(outs) * T * TOP_K * RANK * 8
     return total, h_bytes
 
@@ -92,12 +96,12 @@ def max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 
 def bench(group: str, T: int, layers, reps: int, sweep: bool, copy_gbps: float,
           gen: torch.Generator) -> list[dict]:
-    outs = GROUPS[group]
-    x, experts, gates = make_tokens(T, gen)
-    nbytes, h_bytes = min_bytes(T, outs, experts)
+    n_in, outs = GROUPS[group]
+    x, experts, gates = make_tokens(T, n_in, gen)
+    nbytes, h_bytes = min_bytes(T, n_in, outs, experts)
     a0, b0 = layers[0]
     ref0 = gl.reference_gather_lora(x, a0, b0, experts, gates, 0.5)
-    base = {"group": group, "tokens": T, "modules": len(outs), "outs": outs,
+    base = {"group": group, "tokens": T, "modules": len(outs), "in": n_in, "outs": outs,
             "distinct_experts": int(torch.unique(experts).numel()), "bytes": nbytes,
             "h_bytes": h_bytes}
     variants = [("reference", None, None), ("triton", "default", None)]
@@ -137,7 +141,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--groups", default="qkv,gate_up")
+    ap.add_argument("--groups", default="qkv,o,gate_up,down")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep", action="store_true", help="also time the Triton SWEEP configs")
     a = ap.parse_args(argv)
@@ -153,7 +157,7 @@ def main(argv=None):
     print("copy", results["copy"], flush=True)
     gen = torch.Generator().manual_seed(0)
     for group in a.groups.split(","):
-        layers = make_layers(GROUPS[group])
+        layers = make_layers(*GROUPS[group])
         for T in (int(t) for t in a.tokens.split(",")):
             results["entries"] += bench(group, T, layers, a.reps, a.sweep,
                                         results["copy"]["GBps"], gen)

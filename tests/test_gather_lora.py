@@ -134,6 +134,22 @@ def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
     _check(got, p, dtype, f"triton {cfg}")
 
 
+def test_config_env_override_applies_and_rejects_unknown_keys(triton_gather, monkeypatch):
+    """ADAFUSE_GATHER_CONFIG (a benchmark's tuning knob) reaches the chosen config, and still computes right."""
+    p = _problem(3, 2, torch.float32)
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    default = plan.config(3, 2)
+    monkeypatch.setenv(triton_gather.CONFIG_ENV, '{"SPLIT_K": 3, "BLOCK_K": 16}')
+    assert plan.config(3, 2) == {**default, "SPLIT_K": 3, "BLOCK_K": 16}
+    _check(plan.run(p["x"], p["experts"], p["gates"], p["scaling"]), p, torch.float32, "env split 3")
+    monkeypatch.setenv(triton_gather.CONFIG_ENV, '{"SPLITK": 3}')
+    with pytest.raises(ValueError, match=r"unknown keys \['SPLITK'\].*allowed"):
+        plan.config(3, 2)
+    monkeypatch.setenv(triton_gather.CONFIG_ENV, "SPLIT_K=3")
+    with pytest.raises(ValueError, match="not JSON"):
+        plan.config(3, 2)
+
+
 def test_triton_many_modules_and_unused_experts(triton_gather):
     """M = 10 > 8 modules per expand launch; N = 12 experts, most unused; odd outs."""
     outs = [16, 24, 8, 40, 64, 32, 8, 16, 56, 72]

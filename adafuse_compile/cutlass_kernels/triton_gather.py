@@ -35,6 +35,9 @@ outputs are new tensors on every call, so their addresses are passed as scalar a
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from torch import Tensor
 
@@ -180,6 +183,27 @@ TARGET_PROGRAMS_PER_SM = 2
 MAX_SPLIT_K = 8
 
 
+# Tuning knob for benchmarks, not for users: a JSON object of config overrides applied to every
+# call (e.g. ADAFUSE_GATHER_CONFIG='{"SPLIT_K": 16}'), so that an end-to-end run (bench_decode.py)
+# can try a config that bench_gather.py --sweep found before it becomes the default here.
+CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
+CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O")
+
+
+def env_overrides() -> dict:
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"${CONFIG_ENV} is not JSON ({exc}): {raw!r}; e.g. '{{\"SPLIT_K\": 16}}'") from None
+    unknown = set(cfg) - set(CONFIG_KEYS) if isinstance(cfg, dict) else {"(not an object)"}
+    if unknown:
+        raise ValueError(f"${CONFIG_ENV} has unknown keys {sorted(unknown)}; allowed: {list(CONFIG_KEYS)}")
+    return cfg
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
@@ -229,6 +253,7 @@ class GatherPlan:
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                    BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O)
+        cfg.update(env_overrides())
         cfg.update(overrides or {})
         return cfg
 
