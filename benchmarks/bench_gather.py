@@ -52,6 +52,7 @@ SWEEP = [
     {"SPLIT_K": 16},  # beyond MAX_SPLIT_K: the expand sums more partials
     {"SPLIT_K": 32},
     {"BLOCK_K": 32, "SPLIT_K": 16},
+    {"EXPAND_UNROLL": True},  # the expand's experts unrolled, loads unconditional (batch decode)
     {"BLOCK_O": 128},
     {"BLOCK_O": 32},
     {"BLOCK_T": 16},

@@ -113,6 +113,7 @@ def test_triton_matches_oracle(triton_gather, dtype, k, T):
     dict(SORTED=False, BLOCK_M=32, BLOCK_K=16, SPLIT_K=2),  # masked, split K (partials summed by the expand)
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=3),  # several row blocks per expert
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, BLOCK_T=16, BLOCK_O=16),
+    dict(SORTED=False, BLOCK_M=64, BLOCK_K=16, SPLIT_K=2, EXPAND_UNROLL=True),  # every expert, unrolled
 ])
 def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
     """Every shrink form and the split-K partials, forced (the default config picks by shape). The
@@ -332,13 +333,14 @@ _AOT = textwrap.dedent("""
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
-                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
-        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=4, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
-                   IEEE=ieee)
-        k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
-        assert "cubin" in k.asm
-        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
-        assert ieee or re.search(r"ld\\.global\\.v4", k.asm["ptx"]), "expand: no 16-B loads"
+                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C, N_EXP=C, UNROLL=C)
+        for unroll in (False, True):
+            cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=4, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
+                       IEEE=ieee, N_EXP=8, UNROLL=unroll)
+            k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
+            assert "cubin" in k.asm
+            assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
+            assert ieee or re.search(r"ld\\.global\\.v4", k.asm["ptx"]), "expand: no 16-B loads"
     print("AOT-OK")
 """)
 

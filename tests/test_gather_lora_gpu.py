@@ -51,6 +51,17 @@ def test_matches_oracle(impl, dtype, group, T):
     _check(got, p, dtype, f"{impl} {group} T={T}")
 
 
+@pytest.mark.parametrize("cfg", [{"EXPAND_UNROLL": True}, {"SPLIT_K": 32}, {"BLOCK_K": 32, "SPLIT_K": 16}])
+@pytest.mark.parametrize("T", [1, 8, 512])
+def test_swept_configs_match_oracle_in_bf16(cfg, T):
+    """The configs bench_gather.py --sweep times (and ADAFUSE_GATHER_CONFIG can force) compute right in bf16."""
+    p = _problem(T, "qkv", torch.bfloat16)
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], config=cfg)
+    torch.cuda.synchronize()
+    _check(got, p, torch.bfloat16, f"triton {cfg} T={T}")
+
+
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_triton_other_k_and_odd_shapes(k):
     p = make_gather_problem(37, 1000, [96, 200, 4104], n_experts=5, rank=24, k=k,

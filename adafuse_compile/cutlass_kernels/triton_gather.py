@@ -121,6 +121,7 @@ def _expand_kernel(
     n_tokens, n_rows, n_experts, n_modules, m_first,
     K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    N_EXP: tl.constexpr, UNROLL: tl.constexpr,
 ):
     elem = dtype_ref.dtype.element_ty
     tb = tl.program_id(0)
@@ -154,20 +155,34 @@ def _expand_kernel(
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        for e in range(0, n_experts):
-            sel = ids == e
-            if tl.sum(sel.to(tl.int32)) > 0:
-                he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)  # [BLOCK_T, R]
-                # n_out is int64 (from the table), so the expert offset cannot overflow.
-                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R
-                             + offs_r[None, :],
-                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
+        if UNROLL:
+            # Every expert, unrolled, loads unconditional: the N B-tile loads can all be in flight
+            # at once, where the loop below waits for each in turn. For blocks that use (nearly)
+            # all experts (batch decode); an absent expert costs its B tile's bytes.
+            for e in tl.static_range(N_EXP):
+                sel = ids == e
+                he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)
+                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :],
+                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)
                 if IEEE:
                     acc = tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
                 else:
-                    # h rounded to x's dtype for the tensor cores (vLLM's expand does the
-                    # same); products and the sum stay fp32.
                     acc = tl.dot(he.to(elem), tl.trans(bt), acc)
+        else:
+            for e in range(0, n_experts):
+                sel = ids == e
+                if tl.sum(sel.to(tl.int32)) > 0:
+                    he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)  # [BLOCK_T, R]
+                    # n_out is int64 (from the table), so the expert offset cannot overflow.
+                    bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R
+                                 + offs_r[None, :],
+                                 mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
+                    if IEEE:
+                        acc = tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
+                    else:
+                        # h rounded to x's dtype for the tensor cores (vLLM's expand does the
+                        # same); products and the sum stay fp32.
+                        acc = tl.dot(he.to(elem), tl.trans(bt), acc)
         y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * n_out + offs_o[None, :]
         tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
@@ -187,7 +202,7 @@ MAX_SPLIT_K = 8
 # call (e.g. ADAFUSE_GATHER_CONFIG='{"SPLIT_K": 16}'), so that an end-to-end run (bench_decode.py)
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
-CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O")
+CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL")
 
 
 def env_overrides() -> dict:
@@ -252,7 +267,7 @@ class GatherPlan:
         # Expand: token block up to 32 rows of h (h block in registers: 32 x k x r fp32).
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
-                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O)
+                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=False)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
         return cfg
@@ -299,6 +314,6 @@ class GatherPlan:
                 h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m_total, m0,
                 K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned,
-                IEEE=self.ieee,
+                IEEE=self.ieee, N_EXP=self.n_experts, UNROLL=bool(cfg["EXPAND_UNROLL"]),
             )
         return outs
