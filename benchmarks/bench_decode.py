@@ -50,6 +50,12 @@ def build(cfg: af.TinyLlamaConfig) -> af.TinyLlama:
     return model.eval()
 
 
+class Timed(float):
+    """A median in ms that keeps the repeats it came from: saved next to it, so the spread shows."""
+
+    repeats: list
+
+
 def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3, prefill=None, batch: int = 1) -> float:
     """Median over repeats of ms per decode step (all `batch` sequences) for `steps` greedy steps.
 
@@ -71,7 +77,10 @@ def decode_ms(step, prompt_len: int, steps: int, repeats: int = 3, prefill=None,
 
     one_repeat()  # warm-up: compiles, records the CUDA graphs (CPU work: other processes may time meanwhile)
     with gpu_lock.timing():
-        return statistics.median(one_repeat() for _ in range(repeats))
+        times = [one_repeat() for _ in range(repeats)]
+    median = Timed(statistics.median(times))
+    median.repeats = times
+    return median
 
 
 def prefill_tokens_per_s(step, length: int, repeats: int = 5) -> float:
@@ -180,6 +189,9 @@ def main() -> None:
         res["gpu_shared_with_lock"] = gpu_lock.shared()  # other benchmarks compiled (not timed) meanwhile
         res["gpu_lock_waited_s"] = round(gpu_lock.waited_s, 1)
         base = res.get("backbone_compiled_ms")
+        for k, v in list(res.items()):
+            if isinstance(v, Timed):
+                res[k + "_repeats"] = [round(t, 4) for t in v.repeats]  # not "..._ms": no ratio for a list
         for k in list(res):  # batch-1 figures over the compiled backbone's (batch ones carry their own ratio)
             if base and k.endswith("_ms") and not re.search(r"_b\d+_", k):
                 res[k.replace("_ms", "_x_compiled_backbone")] = round(res[k] / base, 3)
