@@ -1,4 +1,5 @@
-"""benchmarks/bench_decode.py's CPU smoke run: every phase runs and every path matches eager."""
+"""CPU smoke runs of benchmarks/bench_decode.py (every phase runs, every path matches eager) and
+benchmarks/profile_paths.py (every path and shape is profiled against the backbone)."""
 import json
 import subprocess
 import sys
@@ -26,3 +27,20 @@ def test_bench_decode_cpu_smoke(tmp_path):
     for key in ("backbone_compiled_ms", "backbone_b2_compiled_ms", "adafuse_auto_b2_ms",
                 "backbone_prefill_tokens_per_s", "adafuse_auto_prefill_tokens_per_s"):
         assert res[key] > 0
+    assert len(res["backbone_compiled_ms_repeats"]) == 3 and min(res["backbone_compiled_ms_repeats"]) > 0
+
+
+def test_profile_paths_cpu_smoke(tmp_path):
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_paths.py"), "--device", "cpu", "--preset", "tiny",
+                    "--layers", "1", "--paths", "gather,factor", "--shapes", "b1,p16", "--steps", "2",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    runs = json.loads(out.read_text())["runs"]
+    # factor serves one-token steps only; gather every shape; each against the backbone of its shape
+    assert set(runs) == {"backbone_b1", "backbone_p16", "gather_b1", "gather_p16", "factor_b1"}
+    for name, entry in runs.items():
+        assert "error" not in entry, entry
+        assert entry["wall_ms"] > 0 and entry["kernels"]["us_per_step"] > 0
+        if not name.startswith("backbone"):
+            assert entry["paths_compiled"] == [name.split("_")[0]]
+            assert "extra_wall_ms_per_layer" in entry and entry["extra_kernel_us_per_layer_by_category"]
