@@ -50,7 +50,7 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
       "env": {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform",
               "adafuse_compile", "cpu_threads", "git_commit", "available_paths", "date",
               "gpu_shared_with_lock"},  # lock path when other benchmarks compiled on the GPU's host meanwhile
-                                        # (timed sections never overlap theirs: gpu_lock), else null
+                                        # (their GPU work never overlapped ours: gpu_lock), else null
       "config": {"preset", "hf_config_path", "family", "model": {HF config fields used},
                  "dtype", "device", "targets", "target_modules", "adapters": {"num_experts", "rank",
                  "top_k", "alpha", "b_std", "weight_std"}, "prompts", "new_tokens", "loops",
@@ -631,21 +631,20 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 one(warm, min(n, 4))
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
             decode, prefill_ms, shas = [], [], []
-            with gpu_lock.timing():  # (held already: a no-op that marks the timed section)
-                t_measure = _now()
-                for prompt in prompts:
-                    tokens, clock = one(prompt, n)
-                    if tokens.shape[1] != n:
-                        raise RuntimeError(f"generated {tokens.shape[1]} tokens, expected {n}")
-                    last = len(clock.marks) - 1
-                    prefill_ms.append(clock.elapsed_ms(0, 1))
-                    decode.append(clock.elapsed_ms(1, last) / (n - 1))
-                    shas.append(_sha(tokens))
-                    if on_prompt:
-                        on_prompt()
-                    if budget_s is not None and _now() - t_measure >= budget_s and len(decode) < len(prompts):
-                        entry["truncated_by_budget"] = True
-                        break
+            t_measure = _now()
+            for prompt in prompts:
+                tokens, clock = one(prompt, n)
+                if tokens.shape[1] != n:
+                    raise RuntimeError(f"generated {tokens.shape[1]} tokens, expected {n}")
+                last = len(clock.marks) - 1
+                prefill_ms.append(clock.elapsed_ms(0, 1))
+                decode.append(clock.elapsed_ms(1, last) / (n - 1))
+                shas.append(_sha(tokens))
+                if on_prompt:
+                    on_prompt()
+                if budget_s is not None and _now() - t_measure >= budget_s and len(decode) < len(prompts):
+                    entry["truncated_by_budget"] = True
+                    break
             entry["measure_s"] = round(_now() - t_measure, 3)
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

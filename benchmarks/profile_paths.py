@@ -29,15 +29,10 @@ from collections import defaultdict
 import torch
 
 import adafuse_compile as af
+import bench_decode  # the same model shapes, build and adapter sets as the end-to-end benchmark
 from adafuse_compile import backend, gpu_lock
-from adafuse_compile.bench import LLAMA2_7B, tiny_llama_config
+from bench_decode import PRESETS, TARGETS, sync
 
-PRESETS = {
-    "llama2-7b": tiny_llama_config(LLAMA2_7B, max_seq_len=512),
-    "tiny": af.TinyLlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_seq_len=128),
-}
-TARGETS = {"qv": ("q_proj", "v_proj"), "all": "all-linear"}
 # Kernel name -> category: first match wins (lower-case substrings).
 CATEGORIES = [
     ("gather_shrink", ("_shrink_kernel",)),
@@ -69,22 +64,17 @@ def step_inputs(shape: str, dev: str, cache_len: int):
     return torch.randint(0, 1000, (b, 1), device=dev), torch.tensor([cache_len // 2], device=dev), b
 
 
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
 def kernel_profile(step, tokens, pos, steps: int, dev: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step(tokens, pos)
-    sync(dev)
+    sync()
     acts = [ProfilerActivity.CUDA] if dev == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=acts) as prof:
         for _ in range(steps):
             step(tokens, pos)
-        sync(dev)
+        sync()
     per_name = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if dev == "cuda" and e.device_type.name != "CUDA":
@@ -108,14 +98,14 @@ def kernel_profile(step, tokens, pos, steps: int, dev: str) -> dict:
 def wall_ms(step, tokens, pos, steps: int, dev: str) -> float:
     for _ in range(3):
         step(tokens, pos)
-    sync(dev)
+    sync()
     times = []
     with gpu_lock.timing():
         for _ in range(3):
             t = time.perf_counter()
             for _ in range(steps):
                 step(tokens, pos)
-            sync(dev)
+            sync()
             times.append((time.perf_counter() - t) * 1000 / steps)
     return statistics.median(times)
 
@@ -133,12 +123,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = args.device
+    bench_decode.DEV = dev
     cfg = dataclasses.replace(PRESETS[args.preset], num_hidden_layers=args.layers)
     shapes = args.shapes.split(",")
     if any(s.startswith("p") and int(s[1:]) > cfg.max_seq_len for s in shapes):
         ap.error(f"a prefill shape exceeds the preset's KV cache ({cfg.max_seq_len})")
     torch._dynamo.config.automatic_dynamic_shapes = False
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     res = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else dev, "torch": torch.__version__,
            "preset": args.preset, "layers": args.layers, "targets": args.targets, "experts": 8, "rank": 64,
            "top_k": 2, "steps": args.steps, "gpu_shared_with_lock": gpu_lock.shared(), "runs": {}}
@@ -148,25 +138,32 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    with gpu_lock.held_except_compiles(), torch.no_grad():
-        with torch.device(dev):
-            model = af.TinyLlama(cfg).to(dtype).eval()
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(std=0.02)
-        # The backbone first, before injection (same weights, no adapters).
-        for s in shapes:
-            tokens, pos, b = step_inputs(s, dev, cfg.max_seq_len)
-            model.setup_cache(b)
-            entry = {}
+    def measure(model, shape: str, options: dict) -> dict:
+        """Kernel profile without CUDA graphs, then wall time with them; one compile each."""
+        tokens, pos, b = step_inputs(shape, dev, cfg.max_seq_len)
+        model.setup_cache(b)
+        entry = {}
+        try:
             for cudagraphs in (False, True):
                 torch._dynamo.reset()
-                step = torch.compile(model, backend="adafuse", options={"cudagraphs": cudagraphs and dev == "cuda"})
+                backend.last_compilations.clear()
+                step = torch.compile(model, backend="adafuse",
+                                     options={**options, "cudagraphs": cudagraphs and dev == "cuda"})
                 if cudagraphs:
                     entry["wall_ms"] = round(wall_ms(step, tokens, pos, args.steps, dev), 4)
                 else:
                     entry["kernels"] = kernel_profile(step, tokens, pos, args.steps, dev)
-            res["runs"][f"backbone_{s}"] = entry
+                if options:
+                    entry["paths_compiled"] = [r.get("path") for r in backend.last_compilations]
+                    af.restore(model)
+        except Exception as exc:  # one failure must not lose the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+        return entry
+
+    with gpu_lock.held_except_compiles(), torch.no_grad():
+        model = bench_decode.build(cfg)
+        for s in shapes:  # the backbone first, before injection (same weights, no adapters)
+            res["runs"][f"backbone_{s}"] = measure(model, s, {})
             save()
         af.inject(model, af.AdaFuseConfig(num_experts=8, rank=64, top_k=2, target_modules=TARGETS[args.targets]))
         for lin in af.adapted_linears(model).values():
@@ -175,23 +172,7 @@ def main() -> None:
             for s in shapes:
                 if path != "gather" and s != "b1":
                     continue  # merge and factor serve one-token steps only
-                tokens, pos, b = step_inputs(s, dev, cfg.max_seq_len)
-                model.setup_cache(b)
-                entry = {}
-                try:
-                    for cudagraphs in (False, True):
-                        torch._dynamo.reset()
-                        backend.last_compilations.clear()
-                        step = torch.compile(model, backend="adafuse", options={
-                            "path": path, "cudagraphs": cudagraphs and dev == "cuda"})
-                        if cudagraphs:
-                            entry["wall_ms"] = round(wall_ms(step, tokens, pos, args.steps, dev), 4)
-                        else:
-                            entry["kernels"] = kernel_profile(step, tokens, pos, args.steps, dev)
-                        entry["paths_compiled"] = [r.get("path") for r in backend.last_compilations]
-                        af.restore(model)
-                except Exception as exc:  # one failure must not lose the others
-                    entry["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+                entry = measure(model, s, {"path": path})
                 base = res["runs"].get(f"backbone_{s}", {})
                 if "wall_ms" in entry and "wall_ms" in base:
                     entry["extra_wall_ms_per_layer"] = round((entry["wall_ms"] - base["wall_ms"]) / args.layers, 4)
@@ -206,7 +187,6 @@ def main() -> None:
                       flush=True)
                 save()
     save()
-
 
 if __name__ == "__main__":
     main()

@@ -115,6 +115,20 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R: tl.constexpr, elem: tl.constexpr,
+                IEEE: tl.constexpr):
+    """acc += H_e @ B_m[e]^T, H_e[t] = sum_j [e_tj = e] h[t, j]: one expert's share of an expand block."""
+    he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)  # [BLOCK_T, R]
+    # n_out is int64 (from the table), so the expert offset cannot overflow.
+    bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :], mask=b_mask, other=0.0)  # [BLOCK_O, R]
+    if IEEE:
+        return tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
+    # h rounded to x's dtype for the tensor cores (vLLM's expand does the same); products and the
+    # sum stay fp32.
+    return tl.dot(he.to(elem), tl.trans(bt), acc)
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, desc_ptr, experts_ptr, dtype_ref,
     y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
@@ -155,34 +169,18 @@ def _expand_kernel(
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+        b_mask = mask_o[:, None] & mask_r[None, :]
         if UNROLL:
             # Every expert, unrolled, loads unconditional: the N B-tile loads can all be in flight
             # at once, where the loop below waits for each in turn. For blocks that use (nearly)
             # all experts (batch decode); an absent expert costs its B tile's bytes.
             for e in tl.static_range(N_EXP):
-                sel = ids == e
-                he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)
-                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :],
-                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(he.to(elem), tl.trans(bt), acc)
+                acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
         else:
             for e in range(0, n_experts):
                 sel = ids == e
                 if tl.sum(sel.to(tl.int32)) > 0:
-                    he = tl.sum(tl.where(sel[:, :, None], h3, 0.0), axis=1)  # [BLOCK_T, R]
-                    # n_out is int64 (from the table), so the expert offset cannot overflow.
-                    bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R
-                                 + offs_r[None, :],
-                                 mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
-                    if IEEE:
-                        acc = tl.dot(he, tl.trans(bt), acc, input_precision="ieee")
-                    else:
-                        # h rounded to x's dtype for the tensor cores (vLLM's expand does the
-                        # same); products and the sum stay fp32.
-                        acc = tl.dot(he.to(elem), tl.trans(bt), acc)
+                    acc = _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
         y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * n_out + offs_o[None, :]
         tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
