@@ -38,6 +38,11 @@ class BackendSettings:
     codegen: str = "inductor"  # inductor | eager (run the rewritten graph as is)
     cudagraphs: bool | None = None  # None: on for CUDA graphs when mode="reduce-overhead"
     sgmm_impl: str = "auto"
+    # gather path on CUDA: launch each group's adapter kernels on a second stream, concurrently with
+    # the group's backbone linears (small latency-bound kernels next to bandwidth-bound GEMMs).
+    # None: on for CUDA; False: in line, one after the other; True: the split graph everywhere
+    # (off CUDA the start runs in place and the join does nothing: for tests of the graph)
+    side_stream: bool | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -52,6 +57,8 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"pristine_memory_fraction must be in (0, 1], got {self.pristine_memory_fraction!r}")
         if self.resync_every is not None and (not isinstance(self.resync_every, int) or self.resync_every < 0):
             raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
+        if self.side_stream not in (None, True, False):
+            raise AdaFuseOptionsError(f"side_stream must be True, False or None (CUDA only), got {self.side_stream!r}")
         if self.calibrate not in (True, False):
             raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
         if self.auto_costs is not None:

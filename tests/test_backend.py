@@ -278,6 +278,52 @@ def test_batch2_decode_and_prefill_take_the_fused_gather_path(codegen):
         assert torch.einsum not in targets_of(gm) and not switch_calls(gm)
 
 
+def test_side_stream_split_keeps_the_backbone_linears_between_fork_and_join():
+    """The CUDA default, forced on the CPU (the start runs in place there): each gather group is
+    split into gather_lora_start ... gather_lora_join, and in the code Inductor generates the
+    group's backbone matmuls sit between the two, where they overlap the adapter kernels on a GPU."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = adapted_tiny(targets="all-linear")
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(2)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 3)
+    model.setup_cache(2)
+    compiled = torch.compile(model, backend="adafuse", options={"path": "gather", "side_stream": True})
+    (tokens, logits), codes = run_and_get_code(af.greedy_decode, compiled, prompt, 3)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    groups = 4 * TINY.num_hidden_layers
+    for record in backend.last_compilations:
+        names = [str(n.target) for n in gather_calls(record["graph"])]
+        assert sum("gather_lora_start" in n for n in names) == groups, names
+        assert sum("gather_lora_join" in n for n in names) == groups, names
+    assert len(codes) == 2  # prefill and decode
+    for code in codes:
+        call = code[code.index("def call"):]
+        calls = re.findall(r"adafuse\.(gather_lora_start|gather_lora_join)\.default\(|extern_kernels\.((?:add)?mm)\(", call)
+        events = [a or b for a, b in calls]  # the calls only, not the "Source Nodes" comments
+        opened, between = 0, 0
+        for e in events:
+            if e == "gather_lora_start":
+                assert opened == 0, "a second fork before the join"
+                opened, between = 1, 0
+            elif e == "gather_lora_join":
+                assert opened == 1 and between >= 1, "a join with no backbone matmul since its fork"
+                opened = 0
+            else:
+                between += opened
+        assert events.count("gather_lora_join") == groups
+    off = torch.compile(model, backend="adafuse", options={"path": "gather", "side_stream": False})
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    model.setup_cache(2)
+    af.greedy_decode(off, prompt, 2)
+    names = [str(n.target) for r in backend.last_compilations for n in gather_calls(r["graph"])]
+    assert names and not any("start" in n or "join" in n for n in names)
+
+
 def test_forced_paths():
     prompt = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
     for path, expected in (("gather", {"gather"}), ("merge", {None, "merge"})):

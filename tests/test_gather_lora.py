@@ -249,6 +249,21 @@ def test_opcheck():
     )
 
 
+def test_side_stream_ops_off_cuda_run_in_place_and_pass_opcheck():
+    """gather_lora_start / gather_lora_join (the backend's fork and join): off CUDA the start is
+    gather_lora itself and the join changes nothing."""
+    p = _problem(6, 2, torch.float32)
+    args = (p["x"], p["lora_A"], p["lora_B"], p["experts"], p["gates"], 0.5, "reference")
+    deltas = torch.ops.adafuse.gather_lora_start(*args)
+    want = reference_gather_lora(**p)
+    kept = [d.clone() for d in deltas]
+    torch.ops.adafuse.gather_lora_join(deltas, [p["x"], p["experts"]])
+    for d, k, w in zip(deltas, kept, want):
+        assert torch.equal(d, k) and torch.equal(d, w)
+    torch.library.opcheck(torch.ops.adafuse.gather_lora_start.default, args)
+    torch.library.opcheck(torch.ops.adafuse.gather_lora_join.default, ([d.clone() for d in deltas], [p["x"]]))
+
+
 def test_inside_torch_compile():
     p = _problem(5, 2, torch.float32)
 

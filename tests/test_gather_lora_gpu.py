@@ -104,6 +104,48 @@ def test_cuda_graph_replay_with_new_tokens(T):
     _check(out["y"], dict(p, x=x, experts=experts, gates=gates), torch.bfloat16, "graph")
 
 
+@pytest.mark.parametrize("T", [1, 8, 512])
+def test_side_stream_fork_join_in_a_cuda_graph(T):
+    """The backend's split form: the kernels on the side stream while a large matmul runs on the
+    current one, captured in a CUDA graph and replayed with new tokens; the deltas are read only
+    after the join. Also: the side stream really is another stream."""
+    p = _problem(T, "qkv", torch.bfloat16)
+    x, experts, gates = p["x"], p["experts"], p["gates"]
+    w = torch.randn(4 * HIDDEN, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    out = {}
+
+    def step():
+        deltas = torch.ops.adafuse.gather_lora_start(x, p["lora_A"], p["lora_B"], experts, gates,
+                                                     p["scaling"], "triton")
+        y = x @ w.t()  # the backbone's linear, concurrent with the adapter kernels
+        torch.ops.adafuse.gather_lora_join(deltas, [x, experts, gates, y])
+        out["y"], out["deltas"] = y, [d * 1 for d in deltas]  # read after the join
+
+    assert gl.side_stream(x.device) != torch.cuda.current_stream()
+    step()
+    torch.cuda.synchronize()
+    _check(out["deltas"], p, torch.bfloat16, "eager fork/join")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for seed in range(3):
+        q = make_gather_problem(T, HIDDEN, GROUPS["qkv"], n_experts=N_EXPERTS, rank=RANK, k=TOP_K,
+                                dtype=torch.bfloat16, device="cuda",
+                                generator=torch.Generator().manual_seed(100 + seed))
+        x.copy_(q["x"])
+        experts.copy_(q["experts"])
+        gates.copy_(q["gates"])
+        g.replay()
+        torch.cuda.synchronize()
+        _check(out["deltas"], dict(p, x=x, experts=experts, gates=gates), torch.bfloat16, f"graph replay {seed}")
+        torch.testing.assert_close(out["y"], x @ w.t())
+
+
 @pytest.mark.parametrize("T", [8, 512])
 def test_no_host_sync_once_warm(T):
     p = _problem(T, "gate_up", torch.bfloat16)

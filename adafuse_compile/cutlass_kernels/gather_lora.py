@@ -234,12 +234,23 @@ def _validate_segments(experts: Tensor, n_experts: int, rows: Tensor | None, seg
                              f"(expert_segments(experts, N)), got {t.dtype} {_shape(t)} on {t.device}")
 
 
-def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None) -> list[Tensor]:
+def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None,
+                 on_side_stream=False) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     if _resolve_impl(impl, x) == "reference":
         return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
-    return _get_triton_plan(lora_A, lora_B).run(x, experts, gates, scaling, rows=rows, segments=segments)
+    plan = _get_triton_plan(lora_A, lora_B)
+    if not (on_side_stream and x.device.type == "cuda"):
+        return plan.run(x, experts, gates, scaling, rows=rows, segments=segments)
+    # The outputs on the main stream, which reads (and frees) them after the join; the kernels'
+    # own temporaries (h) on the side stream, which alone uses them.
+    outs = plan.new_outputs(x)
+    side = side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        plan.run(x, experts, gates, scaling, rows=rows, segments=segments, outs=outs)
+    return outs
 
 
 _SCHEMA = (
@@ -269,3 +280,54 @@ def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: 
     `rows`, `segments`: this step's expert_segments(experts, N), computed once for all calls."""
     return torch.ops.adafuse.gather_lora(x, lora_A, lora_B, experts, gates, float(scaling),
                                           impl, rows, segments)
+
+
+# ------------------------------------------------------------------------------------------
+# Side-stream form, for the backend's gather rewrite on CUDA: start ... join.
+# ------------------------------------------------------------------------------------------
+# At decode shapes the adapter kernels are latency-bound (a few microseconds each on few
+# programs) while the backbone linears that read the same x are bandwidth-bound over every SM.
+# `gather_lora_start` forks: it makes a second stream wait for the current one and launches the
+# shrink and expand there; the graph then runs the group's backbone linears on the current
+# stream, concurrently; `gather_lora_join` makes the current stream wait for the second before
+# the deltas are added. A CUDA-graph capture records the fork and the join as graph edges, so a
+# replay overlaps the same way. Lifetimes: the caller passes to the join every tensor the side
+# stream reads (x, experts, gates, rows, segments), so that no buffer the side stream still reads
+# is freed and reused before the join; the deltas are allocated on the current stream.
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+@torch.library.custom_op("adafuse::gather_lora_start", mutates_args=(), schema=_SCHEMA)
+def gather_lora_start_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+                         gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
+                         segments: Tensor | None = None) -> list[Tensor]:
+    """gather_lora, launched on the side stream (CUDA, Triton); elsewhere it runs in place and the
+    join does nothing. The deltas must not be read before gather_lora_join."""
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, on_side_stream=True)
+
+
+gather_lora_start_op.register_fake(_gather_lora_fake)
+
+
+# `deltas` is declared mutated although the join only waits: the declaration is what orders every
+# later read of the deltas after the join (a pure op with no output would be dropped or moved).
+# `keep` is read-only; listing the group's backbone linear outputs there also keeps Inductor from
+# scheduling the join before them (it would otherwise move it up to the start, losing the overlap).
+@torch.library.custom_op("adafuse::gather_lora_join", mutates_args=("deltas",))
+def gather_lora_join_op(deltas: list[Tensor], keep: list[Tensor]) -> None:
+    if deltas and deltas[0].is_cuda:
+        torch.cuda.current_stream(deltas[0].device).wait_stream(side_stream(deltas[0].device))
+
+
+@gather_lora_join_op.register_fake
+def _gather_lora_join_fake(deltas, keep) -> None:
+    return None

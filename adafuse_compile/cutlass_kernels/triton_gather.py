@@ -246,6 +246,9 @@ class GatherPlan:
         else:
             self.sms = 2  # interpreter: a few programs exercise the split-K path
 
+    def new_outputs(self, x: Tensor) -> list[Tensor]:
+        return [torch.empty(x.shape[0], o, dtype=x.dtype, device=x.device) for o in self.outs]
+
     def config(self, n_tokens: int, k: int, overrides: dict | None = None) -> dict:
         """Block sizes and K split for this call's shape (a pure function of the shape)."""
         n_rows = n_tokens * k
@@ -272,12 +275,14 @@ class GatherPlan:
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
             config: dict | None = None, rows: Tensor | None = None,
-            segments: Tensor | None = None) -> list[Tensor]:
-        """`rows`, `segments`: this step's expert_segments, if the caller computed them once."""
+            segments: Tensor | None = None, outs: list[Tensor] | None = None) -> list[Tensor]:
+        """`rows`, `segments`: this step's expert_segments, if the caller computed them once.
+        `outs`: the outputs, allocated by the caller (on the stream that will read them)."""
         n_tokens, k = experts.shape
         n_rows = n_tokens * k
         m_total = len(self.outs)
-        outs = [torch.empty(n_tokens, o, dtype=x.dtype, device=x.device) for o in self.outs]
+        if outs is None:
+            outs = self.new_outputs(x)
         if n_tokens == 0:
             return outs
         cfg = self.config(n_tokens, k, config)

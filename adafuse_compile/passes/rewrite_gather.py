@@ -5,6 +5,10 @@ with ONE fused gather call per group of adapted linears that share an input.
     after:   dq, dv = adafuse.gather_lora(x, [Aq, Av], [Bq, Bv], experts, gates, scaling)
              y_q = linear(x, Wq) + dq;  y_v = linear(x, Wv) + dv
 
+On CUDA (setting side_stream, default on) the call is split in two, gather_lora_start right
+after x and the routing exist and gather_lora_join before the first add, so the adapter kernels
+run on a second stream while the group's backbone linears run on the first (gather_lora.py).
+
 Each token keeps its own experts (per-token indices from the one hoisted router): exact, like the
 eager layer, but one shrink and one expand launch per group instead of a gather, two einsums and
 the gate arithmetic per module. For steps long enough that the Triton shrink sorts its rows by
@@ -58,15 +62,39 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     for r in regions:
         groups.setdefault(r.x, []).append(r)
     order = {n: i for i, n in enumerate(graph.nodes)}
+    side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
     for x, group in groups.items():
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
-        with graph.inserting_before(first_add):
-            x2d = graph.call_method("reshape", (x, -1, in_features))
-            deltas = graph.call_function(torch.ops.adafuse.gather_lora.default, (
-                x2d, [r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
-                experts, gates, scaling, impl, *segments,
-            ))
+        args = ([r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
+                experts, gates, scaling, impl, *segments)
+        if side:
+            # Fork as soon as x and the step's routing exist, join just before the first add: the
+            # group's backbone linears run in between, concurrently with the adapter kernels.
+            ready = max((x, *(n for n in (gates, *segments) if n is not None)), key=order.__getitem__)
+            with graph.inserting_after(ready):
+                x2d = graph.call_method("reshape", (x, -1, in_features))
+            with graph.inserting_after(x2d):
+                deltas = graph.call_function(torch.ops.adafuse.gather_lora_start.default, (x2d, *args))
+            # A model computes q (linear + adapter add), then k, then v: bring the group's later
+            # linears up before the first add, so that all of them run between fork and join.
+            # A linear only reads x and parameters, so moving it up is exact; one that reads a
+            # node defined after the first add stays where it is (and outside the overlap).
+            linears = []
+            for r in sorted(group, key=lambda r: order[r.linear]):
+                if order[r.linear] > order[first_add]:
+                    if any(order[n] >= order[first_add] for n in r.linear.all_input_nodes):
+                        continue
+                    first_add.prepend(r.linear)
+                    order = {n: i for i, n in enumerate(graph.nodes)}
+                linears.append(r.linear)
+            keep = [x2d, experts, gates, *(n for n in segments if n is not None), *linears]
+            with graph.inserting_before(first_add):
+                graph.call_function(torch.ops.adafuse.gather_lora_join.default, (deltas, keep))
+        else:
+            with graph.inserting_before(first_add):
+                x2d = graph.call_method("reshape", (x, -1, in_features))
+                deltas = graph.call_function(torch.ops.adafuse.gather_lora.default, (x2d, *args))
         for i, r in enumerate(group):
             with graph.inserting_before(r.add):  # after this region's own linear
                 delta = graph.call_function(operator.getitem, (deltas, i))
@@ -86,6 +114,8 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             gather_lora.prepare_plan([args[i] for i in a_pos], [args[i] for i in b_pos], impl)
     gm.meta["adafuse_prepare"] = prepare
     shared = "; experts sorted once for the step, shared by every call" if segments[0] is not None else ""
+    if side:
+        shared += "; adapter kernels on a side stream, concurrent with the backbone linears"
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")
     return clean_up(gm)
