@@ -133,7 +133,8 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "merge-exact": {"path": "merge", "exact": True},
     "merge-inplace": {"path": "merge", "exact": False},
     "factor": {"path": "factor"},
-    "gather": {"path": "gather"},
+    "gather": {"path": "gather"},  # side stream on (the CUDA default)
+    "gather-inline": {"path": "gather", "side_stream": False},
     "auto": {"path": "auto"},
 }
 

@@ -47,6 +47,14 @@ CATEGORIES = [
 ]
 
 
+PATH_OPTIONS = {
+    "gather": {"path": "gather"},  # side stream on (the CUDA default)
+    "gather-inline": {"path": "gather", "side_stream": False},  # adapter kernels in line, as before
+    "factor": {"path": "factor"},
+    "merge": {"path": "merge"},
+}
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
@@ -115,8 +123,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--targets", default="qv", choices=sorted(TARGETS))
-    ap.add_argument("--paths", default="gather,factor,merge", help="adafuse paths (gather runs every shape, "
-                    "factor and merge one-token shapes only)")
+    ap.add_argument("--paths", default="gather,factor,merge", help=f"adafuse paths, of {list(PATH_OPTIONS)} (the "
+                    "gather ones run every shape, factor and merge one-token shapes only)")
     ap.add_argument("--shapes", default="b1,b8,b32,p512")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda")
@@ -170,9 +178,9 @@ def main() -> None:
             lin.lora_B.normal_(std=0.002)
         for path in args.paths.split(","):
             for s in shapes:
-                if path != "gather" and s != "b1":
+                if not path.startswith("gather") and s != "b1":
                     continue  # merge and factor serve one-token steps only
-                entry = measure(model, s, {"path": path})
+                entry = measure(model, s, PATH_OPTIONS[path])
                 base = res["runs"].get(f"backbone_{s}", {})
                 if "wall_ms" in entry and "wall_ms" in base:
                     entry["extra_wall_ms_per_layer"] = round((entry["wall_ms"] - base["wall_ms"]) / args.layers, 4)

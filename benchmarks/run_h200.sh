@@ -11,6 +11,8 @@
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
+#   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
+#   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
@@ -44,6 +46,14 @@ run_stage() {
   case "$stage" in
   tests-gather)
     timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
+  tests-backend-gather)
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k gather tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_gather_tests.log" | grep -v -i warn | tail -15 ;;
+  profile-side)
+    # The gather path with and without the side stream, all seven then q,v, every step shape.
+    for t in all qv; do
+      timeout "${PROFILE_TIMEOUT:-200}" python3 benchmarks/profile_paths.py --targets "$t" --paths gather,gather-inline \
+        --out "$OUT/profile_side_$t.json" 2>&1 | grep -v -i -e warn -e USDT -e softmax -e "split the" -e "important use" | tail -12
+    done ;;
   tests)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
   tests-backend)

@@ -38,7 +38,8 @@ def teacher_forced(step, tokens):
     {"codegen": "eager", "path": "merge", "sgmm_impl": "triton"},
     {"cudagraphs": True},  # path auto: whichever the calibrated cost model picks
     {"cudagraphs": True, "path": "factor"},
-    {"cudagraphs": True, "path": "gather"},
+    {"cudagraphs": True, "path": "gather"},  # adapter kernels on the side stream (the default)
+    {"cudagraphs": True, "path": "gather", "side_stream": False},
 ])
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_bf16_parity_under_cuda_graphs(options, targets):
