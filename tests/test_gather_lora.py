@@ -114,6 +114,8 @@ def test_triton_matches_oracle(triton_gather, dtype, k, T):
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=3),  # several row blocks per expert
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, BLOCK_T=16, BLOCK_O=16),
     dict(SORTED=False, BLOCK_M=64, BLOCK_K=16, SPLIT_K=2, EXPAND_UNROLL=True),  # every expert, unrolled
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=True),  # prefill: expand by sets
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=False),  # prefill, per token block
 ])
 def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
     """Every shrink form and the split-K partials, forced (the default config picks by shape). The
@@ -121,6 +123,7 @@ def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
     but no shrink program wrote would show."""
     p = _problem(21, 2, dtype, rank=8)  # r=8: padded to 16 lanes, masked
     p["experts"][5, 1] = -1  # an out-of-range id: contributes nothing, its unwritten h rows unread
+    p["experts"][7] = 3  # a repeated expert: both slots count
     plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
     empty = torch.empty
 
@@ -170,6 +173,29 @@ def test_triton_repeated_expert_and_plan_reuse(triton_gather):
     assert len(gl._plans) == n_plans
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_tuple_blocks_cover_every_token_once_with_its_set(k):
+    """tuple_blocks' work list: every token in exactly one block, blocks no larger than block_t,
+    every token of a block with the block's set (sorted ids, base N + 1; N for an out-of-range id)."""
+    n_experts, T, block_t = 5, 70, 4
+    g = torch.Generator().manual_seed(k)
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(T)])
+    experts[3, 0] = 7
+    experts[4, -1] = -2
+    if k > 1:
+        experts[5] = 2  # a repeated expert
+    order, work = gl.tuple_blocks(experts, n_experts, block_t)
+    assert work.shape == (3, -(-T // block_t) + min(T, (n_experts + 1) ** k))
+    seen = []
+    for key, start, end in work.t().tolist():
+        assert 0 <= end - start <= block_t
+        for t in order[start:end].tolist():
+            ids = sorted(i if 0 <= i < n_experts else n_experts for i in experts[t].tolist())
+            assert sum(d * (n_experts + 1) ** (k - 1 - i) for i, d in enumerate(ids)) == key, t
+            seen.append(t)
+    assert sorted(seen) == list(range(T))
+
+
 @pytest.mark.parametrize("T, k", [(40, 2), (17, 4), (3, 2)])
 def test_triton_with_segments_computed_once(triton_gather, T, k):
     """expert_segments computed by the caller (once per step in the backend) give the same result
@@ -188,7 +214,8 @@ def test_triton_with_segments_computed_once(triton_gather, T, k):
 
 def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     """A 40-token prefill of a 3-layer model (80 rows: the sorted shrink): one expert_segments node
-    in the step's graph, feeding all six gather calls; the step matches the eager model."""
+    and one tuple_blocks node in the step's graph, feeding all six gather calls; the step matches
+    the eager model."""
     import operator
 
     import adafuse_compile as af
@@ -218,6 +245,9 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     rows, segments = next(iter(shared))
     assert rows.target is operator.getitem and rows.args == (sorts[0], 0)
     assert segments.target is operator.getitem and segments.args == (sorts[0], 1)
+    # and the tokens' sets of experts for the prefill expand, also once for the step
+    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    assert len(sets) == 1 and {tuple(a.args for a in n.args[9:11]) for n in calls} == {((sets[0], 0), (sets[0], 1))}
     af.restore(model)
 
 
@@ -356,6 +386,14 @@ _AOT = textwrap.dedent("""
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
             assert ieee or re.search(r"ld\\.global\\.v4", k.asm["ptx"]), "expand: no 16-B loads"
+        sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", order_ptr="*i64", work_ptr="*i64",
+                   dtype_ref=dt, **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_work="i32",
+                   n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
+                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
+        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=2, BLOCK_T=32, BLOCK_O=64, ALIGNED=True, IEEE=ieee)
+        k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst), target=target)
+        assert "cubin" in k.asm
+        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
     print("AOT-OK")
 """)
 

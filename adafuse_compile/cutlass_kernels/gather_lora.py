@@ -54,6 +54,45 @@ def expert_segments(experts: Tensor, n_experts: int, bounds: Tensor | None = Non
     return rows, torch.searchsorted(sorted_ids, bounds)
 
 
+# Prefill expand (Triton): tokens grouped by their set of experts, TUPLE_BLOCK_T tokens per program.
+TUPLE_BLOCK_T = 32
+# Sets are keyed (N + 1)^k ways (digit N: an out-of-range id, which contributes nothing); above this
+# many keys the expand keeps its per-token-block form.
+MAX_TUPLE_KEYS = 4096
+
+
+def tuple_keys(n_experts: int, k: int) -> int:
+    return (n_experts + 1) ** k
+
+
+def tuple_blocks(experts: Tensor, n_experts: int, block_t: int = TUPLE_BLOCK_T) -> tuple[Tensor, Tensor]:
+    """(order, work) for the prefill expand: the tokens of `experts` [T, k] sorted by their set of
+    experts (its sorted ids as a base-(N+1) key), and one work item per block of at most `block_t`
+    tokens that share a set: work [3, W] int64 = (key, start, end) into `order`, with
+    W = ceil(T / block_t) + min(T, keys) an upper bound that needs no host sync; unused items have
+    start == end. A program of the expand then runs exactly one dot per expert of its set, where
+    a block of tokens with mixed sets runs one per expert present in the block (up to N).
+    Device ops, no host sync; computed once per step, like expert_segments."""
+    n_tok, k = experts.shape
+    base = n_experts + 1
+    n_keys = base ** k
+    dev = experts.device
+    ids = torch.where((experts >= 0) & (experts < n_experts), experts, n_experts)
+    place = base ** torch.arange(k - 1, -1, -1, device=dev, dtype=torch.int64)
+    key = (ids.sort(dim=1).values * place).sum(1)
+    keys_sorted, order = torch.sort(key, stable=True)
+    seg = torch.searchsorted(keys_sorted, torch.arange(n_keys + 1, device=dev, dtype=keys_sorted.dtype))
+    blocks = (seg[1:] - seg[:-1] + block_t - 1) // block_t
+    ends = blocks.cumsum(0)
+    n_work = (n_tok + block_t - 1) // block_t + torch.sym_min(n_tok, n_keys)
+    w = torch.arange(n_work, device=dev, dtype=torch.int64)
+    wkey = torch.searchsorted(ends, w, right=True).clamp(max=n_keys - 1)
+    start = seg[wkey] + (w - (ends - blocks)[wkey]) * block_t
+    end = torch.minimum(start + block_t, seg[wkey + 1])
+    end = torch.where(w < ends[-1], end, start)
+    return order, torch.stack([wkey, start, end])
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -234,52 +273,73 @@ def _validate_segments(experts: Tensor, n_experts: int, rows: Tensor | None, seg
                              f"(expert_segments(experts, N)), got {t.dtype} {_shape(t)} on {t.device}")
 
 
+def _validate_sets(experts: Tensor, set_order: Tensor | None, set_work: Tensor | None) -> None:
+    if (set_order is None) != (set_work is None):
+        raise ValueError("gather_lora: pass both `set_order` and `set_work` (from tuple_blocks) or neither")
+    if set_order is None:
+        return
+    n_tok = experts.shape[0]
+    if _shape(set_order) != (n_tok,) or set_work.dim() != 2 or set_work.shape[0] != 3 or \
+            set_order.dtype != torch.int64 or set_work.dtype != torch.int64:
+        raise ValueError(f"gather_lora: set_order / set_work must be int64 [{n_tok}] / [3, W] "
+                         f"(tuple_blocks(experts, N)), got {_shape(set_order)} / {_shape(set_work)}")
+
+
 def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None,
-                 on_side_stream=False) -> list[Tensor]:
+                 set_order=None, set_work=None, on_side_stream=False) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
+    _validate_sets(experts, set_order, set_work)
     if _resolve_impl(impl, x) == "reference":
         return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
     plan = _get_triton_plan(lora_A, lora_B)
     if not (on_side_stream and x.device.type == "cuda"):
-        return plan.run(x, experts, gates, scaling, rows=rows, segments=segments)
+        return plan.run(x, experts, gates, scaling, rows=rows, segments=segments,
+                        set_order=set_order, set_work=set_work)
     # The outputs on the main stream, which reads (and frees) them after the join; the kernels'
     # own temporaries (h) on the side stream, which alone uses them.
     outs = plan.new_outputs(x)
     side = side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
-        plan.run(x, experts, gates, scaling, rows=rows, segments=segments, outs=outs)
+        plan.run(x, experts, gates, scaling, rows=rows, segments=segments, outs=outs,
+                 set_order=set_order, set_work=set_work)
     return outs
 
 
 _SCHEMA = (
     "(Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, "
-    "float scaling, str impl, Tensor? rows=None, Tensor? segments=None) -> Tensor[]"
+    "float scaling, str impl, Tensor? rows=None, Tensor? segments=None, "
+    "Tensor? set_order=None, Tensor? set_work=None) -> Tensor[]"
 )
 
 
 @torch.library.custom_op("adafuse::gather_lora", mutates_args=(), schema=_SCHEMA)
 def gather_lora_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                    gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
-                   segments: Tensor | None = None) -> list[Tensor]:
-    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments)
+                   segments: Tensor | None = None, set_order: Tensor | None = None,
+                   set_work: Tensor | None = None) -> list[Tensor]:
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, set_order, set_work)
 
 
 @gather_lora_op.register_fake
-def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None) -> list[Tensor]:
+def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None,
+                      set_order=None, set_work=None) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
+    _validate_sets(experts, set_order, set_work)
     return [x.new_empty(x.shape[0], b.shape[1]) for b in lora_B]
 
 
 def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                 gates: Tensor, scaling: float, impl: str = "auto", rows: Tensor | None = None,
-                segments: Tensor | None = None) -> list[Tensor]:
+                segments: Tensor | None = None, set_order: Tensor | None = None,
+                set_work: Tensor | None = None) -> list[Tensor]:
     """delta_m = sum_j s g_j B_m[e_j] (A_m[e_j] x) per token, for all modules (module doc).
-    `rows`, `segments`: this step's expert_segments(experts, N), computed once for all calls."""
+    `rows`, `segments`: this step's expert_segments(experts, N), computed once for all calls;
+    `set_order`, `set_work`: its tuple_blocks(experts, N), likewise."""
     return torch.ops.adafuse.gather_lora(x, lora_A, lora_B, experts, gates, float(scaling),
-                                          impl, rows, segments)
+                                          impl, rows, segments, set_order, set_work)
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,10 +369,12 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 @torch.library.custom_op("adafuse::gather_lora_start", mutates_args=(), schema=_SCHEMA)
 def gather_lora_start_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                          gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
-                         segments: Tensor | None = None) -> list[Tensor]:
+                         segments: Tensor | None = None, set_order: Tensor | None = None,
+                         set_work: Tensor | None = None) -> list[Tensor]:
     """gather_lora, launched on the side stream (CUDA, Triton); elsewhere it runs in place and the
     join does nothing. The deltas must not be read before gather_lora_join."""
-    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, on_side_stream=True)
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, set_order, set_work,
+                        on_side_stream=True)
 
 
 gather_lora_start_op.register_fake(_gather_lora_fake)

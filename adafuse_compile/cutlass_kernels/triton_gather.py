@@ -44,7 +44,9 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from adafuse_compile.cutlass_kernels.gather_lora import SORTED_MIN_ROWS, expert_segments
+from adafuse_compile.cutlass_kernels.gather_lora import (
+    MAX_TUPLE_KEYS, SORTED_MIN_ROWS, TUPLE_BLOCK_T, expert_segments, tuple_blocks, tuple_keys,
+)
 
 MAX_MODULES_PER_LAUNCH = 8
 # Rows (T*k) up to which the shrink uses the masked form (one row block, no sort).
@@ -185,6 +187,68 @@ def _expand_kernel(
         tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
+@triton.jit
+def _expand_sets_kernel(
+    h_ptr, desc_ptr, experts_ptr, order_ptr, work_ptr, dtype_ref,
+    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
+    n_rows, n_work, n_experts, n_modules, m_first,
+    K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The prefill expand: one program per (block of tokens that share a set of experts, out
+    block, module), from tuple_blocks' work list; exactly one dot per expert of the set."""
+    elem = dtype_ref.dtype.element_ty
+    w = tl.program_id(0)
+    ob = tl.program_id(1)
+    ml = tl.program_id(2)
+    m = m_first + ml
+    n_out = tl.load(desc_ptr + m * 3 + 2)
+    key = tl.load(work_ptr + w)
+    start = tl.load(work_ptr + n_work + w)
+    end = tl.load(work_ptr + 2 * n_work + w)
+    if (ob * BLOCK_O < n_out) & (end > start):
+        b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
+        y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
+            ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
+                ml == 6, y6, y7)))))))
+        y_ptr = y_addr.to(tl.pointer_type(elem))
+        if ALIGNED:
+            b_ptr = tl.multiple_of(b_ptr, 16)
+            y_ptr = tl.multiple_of(y_ptr, 16)
+            n_out = tl.multiple_of(n_out, 8)
+        pos = start + tl.arange(0, BLOCK_T)
+        mask_t = pos < end
+        toks = tl.load(order_ptr + pos, mask=mask_t, other=0).to(tl.int64)
+        offs_j = tl.arange(0, K_P2)
+        offs_r = tl.arange(0, R_P2)
+        mask_r = offs_r < R
+        rows = toks[:, None] * K_SEL + offs_j[None, :]
+        mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
+        ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
+        h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
+        h_mask = mask_tj[:, :, None] & mask_r[None, None, :]
+        h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+        for sk in tl.static_range(1, SPLIT_K):
+            h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
+        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < n_out
+        b_mask = mask_o[:, None] & mask_r[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+        # The key's digits are the set's sorted ids, base N + 1, read from the last; a repeated
+        # expert (adjacent once sorted) is one dot (its where-sum takes every slot that names it);
+        # digit N is an out-of-range id and contributes nothing.
+        rest = key
+        prev = -1
+        for _ in tl.static_range(K_SEL):
+            e = rest % (n_experts + 1)
+            rest = rest // (n_experts + 1)
+            if (e < n_experts) & (e != prev):
+                acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
+            prev = e
+        y_ptrs = y_ptr + toks[:, None] * n_out + offs_o[None, :]
+        tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
+
+
 # Configuration. NOT MEASURED YET (no GPU time in the session that wrote this): starting
 # points from vLLM's shrink/expand defaults; benchmarks/bench_gather.py --sweep picks them
 # on the H200 and the chosen values belong here with their measured reason.
@@ -200,7 +264,7 @@ MAX_SPLIT_K = 8
 # call (e.g. ADAFUSE_GATHER_CONFIG='{"SPLIT_K": 16}'), so that an end-to-end run (bench_decode.py)
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
-CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL")
+CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS")
 
 
 def env_overrides() -> dict:
@@ -267,16 +331,20 @@ class GatherPlan:
             split *= 2
         # Expand: token block up to 32 rows of h (h block in registers: 32 x k x r fp32).
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
+        # Prefill: the expand by sets of experts (tuple_blocks), where the key space is small.
+        sets = sorted_ and tuple_keys(self.n_experts, k) <= MAX_TUPLE_KEYS
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
-                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=False)
+                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=False, EXPAND_SETS=sets)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
         return cfg
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
             config: dict | None = None, rows: Tensor | None = None,
-            segments: Tensor | None = None, outs: list[Tensor] | None = None) -> list[Tensor]:
-        """`rows`, `segments`: this step's expert_segments, if the caller computed them once.
+            segments: Tensor | None = None, outs: list[Tensor] | None = None,
+            set_order: Tensor | None = None, set_work: Tensor | None = None) -> list[Tensor]:
+        """`rows`, `segments`: this step's expert_segments, if the caller computed them once;
+        `set_order`, `set_work`: its tuple_blocks (block TUPLE_BLOCK_T), likewise.
         `outs`: the outputs, allocated by the caller (on the stream that will read them)."""
         n_tokens, k = experts.shape
         n_rows = n_tokens * k
@@ -308,9 +376,21 @@ class GatherPlan:
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
+        if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
+            set_order, set_work = tuple_blocks(ids, self.n_experts, TUPLE_BLOCK_T)
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
             addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+            if cfg["EXPAND_SETS"]:
+                n_work = set_work.shape[1]
+                grid = (n_work, triton.cdiv(max_out, cfg["BLOCK_O"]), len(chunk))
+                _expand_sets_kernel[grid](
+                    h, self.desc, ids, set_order, set_work, self.dtype_ref, *addrs, n_rows, n_work,
+                    self.n_experts, m_total, m0,
+                    K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
+                    BLOCK_T=TUPLE_BLOCK_T, BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
+                )
+                continue
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]),
                     len(chunk))
             _expand_kernel[grid](

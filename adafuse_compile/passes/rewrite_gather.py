@@ -23,7 +23,9 @@ import torch
 import torch.fx as fx
 
 from ..cutlass_kernels import gather_lora
-from ..cutlass_kernels.gather_lora import SORTED_MIN_ROWS, expert_segments  # also registers the op
+from ..cutlass_kernels.gather_lora import (  # also registers the ops
+    MAX_TUPLE_KEYS, SORTED_MIN_ROWS, expert_segments, tuple_blocks, tuple_keys,
+)
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .regions import graph_inputs, regions_of
@@ -58,6 +60,14 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             rows = graph.call_function(operator.getitem, (both, 0))
         with graph.inserting_after(rows):
             segments = (rows, graph.call_function(operator.getitem, (both, 1)))
+        n_experts = regions[0].factors["num_experts"]
+        if tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
+            with graph.inserting_after(segments[1]):
+                sets = graph.call_function(tuple_blocks, (experts, n_experts))
+            with graph.inserting_after(sets):
+                order_node = graph.call_function(operator.getitem, (sets, 0))
+            with graph.inserting_after(order_node):
+                segments = (*segments, order_node, graph.call_function(operator.getitem, (sets, 1)))
     groups: dict[fx.Node, list] = {}
     for r in regions:
         groups.setdefault(r.x, []).append(r)
