@@ -29,8 +29,8 @@
 # Each benchmark holds a file lock (adafuse_compile/gpu_lock.py) whenever it uses the GPU and lets
 # go only while Dynamo compiles (and bench_sgmm while nvcc builds), so no two ever use the GPU at
 # once. (The first side-by-side run, 2026-11-29, locked only the timed sections: the others'
-# untimed GPU work disturbed them; its results carry the suffix _shared.) Not for `tests*` next to
-# timed stages: tests do not take the lock.
+# untimed GPU work disturbed them; its results carry the suffix _shared.) GPU tests hold the lock for
+# each test's whole run (tests/conftest.py), so `tests*` stages may run next to timed ones.
 # Per-set overrides for decode / decode-all: PHASES_qv, PATHS_qv, PHASES_all, PATHS_all.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -51,8 +51,8 @@ run_stage() {
   profile-side)
     # The gather path with and without the side stream, all seven then q,v, every step shape.
     for t in all qv; do
-      timeout "${PROFILE_TIMEOUT:-200}" python3 benchmarks/profile_paths.py --targets "$t" --paths gather,gather-inline \
-        --out "$OUT/profile_side_$t.json" 2>&1 | grep -v -i -e warn -e USDT -e softmax -e "split the" -e "important use" | tail -12
+      timeout "${PROFILE_TIMEOUT:-200}" python3 benchmarks/profile_paths.py --targets "$t" --paths "${PROFILE_PATHS:-gather,gather-inline}" \
+        --shapes "${PROFILE_SHAPES:-b1,b8,b32,p512}" --out "$OUT/profile_side_$t.json" 2>&1 | grep -v -i -e warn -e USDT -e softmax -e "split the" -e "important use" | tail -12
     done ;;
   tests)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;

@@ -15,3 +15,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_alone(request):
+    """A GPU test holds the benchmarks' GPU lock ($ADAFUSE_GPU_LOCK, adafuse_compile/gpu_lock.py)
+    for its whole run except while Dynamo compiles, so that tests can run next to timed benchmarks
+    without disturbing them. Without $ADAFUSE_GPU_LOCK: nothing."""
+    if "gpu" not in request.keywords:
+        yield
+        return
+    from adafuse_compile import gpu_lock
+
+    with gpu_lock.held_except_compiles():
+        yield

@@ -40,7 +40,7 @@ def teacher_forced(step, tokens):
     {"cudagraphs": True, "path": "factor"},
     {"cudagraphs": True, "path": "gather"},  # adapter kernels on the side stream (the default)
     {"cudagraphs": True, "path": "gather", "side_stream": False},
-])
+], ids=["merge-exact", "merge-inplace-triton", "merge-eager-triton", "auto", "factor", "gather", "gather-inline"])
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_bf16_parity_under_cuda_graphs(options, targets):
     torch._dynamo.reset()
@@ -136,7 +136,7 @@ def test_batch4_and_prefill17_match_eager(path):
     {"path": "merge", "exact": False, "sgmm_impl": "triton"},
     {"path": "factor"},
     {"path": "gather"},
-])
+], ids=["merge", "merge-inplace-triton", "factor", "gather"])
 def test_two_instances_share_one_compiled_graph_under_cuda_graphs(options):
     """Dynamo runs a second instance of the model class through the first one's graph; under
     CUDA-graph trees that graph is recorded again for the second instance's addresses, so its
