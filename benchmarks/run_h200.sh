@@ -45,7 +45,7 @@ run_stage() {
   echo "=== stage $stage ($(date +%T))"
   case "$stage" in
   tests-gather)
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
+    timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests-backend-gather)
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k gather tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_gather_tests.log" | grep -v -i warn | tail -15 ;;
   profile-side)
