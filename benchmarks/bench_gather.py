@@ -95,8 +95,9 @@ def max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return worst
 
 
-def bench(group: str, T: int, layers, reps: int, sweep: bool, copy_gbps: float,
+def bench(group: str, T: int, layers, reps: int, sweep: bool | list, copy_gbps: float,
           gen: torch.Generator) -> list[dict]:
+    """`sweep`: True for SWEEP, or a list of config overrides of one's own."""
     n_in, outs = GROUPS[group]
     x, experts, gates = make_tokens(T, n_in, gen)
     nbytes, h_bytes = min_bytes(T, n_in, outs, experts)
@@ -107,7 +108,15 @@ def bench(group: str, T: int, layers, reps: int, sweep: bool, copy_gbps: float,
             "h_bytes": h_bytes}
     variants = [("reference", None, None), ("triton", "default", None)]
     if sweep:
-        variants += [("triton", json.dumps(c, sort_keys=True), c) for c in SWEEP[1:]]
+        configs = SWEEP[1:] if sweep is True else [c for c in sweep if c]
+        variants += [("triton", json.dumps(c, sort_keys=True), c) for c in configs]
+    # As in the backend: a prefill step's expert order and sets are computed once for every call
+    # (and every layer), so they are not part of a call's time.
+    step = {}
+    if T * TOP_K >= gl.SORTED_MIN_ROWS:
+        step["rows"], step["segments"] = gl.expert_segments(experts, N_EXPERTS)
+        if gl.tuple_keys(N_EXPERTS, TOP_K) <= gl.MAX_TUPLE_KEYS:
+            step["set_order"], step["set_work"] = gl.tuple_blocks(experts, N_EXPERTS)
     entries = []
     for impl, name, cfg in variants:
         e = dict(base, impl=impl, variant=name)
@@ -117,12 +126,17 @@ def bench(group: str, T: int, layers, reps: int, sweep: bool, copy_gbps: float,
                     return gl.gather_lora(x, a, b, experts, gates, 0.5, impl="reference")
             elif cfg is None:
                 def call(a, b):
-                    return gl.gather_lora(x, a, b, experts, gates, 0.5, impl="triton")
+                    return gl.gather_lora(x, a, b, experts, gates, 0.5, impl="triton", **step)
             else:
                 plans = {id(a): gl._get_triton_plan(a, b) for a, b in layers}
+                if cfg.get("SETS_BLOCK_T", gl.TUPLE_BLOCK_T) != gl.TUPLE_BLOCK_T and "set_work" in step:
+                    own = dict(step)  # that block size's sets, also computed once
+                    own["set_order"], own["set_work"] = gl.tuple_blocks(experts, N_EXPERTS, cfg["SETS_BLOCK_T"])
+                else:
+                    own = step
 
-                def call(a, b, cfg=cfg):
-                    return plans[id(a)].run(x, experts, gates, 0.5, config=cfg)
+                def call(a, b, cfg=cfg, own=own):
+                    return plans[id(a)].run(x, experts, gates, 0.5, config=cfg, **own)
             e["max_rel_err_vs_reference"] = max_rel_err(call(a0, b0), ref0)
             if impl == "triton":
                 e["config"] = gl._get_triton_plan(a0, b0).config(T, TOP_K, cfg)
@@ -145,7 +159,9 @@ def main(argv=None):
     ap.add_argument("--groups", default="qkv,o,gate_up,down")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep", action="store_true", help="also time the Triton SWEEP configs")
+    ap.add_argument("--variants", help="a JSON list of Triton config overrides to time instead of SWEEP")
     a = ap.parse_args(argv)
+    sweep = json.loads(a.variants) if a.variants else a.sweep
     results = {
         **run_header(),
         "bytes_note": "read x + read A,B rows of the distinct experts used + write deltas; "
@@ -160,7 +176,7 @@ def main(argv=None):
     for group in a.groups.split(","):
         layers = make_layers(*GROUPS[group])
         for T in (int(t) for t in a.tokens.split(",")):
-            results["entries"] += bench(group, T, layers, a.reps, a.sweep,
+            results["entries"] += bench(group, T, layers, a.reps, sweep,
                                         results["copy"]["GBps"], gen)
             with open(a.out, "w") as f:
                 json.dump(results, f, indent=1)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
-__all__ = ["gather_lora", "expert_segments", "reference_gather_lora", "oracle_gather_lora", "validate",
+__all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS"]
 
 IMPLS = ("auto", "reference", "triton")

@@ -249,22 +249,34 @@ def _expand_sets_kernel(
         tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
-# Configuration. NOT MEASURED YET (no GPU time in the session that wrote this): starting
-# points from vLLM's shrink/expand defaults; benchmarks/bench_gather.py --sweep picks them
-# on the H200 and the chosen values belong here with their measured reason.
-SHRINK_BLOCK_K = 64  # interpreter / fp32: 32 keeps odd `in` covered by several K blocks
+# Configuration. Started from vLLM's shrink/expand defaults; changed where bench_gather.py --sweep
+# measured a better value on the H200 (benchmarks/results/gather_h200_sweep.json, 7B groups
+# q,k,v / o / gate,up / down, T = 1..512).
+# Shrink K block for 16-bit inputs: 128 was faster than 64 at every measured shape and group (by
+# 4-20% per call, most for down, in = 11008, at T = 1: 15.2 -> 12.1 us). fp32 (the CPU tests,
+# the interpreter) keeps 64, so that small odd `in` still spans several K blocks there.
+SHRINK_BLOCK_K = 128
+SHRINK_BLOCK_K_FP32 = 64
 SORTED_BLOCK_M = 64
 EXPAND_BLOCK_O = 64
 TARGET_PROGRAMS_PER_SM = 2
-# The expand loads every split's partial of h: at most this many (a guess; bench_gather --sweep).
+# The expand loads every split's partial of h: at most this many. The sweep's split 16 / 32 were
+# slower at every T > 1 and within noise at T = 1.
 MAX_SPLIT_K = 8
+# Decode expand with every expert unrolled (EXPAND_UNROLL) from this many rows per expert: at
+# T = 32, k = 2 (64 rows, N = 8) it was faster in all four groups (gate,up 31.2 -> 20.0 us), at
+# T = 8 within noise either way, at T = 1 slower (most experts absent).
+UNROLL_MIN_ROWS_PER_EXPERT = 8
+# The expand by sets (prefill): out block; work items hold at most TUPLE_BLOCK_T tokens.
+SETS_BLOCK_O = 64
 
 
 # Tuning knob for benchmarks, not for users: a JSON object of config overrides applied to every
 # call (e.g. ADAFUSE_GATHER_CONFIG='{"SPLIT_K": 16}'), so that an end-to-end run (bench_decode.py)
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
-CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS")
+CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS",
+               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS")
 
 
 def env_overrides() -> dict:
@@ -317,7 +329,7 @@ class GatherPlan:
         """Block sizes and K split for this call's shape (a pure function of the shape)."""
         n_rows = n_tokens * k
         m = len(self.outs)
-        block_k = SHRINK_BLOCK_K
+        block_k = SHRINK_BLOCK_K_FP32 if self.dtype == torch.float32 else SHRINK_BLOCK_K
         if n_rows <= MASKED_MAX_ROWS:
             sorted_, block_m = False, _pow2_at_least(n_rows, 16)
             active = min(self.n_experts, n_rows) * m
@@ -333,8 +345,10 @@ class GatherPlan:
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
         # Prefill: the expand by sets of experts (tuple_blocks), where the key space is small.
         sets = sorted_ and tuple_keys(self.n_experts, k) <= MAX_TUPLE_KEYS
+        unroll = not sorted_ and n_rows >= UNROLL_MIN_ROWS_PER_EXPERT * self.n_experts
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
-                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=False, EXPAND_SETS=sets)
+                   BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=unroll, EXPAND_SETS=sets,
+                   SETS_BLOCK_T=TUPLE_BLOCK_T, SETS_BLOCK_O=SETS_BLOCK_O, SETS_WARPS=4)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
         return cfg
@@ -376,19 +390,21 @@ class GatherPlan:
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
-        if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
-            set_order, set_work = tuple_blocks(ids, self.n_experts, TUPLE_BLOCK_T)
+        if cfg["EXPAND_SETS"] and (set_order is None or cfg["SETS_BLOCK_T"] != TUPLE_BLOCK_T):
+            # not computed once for the step (or for another block size: a tuning override)
+            set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
             addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
             if cfg["EXPAND_SETS"]:
                 n_work = set_work.shape[1]
-                grid = (n_work, triton.cdiv(max_out, cfg["BLOCK_O"]), len(chunk))
+                grid = (n_work, triton.cdiv(max_out, cfg["SETS_BLOCK_O"]), len(chunk))
                 _expand_sets_kernel[grid](
                     h, self.desc, ids, set_order, set_work, self.dtype_ref, *addrs, n_rows, n_work,
                     self.n_experts, m_total, m0,
                     K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
-                    BLOCK_T=TUPLE_BLOCK_T, BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
+                    BLOCK_T=cfg["SETS_BLOCK_T"], BLOCK_O=cfg["SETS_BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
+                    num_warps=cfg["SETS_WARPS"],
                 )
                 continue
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]),
