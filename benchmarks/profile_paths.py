@@ -36,7 +36,7 @@ from bench_decode import PRESETS, TARGETS, sync
 # Kernel name -> category: first match wins (lower-case substrings).
 CATEGORIES = [
     ("gather_shrink", ("_shrink_kernel",)),
-    ("gather_expand", ("_expand_kernel",)),
+    ("gather_expand", ("_expand_kernel", "_expand_sets_kernel")),
     ("factor_slots", ("slot",)),
     ("sgmm", ("sgmm", "cutlass", "grouped")),
     ("sort", ("sort", "radix", "searchsorted", "scan", "bincount")),

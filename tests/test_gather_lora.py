@@ -251,6 +251,38 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     af.restore(model)
 
 
+def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_gather):
+    """A prefill of another length recompiles with a symbolic token count: the step's sort and sets
+    (tuple_blocks' work bound uses the symbolic T) are still computed once, and the result matches
+    eager for both lengths."""
+    import adafuse_compile as af
+    from adafuse_compile import backend
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=64)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=1)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj")))
+    model.eval()
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton"})
+    with torch.no_grad():
+        for n in (40, 47):
+            tokens, pos = torch.randint(0, 64, (1, n)), torch.arange(n)
+            model.setup_cache(1)
+            ref = model(tokens, pos)
+            model.setup_cache(1)
+            torch.testing.assert_close(step(tokens, pos), ref, rtol=1e-4, atol=1e-4)
+    assert len(backend.last_compilations) == 2
+    gm = backend.last_compilations[-1]["graph"]
+    tokens_in = next(v for n in gm.graph.nodes if n.op == "placeholder"
+                     and isinstance(v := n.meta.get("example_value"), torch.Tensor))
+    assert isinstance(tokens_in.shape[1], torch.SymInt)  # the second compile is dynamic in T
+    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    assert len(sets) == 1
+
+
 def test_triton_zero_tokens(triton_gather):
     p = _problem(0, 2, torch.float32)
     got = gather_lora(**p, impl="triton")
@@ -370,11 +402,12 @@ _AOT = textwrap.dedent("""
                        rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
                        n_in="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
                        SORTED=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
-            cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt,
-                       BLOCK_M=64 if srt else 16, BLOCK_K=64, ALIGNED=True, IEEE=ieee)
-            k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
-            assert "cubin" in k.asm
-            assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
+            for block_k in (64, 128):  # fp32's default, 16-bit's default
+                cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt,
+                           BLOCK_M=64 if srt else 16, BLOCK_K=block_k, ALIGNED=True, IEEE=ieee)
+                k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
+                assert "cubin" in k.asm
+                assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
@@ -390,10 +423,13 @@ _AOT = textwrap.dedent("""
                    dtype_ref=dt, **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_work="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
                    SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
-        cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=2, BLOCK_T=32, BLOCK_O=64, ALIGNED=True, IEEE=ieee)
-        k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst), target=target)
-        assert "cubin" in k.asm
-        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
+        for block_t, block_o, warps in ((32, 64, 4), (16, 128, 4), (64, 256, 8)):
+            cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=2, BLOCK_T=block_t, BLOCK_O=block_o,
+                       ALIGNED=True, IEEE=ieee)
+            k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst), target=target,
+                               options=dict(num_warps=warps))
+            assert "cubin" in k.asm
+            assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
     print("AOT-OK")
 """)
 
