@@ -131,6 +131,35 @@ def _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R: tl.con
 
 
 @triton.jit
+def _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem: tl.constexpr):
+    """Module m's B_m and its output (this launch's ml-th address). The caller adds the alignment
+    hints: applied here they do not survive the return (no vectorized stores in the PTX)."""
+    b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
+    y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
+        ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
+            ml == 6, y6, y7)))))))
+    return b_ptr, y_addr.to(tl.pointer_type(elem))
+
+
+@triton.jit
+def _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL: tl.constexpr,
+            K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The tokens' expert ids [BLOCK_T, K_P2] and their h rows of module m [BLOCK_T, K_P2, R_P2],
+    summed over the shrink's K-split slices (unrolled, so the loads overlap)."""
+    offs_j = tl.arange(0, K_P2)
+    offs_r = tl.arange(0, R_P2)
+    rows = toks.to(tl.int64)[:, None] * K_SEL + offs_j[None, :]
+    mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
+    ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
+    h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
+    h_mask = mask_tj[:, :, None] & (offs_r < R)[None, None, :]
+    h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+    for sk in tl.static_range(1, SPLIT_K):
+        h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
+    return ids, h3
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, desc_ptr, experts_ptr, dtype_ref,
     y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
@@ -146,28 +175,16 @@ def _expand_kernel(
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
     if ob * BLOCK_O < n_out:
-        b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
-        y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
-            ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
-                ml == 6, y6, y7)))))))
-        y_ptr = y_addr.to(tl.pointer_type(elem))
+        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
         if ALIGNED:
             b_ptr = tl.multiple_of(b_ptr, 16)
             y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
         toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = toks < n_tokens
-        offs_j = tl.arange(0, K_P2)
+        ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
-        rows = toks.to(tl.int64)[:, None] * K_SEL + offs_j[None, :]  # [BLOCK_T, K_P2]
-        mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
-        ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
-        h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
-        h_mask = mask_tj[:, :, None] & mask_r[None, None, :]
-        h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-        for sk in tl.static_range(1, SPLIT_K):  # the shrink's K-split partials; unrolled, so the loads overlap
-            h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
@@ -207,11 +224,7 @@ def _expand_sets_kernel(
     start = tl.load(work_ptr + n_work + w)
     end = tl.load(work_ptr + 2 * n_work + w)
     if (ob * BLOCK_O < n_out) & (end > start):
-        b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
-        y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
-            ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
-                ml == 6, y6, y7)))))))
-        y_ptr = y_addr.to(tl.pointer_type(elem))
+        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
         if ALIGNED:
             b_ptr = tl.multiple_of(b_ptr, 16)
             y_ptr = tl.multiple_of(y_ptr, 16)
@@ -219,17 +232,9 @@ def _expand_sets_kernel(
         pos = start + tl.arange(0, BLOCK_T)
         mask_t = pos < end
         toks = tl.load(order_ptr + pos, mask=mask_t, other=0).to(tl.int64)
-        offs_j = tl.arange(0, K_P2)
+        ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
-        rows = toks[:, None] * K_SEL + offs_j[None, :]
-        mask_tj = mask_t[:, None] & (offs_j < K_SEL)[None, :]
-        ids = tl.load(experts_ptr + rows, mask=mask_tj, other=-1)
-        h_offs = (m * n_rows + rows)[:, :, None] * R + offs_r[None, None, :]
-        h_mask = mask_tj[:, :, None] & mask_r[None, None, :]
-        h3 = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-        for sk in tl.static_range(1, SPLIT_K):
-            h3 += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         b_mask = mask_o[:, None] & mask_r[None, :]
