@@ -173,6 +173,30 @@ def test_triton_repeated_expert_and_plan_reuse(triton_gather):
     assert len(gl._plans) == n_plans
 
 
+def test_sets_expand_with_a_work_list_of_larger_blocks(triton_gather):
+    """A work list built with blocks larger than the kernel's (a caller's tuple_blocks(..., 64))
+    still covers every token: the kernel walks a block in several passes."""
+    p = _problem(40, 2, torch.float32)
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    order, work = gl.tuple_blocks(p["experts"], p["lora_A"][0].shape[0], 64)
+    got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], set_order=order, set_work=work,
+                   config={"SORTED": True, "EXPAND_SETS": True, "SETS_BLOCK_T": 16})
+    _check(got, p, torch.float32, "sets, list of 64-token blocks, kernel block 16")
+
+
+def test_shrink_block_k_by_dtype_and_rank():
+    """K block 128 for 16-bit factors (measured faster on the H200 at r = 64), 64 for fp32 and for
+    r > 128 (not measured there)."""
+    from adafuse_compile.cutlass_kernels.triton_gather import GatherPlan
+
+    def block_k(dtype, r):
+        a = [torch.zeros(4, r, 64, dtype=dtype)]
+        b = [torch.zeros(4, 32, r, dtype=dtype)]
+        return GatherPlan(a, b).config(1, 2)["BLOCK_K"]
+    assert block_k(torch.bfloat16, 64) == 128 and block_k(torch.float16, 128) == 128
+    assert block_k(torch.float32, 64) == 64 and block_k(torch.bfloat16, 256) == 64
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_tuple_blocks_cover_every_token_once_with_its_set(k):
     """tuple_blocks' work list: every token in exactly one block, blocks no larger than block_t,
@@ -402,12 +426,15 @@ _AOT = textwrap.dedent("""
                        rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
                        n_in="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
                        SORTED=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
-            for block_k in (64, 128):  # fp32's default, 16-bit's default
-                cst = dict(K_SEL=2, R=64, R_P2=64, SPLIT_K=4, SORTED=srt,
+            # fp32's and 16-bit's K blocks at r = 64, and r = 256's (64): each within the H200's
+            # 227 KB of shared memory per block (sm_90 compile here: 20-64 KB)
+            for r, block_k in ((64, 64), (64, 128), (256, 64)):
+                cst = dict(K_SEL=2, R=r, R_P2=r, SPLIT_K=4, SORTED=srt,
                            BLOCK_M=64 if srt else 16, BLOCK_K=block_k, ALIGNED=True, IEEE=ieee)
                 k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
                 assert "cubin" in k.asm
                 assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
+                assert k.metadata.shared <= 227 * 1024, (r, block_k, k.metadata.shared)
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,

@@ -146,6 +146,32 @@ def test_side_stream_fork_join_in_a_cuda_graph(T):
         torch.testing.assert_close(out["y"], x @ w.t())
 
 
+def test_join_after_an_in_line_start_captures_in_a_cuda_graph():
+    """impl="reference" runs the start in line (nothing on the side stream), yet the start still
+    records the fork, so the join's wait is part of the capture (written after a review; not yet
+    run on a GPU at the time of writing)."""
+    p = _problem(8, "qkv", torch.bfloat16)
+    out = {}
+
+    def step():
+        deltas = torch.ops.adafuse.gather_lora_start(p["x"], p["lora_A"], p["lora_B"], p["experts"],
+                                                     p["gates"], p["scaling"], "reference")
+        torch.ops.adafuse.gather_lora_join(deltas, [p["x"]])
+        out["deltas"] = [d * 1 for d in deltas]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    _check(out["deltas"], p, torch.bfloat16, "reference start + join, replayed")
+
+
 @pytest.mark.parametrize("T", [8, 512])
 def test_no_host_sync_once_warm(T):
     p = _problem(T, "gate_up", torch.bfloat16)

@@ -290,6 +290,10 @@ def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, se
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     _validate_sets(experts, set_order, set_work)
+    if on_side_stream and x.device.type == "cuda" and _resolve_impl(impl, x) == "reference":
+        # Nothing launched on the side stream, but the fork is still recorded, so that the join's
+        # wait is on work of this stream (or of the same CUDA-graph capture), never on older work.
+        side_stream(x.device).wait_stream(torch.cuda.current_stream(x.device))
     if _resolve_impl(impl, x) == "reference":
         return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
     plan = _get_triton_plan(lora_A, lora_B)

@@ -229,29 +229,32 @@ def _expand_sets_kernel(
             b_ptr = tl.multiple_of(b_ptr, 16)
             y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
-        pos = start + tl.arange(0, BLOCK_T)
-        mask_t = pos < end
-        toks = tl.load(order_ptr + pos, mask=mask_t, other=0).to(tl.int64)
-        ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < n_out
         b_mask = mask_o[:, None] & mask_r[None, :]
-        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        # The key's digits are the set's sorted ids, base N + 1, read from the last; a repeated
-        # expert (adjacent once sorted) is one dot (its where-sum takes every slot that names it);
-        # digit N is an out-of-range id and contributes nothing.
-        rest = key
-        prev = -1
-        for _ in tl.static_range(K_SEL):
-            e = rest % (n_experts + 1)
-            rest = rest // (n_experts + 1)
-            if (e < n_experts) & (e != prev):
-                acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
-            prev = e
-        y_ptrs = y_ptr + toks[:, None] * n_out + offs_o[None, :]
-        tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
+        # A work item holds at most BLOCK_T tokens when its list was built for this block size
+        # (one pass); a list built with larger blocks still computes right, in several passes.
+        for t0 in range(start, end, BLOCK_T):
+            pos = t0 + tl.arange(0, BLOCK_T)
+            mask_t = pos < end
+            toks = tl.load(order_ptr + pos, mask=mask_t, other=0).to(tl.int64)
+            ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
+            acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+            # The key's digits are the set's sorted ids, base N + 1, read from the last; a repeated
+            # expert (adjacent once sorted) is one dot (its where-sum takes every slot that names
+            # it); digit N is an out-of-range id and contributes nothing.
+            rest = key
+            prev = -1
+            for _ in tl.static_range(K_SEL):
+                e = rest % (n_experts + 1)
+                rest = rest // (n_experts + 1)
+                if (e < n_experts) & (e != prev):
+                    acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
+                prev = e
+            y_ptrs = y_ptr + toks[:, None] * n_out + offs_o[None, :]
+            tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
 # Configuration. Started from vLLM's shrink/expand defaults; changed where bench_gather.py --sweep
@@ -334,7 +337,8 @@ class GatherPlan:
         """Block sizes and K split for this call's shape (a pure function of the shape)."""
         n_rows = n_tokens * k
         m = len(self.outs)
-        block_k = SHRINK_BLOCK_K_FP32 if self.dtype == torch.float32 else SHRINK_BLOCK_K
+        # 128 was measured at r = 64 only; ranks above 128 keep the 64 of the earlier GPU tests.
+        block_k = SHRINK_BLOCK_K_FP32 if self.dtype == torch.float32 or self.r_p2 > 128 else SHRINK_BLOCK_K
         if n_rows <= MASKED_MAX_ROWS:
             sorted_, block_m = False, _pow2_at_least(n_rows, 16)
             active = min(self.n_experts, n_rows) * m
@@ -395,8 +399,7 @@ class GatherPlan:
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
-        if cfg["EXPAND_SETS"] and (set_order is None or cfg["SETS_BLOCK_T"] != TUPLE_BLOCK_T):
-            # not computed once for the step (or for another block size: a tuning override)
+        if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
             set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]

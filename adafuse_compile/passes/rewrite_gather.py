@@ -71,9 +71,9 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     groups: dict[fx.Node, list] = {}
     for r in regions:
         groups.setdefault(r.x, []).append(r)
-    order = {n: i for i, n in enumerate(graph.nodes)}
     side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
     for x, group in groups.items():
+        order = {n: i for i, n in enumerate(graph.nodes)}  # earlier groups added nodes
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
         args = ([r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
