@@ -10,6 +10,7 @@ PATHS = ("merge", "factor", "gather", "auto")
 AVAILABLE_PATHS = PATHS
 CODEGENS = ("inductor", "eager")
 SGMM_IMPLS = ("auto", "reference", "triton", "cutlass")
+PREFILL_EXPANDS = ("sets", "slots")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -43,6 +44,9 @@ class BackendSettings:
     # None: on for CUDA; False: in line, one after the other; True: the split graph everywhere
     # (off CUDA the start runs in place and the join does nothing: for tests of the graph)
     side_stream: bool | None = None
+    # gather path, prefill-sized steps on CUDA: the expand groups the tokens by their set of experts
+    # ("sets", measured) or the rows by expert, each slot's term apart, summed in the add ("slots")
+    prefill_expand: str = "sets"
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -57,6 +61,8 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"pristine_memory_fraction must be in (0, 1], got {self.pristine_memory_fraction!r}")
         if self.resync_every is not None and (not isinstance(self.resync_every, int) or self.resync_every < 0):
             raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
+        if self.prefill_expand not in PREFILL_EXPANDS:
+            raise AdaFuseOptionsError(f"prefill_expand={self.prefill_expand!r} is not one of {PREFILL_EXPANDS}")
         if self.side_stream not in (None, True, False):
             raise AdaFuseOptionsError(f"side_stream must be True, False or None (CUDA only), got {self.side_stream!r}")
         if self.calibrate not in (True, False):

@@ -135,6 +135,7 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "factor": {"path": "factor"},
     "gather": {"path": "gather"},  # side stream on (the CUDA default)
     "gather-inline": {"path": "gather", "side_stream": False},
+    "gather-slots": {"path": "gather", "prefill_expand": "slots"},
     "auto": {"path": "auto"},
 }
 

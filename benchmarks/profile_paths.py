@@ -36,7 +36,7 @@ from bench_decode import PRESETS, TARGETS, sync
 # Kernel name -> category: first match wins (lower-case substrings).
 CATEGORIES = [
     ("gather_shrink", ("_shrink_kernel",)),
-    ("gather_expand", ("_expand_kernel", "_expand_sets_kernel")),
+    ("gather_expand", ("_expand_kernel", "_expand_sets_kernel", "_expand_experts_kernel")),
     ("factor_slots", ("slot",)),
     ("sgmm", ("sgmm", "cutlass", "grouped")),
     ("sort", ("sort", "radix", "searchsorted", "scan", "bincount")),
@@ -50,6 +50,7 @@ CATEGORIES = [
 PATH_OPTIONS = {
     "gather": {"path": "gather"},  # side stream on (the CUDA default)
     "gather-inline": {"path": "gather", "side_stream": False},  # adapter kernels in line, as before
+    "gather-slots": {"path": "gather", "prefill_expand": "slots"},  # prefill: the per-slot expand by expert
     "factor": {"path": "factor"},
     "merge": {"path": "merge"},
 }

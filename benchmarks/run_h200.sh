@@ -13,6 +13,7 @@
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
 #   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
+#            (PROFILE_PATHS=gather,gather-slots PROFILE_SHAPES=p512: the two prefill expands)
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min

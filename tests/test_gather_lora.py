@@ -173,6 +173,47 @@ def test_triton_repeated_expert_and_plan_reuse(triton_gather):
     assert len(gl._plans) == n_plans
 
 
+def _check_slots(got, p, dtype, what):
+    """Per-slot terms [T, k, out]: their sum is the delta, and each slot is its own expert's term."""
+    k = p["experts"].shape[1]
+    assert all(tuple(y.shape) == (p["x"].shape[0], k, b.shape[1]) for y, b in zip(got, p["lora_B"])), what
+    _check([y.float().sum(1).to(dtype) for y in got], p, dtype, what + " (sum over slots)")
+    for j in range(k):
+        one = dict(p, experts=p["experts"][:, j:j + 1], gates=p["gates"][:, j:j + 1])
+        _check([y[:, j] for y in got], one, dtype, f"{what} (slot {j})")
+
+
+@pytest.mark.parametrize("T, k", [(40, 2), (5, 3), (17, 4)])  # 5 x 3 rows: sorted anyway
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_slot_expand_by_expert(triton_gather, T, k, dtype):
+    p = _problem(T, k, dtype)
+    _check_slots(gather_lora(**p, impl="triton", per_slot=True), p, dtype, f"triton per slot T={T} k={k}")
+
+
+def test_per_slot_reference_and_forced_config(triton_gather, monkeypatch):
+    """The reference's per-slot form; the Triton one with split K, several row blocks per expert,
+    h poisoned with NaN, an out-of-range id (its slot must come out zero) and a repeated expert."""
+    p = _problem(21, 2, torch.float32, rank=8)
+    _check_slots(gather_lora(**p, impl="reference", per_slot=True), p, torch.float32, "reference per slot")
+    p["experts"][5, 1] = 11  # out of range, above: sorted after every segment
+    p["experts"][9, 0] = -1  # and below: sorted before them
+    p["experts"][7] = 3
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):
+        return empty(*shape, **kw).fill_(float("nan"))
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], per_slot=True,
+                   config=dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, SLOTS_BLOCK_O=16))
+    monkeypatch.undo()
+    assert all(not y.isnan().any() for y in got)
+    assert all(not y[5, 1].any() and not y[9, 0].any() for y in got)
+    p["gates"][5, 1] = p["gates"][9, 0] = 0.0
+    p["experts"][5, 1] = p["experts"][9, 0] = 0
+    _check_slots(got, p, torch.float32, "triton per slot, forced")
+
+
 def test_sets_expand_with_a_work_list_of_larger_blocks(triton_gather):
     """A work list built with blocks larger than the kernel's (a caller's tuple_blocks(..., 64))
     still covers every token: the kernel walks a block in several passes."""
@@ -307,6 +348,34 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     assert len(sets) == 1
 
 
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_prefill_with_the_per_slot_expand_matches_eager(triton_gather, side_stream):
+    """prefill_expand="slots": every prefill gather call returns per-slot terms, summed in the add
+    by Inductor; no tuple_blocks in the graph; the step matches eager (also through the split
+    start/join form, which runs in place on the CPU)."""
+    import adafuse_compile as af
+    from adafuse_compile import backend
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=2)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal", target_modules="all-linear"))
+    model.eval().setup_cache(1)
+    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    with torch.no_grad():
+        ref = model(tokens, pos)
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model.setup_cache(1)
+        got = torch.compile(model, backend="adafuse", options={
+            "sgmm_impl": "triton", "prefill_expand": "slots", "side_stream": side_stream})(tokens, pos)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    gm = backend.last_compilations[0]["graph"]
+    calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target) and "join" not in str(n.target)]
+    assert len(calls) == 4 * cfg.num_hidden_layers and all(n.args[-1] is True for n in calls)
+    assert not [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+
+
 def test_triton_zero_tokens(triton_gather):
     p = _problem(0, 2, torch.float32)
     got = gather_lora(**p, impl="triton")
@@ -329,10 +398,9 @@ def test_fake_impl_shapes():
 
 def test_opcheck():
     p = _problem(4, 2, torch.float32)
-    torch.library.opcheck(
-        torch.ops.adafuse.gather_lora.default,
-        (p["x"], p["lora_A"], p["lora_B"], p["experts"], p["gates"], 0.5, "reference"),
-    )
+    args = (p["x"], p["lora_A"], p["lora_B"], p["experts"], p["gates"], 0.5, "reference")
+    torch.library.opcheck(torch.ops.adafuse.gather_lora.default, args)
+    torch.library.opcheck(torch.ops.adafuse.gather_lora.default, (*args, None, None, None, None, True))
 
 
 def test_side_stream_ops_off_cuda_run_in_place_and_pass_opcheck():
@@ -457,6 +525,15 @@ _AOT = textwrap.dedent("""
                                options=dict(num_warps=warps))
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
+        sig = dict(h_ptr="*fp32", desc_ptr="*i64", rows_ptr="*i64", seg_ptr="*i64", dtype_ref=dt,
+                   **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_experts="i32", m_first="i32",
+                   n_modules="i32", n_out_blocks="i32", R=C, R_P2=C, SPLIT_K=C, BLOCK_M=C, BLOCK_O=C,
+                   ALIGNED=C, IEEE=C)
+        cst = dict(R=64, R_P2=64, SPLIT_K=2, BLOCK_M=64, BLOCK_O=64, ALIGNED=True, IEEE=ieee)
+        k = triton.compile(ASTSource(tg._expand_experts_kernel, sig, cst), target=target)
+        assert "cubin" in k.asm
+        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by expert: no tensor-core MMA"
+        assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by expert: no 16-B stores"
     print("AOT-OK")
 """)
 

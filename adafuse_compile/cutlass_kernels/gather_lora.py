@@ -156,13 +156,14 @@ def validate(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Ten
 # Reference and oracle
 # ------------------------------------------------------------------------------------------
 def reference_gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor],
-                          experts: Tensor, gates: Tensor, scaling: float) -> list[Tensor]:
+                          experts: Tensor, gates: Tensor, scaling: float, per_slot: bool = False) -> list[Tensor]:
     """Plain PyTorch, fp32 math, device ops only (no host sync).
 
     Per module: h [T, k, r] = the selected experts' A rows times x (gathered from x @ A_all^T,
     every expert computed: simple, and cheap next to the backbone on the CPU), scaled by
     s * gate; then the k slots of each token are scattered onto their experts, H [T, N, r],
-    and delta = H @ B_all^T, one matmul over all experts' columns.
+    and delta = H @ B_all^T, one matmul over all experts' columns. `per_slot`: each slot's
+    term apart, [T, k, out] (one such matmul per slot), whose sum over k is the delta.
     """
     n_tok, k = experts.shape
     coef = gates.float() * scaling  # [T, k]
@@ -173,10 +174,14 @@ def reference_gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor],
         xa = (xf @ a.float().reshape(n_exp * r, -1).T).view(n_tok, n_exp, r)
         idx = experts.unsqueeze(-1).expand(n_tok, k, r)
         h = xa.gather(1, idx) * coef.unsqueeze(-1)  # [T, k, r]
-        hh = torch.zeros(n_tok, n_exp, r, dtype=torch.float32, device=x.device)
-        hh.scatter_add_(1, idx, h)
         b_cat = b.float().permute(1, 0, 2).reshape(b.shape[1], n_exp * r)  # [out, N*r]
-        outs.append((hh.view(n_tok, n_exp * r) @ b_cat.T).to(x.dtype))
+        slots = [slice(j, j + 1) for j in range(k)] if per_slot else [slice(0, k)]
+        ys = []
+        for sl in slots:
+            hh = torch.zeros(n_tok, n_exp, r, dtype=torch.float32, device=x.device)
+            hh.scatter_add_(1, idx[:, sl], h[:, sl])
+            ys.append(hh.view(n_tok, n_exp * r) @ b_cat.T)
+        outs.append((torch.stack(ys, 1) if per_slot else ys[0]).to(x.dtype))
     return outs
 
 
@@ -286,7 +291,7 @@ def _validate_sets(experts: Tensor, set_order: Tensor | None, set_work: Tensor |
 
 
 def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None,
-                 set_order=None, set_work=None, on_side_stream=False) -> list[Tensor]:
+                 set_order=None, set_work=None, per_slot=False, on_side_stream=False) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     _validate_sets(experts, set_order, set_work)
@@ -295,26 +300,26 @@ def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, se
         # wait is on work of this stream (or of the same CUDA-graph capture), never on older work.
         side_stream(x.device).wait_stream(torch.cuda.current_stream(x.device))
     if _resolve_impl(impl, x) == "reference":
-        return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling)
+        return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling, per_slot)
     plan = _get_triton_plan(lora_A, lora_B)
     if not (on_side_stream and x.device.type == "cuda"):
         return plan.run(x, experts, gates, scaling, rows=rows, segments=segments,
-                        set_order=set_order, set_work=set_work)
+                        set_order=set_order, set_work=set_work, per_slot=per_slot)
     # The outputs on the main stream, which reads (and frees) them after the join; the kernels'
     # own temporaries (h) on the side stream, which alone uses them.
-    outs = plan.new_outputs(x)
+    outs = plan.new_outputs(x, experts.shape[1] if per_slot else None)
     side = side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
         plan.run(x, experts, gates, scaling, rows=rows, segments=segments, outs=outs,
-                 set_order=set_order, set_work=set_work)
+                 set_order=set_order, set_work=set_work, per_slot=per_slot)
     return outs
 
 
 _SCHEMA = (
     "(Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, "
     "float scaling, str impl, Tensor? rows=None, Tensor? segments=None, "
-    "Tensor? set_order=None, Tensor? set_work=None) -> Tensor[]"
+    "Tensor? set_order=None, Tensor? set_work=None, bool per_slot=False) -> Tensor[]"
 )
 
 
@@ -322,28 +327,32 @@ _SCHEMA = (
 def gather_lora_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                    gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
                    segments: Tensor | None = None, set_order: Tensor | None = None,
-                   set_work: Tensor | None = None) -> list[Tensor]:
-    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, set_order, set_work)
+                   set_work: Tensor | None = None, per_slot: bool = False) -> list[Tensor]:
+    return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, set_order, set_work,
+                        per_slot)
 
 
 @gather_lora_op.register_fake
 def _gather_lora_fake(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, segments=None,
-                      set_order=None, set_work=None) -> list[Tensor]:
+                      set_order=None, set_work=None, per_slot=False) -> list[Tensor]:
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     _validate_sets(experts, set_order, set_work)
+    if per_slot:
+        return [x.new_empty(x.shape[0], experts.shape[1], b.shape[1]) for b in lora_B]
     return [x.new_empty(x.shape[0], b.shape[1]) for b in lora_B]
 
 
 def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                 gates: Tensor, scaling: float, impl: str = "auto", rows: Tensor | None = None,
                 segments: Tensor | None = None, set_order: Tensor | None = None,
-                set_work: Tensor | None = None) -> list[Tensor]:
+                set_work: Tensor | None = None, per_slot: bool = False) -> list[Tensor]:
     """delta_m = sum_j s g_j B_m[e_j] (A_m[e_j] x) per token, for all modules (module doc).
     `rows`, `segments`: this step's expert_segments(experts, N), computed once for all calls;
-    `set_order`, `set_work`: its tuple_blocks(experts, N), likewise."""
+    `set_order`, `set_work`: its tuple_blocks(experts, N), likewise. `per_slot`: each slot's term
+    apart, [T, k, out_m], for the caller to sum over k (prefill: the expand by expert)."""
     return torch.ops.adafuse.gather_lora(x, lora_A, lora_B, experts, gates, float(scaling),
-                                          impl, rows, segments, set_order, set_work)
+                                          impl, rows, segments, set_order, set_work, per_slot)
 
 
 # ------------------------------------------------------------------------------------------
@@ -374,11 +383,11 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 def gather_lora_start_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                          gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
                          segments: Tensor | None = None, set_order: Tensor | None = None,
-                         set_work: Tensor | None = None) -> list[Tensor]:
+                         set_work: Tensor | None = None, per_slot: bool = False) -> list[Tensor]:
     """gather_lora, launched on the side stream (CUDA, Triton); elsewhere it runs in place and the
     join does nothing. The deltas must not be read before gather_lora_join."""
     return _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows, segments, set_order, set_work,
-                        on_side_stream=True)
+                        per_slot, on_side_stream=True)
 
 
 gather_lora_start_op.register_fake(_gather_lora_fake)

@@ -257,6 +257,63 @@ def _expand_sets_kernel(
             tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
+@triton.jit
+def _expand_experts_kernel(
+    h_ptr, desc_ptr, rows_ptr, seg_ptr, dtype_ref,
+    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's [T, k, out] outputs
+    n_rows, n_experts, m_first, n_modules, n_out_blocks,
+    R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The per-slot prefill expand: the rows sorted by expert (the shrink's segments); program
+    (row block, expert e, module x out block) computes y[row] = B_m[e] @ h[m, row] for its rows,
+    one dot, and stores it at row = t*k + j of the [T, k, out] output, so each slot's term lands
+    apart and the caller sums the k slots (in the add it already has). B_m[e] is read once per
+    row block of its expert, not once per block of tokens. Programs of e == N store zeros to the
+    rows whose expert id is out of range (outside every segment): every row is written."""
+    elem = dtype_ref.dtype.element_ty
+    rb = tl.program_id(0)
+    e = tl.program_id(1)
+    ml = tl.program_id(2) // n_out_blocks
+    ob = tl.program_id(2) % n_out_blocks
+    m = m_first + ml
+    n_out = tl.load(desc_ptr + m * 3 + 2)
+    if ob * BLOCK_O < n_out:
+        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
+        if ALIGNED:
+            b_ptr = tl.multiple_of(b_ptr, 16)
+            y_ptr = tl.multiple_of(y_ptr, 16)
+            n_out = tl.multiple_of(n_out, 8)
+        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < n_out
+        offs_r = tl.arange(0, R_P2)
+        mask_r = offs_r < R
+        if e < n_experts:
+            start = tl.load(seg_ptr + e)
+            pos = start + rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = pos < tl.load(seg_ptr + e + 1)
+        else:
+            pos = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64, as in the branch above
+            valid = ((pos < tl.load(seg_ptr)) | (pos >= tl.load(seg_ptr + n_experts))) & (pos < n_rows)
+        if tl.sum(valid.to(tl.int32)) > 0:
+            rows = tl.load(rows_ptr + pos, mask=valid, other=0).to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+            if e < n_experts:
+                h_offs = (m * n_rows + rows)[:, None] * R + offs_r[None, :]
+                h_mask = valid[:, None] & mask_r[None, :]
+                h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+                for sk in tl.static_range(1, SPLIT_K):
+                    h += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
+                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :],
+                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
+                if IEEE:
+                    acc = tl.dot(h, tl.trans(bt), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h.to(elem), tl.trans(bt), acc)
+            y_ptrs = y_ptr + rows[:, None] * n_out + offs_o[None, :]
+            tl.store(y_ptrs, acc.to(elem), mask=valid[:, None] & mask_o[None, :])
+
+
 # Configuration. Started from vLLM's shrink/expand defaults; changed where bench_gather.py --sweep
 # measured a better value on the H200 (benchmarks/results/gather_h200_sweep.json, 7B groups
 # q,k,v / o / gate,up / down, T = 1..512).
@@ -277,6 +334,9 @@ MAX_SPLIT_K = 8
 UNROLL_MIN_ROWS_PER_EXPERT = 8
 # The expand by sets (prefill): out block; work items hold at most TUPLE_BLOCK_T tokens.
 SETS_BLOCK_O = 64
+# The per-slot expand by expert (prefill, backend setting prefill_expand="slots"): out block. Not
+# measured yet.
+SLOTS_BLOCK_O = 64
 
 
 # Tuning knob for benchmarks, not for users: a JSON object of config overrides applied to every
@@ -284,7 +344,7 @@ SETS_BLOCK_O = 64
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
 CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS",
-               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS")
+               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS", "SLOTS_BLOCK_O")
 
 
 def env_overrides() -> dict:
@@ -330,8 +390,10 @@ class GatherPlan:
         else:
             self.sms = 2  # interpreter: a few programs exercise the split-K path
 
-    def new_outputs(self, x: Tensor) -> list[Tensor]:
-        return [torch.empty(x.shape[0], o, dtype=x.dtype, device=x.device) for o in self.outs]
+    def new_outputs(self, x: Tensor, k: int | None = None) -> list[Tensor]:
+        """[T, out_m] deltas, or with `k` the per-slot terms [T, k, out_m]."""
+        slots = () if k is None else (k,)
+        return [torch.empty(x.shape[0], *slots, o, dtype=x.dtype, device=x.device) for o in self.outs]
 
     def config(self, n_tokens: int, k: int, overrides: dict | None = None) -> dict:
         """Block sizes and K split for this call's shape (a pure function of the shape)."""
@@ -357,7 +419,8 @@ class GatherPlan:
         unroll = not sorted_ and n_rows >= UNROLL_MIN_ROWS_PER_EXPERT * self.n_experts
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                    BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=unroll, EXPAND_SETS=sets,
-                   SETS_BLOCK_T=TUPLE_BLOCK_T, SETS_BLOCK_O=SETS_BLOCK_O, SETS_WARPS=4)
+                   SETS_BLOCK_T=TUPLE_BLOCK_T, SETS_BLOCK_O=SETS_BLOCK_O, SETS_WARPS=4,
+                   SLOTS_BLOCK_O=SLOTS_BLOCK_O)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
         return cfg
@@ -365,18 +428,22 @@ class GatherPlan:
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
             config: dict | None = None, rows: Tensor | None = None,
             segments: Tensor | None = None, outs: list[Tensor] | None = None,
-            set_order: Tensor | None = None, set_work: Tensor | None = None) -> list[Tensor]:
+            set_order: Tensor | None = None, set_work: Tensor | None = None,
+            per_slot: bool = False) -> list[Tensor]:
         """`rows`, `segments`: this step's expert_segments, if the caller computed them once;
-        `set_order`, `set_work`: its tuple_blocks (block TUPLE_BLOCK_T), likewise.
+        `set_order`, `set_work`: its tuple_blocks, likewise. `per_slot`: return each slot's term
+        apart, [T, k, out_m] (the expand by expert, any T).
         `outs`: the outputs, allocated by the caller (on the stream that will read them)."""
         n_tokens, k = experts.shape
         n_rows = n_tokens * k
         m_total = len(self.outs)
         if outs is None:
-            outs = self.new_outputs(x)
+            outs = self.new_outputs(x, k if per_slot else None)
         if n_tokens == 0:
             return outs
         cfg = self.config(n_tokens, k, config)
+        if per_slot and not cfg["SORTED"]:  # the expand by expert reads the shrink's segments
+            cfg.update(SORTED=True, BLOCK_M=SORTED_BLOCK_M)
         x = x.contiguous()
         ids = experts.contiguous()
         g = gates.to(torch.float32).contiguous()
@@ -399,6 +466,18 @@ class GatherPlan:
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
+        if per_slot:
+            for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
+                chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
+                addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+                n_out_blocks = triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"])
+                grid = (row_blocks, self.n_experts + 1, len(chunk) * n_out_blocks)
+                _expand_experts_kernel[grid](
+                    h, self.desc, rows, seg, self.dtype_ref, *addrs, n_rows, self.n_experts, m0, m_total,
+                    n_out_blocks, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], BLOCK_M=cfg["BLOCK_M"],
+                    BLOCK_O=cfg["SLOTS_BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
+                )
+            return outs
         if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
             set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):

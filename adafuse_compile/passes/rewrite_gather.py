@@ -49,25 +49,32 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     impl = settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto"
     device = graph_inputs(gm)[regions[0].factors["lora_A"]].device
     tokens = regions[0].tokens
-    segments = (None, None)
-    # A dynamic token count (a prefill recompiled for a second length) gets them too: two small
-    # launches per step, which the masked (short-step) kernel then ignores.
+    # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
+    # segments, set_order, set_work, per_slot (the op's schema). A prefill-sized step (or a dynamic
+    # token count: a prefill recompiled for a second length) computes the expert order once for
+    # every call, and the sets of experts or the per-slot form for its expand.
+    step_args: tuple = (None, None)
+    per_slot = False
     if (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
             tokens is None or tokens * top_k >= SORTED_MIN_ROWS):
+        n_experts = regions[0].factors["num_experts"]
         with graph.inserting_after(gates):
-            both = graph.call_function(expert_segments, (experts, regions[0].factors["num_experts"]))
+            both = graph.call_function(expert_segments, (experts, n_experts))
         with graph.inserting_after(both):
             rows = graph.call_function(operator.getitem, (both, 0))
         with graph.inserting_after(rows):
-            segments = (rows, graph.call_function(operator.getitem, (both, 1)))
-        n_experts = regions[0].factors["num_experts"]
-        if tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
-            with graph.inserting_after(segments[1]):
+            step_args = (rows, graph.call_function(operator.getitem, (both, 1)))
+        if settings.prefill_expand == "slots":  # the expand by expert, each slot's term apart
+            per_slot = True
+            step_args = (*step_args, None, None, True)
+        elif tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
+            with graph.inserting_after(step_args[1]):
                 sets = graph.call_function(tuple_blocks, (experts, n_experts))
             with graph.inserting_after(sets):
                 order_node = graph.call_function(operator.getitem, (sets, 0))
             with graph.inserting_after(order_node):
-                segments = (*segments, order_node, graph.call_function(operator.getitem, (sets, 1)))
+                step_args = (*step_args, order_node, graph.call_function(operator.getitem, (sets, 1)))
+    step_nodes = [n for n in step_args if isinstance(n, fx.Node)]
     groups: dict[fx.Node, list] = {}
     for r in regions:
         groups.setdefault(r.x, []).append(r)
@@ -77,11 +84,11 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
         args = ([r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
-                experts, gates, scaling, impl, *segments)
+                experts, gates, scaling, impl, *step_args)
         if side:
             # Fork as soon as x and the step's routing exist, join just before the first add: the
             # group's backbone linears run in between, concurrently with the adapter kernels.
-            ready = max((x, *(n for n in (gates, *segments) if n is not None)), key=order.__getitem__)
+            ready = max((x, gates, *step_nodes), key=order.__getitem__)
             with graph.inserting_after(ready):
                 x2d = graph.call_method("reshape", (x, -1, in_features))
             with graph.inserting_after(x2d):
@@ -98,7 +105,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                     first_add.prepend(r.linear)
                     order = {n: i for i, n in enumerate(graph.nodes)}
                 linears.append(r.linear)
-            keep = [x2d, experts, gates, *(n for n in segments if n is not None), *linears]
+            keep = [x2d, experts, gates, *step_nodes, *linears]
             with graph.inserting_before(first_add):
                 graph.call_function(torch.ops.adafuse.gather_lora_join.default, (deltas, keep))
         else:
@@ -108,6 +115,8 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         for i, r in enumerate(group):
             with graph.inserting_before(r.add):  # after this region's own linear
                 delta = graph.call_function(operator.getitem, (deltas, i))
+                if per_slot:  # [T, k, out]: the slots' sum, which Inductor fuses into this add
+                    delta = graph.call_method("sum", (delta, 1))
                 shaped = graph.call_method("view_as", (delta, r.linear))
                 summed = graph.call_function(operator.add, (r.linear, shaped))
             r.add.replace_all_uses_with(summed)
@@ -123,7 +132,9 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         for a_pos, b_pos in group_pos:
             gather_lora.prepare_plan([args[i] for i in a_pos], [args[i] for i in b_pos], impl)
     gm.meta["adafuse_prepare"] = prepare
-    shared = "; experts sorted once for the step, shared by every call" if segments[0] is not None else ""
+    shared = "; experts sorted once for the step, shared by every call" if step_nodes else ""
+    if per_slot:
+        shared += "; expand by expert, per-slot terms summed in the add"
     if side:
         shared += "; adapter kernels on a side stream, concurrent with the backbone linears"
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
