@@ -154,6 +154,8 @@ def main() -> None:
                     help="decode starts after this many prompt tokens (default: the KV cache less --steps)")
     ap.add_argument("--phases", default="b1,batch,prefill", help="which of b1, batch, prefill to run, in order")
     ap.add_argument("--skip-naive", action="store_true", help="skip torch.compile of the naive pre-gated model")
+    ap.add_argument("--multi-paths", default="auto", help="adafuse paths timed at batch > 1 and prefill (auto; "
+                    "gather-inline / gather-slots to compare the gather variants)")
     ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")
     ap.add_argument("--batches", default="8,32", help="decode batch sizes of the batch phase")
     ap.add_argument("--prefill-len", type=int, default=512)
@@ -290,24 +292,48 @@ def main() -> None:
                     res[f"adafuse_{name}_vs_fp32_max_rel_logit_err"] = rel_err(got, ref32)
                     res[f"adafuse_{name}_argmax_agreement"] = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
                 phase(f"adafuse_{name}", b1_path)
+        multi = args.multi_paths.split(",") if args.multi_paths else []
         for b in batches if "batch" in phases else []:
-            def auto_batch(b=b):
-                model.setup_cache(b)
-                res[f"adafuse_auto_b{b}_ms"] = decode_ms(compile_adafuse("auto"), prompt_len, args.steps,
-                                                         prefill=model, batch=b)
-                res[f"adafuse_auto_b{b}_paths_compiled"] = compiled_paths()
-                if f"b{b}" in backbone:
-                    res[f"adafuse_auto_b{b}_x_backbone_b{b}"] = round(res[f"adafuse_auto_b{b}_ms"] / backbone[f"b{b}"], 3)
-            phase(f"adafuse_auto_b{b}", auto_batch)
+            for name in multi:
+                def path_batch(b=b, name=name):
+                    model.setup_cache(b)
+                    key = f"adafuse_{name}_b{b}"
+                    res[f"{key}_ms"] = decode_ms(compile_adafuse(name), prompt_len, args.steps, prefill=model, batch=b)
+                    res[f"{key}_paths_compiled"] = compiled_paths()
+                    if f"b{b}" in backbone:
+                        res[f"{key}_x_backbone_b{b}"] = round(res[f"{key}_ms"] / backbone[f"b{b}"], 3)
+                phase(f"adafuse_{name}_b{b}", path_batch)
+            if not args.skip_naive:  # the bar: auto faster than the naive model's torch.compile
+                def naive_batch(b=b):
+                    torch._dynamo.reset()
+                    model.setup_cache(b)
+                    key = f"naive_torch_compile_b{b}"
+                    res[f"{key}_ms"] = decode_ms(torch.compile(model, mode="reduce-overhead"), prompt_len, args.steps,
+                                                 prefill=model, batch=b)
+                    if f"b{b}" in backbone:
+                        res[f"{key}_x_backbone_b{b}"] = round(res[f"{key}_ms"] / backbone[f"b{b}"], 3)
+                phase(f"naive_torch_compile_b{b}", naive_batch)
         if "prefill" in phases:
-            def auto_prefill():
-                model.setup_cache(1)
-                res["adafuse_auto_prefill_tokens_per_s"] = prefill_tokens_per_s(compile_adafuse("auto"), args.prefill_len)
-                res["adafuse_auto_prefill_paths_compiled"] = compiled_paths()
+            def ratio(key: str) -> None:
                 if "backbone_prefill_tokens_per_s" in res:
-                    res["adafuse_auto_prefill_x_backbone"] = round(
-                        res["adafuse_auto_prefill_tokens_per_s"] / res["backbone_prefill_tokens_per_s"], 3)
-            phase("adafuse_auto_prefill", auto_prefill)
+                    res[key.replace("_tokens_per_s", "_x_backbone")] = round(
+                        res[key] / res["backbone_prefill_tokens_per_s"], 3)
+            for name in multi:
+                def path_prefill(name=name):
+                    model.setup_cache(1)
+                    key = f"adafuse_{name}_prefill"
+                    res[f"{key}_tokens_per_s"] = prefill_tokens_per_s(compile_adafuse(name), args.prefill_len)
+                    res[f"{key}_paths_compiled"] = compiled_paths()
+                    ratio(f"{key}_tokens_per_s")
+                phase(f"adafuse_{name}_prefill", path_prefill)
+            if not args.skip_naive:
+                def naive_prefill():
+                    torch._dynamo.reset()
+                    model.setup_cache(1)
+                    res["naive_torch_compile_prefill_tokens_per_s"] = prefill_tokens_per_s(
+                        torch.compile(model, mode="reduce-overhead"), args.prefill_len)
+                    ratio("naive_torch_compile_prefill_tokens_per_s")
+                phase("naive_torch_compile_prefill", naive_prefill)
         if "b1" in phases and not args.skip_profile and DEV == "cuda":
             def profile():
                 # Launch count without CUDA graphs (graph replay hides kernels from the profiler);

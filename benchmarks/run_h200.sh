@@ -32,7 +32,9 @@
 # once. (The first side-by-side run, 2026-11-29, locked only the timed sections: the others'
 # untimed GPU work disturbed them; its results carry the suffix _shared.) GPU tests hold the lock for
 # each test's whole run (tests/conftest.py), so `tests*` stages may run next to timed ones.
-# Per-set overrides for decode / decode-all: PHASES_qv, PATHS_qv, PHASES_all, PATHS_all.
+# Per-set overrides for decode / decode-all: PHASES_qv, PATHS_qv, PHASES_all, PATHS_all; MULTI_PATHS: the
+# paths timed at batch > 1 and prefill (default auto); the naive model's torch.compile runs at every
+# shape unless SKIP_NAIVE=1.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -65,7 +67,7 @@ run_stage() {
     phases_var=PHASES_$targets; paths_var=PATHS_$targets
     phases=${!phases_var:-${PHASES:-b1,batch,prefill}}; paths=${!paths_var:-${PATHS:-merge-exact,factor,gather,auto}}
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
-      ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "$paths" \
+      ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "$paths" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
     # All 13 CUTLASS variants (0-4 measured, 5-12 new): ~2.5 min build + timing. A variant that hangs

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_decode_cpu_smoke(tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--preset", "tiny",
-                    "--steps", "3", "--prefill-len", "16", "--batches", "2", "--skip-naive", "--out", str(out)],
+                    "--steps", "3", "--prefill-len", "16", "--batches", "2", "--paths", "merge-exact,factor,gather,auto",
+                    "--multi-paths", "auto,gather-slots", "--out", str(out)],
                    check=True, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     assert not [k for k in res if k.endswith("_error")], res
@@ -25,8 +26,12 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert res["adafuse_auto_b2_paths_compiled"] == ["gather"]  # multi-token steps: the gather path
     assert res["adafuse_auto_prefill_paths_compiled"] == ["gather"]
     for key in ("backbone_compiled_ms", "backbone_b2_compiled_ms", "adafuse_auto_b2_ms",
-                "backbone_prefill_tokens_per_s", "adafuse_auto_prefill_tokens_per_s"):
+                "backbone_prefill_tokens_per_s", "adafuse_auto_prefill_tokens_per_s",
+                "adafuse_gather-slots_b2_ms", "adafuse_gather-slots_prefill_tokens_per_s",
+                # the naive pre-gated model's torch.compile at every shape (the "faster than naive")
+                "naive_torch_compile_ms", "naive_torch_compile_b2_ms", "naive_torch_compile_prefill_tokens_per_s"):
         assert res[key] > 0
+    assert res["naive_torch_compile_b2_x_backbone_b2"] > 0 and res["adafuse_auto_prefill_x_backbone"] > 0
     assert len(res["backbone_compiled_ms_repeats"]) == 3 and min(res["backbone_compiled_ms_repeats"]) > 0
 
 
