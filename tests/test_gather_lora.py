@@ -348,31 +348,39 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     assert len(sets) == 1
 
 
+def _tiny_prefill(targets, seed: int):
+    """A 40-token prefill of a small adapted model: (model, tokens, pos, eager logits)."""
+    import adafuse_compile as af
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal", target_modules=targets))
+    model.eval().setup_cache(1)
+    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    with torch.no_grad():
+        ref = model(tokens, pos)
+    model.setup_cache(1)
+    return model, tokens, pos, ref
+
+
 @pytest.mark.parametrize("side_stream", [False, True])
 def test_prefill_with_the_per_slot_expand_matches_eager(triton_gather, side_stream):
     """prefill_expand="slots": every prefill gather call returns per-slot terms, summed in the add
     by Inductor; no tuple_blocks in the graph; the step matches eager (also through the split
     start/join form, which runs in place on the CPU)."""
-    import adafuse_compile as af
     from adafuse_compile import backend
 
-    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
-    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=2)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal", target_modules="all-linear"))
-    model.eval().setup_cache(1)
-    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    model, tokens, pos, ref = _tiny_prefill("all-linear", seed=2)
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
     with torch.no_grad():
-        ref = model(tokens, pos)
-        torch._dynamo.reset()
-        backend.last_compilations.clear()
-        model.setup_cache(1)
         got = torch.compile(model, backend="adafuse", options={
             "sgmm_impl": "triton", "prefill_expand": "slots", "side_stream": side_stream})(tokens, pos)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     gm = backend.last_compilations[0]["graph"]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target) and "join" not in str(n.target)]
-    assert len(calls) == 4 * cfg.num_hidden_layers and all(n.args[-1] is True for n in calls)
+    assert len(calls) == 4 * model.config.num_hidden_layers and all(n.args[-1] is True for n in calls)
     assert not [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
 
 

@@ -40,6 +40,20 @@ def _check(got, p, dtype, what):
         )
 
 
+def _captured(step) -> torch.cuda.CUDAGraph:
+    """`step` warmed up on a side stream (plans built, kernels compiled), then captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return g
+
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -87,14 +101,7 @@ def test_cuda_graph_replay_with_new_tokens(T):
         out["y"] = gather_lora(x, p["lora_A"], p["lora_B"], experts, gates, p["scaling"],
                                impl="triton")
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up: plan built, kernels compiled
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = _captured(step)
     q = _problem(T, "qkv", torch.bfloat16)
     x.copy_(q["x"])
     experts.copy_(q["experts"])
@@ -125,14 +132,7 @@ def test_side_stream_fork_join_in_a_cuda_graph(T):
     step()
     torch.cuda.synchronize()
     _check(out["deltas"], p, torch.bfloat16, "eager fork/join")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = _captured(step)
     for seed in range(3):
         q = make_gather_problem(T, HIDDEN, GROUPS["qkv"], n_experts=N_EXPERTS, rank=RANK, k=TOP_K,
                                 dtype=torch.bfloat16, device="cuda",
@@ -159,14 +159,7 @@ def test_join_after_an_in_line_start_captures_in_a_cuda_graph():
         torch.ops.adafuse.gather_lora_join(deltas, [p["x"]])
         out["deltas"] = [d * 1 for d in deltas]
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = _captured(step)
     g.replay()
     torch.cuda.synchronize()
     _check(out["deltas"], p, torch.bfloat16, "reference start + join, replayed")
