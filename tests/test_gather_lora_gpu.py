@@ -146,6 +146,21 @@ def test_side_stream_fork_join_in_a_cuda_graph(T):
         torch.testing.assert_close(out["y"], x @ w.t())
 
 
+def test_side_stream_is_one_per_thread():
+    """Two threads (two models, each perhaps capturing a graph) never share a side stream; one
+    thread always gets the same one. (Written after the last GPU run of its session.)"""
+    import threading
+
+    dev = torch.device("cuda")
+    mine = gl.side_stream(dev)
+    assert gl.side_stream(dev) == mine
+    other = []
+    t = threading.Thread(target=lambda: other.append(gl.side_stream(dev)))
+    t.start()
+    t.join()
+    assert other[0] != mine
+
+
 def test_join_after_an_in_line_start_captures_in_a_cuda_graph():
     """impl="reference" runs the start in line (nothing on the side stream), yet the start still
     records the fork, so the join's wait is part of the capture (written after a review; not yet

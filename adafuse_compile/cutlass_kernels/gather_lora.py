@@ -27,6 +27,7 @@ Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
 
+import threading
 
 import torch
 from torch import Tensor
@@ -367,16 +368,19 @@ def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: 
 # replay overlaps the same way. Lifetimes: the caller passes to the join every tensor the side
 # stream reads (x, experts, gates, rows, segments), so that no buffer the side stream still reads
 # is freed and reused before the join; the deltas are allocated on the current stream.
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# One side stream per (thread, device): two threads decoding two models (each may be capturing a
+# CUDA graph) must not join each other's work or captures through a shared stream.
+_side_streams = threading.local()
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
+    streams = _side_streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 @torch.library.custom_op("adafuse::gather_lora_start", mutates_args=(), schema=_SCHEMA)
