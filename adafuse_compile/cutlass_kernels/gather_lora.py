@@ -1,7 +1,7 @@
 """Gather LoRA (the `gather` path): per-token experts, M modules sharing one input.
 
-    gather_lora(x, lora_A, lora_B, experts, gates, scaling, impl="auto",
-                rows=None, segments=None) -> [delta_m]
+    gather_lora(x, lora_A, lora_B, experts, gates, scaling, impl="auto", rows=None, segments=None,
+                set_order=None, set_work=None, per_slot=False) -> [delta_m]
 
 For T tokens, x [T, in]; for each module m, lora_A[m] [N, r, in] and lora_B[m] [N, out_m, r];
 experts [T, k] int64 and gates [T, k] (any float dtype, used in fp32):
@@ -296,24 +296,21 @@ def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, se
     validate(x, lora_A, lora_B, experts, gates, impl)
     _validate_segments(experts, lora_A[0].shape[0], rows, segments)
     _validate_sets(experts, set_order, set_work)
-    if on_side_stream and x.device.type == "cuda" and _resolve_impl(impl, x) == "reference":
-        # Nothing launched on the side stream, but the fork is still recorded, so that the join's
-        # wait is on work of this stream (or of the same CUDA-graph capture), never on older work.
-        side_stream(x.device).wait_stream(torch.cuda.current_stream(x.device))
-    if _resolve_impl(impl, x) == "reference":
+    fork = on_side_stream and x.device.type == "cuda"
+    if fork:  # recorded whatever runs after it, so the join always waits on work of this step
+        side = side_stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+    if _resolve_impl(impl, x) == "reference":  # in line, also after a fork
         return reference_gather_lora(x, lora_A, lora_B, experts, gates, scaling, per_slot)
     plan = _get_triton_plan(lora_A, lora_B)
-    if not (on_side_stream and x.device.type == "cuda"):
-        return plan.run(x, experts, gates, scaling, rows=rows, segments=segments,
-                        set_order=set_order, set_work=set_work, per_slot=per_slot)
+    steps = dict(rows=rows, segments=segments, set_order=set_order, set_work=set_work, per_slot=per_slot)
+    if not fork:
+        return plan.run(x, experts, gates, scaling, **steps)
     # The outputs on the main stream, which reads (and frees) them after the join; the kernels'
     # own temporaries (h) on the side stream, which alone uses them.
     outs = plan.new_outputs(x, experts.shape[1] if per_slot else None)
-    side = side_stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
-        plan.run(x, experts, gates, scaling, rows=rows, segments=segments, outs=outs,
-                 set_order=set_order, set_work=set_work, per_slot=per_slot)
+        plan.run(x, experts, gates, scaling, outs=outs, **steps)
     return outs
 
 
@@ -366,7 +363,7 @@ def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: 
 # stream, concurrently; `gather_lora_join` makes the current stream wait for the second before
 # the deltas are added. A CUDA-graph capture records the fork and the join as graph edges, so a
 # replay overlaps the same way. Lifetimes: the caller passes to the join every tensor the side
-# stream reads (x, experts, gates, rows, segments), so that no buffer the side stream still reads
+# stream reads (x, experts, gates and the step's order and sets), so that no buffer it still reads
 # is freed and reused before the join; the deltas are allocated on the current stream.
 # One side stream per (thread, device): two threads decoding two models (each may be capturing a
 # CUDA graph) must not join each other's work or captures through a shared stream.

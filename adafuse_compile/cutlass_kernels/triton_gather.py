@@ -451,14 +451,13 @@ class GatherPlan:
         # Every slice and row the expand reads is stored by the shrink: empty, not zeros (no memset).
         h = torch.empty(cfg["SPLIT_K"], m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
 
-        if cfg["SORTED"]:
-            seg = segments
-            if rows is None:  # not computed once for the step: sort here (2 more launches)
-                rows, seg = expert_segments(ids, self.n_experts, self.expert_ids)
-            row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
-        else:
+        if not cfg["SORTED"]:
             rows, seg = ids, ids  # unused in the masked form
-            row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+        elif rows is None:  # not computed once for the step: sort here (2 more launches)
+            rows, seg = expert_segments(ids, self.n_experts, self.expert_ids)
+        else:
+            seg = segments
+        row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
         _shrink_kernel[(row_blocks, self.n_experts, m_total * cfg["SPLIT_K"])](
             x, self.desc, ids, g, rows, seg, h, n_rows, self.n_in, m_total, float(scaling),
             K_SEL=k, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], SORTED=cfg["SORTED"],
@@ -466,18 +465,34 @@ class GatherPlan:
             IEEE=self.ieee,
         )
         max_out = max(self.outs)
-        if per_slot:
-            for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
-                chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
-                addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+        sets = cfg["EXPAND_SETS"] and not per_slot
+        if sets and set_order is None:  # not computed once for the step
+            set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
+        common = dict(R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], ALIGNED=aligned, IEEE=self.ieee)
+        for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):  # one expand launch per 8 modules
+            chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
+            addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+            if per_slot:
                 n_out_blocks = triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"])
-                grid = (row_blocks, self.n_experts + 1, len(chunk) * n_out_blocks)
-                _expand_experts_kernel[grid](
+                _expand_experts_kernel[(row_blocks, self.n_experts + 1, len(chunk) * n_out_blocks)](
                     h, self.desc, rows, seg, self.dtype_ref, *addrs, n_rows, self.n_experts, m0, m_total,
-                    n_out_blocks, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], BLOCK_M=cfg["BLOCK_M"],
-                    BLOCK_O=cfg["SLOTS_BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
+                    n_out_blocks, BLOCK_M=cfg["BLOCK_M"], BLOCK_O=cfg["SLOTS_BLOCK_O"], **common,
                 )
-            return outs
+            elif sets:
+                n_work = set_work.shape[1]
+                _expand_sets_kernel[(n_work, triton.cdiv(max_out, cfg["SETS_BLOCK_O"]), len(chunk))](
+                    h, self.desc, ids, set_order, set_work, self.dtype_ref, *addrs, n_rows, n_work,
+                    self.n_experts, m_total, m0, K_SEL=k, K_P2=_pow2_at_least(k, 2),
+                    BLOCK_T=cfg["SETS_BLOCK_T"], BLOCK_O=cfg["SETS_BLOCK_O"], num_warps=cfg["SETS_WARPS"], **common,
+                )
+            else:
+                grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]), len(chunk))
+                _expand_kernel[grid](
+                    h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m_total, m0,
+                    K_SEL=k, K_P2=_pow2_at_least(k, 2), BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
+                    N_EXP=self.n_experts, UNROLL=bool(cfg["EXPAND_UNROLL"]), **common,
+                )
+        return outs
         if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
             set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
