@@ -11,6 +11,7 @@
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
+#   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
 #   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
 #            (PROFILE_PATHS=gather,gather-slots PROFILE_SHAPES=p512: the two prefill expands)
@@ -76,6 +77,16 @@ run_stage() {
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
   gather-kernels)
     timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
+  gather-variants)
+    # Out blocks per expand program (h read once per program) and the prefill expand's block sizes:
+    # decode shapes, then prefill shapes, each variant against the shape-picked default.
+    local decode_variants prefill_variants
+    decode_variants='[{"O_ITERS": 1}, {"O_ITERS": 2}, {"O_ITERS": 4}, {"O_ITERS": 8}, {"SPLIT_K": 4, "O_ITERS": 4}, {"SPLIT_K": 2, "O_ITERS": 8}]'
+    prefill_variants='[{"SETS_O_ITERS": 1}, {"SETS_O_ITERS": 4}, {"SETS_O_ITERS": 16}, {"SETS_BLOCK_T": 16}, {"SETS_BLOCK_T": 64}, {"SETS_WARPS": 8}, {"SETS_BLOCK_O": 128}, {"SPLIT_K": 1}, {"SPLIT_K": 1, "SETS_BLOCK_O": 128, "SETS_O_ITERS": 4}]'
+    timeout "${GATHER_TIMEOUT:-280}" python3 benchmarks/bench_gather.py --tokens 1,8,32 --reps 20 \
+      --variants "${GATHER_DECODE_VARIANTS:-$decode_variants}" --out "$OUT/gather_h200_variants_decode.json" 2>&1 | tail -80
+    timeout "${GATHER_TIMEOUT:-280}" python3 benchmarks/bench_gather.py --tokens 128,512 --reps 20 \
+      --variants "${GATHER_PREFILL_VARIANTS:-$prefill_variants}" --out "$OUT/gather_h200_variants_prefill.json" 2>&1 | tail -60 ;;
   profile)
     # Per-kernel time of each path against the backbone, 4 layers of the 7B shape (profile_paths.py).
     for t in qv all; do

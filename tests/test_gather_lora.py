@@ -116,6 +116,11 @@ def test_triton_matches_oracle(triton_gather, dtype, k, T):
     dict(SORTED=False, BLOCK_M=64, BLOCK_K=16, SPLIT_K=2, EXPAND_UNROLL=True),  # every expert, unrolled
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=True),  # prefill: expand by sets
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=False),  # prefill, per token block
+    # Several out blocks per program (h read once): 2 (outs of 3 and 4 blocks of 16), and
+    # one larger than the blocks there are (the extra iterations store nothing).
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=False, BLOCK_O=16, O_ITERS=2),
+    dict(SORTED=False, BLOCK_M=64, BLOCK_K=16, SPLIT_K=2, EXPAND_UNROLL=True, BLOCK_O=16, O_ITERS=16),
+    dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=2, EXPAND_SETS=True, SETS_BLOCK_O=16, SETS_O_ITERS=2),
 ])
 def test_triton_config_paths(triton_gather, dtype, cfg, monkeypatch):
     """Every shrink form and the split-K partials, forced (the default config picks by shape). The
@@ -223,6 +228,17 @@ def test_sets_expand_with_a_work_list_of_larger_blocks(triton_gather):
     got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], set_order=order, set_work=work,
                    config={"SORTED": True, "EXPAND_SETS": True, "SETS_BLOCK_T": 16})
     _check(got, p, torch.float32, "sets, list of 64-token blocks, kernel block 16")
+
+
+def test_out_iters_keep_enough_programs_per_sm(triton_gather):
+    """Out blocks per expand program: grouped only while EXPAND_PROGRAMS_PER_SM programs per SM
+    remain, never past the blocks there are or MAX_O_ITERS."""
+    per_sm, most = triton_gather.EXPAND_PROGRAMS_PER_SM, triton_gather.MAX_O_ITERS
+    out_iters = triton_gather._out_iters
+    assert out_iters(per_sm * 132, 64, 132) == 1
+    assert out_iters(per_sm * 132 * 8, 64, 132) == 8
+    assert out_iters(per_sm * 132 * 1000, 64, 132) == most
+    assert out_iters(per_sm * 132 * 1000, 2, 132) == 2
 
 
 def test_shrink_block_k_by_dtype_and_rank():
@@ -514,25 +530,29 @@ _AOT = textwrap.dedent("""
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
-                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C, N_EXP=C, UNROLL=C)
-        for unroll in (False, True):
+                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C, N_EXP=C, UNROLL=C, O_ITERS=C)
+        for unroll, o_iters in ((False, 1), (True, 1), (True, 4)):
             cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=4, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
-                       IEEE=ieee, N_EXP=8, UNROLL=unroll)
+                       IEEE=ieee, N_EXP=8, UNROLL=unroll, O_ITERS=o_iters)
             k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
-            assert ieee or re.search(r"ld\\.global\\.v4", k.asm["ptx"]), "expand: no 16-B loads"
+            # 16-B loads: ld.global.v4, or with several out blocks per program Triton's pipelined
+            # 16-B cp.async copies to shared memory
+            assert ieee or re.search(r"ld\\.global\\.v4|cp\\.async\\.cg\\.shared\\.global .*0x10", k.asm["ptx"]), \
+                "expand: no 16-B loads"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", order_ptr="*i64", work_ptr="*i64",
                    dtype_ref=dt, **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_work="i32",
                    n_experts="i32", n_modules="i32", m_first="i32", K_SEL=C, K_P2=C, R=C, R_P2=C,
-                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C)
-        for block_t, block_o, warps in ((32, 64, 4), (16, 128, 4), (64, 256, 8)):
+                   SPLIT_K=C, BLOCK_T=C, BLOCK_O=C, ALIGNED=C, IEEE=C, O_ITERS=C)
+        for block_t, block_o, warps, o_iters in ((32, 64, 4, 1), (32, 64, 4, 8), (16, 128, 4, 2), (64, 256, 8, 1)):
             cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=2, BLOCK_T=block_t, BLOCK_O=block_o,
-                       ALIGNED=True, IEEE=ieee)
+                       ALIGNED=True, IEEE=ieee, O_ITERS=o_iters)
             k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst), target=target,
                                options=dict(num_warps=warps))
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
+            assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by sets: no 16-B stores"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", rows_ptr="*i64", seg_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_experts="i32", m_first="i32",
                    n_modules="i32", n_out_blocks="i32", R=C, R_P2=C, SPLIT_K=C, BLOCK_M=C, BLOCK_O=C,

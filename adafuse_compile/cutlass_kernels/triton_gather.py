@@ -36,6 +36,7 @@ outputs are new tensors on every call, so their addresses are passed as scalar a
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -166,15 +167,15 @@ def _expand_kernel(
     n_tokens, n_rows, n_experts, n_modules, m_first,
     K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
-    N_EXP: tl.constexpr, UNROLL: tl.constexpr,
+    N_EXP: tl.constexpr, UNROLL: tl.constexpr, O_ITERS: tl.constexpr,
 ):
     elem = dtype_ref.dtype.element_ty
     tb = tl.program_id(0)
-    ob = tl.program_id(1)
+    ob0 = tl.program_id(1) * O_ITERS  # this program's first out block of O_ITERS
     ml = tl.program_id(2)  # module within this launch
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
-    if ob * BLOCK_O < n_out:
+    if ob0 * BLOCK_O < n_out:
         b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
         if ALIGNED:
             b_ptr = tl.multiple_of(b_ptr, 16)
@@ -182,26 +183,29 @@ def _expand_kernel(
             n_out = tl.multiple_of(n_out, 8)
         toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = toks < n_tokens
+        # h (every K-split slice) is read once per program and used for its O_ITERS out blocks:
+        # with one block per program, re-reading h was most of a batch-32 expand's traffic.
         ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
-        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-        mask_o = offs_o < n_out
-        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        b_mask = mask_o[:, None] & mask_r[None, :]
-        if UNROLL:
-            # Every expert, unrolled, loads unconditional: the N B-tile loads can all be in flight
-            # at once, where the loop below waits for each in turn. For blocks that use (nearly)
-            # all experts (batch decode); an absent expert costs its B tile's bytes.
-            for e in tl.static_range(N_EXP):
-                acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
-        else:
-            for e in range(0, n_experts):
-                sel = ids == e
-                if tl.sum(sel.to(tl.int32)) > 0:
-                    acc = _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
-        y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * n_out + offs_o[None, :]
-        tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
+        for oi in range(O_ITERS):
+            offs_o = (ob0 + oi) * BLOCK_O + tl.arange(0, BLOCK_O)
+            mask_o = offs_o < n_out
+            acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+            b_mask = mask_o[:, None] & mask_r[None, :]
+            if UNROLL:
+                # Every expert, unrolled, loads unconditional: the N B-tile loads can all be in
+                # flight at once, where the loop below waits for each in turn. For blocks that use
+                # (nearly) all experts (batch decode); an absent expert costs its B tile's bytes.
+                for e in tl.static_range(N_EXP):
+                    acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
+            else:
+                for e in range(0, n_experts):
+                    sel = ids == e
+                    if tl.sum(sel.to(tl.int32)) > 0:
+                        acc = _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
+            y_ptrs = y_ptr + toks.to(tl.int64)[:, None] * n_out + offs_o[None, :]
+            tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
 @triton.jit
@@ -211,19 +215,20 @@ def _expand_sets_kernel(
     n_rows, n_work, n_experts, n_modules, m_first,
     K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    O_ITERS: tl.constexpr,
 ):
-    """The prefill expand: one program per (block of tokens that share a set of experts, out
-    block, module), from tuple_blocks' work list; exactly one dot per expert of the set."""
+    """The prefill expand: one program per (block of tokens that share a set of experts, O_ITERS
+    out blocks, module), from tuple_blocks' work list; exactly one dot per expert of the set."""
     elem = dtype_ref.dtype.element_ty
     w = tl.program_id(0)
-    ob = tl.program_id(1)
+    ob0 = tl.program_id(1) * O_ITERS
     ml = tl.program_id(2)
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
     key = tl.load(work_ptr + w)
     start = tl.load(work_ptr + n_work + w)
     end = tl.load(work_ptr + 2 * n_work + w)
-    if (ob * BLOCK_O < n_out) & (end > start):
+    if (ob0 * BLOCK_O < n_out) & (end > start):
         b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
         if ALIGNED:
             b_ptr = tl.multiple_of(b_ptr, 16)
@@ -231,30 +236,32 @@ def _expand_sets_kernel(
             n_out = tl.multiple_of(n_out, 8)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
-        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-        mask_o = offs_o < n_out
-        b_mask = mask_o[:, None] & mask_r[None, :]
         # A work item holds at most BLOCK_T tokens when its list was built for this block size
         # (one pass); a list built with larger blocks still computes right, in several passes.
         for t0 in range(start, end, BLOCK_T):
             pos = t0 + tl.arange(0, BLOCK_T)
             mask_t = pos < end
             toks = tl.load(order_ptr + pos, mask=mask_t, other=0).to(tl.int64)
+            # Read once, used for the program's O_ITERS out blocks (see _expand_kernel).
             ids, h3 = _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL, K_P2, R, R_P2, SPLIT_K)
-            acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-            # The key's digits are the set's sorted ids, base N + 1, read from the last; a repeated
-            # expert (adjacent once sorted) is one dot (its where-sum takes every slot that names
-            # it); digit N is an out-of-range id and contributes nothing.
-            rest = key
-            prev = -1
-            for _ in tl.static_range(K_SEL):
-                e = rest % (n_experts + 1)
-                rest = rest // (n_experts + 1)
-                if (e < n_experts) & (e != prev):
-                    acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
-                prev = e
-            y_ptrs = y_ptr + toks[:, None] * n_out + offs_o[None, :]
-            tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
+            for oi in range(O_ITERS):
+                offs_o = (ob0 + oi) * BLOCK_O + tl.arange(0, BLOCK_O)
+                mask_o = offs_o < n_out
+                b_mask = mask_o[:, None] & mask_r[None, :]
+                acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+                # The key's digits are the set's sorted ids, base N + 1, read from the last; a
+                # repeated expert (adjacent once sorted) is one dot (its where-sum takes every slot
+                # that names it); digit N is an out-of-range id and contributes nothing.
+                rest = key
+                prev = -1
+                for _ in tl.static_range(K_SEL):
+                    e = rest % (n_experts + 1)
+                    rest = rest // (n_experts + 1)
+                    if (e < n_experts) & (e != prev):
+                        acc = _add_expert(acc, ids == e, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R, elem, IEEE)
+                    prev = e
+                y_ptrs = y_ptr + toks[:, None] * n_out + offs_o[None, :]
+                tl.store(y_ptrs, acc.to(elem), mask=mask_t[:, None] & mask_o[None, :])
 
 
 @triton.jit
@@ -337,6 +344,12 @@ SETS_BLOCK_O = 64
 # The per-slot expand by expert (prefill, backend setting prefill_expand="slots"): out block. Not
 # measured yet.
 SLOTS_BLOCK_O = 64
+# An expand program covers up to MAX_O_ITERS out blocks with one read of h (O_ITERS, SETS_O_ITERS),
+# as many as keep at least EXPAND_PROGRAMS_PER_SM programs per SM. h, fp32 with every K-split
+# slice, was re-read for every out block: at T = 32 about 8x the B bytes (the sweep's SPLIT_K 16
+# at T >= 32, which doubles h, was 4-15x slower).
+MAX_O_ITERS = 16
+EXPAND_PROGRAMS_PER_SM = 4
 
 
 # Tuning knob for benchmarks, not for users: a JSON object of config overrides applied to every
@@ -344,7 +357,7 @@ SLOTS_BLOCK_O = 64
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
 CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS",
-               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS", "SLOTS_BLOCK_O")
+               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS", "SLOTS_BLOCK_O", "O_ITERS", "SETS_O_ITERS")
 
 
 def env_overrides() -> dict:
@@ -363,6 +376,17 @@ def env_overrides() -> dict:
 
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def _out_iters(programs: int, out_blocks: int, sms: int) -> int:
+    """Out blocks per expand program: the most (a power of two, at most MAX_O_ITERS and the
+    blocks there are) that leave `programs` (the count at one block each) EXPAND_PROGRAMS_PER_SM
+    programs per SM."""
+    iters = 1
+    while (iters * 2 <= min(MAX_O_ITERS, out_blocks)
+           and programs // (iters * 2) >= EXPAND_PROGRAMS_PER_SM * sms):
+        iters *= 2
+    return iters
 
 
 class GatherPlan:
@@ -423,6 +447,18 @@ class GatherPlan:
                    SLOTS_BLOCK_O=SLOTS_BLOCK_O)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
+        # Out blocks per expand program, from the block sizes finally in force. The sets expand's
+        # work items in use: the token blocks plus at most one partial block per set present
+        # (C(N + k - 1, k) multisets of k experts).
+        m_launch = min(m, MAX_MODULES_PER_LAUNCH)
+        if "O_ITERS" not in cfg:
+            out_blocks = triton.cdiv(max(self.outs), cfg["BLOCK_O"])
+            programs = triton.cdiv(n_tokens, cfg["BLOCK_T"]) * out_blocks * m_launch
+            cfg["O_ITERS"] = _out_iters(programs, out_blocks, self.sms)
+        if "SETS_O_ITERS" not in cfg:
+            out_blocks = triton.cdiv(max(self.outs), cfg["SETS_BLOCK_O"])
+            work = triton.cdiv(n_tokens, cfg["SETS_BLOCK_T"]) + min(n_tokens, math.comb(self.n_experts + k - 1, k))
+            cfg["SETS_O_ITERS"] = _out_iters(work * out_blocks * m_launch, out_blocks, self.sms)
         return cfg
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
@@ -480,41 +516,19 @@ class GatherPlan:
                 )
             elif sets:
                 n_work = set_work.shape[1]
-                _expand_sets_kernel[(n_work, triton.cdiv(max_out, cfg["SETS_BLOCK_O"]), len(chunk))](
+                out_groups = triton.cdiv(triton.cdiv(max_out, cfg["SETS_BLOCK_O"]), cfg["SETS_O_ITERS"])
+                _expand_sets_kernel[(n_work, out_groups, len(chunk))](
                     h, self.desc, ids, set_order, set_work, self.dtype_ref, *addrs, n_rows, n_work,
                     self.n_experts, m_total, m0, K_SEL=k, K_P2=_pow2_at_least(k, 2),
-                    BLOCK_T=cfg["SETS_BLOCK_T"], BLOCK_O=cfg["SETS_BLOCK_O"], num_warps=cfg["SETS_WARPS"], **common,
+                    BLOCK_T=cfg["SETS_BLOCK_T"], BLOCK_O=cfg["SETS_BLOCK_O"], O_ITERS=cfg["SETS_O_ITERS"],
+                    num_warps=cfg["SETS_WARPS"], **common,
                 )
             else:
-                grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]), len(chunk))
+                out_groups = triton.cdiv(triton.cdiv(max_out, cfg["BLOCK_O"]), cfg["O_ITERS"])
+                grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), out_groups, len(chunk))
                 _expand_kernel[grid](
                     h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m_total, m0,
                     K_SEL=k, K_P2=_pow2_at_least(k, 2), BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
-                    N_EXP=self.n_experts, UNROLL=bool(cfg["EXPAND_UNROLL"]), **common,
+                    N_EXP=self.n_experts, UNROLL=bool(cfg["EXPAND_UNROLL"]), O_ITERS=cfg["O_ITERS"], **common,
                 )
-        return outs
-        if cfg["EXPAND_SETS"] and set_order is None:  # not computed once for the step
-            set_order, set_work = tuple_blocks(ids, self.n_experts, cfg["SETS_BLOCK_T"])
-        for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):
-            chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
-            addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
-            if cfg["EXPAND_SETS"]:
-                n_work = set_work.shape[1]
-                grid = (n_work, triton.cdiv(max_out, cfg["SETS_BLOCK_O"]), len(chunk))
-                _expand_sets_kernel[grid](
-                    h, self.desc, ids, set_order, set_work, self.dtype_ref, *addrs, n_rows, n_work,
-                    self.n_experts, m_total, m0,
-                    K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
-                    BLOCK_T=cfg["SETS_BLOCK_T"], BLOCK_O=cfg["SETS_BLOCK_O"], ALIGNED=aligned, IEEE=self.ieee,
-                    num_warps=cfg["SETS_WARPS"],
-                )
-                continue
-            grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]), triton.cdiv(max_out, cfg["BLOCK_O"]),
-                    len(chunk))
-            _expand_kernel[grid](
-                h, self.desc, ids, self.dtype_ref, *addrs, n_tokens, n_rows, self.n_experts, m_total, m0,
-                K_SEL=k, K_P2=_pow2_at_least(k, 2), R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"],
-                BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], ALIGNED=aligned,
-                IEEE=self.ieee, N_EXP=self.n_experts, UNROLL=bool(cfg["EXPAND_UNROLL"]),
-            )
         return outs
