@@ -154,6 +154,8 @@ def main() -> None:
                     help="decode starts after this many prompt tokens (default: the KV cache less --steps)")
     ap.add_argument("--phases", default="b1,batch,prefill", help="which of b1, batch, prefill to run, in order")
     ap.add_argument("--skip-naive", action="store_true", help="skip torch.compile of the naive pre-gated model")
+    ap.add_argument("--naive-phases", default=None,
+                    help="the phases that time the naive model's torch.compile (default: every phase run)")
     ap.add_argument("--multi-paths", default="auto", help="adafuse paths timed at batch > 1 and prefill (auto; "
                     "gather-inline / gather-slots to compare the gather variants)")
     ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")
@@ -177,6 +179,7 @@ def main() -> None:
     paths = args.paths.split(",") if args.paths else []
     batches = [int(b) for b in args.batches.split(",")] if args.batches else []
     phases = args.phases.split(",")
+    naive_phases = set() if args.skip_naive else set(args.naive_phases.split(",") if args.naive_phases else phases)
     res = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__, "preset": args.preset,
            "targets": args.targets, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2,
            "steps": args.steps, "prompt_len": prompt_len, "kv_cache_len": cfg.max_seq_len,
@@ -260,7 +263,7 @@ def main() -> None:
         model.setup_cache(1)
         if "b1" in phases:
             res["adapters_eager_ms"] = decode_ms(model, prompt_len, args.steps, repeats=1)
-            if not args.skip_naive:
+            if "b1" in naive_phases:
                 def naive():
                     torch._dynamo.reset()
                     model.setup_cache(1)
@@ -303,7 +306,7 @@ def main() -> None:
                     if f"b{b}" in backbone:
                         res[f"{key}_x_backbone_b{b}"] = round(res[f"{key}_ms"] / backbone[f"b{b}"], 3)
                 phase(f"adafuse_{name}_b{b}", path_batch)
-            if not args.skip_naive:  # the bar: auto faster than the naive model's torch.compile
+            if "batch" in naive_phases:  # the bar: auto faster than the naive model's torch.compile
                 def naive_batch(b=b):
                     torch._dynamo.reset()
                     model.setup_cache(b)
@@ -326,7 +329,7 @@ def main() -> None:
                     res[f"{key}_paths_compiled"] = compiled_paths()
                     ratio(f"{key}_tokens_per_s")
                 phase(f"adafuse_{name}_prefill", path_prefill)
-            if not args.skip_naive:
+            if "prefill" in naive_phases:
                 def naive_prefill():
                     torch._dynamo.reset()
                     model.setup_cache(1)

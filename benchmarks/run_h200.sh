@@ -8,6 +8,8 @@
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
+#   decode:<qv|all>:<phases>[:<batches>[:<naive phases>]]  one slice of decode / decode-all, so
+#            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -62,6 +64,18 @@ run_stage() {
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
   tests-backend)
     timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py tests/test_factor_slots_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
+  decode:*)
+    # One slice of a decode benchmark, so that slices run side by side (-p):
+    # decode:<qv|all>:<phases>[:<batches>[:<naive phases>]], e.g. decode:all:batch,prefill:32:batch.
+    # Paths from PATHS_<targets> (default auto), MULTI_PATHS (default auto).
+    local targets phases batches naive paths_var tag
+    IFS=: read -r _ targets phases batches naive <<< "$stage"
+    paths_var=PATHS_$targets
+    tag="${phases//,/-}${batches:+_b${batches//,/-}}"
+    timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
+      --budget-s "${DECODE_BUDGET:-470}" --paths "${!paths_var:-auto}" --multi-paths "${MULTI_PATHS:-auto}" \
+      --phases "$phases" --batches "${batches:-8,32}" ${naive:+--naive-phases "$naive"} \
+      --out "$OUT/decode_llama2-7b_${targets}_$tag.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   decode|decode-all)
     local targets phases paths
     targets=$([ "$stage" = decode ] && echo qv || echo all)

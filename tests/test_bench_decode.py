@@ -49,3 +49,15 @@ def test_profile_paths_cpu_smoke(tmp_path):
         if not name.startswith("backbone"):
             assert entry["paths_compiled"] == [name.split("_")[0]]
             assert "extra_wall_ms_per_layer" in entry and entry["extra_kernel_us_per_layer_by_category"]
+
+
+def test_bench_decode_naive_phases_limits_the_naive_compiles(tmp_path):
+    """--naive-phases: the naive model is compiled only in the phases named (a slice of the GPU run
+    that leaves out shapes measured elsewhere)."""
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--preset", "tiny",
+                    "--steps", "2", "--phases", "batch", "--batches", "2", "--paths", "", "--multi-paths", "",
+                    "--naive-phases", "b1", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["backbone_b2_compiled_ms"] > 0
+    assert not [k for k in res if k.startswith("naive_torch_compile")], res
