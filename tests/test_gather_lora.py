@@ -236,9 +236,27 @@ def test_out_iters_keep_enough_programs_per_sm(triton_gather):
     per_sm, most = triton_gather.EXPAND_PROGRAMS_PER_SM, triton_gather.MAX_O_ITERS
     out_iters = triton_gather._out_iters
     assert out_iters(per_sm * 132, 64, 132) == 1
-    assert out_iters(per_sm * 132 * 8, 64, 132) == 8
+    assert out_iters(per_sm * 132 * 2, 64, 132) == 2
     assert out_iters(per_sm * 132 * 1000, 64, 132) == most
     assert out_iters(per_sm * 132 * 1000, 2, 132) == 2
+    assert out_iters(344, 172, 132, per_sm=1) == 2  # the unrolled gate,up expand at T = 32 on an H200
+
+
+def test_default_config_at_the_measured_7b_shapes(triton_gather):
+    """The shape-picked config where the H200 measured it: one out block per program at decode
+    but for the unrolled gate,up at T = 32, 4 per program in the prefill expand by sets."""
+    from adafuse_compile.cutlass_kernels.triton_gather import GatherPlan
+
+    def cfg(n_in, outs, T):
+        plan = GatherPlan([torch.zeros(8, 64, n_in, dtype=torch.bfloat16, device="meta")] * len(outs),
+                          [torch.zeros(8, o, 64, dtype=torch.bfloat16, device="meta") for o in outs])
+        plan.sms = 132
+        return plan.config(T, 2)
+    assert [cfg(4096, [4096] * 3, T)["O_ITERS"] for T in (1, 8, 32)] == [1, 1, 1]
+    assert [cfg(4096, [11008] * 2, T)["O_ITERS"] for T in (1, 8, 32)] == [1, 1, 2]
+    assert cfg(4096, [11008] * 2, 32)["EXPAND_UNROLL"]
+    assert all(cfg(n_in, outs, 512)["SETS_O_ITERS"] == 4 for n_in, outs in
+               ((4096, [4096] * 3), (4096, [4096]), (4096, [11008] * 2), (11008, [4096])))
 
 
 def test_shrink_block_k_by_dtype_and_rank():

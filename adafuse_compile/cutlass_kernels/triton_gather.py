@@ -344,12 +344,17 @@ SETS_BLOCK_O = 64
 # The per-slot expand by expert (prefill, backend setting prefill_expand="slots"): out block. Not
 # measured yet.
 SLOTS_BLOCK_O = 64
-# An expand program covers up to MAX_O_ITERS out blocks with one read of h (O_ITERS, SETS_O_ITERS),
-# as many as keep at least EXPAND_PROGRAMS_PER_SM programs per SM. h, fp32 with every K-split
-# slice, was re-read for every out block: at T = 32 about 8x the B bytes (the sweep's SPLIT_K 16
-# at T >= 32, which doubles h, was 4-15x slower).
-MAX_O_ITERS = 16
+# An expand program covers several out blocks with one read of h (O_ITERS, SETS_O_ITERS): h, fp32
+# with every K-split slice, was re-read for every out block. Measured on the H200
+# (benchmarks/results/gather_h200_variants_{prefill,decode}.json): the sets expand at T = 512 is
+# 1.6-2.3x faster with 4 blocks per program than with 1, and 4 beat 16 (qkv 78 vs 89 us); at
+# decode more blocks per program cost parallelism and lost (T = 1, 8: 1.2-4x slower), except
+# where h is largest, the unrolled expand at T = 32 (gate,up: 41.7 -> 29.7 us with 2; the other
+# groups, with fewer programs, lost). So: at most MAX_O_ITERS, and only while EXPAND_PROGRAMS_PER_SM
+# programs per SM remain (the unrolled expand: UNROLLED_PROGRAMS_PER_SM).
+MAX_O_ITERS = 4
 EXPAND_PROGRAMS_PER_SM = 4
+UNROLLED_PROGRAMS_PER_SM = 1
 
 
 # Tuning knob for benchmarks, not for users: a JSON object of config overrides applied to every
@@ -378,13 +383,11 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
 
-def _out_iters(programs: int, out_blocks: int, sms: int) -> int:
+def _out_iters(programs: int, out_blocks: int, sms: int, per_sm: int = EXPAND_PROGRAMS_PER_SM) -> int:
     """Out blocks per expand program: the most (a power of two, at most MAX_O_ITERS and the
-    blocks there are) that leave `programs` (the count at one block each) EXPAND_PROGRAMS_PER_SM
-    programs per SM."""
+    blocks there are) that leave `programs` (the count at one block each) `per_sm` programs per SM."""
     iters = 1
-    while (iters * 2 <= min(MAX_O_ITERS, out_blocks)
-           and programs // (iters * 2) >= EXPAND_PROGRAMS_PER_SM * sms):
+    while iters * 2 <= min(MAX_O_ITERS, out_blocks) and programs // (iters * 2) >= per_sm * sms:
         iters *= 2
     return iters
 
@@ -454,7 +457,8 @@ class GatherPlan:
         if "O_ITERS" not in cfg:
             out_blocks = triton.cdiv(max(self.outs), cfg["BLOCK_O"])
             programs = triton.cdiv(n_tokens, cfg["BLOCK_T"]) * out_blocks * m_launch
-            cfg["O_ITERS"] = _out_iters(programs, out_blocks, self.sms)
+            per_sm = UNROLLED_PROGRAMS_PER_SM if cfg["EXPAND_UNROLL"] else EXPAND_PROGRAMS_PER_SM
+            cfg["O_ITERS"] = _out_iters(programs, out_blocks, self.sms, per_sm)
         if "SETS_O_ITERS" not in cfg:
             out_blocks = triton.cdiv(max(self.outs), cfg["SETS_BLOCK_O"])
             work = triton.cdiv(n_tokens, cfg["SETS_BLOCK_T"]) + min(n_tokens, math.comb(self.n_experts + k - 1, k))
