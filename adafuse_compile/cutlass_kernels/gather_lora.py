@@ -57,7 +57,7 @@ def expert_segments(experts: Tensor, n_experts: int, bounds: Tensor | None = Non
 
 # Prefill expand (Triton): tokens grouped by their set of experts, TUPLE_BLOCK_T tokens per program.
 # 16, not 32: on the H200 as fast or faster at T = 512 in all four 7B groups, and 1.4x faster at
-# T = 128 (benchmarks/results/gather_h200_variants_prefill.json): a set holds T / 36 tokens on
+# T = 128 (benchmarks/results/gather_h200_variants_prefill_run1.json): a set holds T / 36 tokens on
 # average (N = 8, top-2), so 32-token blocks were mostly padding.
 TUPLE_BLOCK_T = 16
 # Sets are keyed (N + 1)^k ways (digit N: an out-of-range id, which contributes nothing); above this

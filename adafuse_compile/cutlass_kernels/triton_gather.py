@@ -346,7 +346,7 @@ SETS_BLOCK_O = 64
 SLOTS_BLOCK_O = 64
 # An expand program covers several out blocks with one read of h (O_ITERS, SETS_O_ITERS): h, fp32
 # with every K-split slice, was re-read for every out block. Measured on the H200
-# (benchmarks/results/gather_h200_variants_{prefill,decode}.json): the sets expand at T = 512 is
+# (benchmarks/results/gather_h200_variants_{prefill,decode}_run1.json): the sets expand at T = 512 is
 # 1.6-2.3x faster with 4 blocks per program than with 1, and 4 beat 16 (qkv 78 vs 89 us); at
 # decode more blocks per program cost parallelism and lost (T = 1, 8: 1.2-4x slower), except
 # where h is largest, the unrolled expand at T = 32 (gate,up: 41.7 -> 29.7 us with 2; the other
