@@ -45,8 +45,9 @@ class BackendSettings:
     # (off CUDA the start runs in place and the join does nothing: for tests of the graph)
     side_stream: bool | None = None
     # gather path, prefill-sized steps on CUDA: the expand groups the tokens by their set of experts
-    # ("sets", measured) or the rows by expert, each slot's term apart, summed in the add ("slots")
-    prefill_expand: str = "sets"
+    # ("sets") or the rows by expert, each slot's term apart, summed in the add ("slots": the
+    # default, faster at 512-token prefill on the H200, docs/gather.md)
+    prefill_expand: str = "slots"
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:

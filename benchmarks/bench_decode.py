@@ -136,6 +136,7 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "gather": {"path": "gather"},  # side stream on (the CUDA default)
     "gather-inline": {"path": "gather", "side_stream": False},
     "gather-slots": {"path": "gather", "prefill_expand": "slots"},
+    "gather-sets": {"path": "gather", "prefill_expand": "sets"},
     "auto": {"path": "auto"},
 }
 
@@ -155,7 +156,7 @@ def main() -> None:
     ap.add_argument("--phases", default="b1,batch,prefill", help="which of b1, batch, prefill to run, in order")
     ap.add_argument("--skip-naive", action="store_true", help="skip torch.compile of the naive pre-gated model")
     ap.add_argument("--naive-phases", default=None,
-                    help="the phases that time the naive model's torch.compile (default: every phase run)")
+                    help="the phases that time the naive model's torch.compile (default: every phase run; none: no phase)")
     ap.add_argument("--multi-paths", default="auto", help="adafuse paths timed at batch > 1 and prefill (auto; "
                     "gather-inline / gather-slots to compare the gather variants)")
     ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")

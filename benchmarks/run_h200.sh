@@ -163,7 +163,7 @@ run_stage() {
     # All seven through generate(): the bar is under 6.2 ms/token (HF eager, static cache).
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop hf --prefill eager \
       --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-430}" --no-progress \
-      --methods backbone,adafuse_auto,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled \
+      --methods "${BENCH_METHODS:-backbone,adafuse_auto,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled}" \
       --out "$OUT/bench_llama2-7b_all_hf_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_hf_h200.log" | grep -v -i warn | tail -40 ;;
   *) echo "unknown stage $stage"; return 2 ;;
   esac

@@ -106,16 +106,18 @@ def test_one_switching_launch_per_decode_step():
     assert len(switch) == 3, sorted(set(names))
 
 
-@pytest.mark.parametrize("path", ["gather", "auto"])
+@pytest.mark.parametrize("path", ["gather", "auto", "gather-slots"])
 def test_batch4_and_prefill17_match_eager(path):
-    """Batch 4 with different experts per sequence, and a 17-token prefill, run unmerged (gather)."""
+    """Batch 4 with different experts per sequence, and a 17-token prefill, run unmerged (gather;
+    gather-slots: the per-slot prefill expand, its slots summed in the add)."""
     torch._dynamo.reset()
     backend.last_compilations.clear()
     model = build("all-linear")
     g = torch.Generator("cuda").manual_seed(2)
     prompt = torch.randint(0, CFG.vocab_size, (4, 17), device="cuda", generator=g)
     nxt = torch.randint(0, CFG.vocab_size, (4, 1), device="cuda", generator=g)
-    compiled = torch.compile(model, backend="adafuse", options={"path": path, "cudagraphs": True})
+    options = {"path": "gather", "prefill_expand": "slots"} if path == "gather-slots" else {"path": path}
+    compiled = torch.compile(model, backend="adafuse", options={**options, "cudagraphs": True})
     with torch.no_grad():
         outs = []
         for step in (model, compiled):

@@ -195,9 +195,11 @@ def test_per_slot_expand_by_expert(triton_gather, T, k, dtype):
     _check_slots(gather_lora(**p, impl="triton", per_slot=True), p, dtype, f"triton per slot T={T} k={k}")
 
 
-def test_per_slot_reference_and_forced_config(triton_gather, monkeypatch):
+@pytest.mark.parametrize("o_iters", [1, 2])
+def test_per_slot_reference_and_forced_config(triton_gather, monkeypatch, o_iters):
     """The reference's per-slot form; the Triton one with split K, several row blocks per expert,
-    h poisoned with NaN, an out-of-range id (its slot must come out zero) and a repeated expert."""
+    one or two out blocks per program (outs of 4, 2 and 3 blocks), h poisoned with NaN, an
+    out-of-range id (its slot must come out zero) and a repeated expert."""
     p = _problem(21, 2, torch.float32, rank=8)
     _check_slots(gather_lora(**p, impl="reference", per_slot=True), p, torch.float32, "reference per slot")
     p["experts"][5, 1] = 11  # out of range, above: sorted after every segment
@@ -210,7 +212,7 @@ def test_per_slot_reference_and_forced_config(triton_gather, monkeypatch):
         return empty(*shape, **kw).fill_(float("nan"))
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], per_slot=True,
-                   config=dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, SLOTS_BLOCK_O=16))
+                   config=dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, SLOTS_BLOCK_O=16, SLOTS_O_ITERS=o_iters))
     monkeypatch.undo()
     assert all(not y.isnan().any() for y in got)
     assert all(not y[5, 1].any() and not y[9, 0].any() for y in got)
@@ -333,7 +335,8 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
         torch._dynamo.reset()
         backend.last_compilations.clear()
         model.setup_cache(1)
-        got = torch.compile(model, backend="adafuse", options={"codegen": "eager", "sgmm_impl": "triton"})(tokens, pos)
+        got = torch.compile(model, backend="adafuse", options={
+            "codegen": "eager", "sgmm_impl": "triton", "prefill_expand": "sets"})(tokens, pos)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     gm = backend.last_compilations[0]["graph"]
     sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
@@ -365,7 +368,7 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     model.eval()
     torch._dynamo.reset()
     backend.last_compilations.clear()
-    step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton"})
+    step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton", "prefill_expand": "sets"})
     with torch.no_grad():
         for n in (40, 47):
             tokens, pos = torch.randint(0, 64, (1, n)), torch.arange(n)
@@ -573,13 +576,14 @@ _AOT = textwrap.dedent("""
             assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by sets: no 16-B stores"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", rows_ptr="*i64", seg_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_experts="i32", m_first="i32",
-                   n_modules="i32", n_out_blocks="i32", R=C, R_P2=C, SPLIT_K=C, BLOCK_M=C, BLOCK_O=C,
-                   ALIGNED=C, IEEE=C)
-        cst = dict(R=64, R_P2=64, SPLIT_K=2, BLOCK_M=64, BLOCK_O=64, ALIGNED=True, IEEE=ieee)
-        k = triton.compile(ASTSource(tg._expand_experts_kernel, sig, cst), target=target)
-        assert "cubin" in k.asm
-        assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by expert: no tensor-core MMA"
-        assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by expert: no 16-B stores"
+                   n_modules="i32", n_out_groups="i32", R=C, R_P2=C, SPLIT_K=C, BLOCK_M=C, BLOCK_O=C,
+                   ALIGNED=C, IEEE=C, O_ITERS=C)
+        for o_iters in (1, 4):
+            cst = dict(R=64, R_P2=64, SPLIT_K=2, BLOCK_M=64, BLOCK_O=64, ALIGNED=True, IEEE=ieee, O_ITERS=o_iters)
+            k = triton.compile(ASTSource(tg._expand_experts_kernel, sig, cst), target=target)
+            assert "cubin" in k.asm
+            assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by expert: no tensor-core MMA"
+            assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by expert: no 16-B stores"
     print("AOT-OK")
 """)
 

@@ -65,7 +65,8 @@ def test_matches_oracle(impl, dtype, group, T):
     _check(got, p, dtype, f"{impl} {group} T={T}")
 
 
-@pytest.mark.parametrize("cfg", [{"EXPAND_UNROLL": True}, {"SPLIT_K": 32}, {"BLOCK_K": 32, "SPLIT_K": 16}])
+@pytest.mark.parametrize("cfg", [{"EXPAND_UNROLL": True}, {"SPLIT_K": 32}, {"BLOCK_K": 32, "SPLIT_K": 16},
+                                 {"O_ITERS": 4}, {"BLOCK_K": 64, "O_ITERS": 2}])
 @pytest.mark.parametrize("T", [1, 8, 512])
 def test_swept_configs_match_oracle_in_bf16(cfg, T):
     """The configs bench_gather.py --sweep times (and ADAFUSE_GATHER_CONFIG can force) compute right in bf16."""
@@ -74,6 +75,19 @@ def test_swept_configs_match_oracle_in_bf16(cfg, T):
     got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], config=cfg)
     torch.cuda.synchronize()
     _check(got, p, torch.bfloat16, f"triton {cfg} T={T}")
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("T", [17, 512])
+def test_per_slot_expand_matches_oracle_in_bf16(group, T):
+    """The per-slot prefill expand (prefill_expand="slots"): each slot's term apart, [T, k, out];
+    their sum is the delta."""
+    p = _problem(T, group, torch.bfloat16)
+    plan = gl._get_triton_plan(p["lora_A"], p["lora_B"])
+    got = plan.run(p["x"], p["experts"], p["gates"], p["scaling"], per_slot=True)
+    torch.cuda.synchronize()
+    assert all(y.shape == (T, TOP_K, o) for y, o in zip(got, GROUPS[group]))
+    _check([y.float().sum(1).to(torch.bfloat16) for y in got], p, torch.bfloat16, f"per slot {group} T={T}")
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])

@@ -268,31 +268,30 @@ def _expand_sets_kernel(
 def _expand_experts_kernel(
     h_ptr, desc_ptr, rows_ptr, seg_ptr, dtype_ref,
     y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's [T, k, out] outputs
-    n_rows, n_experts, m_first, n_modules, n_out_blocks,
+    n_rows, n_experts, m_first, n_modules, n_out_groups,
     R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, O_ITERS: tl.constexpr,
 ):
     """The per-slot prefill expand: the rows sorted by expert (the shrink's segments); program
-    (row block, expert e, module x out block) computes y[row] = B_m[e] @ h[m, row] for its rows,
-    one dot, and stores it at row = t*k + j of the [T, k, out] output, so each slot's term lands
-    apart and the caller sums the k slots (in the add it already has). B_m[e] is read once per
-    row block of its expert, not once per block of tokens. Programs of e == N store zeros to the
-    rows whose expert id is out of range (outside every segment): every row is written."""
+    (row block, expert e, module x group of O_ITERS out blocks) computes y[row] = B_m[e] @ h[m, row]
+    for its rows, one dot per out block, h read once, and stores it at row = t*k + j of the
+    [T, k, out] output, so each slot's term lands apart and the caller sums the k slots (in the add
+    it already has). B_m[e] is read once per row block of its expert, not once per block of tokens.
+    Programs of e == N store zeros to the rows whose expert id is out of range (outside every
+    segment): every row is written."""
     elem = dtype_ref.dtype.element_ty
     rb = tl.program_id(0)
     e = tl.program_id(1)
-    ml = tl.program_id(2) // n_out_blocks
-    ob = tl.program_id(2) % n_out_blocks
+    ml = tl.program_id(2) // n_out_groups
+    ob0 = (tl.program_id(2) % n_out_groups) * O_ITERS
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
-    if ob * BLOCK_O < n_out:
+    if ob0 * BLOCK_O < n_out:
         b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
         if ALIGNED:
             b_ptr = tl.multiple_of(b_ptr, 16)
             y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
-        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-        mask_o = offs_o < n_out
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
         if e < n_experts:
@@ -304,21 +303,27 @@ def _expand_experts_kernel(
             valid = ((pos < tl.load(seg_ptr)) | (pos >= tl.load(seg_ptr + n_experts))) & (pos < n_rows)
         if tl.sum(valid.to(tl.int32)) > 0:
             rows = tl.load(rows_ptr + pos, mask=valid, other=0).to(tl.int64)
-            acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
             if e < n_experts:
                 h_offs = (m * n_rows + rows)[:, None] * R + offs_r[None, :]
                 h_mask = valid[:, None] & mask_r[None, :]
                 h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
                 for sk in tl.static_range(1, SPLIT_K):
                     h += tl.load(h_ptr + sk * n_modules * n_rows * R + h_offs, mask=h_mask, other=0.0)
-                bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :],
-                             mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
-                if IEEE:
-                    acc = tl.dot(h, tl.trans(bt), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h.to(elem), tl.trans(bt), acc)
-            y_ptrs = y_ptr + rows[:, None] * n_out + offs_o[None, :]
-            tl.store(y_ptrs, acc.to(elem), mask=valid[:, None] & mask_o[None, :])
+            else:
+                h = tl.zeros((BLOCK_M, R_P2), dtype=tl.float32)
+            for oi in range(O_ITERS):
+                offs_o = (ob0 + oi) * BLOCK_O + tl.arange(0, BLOCK_O)
+                mask_o = offs_o < n_out
+                acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+                if e < n_experts:
+                    bt = tl.load(b_ptr + (e * n_out + offs_o[:, None]) * R + offs_r[None, :],
+                                 mask=mask_o[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_O, R]
+                    if IEEE:
+                        acc = tl.dot(h, tl.trans(bt), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(h.to(elem), tl.trans(bt), acc)
+                y_ptrs = y_ptr + rows[:, None] * n_out + offs_o[None, :]
+                tl.store(y_ptrs, acc.to(elem), mask=valid[:, None] & mask_o[None, :])
 
 
 # Configuration. Started from vLLM's shrink/expand defaults; changed where bench_gather.py --sweep
@@ -362,7 +367,8 @@ UNROLLED_PROGRAMS_PER_SM = 1
 # can try a config that bench_gather.py --sweep found before it becomes the default here.
 CONFIG_ENV = "ADAFUSE_GATHER_CONFIG"
 CONFIG_KEYS = ("SORTED", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_T", "BLOCK_O", "EXPAND_UNROLL", "EXPAND_SETS",
-               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS", "SLOTS_BLOCK_O", "O_ITERS", "SETS_O_ITERS")
+               "SETS_BLOCK_T", "SETS_BLOCK_O", "SETS_WARPS", "SLOTS_BLOCK_O", "O_ITERS", "SETS_O_ITERS",
+               "SLOTS_O_ITERS")
 
 
 def env_overrides() -> dict:
@@ -463,6 +469,10 @@ class GatherPlan:
             out_blocks = triton.cdiv(max(self.outs), cfg["SETS_BLOCK_O"])
             work = triton.cdiv(n_tokens, cfg["SETS_BLOCK_T"]) + min(n_tokens, math.comb(self.n_experts + k - 1, k))
             cfg["SETS_O_ITERS"] = _out_iters(work * out_blocks * m_launch, out_blocks, self.sms)
+        if "SLOTS_O_ITERS" not in cfg:  # active programs: about one row block per expert more than the rows need
+            out_blocks = triton.cdiv(max(self.outs), cfg["SLOTS_BLOCK_O"])
+            row_blocks = triton.cdiv(n_rows, SORTED_BLOCK_M) + self.n_experts
+            cfg["SLOTS_O_ITERS"] = _out_iters(row_blocks * out_blocks * m_launch, out_blocks, self.sms)
         return cfg
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
@@ -513,10 +523,11 @@ class GatherPlan:
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
             addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
             if per_slot:
-                n_out_blocks = triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"])
-                _expand_experts_kernel[(row_blocks, self.n_experts + 1, len(chunk) * n_out_blocks)](
+                n_out_groups = triton.cdiv(triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"]), cfg["SLOTS_O_ITERS"])
+                _expand_experts_kernel[(row_blocks, self.n_experts + 1, len(chunk) * n_out_groups)](
                     h, self.desc, rows, seg, self.dtype_ref, *addrs, n_rows, self.n_experts, m0, m_total,
-                    n_out_blocks, BLOCK_M=cfg["BLOCK_M"], BLOCK_O=cfg["SLOTS_BLOCK_O"], **common,
+                    n_out_groups, BLOCK_M=cfg["BLOCK_M"], BLOCK_O=cfg["SLOTS_BLOCK_O"], O_ITERS=cfg["SLOTS_O_ITERS"],
+                    **common,
                 )
             elif sets:
                 n_work = set_work.shape[1]
