@@ -10,7 +10,7 @@ PATHS = ("merge", "factor", "gather", "auto")
 AVAILABLE_PATHS = PATHS
 CODEGENS = ("inductor", "eager")
 SGMM_IMPLS = ("auto", "reference", "triton", "cutlass")
-PREFILL_EXPANDS = ("sets", "slots")
+PREFILL_EXPANDS = ("auto", "dense", "sets", "slots")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -44,10 +44,12 @@ class BackendSettings:
     # None: on for CUDA; False: in line, one after the other; True: the split graph everywhere
     # (off CUDA the start runs in place and the join does nothing: for tests of the graph)
     side_stream: bool | None = None
-    # gather path, prefill-sized steps on CUDA: the expand groups the tokens by their set of experts
-    # ("sets") or the rows by expert, each slot's term apart, summed in the add ("slots": the
-    # default, faster at 512-token prefill on the H200, docs/gather.md)
-    prefill_expand: str = "slots"
+    # gather path, prefill-sized steps (from DENSE_MIN_TOKENS tokens, or a dynamic count): "dense"
+    # computes every expert's term in dense matmuls weighted by a gate matrix (no kernel of ours:
+    # Inductor's GEMMs); "sets" / "slots" keep the Triton gather kernels, the expand grouping the
+    # tokens by their set of experts, or the rows by expert with each slot's term summed in the add.
+    # "auto": dense, faster than both at 512 tokens on the H200 (docs/paths.md, fourth run).
+    prefill_expand: str = "auto"
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:

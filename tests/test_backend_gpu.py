@@ -133,6 +133,34 @@ def test_batch4_and_prefill17_match_eager(path):
     assert "gather" in [r["path"] for r in backend.last_compilations]
 
 
+@pytest.mark.parametrize("prefill_expand", ["auto", "sets", "slots"])
+def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
+    """A prefill of DENSE_MIN_TOKENS tokens under CUDA graphs: dense matmuls by default ("auto"),
+    the Triton gather kernels with "sets" / "slots"; all match eager bf16."""
+    from adafuse_compile.cutlass_kernels.gather_lora import DENSE_MIN_TOKENS
+
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    model = build("all-linear")
+    n = DENSE_MIN_TOKENS
+    prompt = torch.randint(0, CFG.vocab_size, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    compiled = torch.compile(model, backend="adafuse", options={"prefill_expand": prefill_expand, "cudagraphs": True})
+    with torch.no_grad():
+        model.setup_cache(1)
+        ref = model(prompt, torch.arange(n, device="cuda"))[:, -8:].float()
+        got = []
+        for _ in range(2):  # the second call replays the CUDA graph
+            model.setup_cache(1)
+            got.append(compiled(prompt, torch.arange(n, device="cuda"))[:, -8:].clone().float())
+    af.restore(model)
+    for g in got:
+        rel = ((g - ref).abs().max() / ref.abs().max()).item()
+        print(f"prefill_expand={prefill_expand}: {n}-token prefill max rel logit err {rel:.2e}")
+        assert rel < 2e-2, rel
+    notes = " ".join(str(r.get("notes", "")) for r in backend.last_compilations)
+    assert ("dense call" in notes) == (prefill_expand == "auto"), notes
+
+
 @pytest.mark.parametrize("options", [
     {"path": "merge"},
     {"path": "merge", "exact": False, "sgmm_impl": "triton"},

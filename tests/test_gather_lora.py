@@ -385,16 +385,16 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     assert len(sets) == 1
 
 
-def _tiny_prefill(targets, seed: int):
-    """A 40-token prefill of a small adapted model: (model, tokens, pos, eager logits)."""
+def _tiny_prefill(targets, seed: int, n_tokens: int = 40):
+    """An n-token prefill of a small adapted model: (model, tokens, pos, eager logits)."""
     import adafuse_compile as af
 
     cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=max(48, n_tokens))
     model = af.TinyLlama(cfg).init_weights(std=0.1, seed=seed)
     af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal", target_modules=targets))
     model.eval().setup_cache(1)
-    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    tokens, pos = torch.randint(0, 64, (1, n_tokens)), torch.arange(n_tokens)
     with torch.no_grad():
         ref = model(tokens, pos)
     model.setup_cache(1)
@@ -419,6 +419,43 @@ def test_prefill_with_the_per_slot_expand_matches_eager(triton_gather, side_stre
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target) and "join" not in str(n.target)]
     assert len(calls) == 4 * model.config.num_hidden_layers and all(n.args[-1] is True for n in calls)
     assert not [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+
+
+@pytest.mark.parametrize("n_tokens, dense", [(gl.DENSE_MIN_TOKENS, True), (40, False)])
+def test_prefill_expand_auto_is_dense_from_dense_min_tokens(n_tokens, dense):
+    """The default prefill_expand ("auto"): a step of DENSE_MIN_TOKENS tokens or more computes its
+    deltas in dense matmuls (one dense_lora call per group, one gate matrix for the step, no gather
+    op), a shorter one keeps the gather kernels; both match the eager model."""
+    from adafuse_compile import backend
+
+    model, tokens, pos, ref = _tiny_prefill("all-linear", seed=3, n_tokens=n_tokens)
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    with torch.no_grad():
+        got = torch.compile(model, backend="adafuse", options={"sgmm_impl": "reference"})(tokens, pos)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    nodes = backend.last_compilations[0]["graph"].graph.nodes
+    n_dense = len([n for n in nodes if n.target is gl.dense_lora])
+    n_gather = len([n for n in nodes if "gather_lora" in str(n.target)])
+    groups = 4 * model.config.num_hidden_layers  # q,k,v / o / gate,up / down
+    assert (n_dense, n_gather) == ((groups, 0) if dense else (0, groups))
+    assert len([n for n in nodes if n.target is gl.dense_gates]) == int(dense)
+
+
+def test_dense_gates_and_dense_lora_match_the_oracle():
+    """dense_gates: a repeated expert sums its slots, out-of-range ids count for nothing; dense_lora
+    with it equals the per-token oracle."""
+    p = _problem(9, 3, torch.float32)
+    p["experts"][2] = torch.tensor([1, 1, 3])
+    p["experts"][4, 2] = 5  # N = 5 experts: out of range
+    p["experts"][6, 0] = -1
+    g = gl.dense_gates(p["experts"], p["gates"], 5)
+    assert torch.allclose(g[2, 1], p["gates"][2, :2].sum()) and g[4].sum() == p["gates"][4, :2].sum()
+    assert (g > 0).sum(1).tolist()[6] == 2
+    got = gl.dense_lora(p["x"], p["lora_A"], p["lora_B"], g, p["scaling"])
+    p["gates"][4, 2] = p["gates"][6, 0] = 0.0
+    p["experts"][4, 2] = p["experts"][6, 0] = 0
+    _check(got, p, torch.float32, "dense")
 
 
 def test_triton_zero_tokens(triton_gather):

@@ -35,7 +35,8 @@ from torch import Tensor
 from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
 __all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
-           "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS"]
+           "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS", "dense_gates", "dense_lora",
+           "DENSE_MIN_TOKENS"]
 
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,6 +96,39 @@ def tuple_blocks(experts: Tensor, n_experts: int, block_t: int = TUPLE_BLOCK_T) 
     end = torch.minimum(start + block_t, seg[wkey + 1])
     end = torch.where(w < ends[-1], end, start)
     return order, torch.stack([wkey, start, end])
+
+
+# Prefill in dense matmuls (the backend's prefill_expand="auto" from this many tokens per step): every
+# expert's low-rank term for every token, weighted by a gate matrix that is zero outside each token's
+# top-k. N / k times the gathered arithmetic, but in large cuBLAS GEMMs, with no sort: on the H200
+# at 512 tokens (Llama-2-7B shape, N = 8, r = 64, top-2) it beat the Triton gather kernels, q,v
+# 0.934x vs 0.86x of the backbone's tokens/s, all seven 0.629x vs 0.52-0.55x (docs/paths.md,
+# fourth run). At batch-32 decode the gather kernels won by far (1.30x vs 1.68x the backbone's
+# time, all seven); the crossover between 32 and 512 tokens is not measured: 128 is a guess.
+DENSE_MIN_TOKENS = 128
+
+
+def dense_gates(experts: Tensor, gates: Tensor, n_experts: int) -> Tensor:
+    """[T, N] fp32: each token's gate for each expert (summed over the slots that name it), 0 for
+    the experts it did not select; an out-of-range id contributes nothing. Once per step."""
+    valid = (experts >= 0) & (experts < n_experts)
+    ids = torch.where(valid, experts, 0)
+    g = torch.where(valid, gates.to(torch.float32), 0.0)
+    return torch.zeros(experts.shape[0], n_experts, dtype=torch.float32, device=experts.device).scatter_add(1, ids, g)
+
+
+def dense_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], gate_matrix: Tensor,
+               scaling: float) -> list[Tensor]:
+    """The deltas of modules sharing x [T, in] in dense matmuls over every expert:
+    delta_m = sum_n (s * G[:, n]) * B_m[n] (A_m[n] x), G = dense_gates(...). Plain torch ops, so
+    Inductor compiles them (cuBLAS GEMMs, the gate product fused)."""
+    deltas = []
+    for a, b in zip(lora_A, lora_B):
+        n, r, n_in = a.shape
+        h = torch.matmul(x.to(a.dtype), a.reshape(n * r, n_in).t())  # [T, N * r]: every expert's A x
+        h = (h.view(-1, n, r).float() * (gate_matrix * scaling)[:, :, None]).to(a.dtype)
+        deltas.append(torch.einsum("tnr,nor->to", h, b).to(x.dtype))
+    return deltas
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

@@ -24,7 +24,8 @@ import torch.fx as fx
 
 from ..cutlass_kernels import gather_lora
 from ..cutlass_kernels.gather_lora import (  # also registers the ops
-    MAX_TUPLE_KEYS, SORTED_MIN_ROWS, expert_segments, tuple_blocks, tuple_keys,
+    DENSE_MIN_TOKENS, MAX_TUPLE_KEYS, SORTED_MIN_ROWS, dense_gates, dense_lora, expert_segments, tuple_blocks,
+    tuple_keys,
 )
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
@@ -49,6 +50,14 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     impl = settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto"
     device = graph_inputs(gm)[regions[0].factors["lora_A"]].device
     tokens = regions[0].tokens
+    groups: dict[fx.Node, list] = {}
+    for r in regions:
+        groups.setdefault(r.x, []).append(r)
+    prefill_expand = settings.prefill_expand
+    if prefill_expand == "auto":
+        prefill_expand = "dense" if tokens is None or tokens >= DENSE_MIN_TOKENS else "sets"
+    if prefill_expand == "dense" and (tokens is None or tokens >= DENSE_MIN_TOKENS):
+        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens)
     # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
     # segments, set_order, set_work, per_slot (the op's schema). A prefill-sized step (or a dynamic
     # token count: a prefill recompiled for a second length) computes the expert order once for
@@ -64,7 +73,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             rows = graph.call_function(operator.getitem, (both, 0))
         with graph.inserting_after(rows):
             step_args = (rows, graph.call_function(operator.getitem, (both, 1)))
-        if settings.prefill_expand == "slots":  # the expand by expert, each slot's term apart
+        if prefill_expand == "slots":  # the expand by expert, each slot's term apart
             per_slot = True
             step_args = (*step_args, None, None, True)
         elif tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
@@ -75,9 +84,6 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             with graph.inserting_after(order_node):
                 step_args = (*step_args, order_node, graph.call_function(operator.getitem, (sets, 1)))
     step_nodes = [n for n in step_args if isinstance(n, fx.Node)]
-    groups: dict[fx.Node, list] = {}
-    for r in regions:
-        groups.setdefault(r.x, []).append(r)
     side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
     for x, group in groups.items():
         order = {n: i for i, n in enumerate(graph.nodes)}  # earlier groups added nodes
@@ -112,15 +118,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             with graph.inserting_before(first_add):
                 x2d = graph.call_method("reshape", (x, -1, in_features))
                 deltas = graph.call_function(torch.ops.adafuse.gather_lora.default, (x2d, *args))
-        for i, r in enumerate(group):
-            with graph.inserting_before(r.add):  # after this region's own linear
-                delta = graph.call_function(operator.getitem, (deltas, i))
-                if per_slot:  # [T, k, out]: the slots' sum, which Inductor fuses into this add
-                    delta = graph.call_method("sum", (delta, 1))
-                shaped = graph.call_method("view_as", (delta, r.linear))
-                summed = graph.call_function(operator.add, (r.linear, shaped))
-            r.add.replace_all_uses_with(summed)
-            gm.meta["adafuse_replaced"][r.add.name] = summed.name
+        _add_deltas(gm, group, deltas, per_slot)
     gm.meta["adafuse_gather_groups"] = len(groups)
     names = list(graph_inputs(gm))
     group_pos = [([names.index(r.factors["lora_A"]) for r in g], [names.index(r.factors["lora_B"]) for r in g])
@@ -139,4 +137,43 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         shared += "; adapter kernels on a side stream, concurrent with the backbone linears"
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")
+    return clean_up(gm)
+
+
+def _add_deltas(gm: fx.GraphModule, group: list, deltas: fx.Node, per_slot: bool = False) -> None:
+    """Each region's adapter branch becomes linear + its delta (deltas[i], [T, out], or [T, k, out]
+    per slot)."""
+    graph = gm.graph
+    for i, r in enumerate(group):
+        with graph.inserting_before(r.add):  # after this region's own linear
+            delta = graph.call_function(operator.getitem, (deltas, i))
+            if per_slot:  # [T, k, out]: the slots' sum, which Inductor fuses into this add
+                delta = graph.call_method("sum", (delta, 1))
+            shaped = graph.call_method("view_as", (delta, r.linear))
+            summed = graph.call_function(operator.add, (r.linear, shaped))
+        r.add.replace_all_uses_with(summed)
+        gm.meta["adafuse_replaced"][r.add.name] = summed.name
+
+
+def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx.Node, scaling: float,
+                   tokens: int | None) -> fx.GraphModule:
+    """A prefill-sized step: every group's deltas in dense matmuls over all experts (dense_lora),
+    weighted by one gate matrix for the step (dense_gates); Inductor compiles them."""
+    graph = gm.graph
+    n_experts = regions_of(gm)[0].factors["num_experts"]
+    with graph.inserting_after(gates):
+        gate_matrix = graph.call_function(dense_gates, (experts, gates, n_experts))
+    for x, group in groups.items():
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first_add = min((r.add for r in group), key=order.__getitem__)
+        with graph.inserting_before(first_add):
+            x2d = graph.call_method("reshape", (x, -1, group[0].factors["in_features"]))
+            deltas = graph.call_function(dense_lora, (x2d, [r.factors["lora_A"] for r in group],
+                                                      [r.factors["lora_B"] for r in group], gate_matrix, scaling))
+        _add_deltas(gm, group, deltas)
+    gm.meta["adafuse_gather_groups"] = len(groups)
+    count = "a dynamic number of" if tokens is None else tokens
+    note(gm, f"rewrite_gather: {sum(len(g) for g in groups.values())} adapter branches -> {len(groups)} dense "
+             f"call(s) over every expert ({count} tokens per step, prefill_expand: dense from {DENSE_MIN_TOKENS} "
+             f"tokens; exact: zero gates outside each token's top-k)")
     return clean_up(gm)
