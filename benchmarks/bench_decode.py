@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--naive-phases", default=None,
                     help="the phases that time the naive model's torch.compile (default: every phase run; none: no phase)")
     ap.add_argument("--multi-paths", default="auto", help="adafuse paths timed at batch > 1 and prefill (auto; "
-                    "gather-inline / gather-slots to compare the gather variants)")
+                    "gather-inline / gather-sets / gather-slots to compare the gather variants)")
     ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")
     ap.add_argument("--batches", default="8,32", help="decode batch sizes of the batch phase")
     ap.add_argument("--prefill-len", type=int, default=512)

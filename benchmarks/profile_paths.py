@@ -51,6 +51,7 @@ PATH_OPTIONS = {
     "gather": {"path": "gather"},  # side stream on (the CUDA default)
     "gather-inline": {"path": "gather", "side_stream": False},  # adapter kernels in line, as before
     "gather-slots": {"path": "gather", "prefill_expand": "slots"},  # prefill: the per-slot expand by expert
+    "gather-sets": {"path": "gather", "prefill_expand": "sets"},  # prefill: the expand by sets (gather: dense there)
     "factor": {"path": "factor"},
     "merge": {"path": "merge"},
 }

@@ -16,7 +16,7 @@
 #   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
 #   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
-#            (PROFILE_PATHS=gather,gather-slots PROFILE_SHAPES=p512: the two prefill expands)
+#            (PROFILE_PATHS=gather-sets,gather-slots,gather PROFILE_SHAPES=p512: the prefill forms)
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
@@ -71,7 +71,7 @@ run_stage() {
     local targets phases batches naive paths_var tag
     IFS=: read -r _ targets phases batches naive <<< "$stage"
     paths_var=PATHS_$targets
-    tag="${phases//,/-}${batches:+_b${batches//,/-}}"
+    tag="${phases//,/-}${batches:+_b${batches//,/-}}${naive:+_naive-${naive//,/-}}"
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${!paths_var:-auto}" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --batches "${batches:-8,32}" ${naive:+--naive-phases "$naive"} \

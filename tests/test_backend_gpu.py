@@ -147,6 +147,7 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
     backend.last_compilations.clear()
     model = build("all-linear")
     n = DENSE_MIN_TOKENS
+    assert n <= CFG.max_seq_len, "CFG.max_seq_len must hold a DENSE_MIN_TOKENS-token prompt: raise it with the threshold"
     prompt = torch.randint(0, CFG.vocab_size, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     pos = torch.arange(n, device="cuda")
     with torch.no_grad():

@@ -356,10 +356,12 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     af.restore(model)
 
 
-def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_gather):
-    """A prefill of another length recompiles with a symbolic token count: the step's sort and sets
-    (tuple_blocks' work bound uses the symbolic T) are still computed once, and the result matches
-    eager for both lengths."""
+@pytest.mark.parametrize("prefill_expand", ["sets", "auto"])
+def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_gather, prefill_expand):
+    """A prefill of another length recompiles with a symbolic token count. With "sets" the step's
+    sort and sets (tuple_blocks' work bound uses the symbolic T) are still computed once; with
+    "auto" (the default) a dynamic prefill is dense (one gate matrix of symbolic size). The result
+    matches eager for both lengths."""
     import adafuse_compile as af
     from adafuse_compile import backend
 
@@ -371,7 +373,7 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     model.eval()
     torch._dynamo.reset()
     backend.last_compilations.clear()
-    step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton", "prefill_expand": "sets"})
+    step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton", "prefill_expand": prefill_expand})
     with torch.no_grad():
         for n in (40, 47):
             tokens, pos = torch.randint(0, 64, (1, n)), torch.arange(n)
@@ -384,18 +386,51 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     tokens_in = next(v for n in gm.graph.nodes if n.op == "placeholder"
                      and isinstance(v := n.meta.get("example_value"), torch.Tensor))
     assert isinstance(tokens_in.shape[1], torch.SymInt)  # the second compile is dynamic in T
-    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
-    assert len(sets) == 1
+    count = {f: len([n for n in gm.graph.nodes if n.target is f]) for f in (gl.tuple_blocks, gl.dense_gates)}
+    assert count == ({gl.tuple_blocks: 1, gl.dense_gates: 0} if prefill_expand == "sets"
+                     else {gl.tuple_blocks: 0, gl.dense_gates: 1})
 
 
-def _tiny_prefill(targets, seed: int, n_tokens: int = 40):
+def test_decode_with_a_dynamic_batch_keeps_the_gather_kernels():
+    """A decode step recompiled for a second batch size has a symbolic token count, but x is
+    [batch, 1, features]: still a decode step, so prefill_expand="auto" keeps the gather call (dense
+    measured 1.3x slower than gather at batch-32 decode)."""
+    import adafuse_compile as af
+    from adafuse_compile import backend
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=16)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=4)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj")))
+    model.eval()
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    step = torch.compile(model, backend="adafuse", options={"path": "gather"})
+    with torch.no_grad():
+        for b in (2, 3):
+            tokens, pos = torch.randint(0, 64, (b, 1)), torch.tensor([5])
+            model.setup_cache(b)
+            ref = model(tokens, pos)
+            model.setup_cache(b)
+            torch.testing.assert_close(step(tokens, pos), ref, rtol=1e-4, atol=1e-4)
+    gm = backend.last_compilations[-1]["graph"]
+    tokens_in = next(v for n in gm.graph.nodes if n.op == "placeholder"
+                     and isinstance(v := n.meta.get("example_value"), torch.Tensor))
+    assert isinstance(tokens_in.shape[0], torch.SymInt)  # the second compile is dynamic in the batch
+    assert not [n for n in gm.graph.nodes if n.target in (gl.dense_gates, gl.dense_lora)]
+    assert [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
+
+
+def _tiny_prefill(targets, seed: int, n_tokens: int = 40, n_experts: int = 4):
     """An n-token prefill of a small adapted model: (model, tokens, pos, eager logits)."""
     import adafuse_compile as af
 
     cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, max_seq_len=max(48, n_tokens))
     model = af.TinyLlama(cfg).init_weights(std=0.1, seed=seed)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal", target_modules=targets))
+    af.inject(model, af.AdaFuseConfig(num_experts=n_experts, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=targets))
     model.eval().setup_cache(1)
     tokens, pos = torch.randint(0, 64, (1, n_tokens)), torch.arange(n_tokens)
     with torch.no_grad():
@@ -424,18 +459,25 @@ def test_prefill_with_the_per_slot_expand_matches_eager(triton_gather, side_stre
     assert not [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
 
 
-@pytest.mark.parametrize("n_tokens, dense", [(gl.DENSE_MIN_TOKENS, True), (40, False)])
-def test_prefill_expand_auto_is_dense_from_dense_min_tokens(n_tokens, dense):
+@pytest.mark.parametrize("n_tokens, n_experts, expand, dense", [
+    (gl.DENSE_MIN_TOKENS, 4, "auto", True),
+    (40, 4, "auto", False),  # below DENSE_MIN_TOKENS
+    (gl.DENSE_MIN_TOKENS, 2 * gl.DENSE_MAX_EXPANSION + 2, "auto", False),  # N / k above DENSE_MAX_EXPANSION
+    (40, 4, "dense", True),  # forced: any multi-token step
+])
+def test_prefill_expand_auto_is_dense_from_dense_min_tokens(n_tokens, n_experts, expand, dense):
     """The default prefill_expand ("auto"): a step of DENSE_MIN_TOKENS tokens or more computes its
     deltas in dense matmuls (one dense_lora call per group, one gate matrix for the step, no gather
-    op), a shorter one keeps the gather kernels; both match the eager model."""
+    op) when N / k is at most DENSE_MAX_EXPANSION; a shorter step, or more experts per slot, keeps
+    the gather kernels; "dense" forces it. All match the eager model."""
     from adafuse_compile import backend
 
-    model, tokens, pos, ref = _tiny_prefill("all-linear", seed=3, n_tokens=n_tokens)
+    model, tokens, pos, ref = _tiny_prefill("all-linear", seed=3, n_tokens=n_tokens, n_experts=n_experts)
     torch._dynamo.reset()
     backend.last_compilations.clear()
     with torch.no_grad():
-        got = torch.compile(model, backend="adafuse", options={"sgmm_impl": "reference"})(tokens, pos)
+        got = torch.compile(model, backend="adafuse", options={
+            "sgmm_impl": "reference", "prefill_expand": expand})(tokens, pos)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     nodes = backend.last_compilations[0]["graph"].graph.nodes
     n_dense = len([n for n in nodes if n.target is gl.dense_lora])
@@ -445,10 +487,11 @@ def test_prefill_expand_auto_is_dense_from_dense_min_tokens(n_tokens, dense):
     assert len([n for n in nodes if n.target is gl.dense_gates]) == int(dense)
 
 
-def test_dense_gates_and_dense_lora_match_the_oracle():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_gates_and_dense_lora_match_the_oracle(dtype):
     """dense_gates: a repeated expert sums its slots, out-of-range ids count for nothing; dense_lora
-    with it equals the per-token oracle."""
-    p = _problem(9, 3, torch.float32)
+    with it equals the per-token oracle (fp16: within its tolerance, two roundings of h)."""
+    p = _problem(9, 3, dtype)
     p["experts"][2] = torch.tensor([1, 1, 3])
     p["experts"][4, 2] = 5  # N = 5 experts: out of range
     p["experts"][6, 0] = -1
@@ -458,7 +501,7 @@ def test_dense_gates_and_dense_lora_match_the_oracle():
     got = gl.dense_lora(p["x"], p["lora_A"], p["lora_B"], g, p["scaling"])
     p["gates"][4, 2] = p["gates"][6, 0] = 0.0
     p["experts"][4, 2] = p["experts"][6, 0] = 0
-    _check(got, p, torch.float32, "dense")
+    _check(got, p, dtype, "dense")
 
 
 def test_triton_zero_tokens(triton_gather):

@@ -36,7 +36,7 @@ from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
 __all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS", "dense_gates", "dense_lora",
-           "DENSE_MIN_TOKENS"]
+           "DENSE_MIN_TOKENS", "DENSE_MAX_EXPANSION"]
 
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,11 +101,14 @@ def tuple_blocks(experts: Tensor, n_experts: int, block_t: int = TUPLE_BLOCK_T) 
 # Prefill in dense matmuls (the backend's prefill_expand="auto" from this many tokens per step): every
 # expert's low-rank term for every token, weighted by a gate matrix that is zero outside each token's
 # top-k. N / k times the gathered arithmetic, but in large cuBLAS GEMMs, with no sort: on the H200
-# at 512 tokens (Llama-2-7B shape, N = 8, r = 64, top-2) it beat the Triton gather kernels, q,v
-# 0.934x vs 0.86x of the backbone's tokens/s, all seven 0.629x vs 0.52-0.55x (docs/paths.md,
-# fourth run). At batch-32 decode the gather kernels won by far (1.30x vs 1.68x the backbone's
-# time, all seven); the crossover between 32 and 512 tokens is not measured: 128 is a guess.
+# at 512 tokens (Llama-2-7B shape, N = 8, r = 64, top-2) it reached 0.892x (q,v) and 0.662x (all
+# seven) of the backbone's tokens/s, where the Triton gather kernels reached 0.86-0.87x and
+# 0.52-0.55x (docs/paths.md, fourth run). At batch-32 decode the gather kernels won by far (the
+# naive model's dense form: 1.68x the backbone's time vs gather's 1.30x, all seven); the crossover
+# between 32 and 512 tokens is not measured: 128 is a guess. Only measured at N / k = 4: "auto"
+# stays with the kernels above DENSE_MAX_EXPANSION.
 DENSE_MIN_TOKENS = 128
+DENSE_MAX_EXPANSION = 4
 
 
 def dense_gates(experts: Tensor, gates: Tensor, n_experts: int) -> Tensor:
@@ -121,7 +124,11 @@ def dense_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], gate_matri
                scaling: float) -> list[Tensor]:
     """The deltas of modules sharing x [T, in] in dense matmuls over every expert:
     delta_m = sum_n (s * G[:, n]) * B_m[n] (A_m[n] x), G = dense_gates(...). Plain torch ops, so
-    Inductor compiles them (cuBLAS GEMMs, the gate product fused)."""
+    Inductor compiles them (cuBLAS GEMMs, the gate product fused). Numerics as the eager layer's
+    own dense form: A x is rounded to the factors' dtype once before the gate (the Triton path
+    keeps it in fp32), and an unselected expert whose A x overflows (fp16) would turn its zero
+    gate into NaN, where the gather kernels never compute it. The contraction over (expert, rank)
+    reads lora_B [N, out, r] through a permuted copy each call (about 2 x N r out bytes per module)."""
     deltas = []
     for a, b in zip(lora_A, lora_B):
         n, r, n_in = a.shape

@@ -19,7 +19,7 @@ every call, so h needs no zeroing: no memset launch, no atomics, and a determini
 first version added the partials with fp32 atomics into a zeroed h: one more launch per call,
 a third of a decode step's gather launches.)
 
-Expand (grid: token block, out block, module m):
+Expand (grid: token block, group of O_ITERS out blocks, module m):
     y_m[t, :] = sum_j B_m[e_tj] @ h[m, t*k + j, :]
 The program loads its tokens' expert ids and h rows once, then for each expert e used in
 the block forms H_e[t] = sum_j [e_tj == e] h[m, t*k+j] and accumulates H_e @ B_m[e]^T in
