@@ -356,21 +356,27 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     af.restore(model)
 
 
+def _tiny_qv_model(max_seq_len: int, seed: int):
+    """A 2-layer model with q,v adapters (4 experts, r = 8, top-2), in eval mode."""
+    import adafuse_compile as af
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=max_seq_len)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj")))
+    return model.eval()
+
+
 @pytest.mark.parametrize("prefill_expand", ["sets", "auto"])
 def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_gather, prefill_expand):
     """A prefill of another length recompiles with a symbolic token count. With "sets" the step's
     sort and sets (tuple_blocks' work bound uses the symbolic T) are still computed once; with
     "auto" (the default) a dynamic prefill is dense (one gate matrix of symbolic size). The result
     matches eager for both lengths."""
-    import adafuse_compile as af
     from adafuse_compile import backend
 
-    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=64)
-    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=1)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
-                                      target_modules=("q_proj", "v_proj")))
-    model.eval()
+    model = _tiny_qv_model(max_seq_len=64, seed=1)
     torch._dynamo.reset()
     backend.last_compilations.clear()
     step = torch.compile(model, backend="adafuse", options={"sgmm_impl": "triton", "prefill_expand": prefill_expand})
@@ -395,15 +401,9 @@ def test_decode_with_a_dynamic_batch_keeps_the_gather_kernels():
     """A decode step recompiled for a second batch size has a symbolic token count, but x is
     [batch, 1, features]: still a decode step, so prefill_expand="auto" keeps the gather call (dense
     measured 1.3x slower than gather at batch-32 decode)."""
-    import adafuse_compile as af
     from adafuse_compile import backend
 
-    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=16)
-    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=4)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
-                                      target_modules=("q_proj", "v_proj")))
-    model.eval()
+    model = _tiny_qv_model(max_seq_len=16, seed=4)
     torch._dynamo.reset()
     backend.last_compilations.clear()
     step = torch.compile(model, backend="adafuse", options={"path": "gather"})
