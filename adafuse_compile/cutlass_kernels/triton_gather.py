@@ -454,8 +454,14 @@ class GatherPlan:
         block_t = _pow2_at_least(min(n_tokens, 32), 16)
         # Prefill: the expand by sets of experts (tuple_blocks), where the key space is small.
         sets = sorted_ and tuple_keys(self.n_experts, k) <= MAX_TUPLE_KEYS
-        expand_programs = triton.cdiv(n_tokens, block_t) * triton.cdiv(max(self.outs), EXPAND_BLOCK_O) * min(
-            m, MAX_MODULES_PER_LAUNCH)
+        m_launch = min(m, MAX_MODULES_PER_LAUNCH)
+        max_out = max(self.outs)
+
+        def programs(groups: int, block_o: int) -> tuple[int, int]:
+            """An expand launch's programs at one out block each, and its out blocks per module."""
+            out_blocks = triton.cdiv(max_out, block_o)
+            return groups * out_blocks * m_launch, out_blocks
+        expand_programs, _ = programs(triton.cdiv(n_tokens, block_t), EXPAND_BLOCK_O)
         unroll = (not sorted_ and n_rows >= UNROLL_MIN_ROWS_PER_EXPERT * self.n_experts
                   and expand_programs >= UNROLL_MIN_PROGRAMS_PER_SM * self.sms)
         cfg = dict(SORTED=sorted_, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
@@ -464,23 +470,22 @@ class GatherPlan:
                    SLOTS_BLOCK_O=SLOTS_BLOCK_O)
         cfg.update(env_overrides())
         cfg.update(overrides or {})
-        # Out blocks per expand program, from the block sizes finally in force. The sets expand's
-        # work items in use: the token blocks plus at most one partial block per set present
-        # (C(N + k - 1, k) multisets of k experts).
-        m_launch = min(m, MAX_MODULES_PER_LAUNCH)
-        if "O_ITERS" not in cfg:
-            out_blocks = triton.cdiv(max(self.outs), cfg["BLOCK_O"])
-            programs = triton.cdiv(n_tokens, cfg["BLOCK_T"]) * out_blocks * m_launch
-            per_sm = UNROLLED_PROGRAMS_PER_SM if cfg["EXPAND_UNROLL"] else EXPAND_PROGRAMS_PER_SM
-            cfg["O_ITERS"] = _out_iters(programs, out_blocks, self.sms, per_sm)
-        if "SETS_O_ITERS" not in cfg:
-            out_blocks = triton.cdiv(max(self.outs), cfg["SETS_BLOCK_O"])
-            work = triton.cdiv(n_tokens, cfg["SETS_BLOCK_T"]) + min(n_tokens, math.comb(self.n_experts + k - 1, k))
-            cfg["SETS_O_ITERS"] = _out_iters(work * out_blocks * m_launch, out_blocks, self.sms)
-        if "SLOTS_O_ITERS" not in cfg:  # active programs: about one row block per expert more than the rows need
-            out_blocks = triton.cdiv(max(self.outs), cfg["SLOTS_BLOCK_O"])
-            row_blocks = triton.cdiv(n_rows, SORTED_BLOCK_M) + self.n_experts
-            cfg["SLOTS_O_ITERS"] = _out_iters(row_blocks * out_blocks * m_launch, out_blocks, self.sms)
+        # Out blocks per expand program, from the block sizes finally in force: (program groups,
+        # out block, programs per SM to keep). The sets expand's work items in use: the token blocks
+        # plus at most one partial block per set present (C(N + k - 1, k) multisets of k experts);
+        # the slots expand's row blocks: about one per expert more than the rows need.
+        groups = {
+            "O_ITERS": (triton.cdiv(n_tokens, cfg["BLOCK_T"]), cfg["BLOCK_O"],
+                        UNROLLED_PROGRAMS_PER_SM if cfg["EXPAND_UNROLL"] else EXPAND_PROGRAMS_PER_SM),
+            "SETS_O_ITERS": (triton.cdiv(n_tokens, cfg["SETS_BLOCK_T"])
+                             + min(n_tokens, math.comb(self.n_experts + k - 1, k)), cfg["SETS_BLOCK_O"],
+                             EXPAND_PROGRAMS_PER_SM),
+            "SLOTS_O_ITERS": (triton.cdiv(n_rows, SORTED_BLOCK_M) + self.n_experts, cfg["SLOTS_BLOCK_O"],
+                              EXPAND_PROGRAMS_PER_SM),
+        }
+        for key, (n_groups, block_o, per_sm) in groups.items():
+            if key not in cfg:
+                cfg[key] = _out_iters(*programs(n_groups, block_o), self.sms, per_sm)
         return cfg
 
     def run(self, x: Tensor, experts: Tensor, gates: Tensor, scaling: float,
