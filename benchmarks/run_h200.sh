@@ -18,6 +18,9 @@
 #   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
 #            (PROFILE_PATHS=gather-sets,gather-slots,gather PROFILE_SHAPES=p512: the prefill forms)
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
+#   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
+#            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
+#   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto  ~3 min
 #   factor-layout  factor path: three-op vs extended weight layouts, 7B q,v and all  ~1 min
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
@@ -107,6 +110,13 @@ run_stage() {
       timeout "${PROFILE_TIMEOUT:-280}" python3 benchmarks/profile_paths.py --targets "$t" --out "$OUT/profile_$t.json" 2>&1 \
         | grep -v -i -e warn -e USDT | tail -12
     done ;;
+  prefill-forms)
+    timeout "${PREFILL_FORMS_TIMEOUT:-330}" python3 benchmarks/bench_prefill_forms.py --tokens "${PREFILL_FORMS_TOKENS:-128,512,2048}" \
+      --out "$OUT/prefill_forms_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;
+  generate-host)
+    timeout "${HOST_TIMEOUT:-300}" python3 benchmarks/profile_generate_host.py --targets "${HOST_TARGETS:-all}" \
+      --methods "${HOST_METHODS:-backbone,adafuse_auto}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
+      | grep -v -i warn | tail -120 ;;
   factor-layout)
     timeout 120 python3 benchmarks/bench_factor_layout.py --out "$OUT/factor_layout_h200.json" 2>&1 | tail -30 ;;
   drift)
@@ -162,7 +172,8 @@ run_stage() {
   bench-all-hf)
     # All seven through generate(): the issue's bar is under 6.2 ms/token (HF eager, static cache).
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop hf --prefill eager \
-      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-430}" --no-progress \
+      --prompts 50 --new-tokens "${BENCH_NEW_TOKENS:-100}" --method-budget-s "${BENCH_METHOD_BUDGET:-5}" \
+      --budget-s "${BENCH_BUDGET:-430}" --no-progress \
       --methods "${BENCH_METHODS:-backbone,adafuse_auto,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled}" \
       --out "$OUT/bench_llama2-7b_all_hf_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_hf_h200.log" | grep -v -i warn | tail -40 ;;
   *) echo "unknown stage $stage"; return 2 ;;

@@ -1,0 +1,105 @@
+"""Where generate()'s time per token goes on the host (issue #8: the 6.2 ms/token bar).
+
+The compiled backbone decodes a 7B step in about 4.7 ms in the package's own loop but takes about
+7 ms per token through Hugging Face generate() (bench_llama2-7b_all_hf_h200.json): generate()
+synchronizes every step (its stopping check), so whatever the host does before the step's CUDA
+graph starts is added to the GPU time. This script builds the bench's models the bench's way
+(adafuse_compile.bench: static cache, decode step compiled through generate()'s compile_config,
+prompt eager), times generate() per token with CUDA events, and runs one generate() under
+cProfile to list the Python functions that take the host time.
+
+    python benchmarks/profile_generate_host.py --targets all --methods backbone,adafuse_auto \
+        --out benchmarks/results/generate_host_profile_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+
+import torch
+
+from adafuse_compile import bench
+
+
+def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats(key).print_stats(n)
+    return [line for line in s.getvalue().splitlines() if line.strip()][-(n + 1):]
+
+
+def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int, reps: int) -> dict:
+    method = bench.METHOD_BY_NAME[name]
+    entry: dict = {"method": name}
+    max_cache_len = prompt_len + new_tokens + 16
+    with torch.no_grad():
+        model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
+        bench._compile(model, method, spec, "hf")
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, spec.model["vocab_size"], (1, prompt_len), generator=gen).to(spec.device)
+        t0 = time.perf_counter()
+        for length in (5, 11):
+            bench._hf_generate(model, prompt[:, :length], 4, bench._Clock(spec.device))
+        bench._Clock(spec.device).sync()
+        entry["warmup_s"] = round(time.perf_counter() - t0, 1)
+
+        per_token, wall_per_token = [], []
+        for _ in range(reps):
+            clock = bench._Clock(spec.device)
+            t0 = time.perf_counter()
+            bench._hf_generate(model, prompt, new_tokens, clock)
+            clock.sync()
+            wall_per_token.append((time.perf_counter() - t0) * 1e3 / new_tokens)
+            per_token.append(clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1))
+        entry["decode_ms_per_token"] = per_token
+        entry["decode_ms_per_token_median"] = statistics.median(per_token)
+        entry["wall_ms_per_token_incl_prefill"] = statistics.median(wall_per_token)
+
+        prof = cProfile.Profile()
+        clock = bench._Clock(spec.device)
+        prof.enable()
+        bench._hf_generate(model, prompt, new_tokens, clock)
+        prof.disable()
+        clock.sync()
+        entry["profiled_decode_ms_per_token"] = clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1)
+        entry["top_tottime"] = _stats_lines(prof, "tottime", 40)
+        entry["top_cumulative"] = _stats_lines(prof, "cumulative", 60)
+    del model
+    bench._cleanup()
+    return entry
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--targets", default="all")
+    p.add_argument("--methods", default="backbone,adafuse_auto")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    cfg = bench.BenchConfig(preset=args.preset, targets=args.targets, loop="hf", prefill="eager",
+                            new_tokens=args.new_tokens)
+    spec = bench.resolve(cfg)
+    result = {"env": bench.environment(spec.device), "targets": args.targets, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "entries": []}
+    for name in args.methods.split(","):
+        try:
+            e = profile_method(name, spec, args.prompt_len, args.new_tokens, args.reps)
+        except Exception as exc:  # one method's failure must not lose the others
+            e = {"method": name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        result["entries"].append(e)
+        print(json.dumps({k: v for k, v in e.items() if not k.startswith("top_")}), flush=True)
+        for line in e.get("top_cumulative", [])[:45]:
+            print(line)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
