@@ -105,7 +105,9 @@ def tuple_blocks(experts: Tensor, n_experts: int, block_t: int = TUPLE_BLOCK_T) 
 # seven) of the backbone's tokens/s, where the Triton gather kernels reached 0.86-0.87x and
 # 0.52-0.55x (docs/paths.md, fourth run). At batch-32 decode the gather kernels won by far (the
 # naive model's dense form: 1.68x the backbone's time vs gather's 1.30x, all seven); the crossover
-# between 32 and 512 tokens is not measured: 128 is a guess. Only measured at N / k = 4: "auto"
+# lies between 32 and 128 tokens: at 128, one 7B layer's seven linears took 0.288 ms dense against
+# 0.355 ms with the gather kernels (benchmarks/bench_prefill_forms.py); 64 is not measured, so 128
+# stays. Only measured at N / k = 4: "auto"
 # stays with the kernels above DENSE_MAX_EXPANSION.
 DENSE_MIN_TOKENS = 128
 DENSE_MAX_EXPANSION = 4
