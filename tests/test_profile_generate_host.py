@@ -1,0 +1,25 @@
+"""benchmarks/profile_generate_host.py on the tiny preset (CPU): it times generate() per token for
+each method asked and keeps a cProfile table in which generate()'s own frames appear."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_generate_host.py"
+
+
+def test_tiny_preset_profiles_backbone_and_auto(tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_generate_host", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "host.json"
+    module.main(["--preset", "tiny", "--targets", "all", "--methods", "backbone,adafuse_auto", "--prompt-len", "12",
+                 "--new-tokens", "6", "--reps", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [e["method"] for e in result["entries"]] == ["backbone", "adafuse_auto"]
+    for e in result["entries"]:
+        assert "error" not in e, e.get("error")
+        assert len(e["decode_ms_per_token"]) == 1 and e["decode_ms_per_token"][0] > 0
+        assert any("generation/utils.py" in line and "(generate)" in line for line in e["top_cumulative"])
+        assert any("(_hf_generate)" in line for line in e["top_cumulative"])
