@@ -107,6 +107,22 @@ def test_pristine_long_sequence_is_exact(dtype):
     _check(p, expected, p["pristine"], dtype)
 
 
+def test_a_cached_plan_still_checks_each_call():
+    """A plan is cached on the weight table; a later call with the same table and bad per-call tensors,
+    or with a factor of another dtype at the same address, must still raise (CI once saw a plan
+    reused through an address a freed tensor had held, and the gates check skipped)."""
+    p = make_problem(SHAPES, k=2, dtype=torch.bfloat16)
+    a = _args(p)
+    ops.sgmm_switch_(*a, impl="reference")  # builds and caches the plan for this table
+    with pytest.raises(ValueError, match=r"gates has shape \(3,\), expected \(2,\)"):
+        ops.sgmm_switch_(*a[:4], torch.ones(3), *a[5:], impl="reference")
+    with pytest.raises(ValueError, match=r"prev_gates must be torch.float32"):
+        ops.sgmm_switch_(*a[:6], a[6].double(), *a[7:], impl="reference")
+    same_address = [a[2][0].view(torch.float16), a[2][1]]  # same data_ptr and shape, another dtype
+    with pytest.raises(ValueError, match=r"lora_B\[0\] is torch.float16"):
+        ops.sgmm_switch_(a[0], a[1], same_address, *a[3:], impl="reference")
+
+
 def test_validation_errors():
     p = make_problem(SHAPES, k=2)
     a = _args(p)

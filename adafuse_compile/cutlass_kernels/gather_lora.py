@@ -288,10 +288,11 @@ def clear_plan_cache() -> None:
 
 
 def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
+    # Every tensor's address, shape and dtype: a freed tensor's address can come back holding another.
     key = (
-        lora_A[0].dtype, lora_A[0].device, tuple(lora_A[0].shape),
-        tuple(a.data_ptr() for a in lora_A),
-        tuple((b.data_ptr(), b.shape[1]) for b in lora_B),
+        lora_A[0].device,
+        tuple((a.data_ptr(), a.shape, a.dtype) for a in lora_A),
+        tuple((b.data_ptr(), b.shape, b.dtype) for b in lora_B),
     )
 
     def build():

@@ -37,24 +37,10 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def validate(
-    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
-    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
-    pristine: list[Tensor] | None,
-) -> None:
-    """Metadata checks only (no device reads): raise ValueError naming the offending input."""
-    n = len(weights)
-    if n == 0:
-        raise ValueError("sgmm_switch_: `weights` is empty")
-    if len(lora_A) != n or len(lora_B) != n:
-        raise ValueError(
-            f"sgmm_switch_: got {n} weights, {len(lora_A)} lora_A and {len(lora_B)} lora_B"
-        )
-    if pristine is not None and len(pristine) != n:
-        raise ValueError(f"sgmm_switch_: got {n} weights but {len(pristine)} pristine copies")
-    dev, dtype = weights[0].device, weights[0].dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"sgmm_switch_: weights[0] has dtype {dtype}; expected one of {_DTYPES}")
+def validate_step(experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
+                  dev: torch.device) -> None:
+    """The per-call tensors' metadata (no device reads): checked on every call, since a cached plan
+    is keyed on the weight table only."""
     if experts.dim() != 1 or not 1 <= experts.numel() <= _MAX_K:
         raise ValueError(
             f"sgmm_switch_: experts must be 1-D with k in 1..{_MAX_K}, got {_shape(experts)}"
@@ -74,6 +60,27 @@ def validate(
             raise ValueError(f"sgmm_switch_: {name} is on {t.device}, weights on {dev}")
         if not t.is_contiguous():
             raise ValueError(f"sgmm_switch_: {name} must be contiguous")
+
+
+def validate(
+    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
+    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
+    pristine: list[Tensor] | None,
+) -> None:
+    """Metadata checks only (no device reads): raise ValueError naming the offending input."""
+    n = len(weights)
+    if n == 0:
+        raise ValueError("sgmm_switch_: `weights` is empty")
+    if len(lora_A) != n or len(lora_B) != n:
+        raise ValueError(
+            f"sgmm_switch_: got {n} weights, {len(lora_A)} lora_A and {len(lora_B)} lora_B"
+        )
+    if pristine is not None and len(pristine) != n:
+        raise ValueError(f"sgmm_switch_: got {n} weights but {len(pristine)} pristine copies")
+    dev, dtype = weights[0].device, weights[0].dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"sgmm_switch_: weights[0] has dtype {dtype}; expected one of {_DTYPES}")
+    validate_step(experts, gates, prev_experts, prev_gates, dev)
     r = lora_A[0].shape[1] if lora_A[0].dim() == 3 else None
     for i in range(n):
         w, a, b = weights[i], lora_A[i], lora_B[i]
@@ -131,10 +138,10 @@ def clear_plan_cache() -> None:
 def _plan_key(impl, weights, lora_A, lora_B, pristine, k) -> tuple:
     return (
         impl, k, weights[0].dtype, weights[0].device,
-        tuple((w.data_ptr(), w.shape[0], w.shape[1]) for w in weights),
-        tuple(a.data_ptr() for a in lora_A), tuple(b.data_ptr() for b in lora_B),
-        None if pristine is None else tuple(p.data_ptr() for p in pristine),
-        tuple(a.shape[0] for a in lora_A), lora_A[0].shape[1],
+        tuple((w.data_ptr(), w.shape, w.dtype) for w in weights),
+        # Shapes and dtypes too: a freed tensor's address can come back holding another tensor.
+        tuple((a.data_ptr(), a.shape, a.dtype) for a in lora_A), tuple((b.data_ptr(), b.shape, b.dtype) for b in lora_B),
+        None if pristine is None else tuple((p.data_ptr(), p.shape, p.dtype) for p in pristine),
     )
 
 
@@ -167,6 +174,7 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
         raise ValueError(f"sgmm_switch_: impl must be one of {IMPLS}, got {impl!r}")
     if len(weights) == 0:
         raise ValueError("sgmm_switch_: `weights` is empty")
+    validate_step(experts, gates, prev_experts, prev_gates, weights[0].device)
     key = _plan_key(impl, weights, lora_A, lora_B, pristine, experts.numel())
 
     def build():
