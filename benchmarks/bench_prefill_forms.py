@@ -126,14 +126,20 @@ def forms(step):
             ys += [x @ w.t() + d for w, d in zip(grp["w"], deltas)]
         return ys
 
-    def dense_preB(xs, layer):
-        ys = []
-        for g, grp in layer.items():
-            x = xs[GROUPS[g][0]]
-            for w, a, bp in zip(grp["w"], grp["a"], grp["b_pre"]):
-                h = gated(x @ a.reshape(-1, a.shape[-1]).t(), a.shape[0])
-                ys.append(x @ w.t() + h @ bp.t())
-        return ys
+    def shrink_each(b_key, expand):
+        """Each module's own shrink (its A viewed [N r, in]: no copy), then expand(h, grp[b_key][m])."""
+        def form(xs, layer):
+            ys = []
+            for g, grp in layer.items():
+                x = xs[GROUPS[g][0]]
+                for w, a, b in zip(grp["w"], grp["a"], grp[b_key]):
+                    h = gated(x @ a.reshape(-1, a.shape[-1]).t(), a.shape[0])
+                    ys.append(x @ w.t() + expand(h, b))
+            return ys
+        return form
+
+    dense_preB = shrink_each("b_pre", lambda h, bp: h @ bp.t())
+    triton_dense = shrink_each("b", dense_expand)
 
     def dense_cat(xs, layer):
         ys = []
@@ -142,15 +148,6 @@ def forms(step):
             hs = (x @ grp["a_cat"].t()).split(N_EXPERTS * RANK, 1)
             for w, h, bp in zip(grp["w"], hs, grp["b_pre"]):
                 ys.append(x @ w.t() + gated(h, N_EXPERTS) @ bp.t())
-        return ys
-
-    def triton_dense(xs, layer):
-        ys = []
-        for g, grp in layer.items():
-            x = xs[GROUPS[g][0]]
-            for w, a, b in zip(grp["w"], grp["a"], grp["b"]):
-                h = gated(x @ a.reshape(-1, a.shape[-1]).t(), a.shape[0])
-                ys.append(x @ w.t() + dense_expand(h, b))
         return ys
 
     rows, offs, inv, g_sorted = step["rows"], step["offs"], step["inv"], step["g_sorted"]

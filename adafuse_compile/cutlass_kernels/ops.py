@@ -62,15 +62,12 @@ def validate_step(experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gat
             raise ValueError(f"sgmm_switch_: {name} must be contiguous")
 
 
-def validate(
-    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
-    gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
-    pristine: list[Tensor] | None,
+def validate_table(
+    weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], pristine: list[Tensor] | None,
 ) -> None:
-    """Metadata checks only (no device reads): raise ValueError naming the offending input."""
+    """The weight table's metadata (no device reads), checked when its plan is built; `weights` is
+    not empty (the caller checked)."""
     n = len(weights)
-    if n == 0:
-        raise ValueError("sgmm_switch_: `weights` is empty")
     if len(lora_A) != n or len(lora_B) != n:
         raise ValueError(
             f"sgmm_switch_: got {n} weights, {len(lora_A)} lora_A and {len(lora_B)} lora_B"
@@ -80,7 +77,6 @@ def validate(
     dev, dtype = weights[0].device, weights[0].dtype
     if dtype not in _DTYPES:
         raise ValueError(f"sgmm_switch_: weights[0] has dtype {dtype}; expected one of {_DTYPES}")
-    validate_step(experts, gates, prev_experts, prev_gates, dev)
     r = lora_A[0].shape[1] if lora_A[0].dim() == 3 else None
     for i in range(n):
         w, a, b = weights[i], lora_A[i], lora_B[i]
@@ -140,7 +136,8 @@ def _plan_key(impl, weights, lora_A, lora_B, pristine, k) -> tuple:
         impl, k, weights[0].dtype, weights[0].device,
         tuple((w.data_ptr(), w.shape, w.dtype) for w in weights),
         # Shapes and dtypes too: a freed tensor's address can come back holding another tensor.
-        tuple((a.data_ptr(), a.shape, a.dtype) for a in lora_A), tuple((b.data_ptr(), b.shape, b.dtype) for b in lora_B),
+        tuple((a.data_ptr(), a.shape, a.dtype) for a in lora_A),
+        tuple((b.data_ptr(), b.shape, b.dtype) for b in lora_B),
         None if pristine is None else tuple((p.data_ptr(), p.shape, p.dtype) for p in pristine),
     )
 
@@ -178,7 +175,7 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
     key = _plan_key(impl, weights, lora_A, lora_B, pristine, experts.numel())
 
     def build():
-        validate(weights, lora_A, lora_B, experts, gates, prev_experts, prev_gates, pristine)
+        validate_table(weights, lora_A, lora_B, pristine)
         chosen = _resolve_impl(impl, weights, lora_A, pristine)
         k = experts.numel()
         if chosen == "reference":
