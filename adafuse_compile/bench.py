@@ -37,7 +37,9 @@ Methods (`METHODS`, in table order; they run in the order of `BenchConfig.method
 the backbone eager and compiled "the same way" as adafuse (the adafuse backend on a model
 without adapters: Inductor, CUDA graphs on the GPU; this is the reference every ratio divides
 by), layer-wise routed MoE-LoRA (MoLA style) eager and under
-torch.compile, the pre-gated model eager and under torch.compile (default Inductor), the paper's
+torch.compile (regional: each decoder layer compiled on its own, the model around them eager; with
+prefill "eager" the own loop bypasses the compiled layers for the prompt, generate() does not),
+the pre-gated model eager and under torch.compile (default Inductor), the paper's
 simple merge (`baselines.SimpleMerge`), and the adafuse backend: merge with each SGMM
 implementation, and factor / gather / auto where `settings.AVAILABLE_PATHS` has them. A path
 or kernel that cannot run here gets status "unavailable" with the reason; a method that raises
@@ -403,7 +405,7 @@ METHODS: list[Method] = [
     Method("backbone_eager", "backbone, eager", "backbone", "none", reference=None),
     Method("backbone", "backbone, compiled (reference)", "backbone", "none", "adafuse", reference="backbone_eager"),
     Method("mola_eager", "layer-wise MoE-LoRA (MoLA style), eager", "layerwise", "layerwise"),
-    Method("mola_compiled", "layer-wise MoE-LoRA, torch.compile", "layerwise", "layerwise", "inductor",
+    Method("mola_compiled", "layer-wise MoE-LoRA, torch.compile (regional)", "layerwise", "layerwise", "inductor",
            reference="mola_eager"),
     Method("pregated_eager", "pre-gated LoRA-MoE, eager", "pregated", "pregated"),
     Method("pregated_inductor", "pre-gated LoRA-MoE, torch.compile (Inductor)", "pregated", "pregated", "inductor",
@@ -425,8 +427,8 @@ METHODS: list[Method] = [
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 # Run order when BenchConfig.methods is None: the reference and the adafuse paths first, then the
 # baselines whose one compiled graph or eager prompts cost least, the slowest compile (MoLA under
-# torch.compile: one data-dependent branch per expert and linear) last. Under a global time budget
-# the methods cut are those at the end of this list.
+# torch.compile: one data-dependent branch per expert and linear, compiled layer by layer, see
+# _compile_regional) last. Under a global time budget the methods cut are those at the end of this list.
 RUN_ORDER = ("backbone", "adafuse_gather", "adafuse_auto", "adafuse_merge_cutlass", "pregated_inductor", "simple_merge",
              "adafuse_factor", "pregated_eager", "mola_eager", "backbone_eager", "adafuse_merge_triton",
              "adafuse_merge_reference", "mola_compiled")
@@ -454,6 +456,56 @@ def _adapt(model: nn.Module, method: Method, spec: Spec) -> nn.Module:
     return model
 
 
+def _regional(method: Method) -> bool:
+    """Whether the method compiles each decoder layer instead of the whole model (see _compile_regional)."""
+    return method.adapters == "layerwise" and method.compiler is not None
+
+
+def _regional_dynamo_config(spec: Spec):
+    """Dynamo settings around building, compiling and running a regionally compiled layer-wise model."""
+    # MoLALinear's torch.where / index_add_ have data-dependent sizes: capture them instead of breaking the graph.
+    # HF's attention indexes its cache with the int layer_idx, which Dynamo specializes on: one set
+    # of graphs per HF layer (3 per layer on the tiny preset), so the limit of 8 per code object is raised to 8
+    # per layer; and a layer that would still hit it fails the method instead of running eager, timed as compiled.
+    per_code = 8 * spec.model["num_hidden_layers"]
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, recompile_limit=per_code,
+                                      accumulated_recompile_limit=max(256, per_code), fail_on_recompile_limit_hit=True)
+
+
+def _decoder_layers(model: nn.Module, loop: str) -> nn.ModuleList:
+    """The repeated blocks: TinyLlama's `layers`; Llama/Mistral/Qwen2ForCausalLM's `model.layers`."""
+    return model.model.layers if loop == "hf" else model.layers
+
+
+def _compile_regional(model: nn.Module, kw: dict, info: dict, loop: str) -> tuple[Callable, dict]:
+    """Compile each decoder layer in place (PyTorch's regional compilation); the model around them stays eager."""
+    # Why: compiling the whole layer-wise model at the Llama-2-7B shape (224 adapted linears x 8 experts: 1792
+    # data-dependent branches) never finished in the GPU budget. On the CPU (hidden 64, all seven linears,
+    # 8 experts, aot_eager) it took 52 s at 4 layers and 97 s at 8, mostly symbolic-shape work on the unbacked
+    # sizes; layer by layer, 11 s at 8 layers, one compiled layer reused by all. No fusion across layers then.
+    for layer in _decoder_layers(model, loop):
+        layer.compile(**kw)
+    shared = ("one code object; Dynamo specializes it on HF's int layer_idx, so each layer gets its own graphs"
+              if loop == "hf" else "one code object and one set of graphs for all layers")
+    info["compiler"] += f", regional: each decoder layer compiled separately ({shared})"
+    if loop == "hf":
+        # generate() must not wrap the forward again (compile_config); the prompt then runs through the
+        # compiled layers too, whatever `prefill` says (the own loop runs it with the compiled layers bypassed).
+        model.generation_config.disable_compile = True
+        info["prefill"] = "compiled"
+    return model, info
+
+
+def _force_eager(model: nn.Module) -> Callable:
+    """The model with its compiled regions bypassed (torch.compiler.set_stance, torch >= 2.6)."""
+
+    def run(*args):
+        with torch.compiler.set_stance("force_eager"):
+            return model(*args)
+
+    return run
+
+
 def _compile(model: nn.Module, method: Method, spec: Spec, loop: str) -> tuple[Callable, dict]:
     """The step callable for the own loop (or the model, compiled in place, for generate())."""
     if method.compiler is None:
@@ -467,6 +519,8 @@ def _compile(model: nn.Module, method: Method, spec: Spec, loop: str) -> tuple[C
         info = {"compiler": "torch.compile(backend='adafuse')", "options": options}
         kw = {"backend": "adafuse", "options": options}
     info["prefill"] = spec.prefill
+    if _regional(method):
+        return _compile_regional(model, kw, info, loop)
     if loop == "hf" and spec.prefill == "eager":
         # generate()'s own compile: the prompt runs through the plain forward, the decode steps
         # through torch.compile(model.__call__, **compile_config) (mode None: our backend and options).
@@ -597,8 +651,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
     _cleanup()
     if spec.on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    dyn_patch = (torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
-                 if method.adapters == "layerwise" and method.compiler else contextlib.nullcontext())
+    dyn_patch = _regional_dynamo_config(spec) if _regional(method) else contextlib.nullcontext()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     try:
         # Alone on the GPU, except while compiling, when other benchmarks share it (gpu_lock).
         with torch.no_grad(), dyn_patch, gpu_lock.held_except_compiles():
@@ -608,7 +662,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
-            prefill = model if spec.prefill == "eager" else step  # own loop; generate() is set up by _compile
+            # own loop; generate() is set up by _compile. A regionally compiled model is its own step.
+            prefill = step if spec.prefill == "compiled" else (_force_eager(model) if _regional(method) else model)
             n = spec.new_tokens
 
             def one(prompt, n_tokens):
@@ -650,6 +705,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
             entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill_ms, tokens_sha1=shas,
                          prompts_served=len(decode))
+            if _regional(method):  # HF: a multiple of the layers; own loop: the same as for one layer
+                entry["compile"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             if method.compiler == "adafuse":
                 entry["adafuse_paths"] = [r.get("path", "merge" if r.get("rewritten") else None)
                                           for r in backend.last_compilations]

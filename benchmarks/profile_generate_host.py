@@ -32,13 +32,25 @@ def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
     return [line for line in s.getvalue().splitlines() if line.strip()][-(n + 1):]
 
 
+# transformers' own recipe, for comparison: the backbone with generate()'s default compile
+# (CompileConfig(): Inductor, mode="reduce-overhead"), what DESIGN.md's 6.2 ms/token anchor ran.
+HF_DEFAULT_COMPILE = "backbone_hf_default_compile"
+
+
 def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    method = bench.METHOD_BY_NAME[name]
+    method = bench.METHOD_BY_NAME["backbone" if name == HF_DEFAULT_COMPILE else name]
     entry: dict = {"method": name}
     max_cache_len = prompt_len + new_tokens + 16
     with torch.no_grad():
         model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
         bench._compile(model, method, spec, "hf")
+        if name == HF_DEFAULT_COMPILE:
+            from transformers import CompileConfig
+
+            config = CompileConfig()
+            config._compile_all_devices = spec.device.type != "cuda"  # the CPU smoke run
+            model.generation_config.compile_config = config
+            entry["compile_config"] = config.to_dict()
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, spec.model["vocab_size"], (1, prompt_len), generator=gen).to(spec.device)
         t0 = time.perf_counter()
@@ -77,7 +89,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama2-7b")
     p.add_argument("--targets", default="all")
-    p.add_argument("--methods", default="backbone,adafuse_auto")
+    p.add_argument("--methods", default="backbone,adafuse_auto",
+                   help=f"bench method names, or {HF_DEFAULT_COMPILE} (generate()'s own default compile)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--reps", type=int, default=3)

@@ -233,6 +233,46 @@ def test_eager_prefill_compiles_only_the_decode_step():
     assert "prefill eager (only the decode step is compiled)" in bench.markdown_table(r)
 
 
+def test_mola_compiled_compiles_each_decoder_layer_separately(tmp_path, monkeypatch):
+    """Regional compilation: every Dynamo graph holds one decoder layer's experts (a whole-model graph holds
+    all layers'), the own loop's layers share their graphs, generate()'s get their own, tokens = eager."""
+    from torch._dynamo.backends import registry
+
+    layers = 3  # HF: 3 graphs per layer, past Dynamo's default limit of 8 per code object
+    cfg = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    index_adds = []  # per graph Dynamo compiled: MoLALinear's index_add_ calls (one per expert and adapted linear)
+
+    def counting(gm, example_inputs):
+        index_adds.append(sum(n.op == "call_method" and n.target == "index_add_" for n in gm.graph.nodes))
+        return gm.forward
+
+    registry.lookup_backend("eager")  # registered first, so that the lazy registration cannot replace ours
+    monkeypatch.setitem(registry._COMPILER_FNS, "eager", counting)  # the tiny protocol's codegen eager
+    per_layer = len(bench.TARGETS["qv"]) * bench.PRESETS["tiny"].num_experts
+    graphs = {}
+    for loop, prefill in (("hf", "compiled"), ("own", "compiled"), ("own", "eager")):
+        index_adds.clear()
+        r = bench.run_bench(bench.BenchConfig(hf_config=str(path), loop=loop, prompts=2, new_tokens=3, prefill=prefill,
+                                              progress=False, methods=("mola_eager", "mola_compiled")))
+        got = {e["method"]: e for e in r["results"]}
+        e = got["mola_compiled"]
+        assert e["status"] == "ok", (loop, prefill, e["reason"], e["traceback"])
+        assert e["tokens_sha1"] == got["mola_eager"]["tokens_sha1"] and e["tokens_match_reference"] == 1.0
+        assert "(regional)" in e["label"]
+        assert "regional: each decoder layer compiled separately" in e["compile"]["compiler"]
+        assert index_adds and all(n == per_layer for n in index_adds), (loop, index_adds)  # whole model: 3x
+        assert e["compile"]["graphs"] == len(index_adds)
+        graphs[loop, prefill] = len(index_adds)
+    # own loop: one set of graphs for all layers (prefill at the first length, decode, dynamic-length prefill)
+    assert graphs["own", "compiled"] <= 3
+    assert graphs["own", "eager"] == 1  # the prompt ran with the compiled layers bypassed: the decode step only
+    # generate(): Dynamo specializes on the int layer_idx; every layer compiled (none fell back to eager)
+    assert graphs["hf", "compiled"] % layers == 0 and graphs["hf", "compiled"] > 8
+
+
 def test_budget_and_prefill_options_are_validated():
     args = parse(["--method-budget-s", "12.5", "--budget-s", "450", "--prefill", "eager",
                   "--methods", "adafuse_gather,backbone"])

@@ -9,15 +9,17 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_generate_host.py"
 
 
-def test_tiny_preset_profiles_backbone_and_auto(tmp_path):
+def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
     spec = importlib.util.spec_from_file_location("profile_generate_host", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "host.json"
-    module.main(["--preset", "tiny", "--targets", "all", "--methods", "backbone,adafuse_auto", "--prompt-len", "12",
+    module.main(["--preset", "tiny", "--targets", "all", "--methods", "backbone,adafuse_auto,backbone_hf_default_compile", "--prompt-len", "12",
                  "--new-tokens", "6", "--reps", "1", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [e["method"] for e in result["entries"]] == ["backbone", "adafuse_auto"]
+    assert [e["method"] for e in result["entries"]] == ["backbone", "adafuse_auto", "backbone_hf_default_compile"]
+    hf_default = result["entries"][2]
+    assert hf_default["compile_config"]["backend"] == "inductor" and hf_default["compile_config"]["mode"] == "reduce-overhead"
     for e in result["entries"]:
         assert "error" not in e, e.get("error")
         assert len(e["decode_ms_per_token"]) == 1 and e["decode_ms_per_token"][0] > 0
