@@ -28,7 +28,9 @@
 #   drift    weight drift at Llama-2-7B q,v shapes, bf16 and fp16         ~5 min
 #   drift-model  7B-shaped model's logit error after 1..10,000 switches (direct switches between
 #            probes), bf16 and fp16, and the in-place resync's cost    ~4 min
-#   bench-qv     adafuse bench, 7B q,v, own loop, time-budgeted protocol (see the case)  ~9 min (not yet run)
+#   bench-qv     adafuse bench, 7B q,v, own loop, time-budgeted protocol (see the case)  ~9 min
+#            (BENCH_METHODS_qv / _all, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET, BENCH_BUDGET, BENCH_TAG: a
+#            subset of the methods, the protocol's knobs, a suffix for the output names)
 #   bench-all    the same for all seven linears                                          ~9 min (not yet run)
 #   bench-qv-hf  q,v through Hugging Face generate() (281 s on 2026-11-29)              ~5 min
 #   bench-all-hf all seven through generate() (not yet run)                                ~9 min
@@ -168,14 +170,14 @@ run_stage() {
   #        decode_llama2-7b_all_kv512_h200.json) and mola_compiled are skipped.
   bench-qv)
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets qv --loop own --prefill eager \
-      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-440}" --no-progress \
-      --methods backbone,adafuse_gather,adafuse_auto,adafuse_merge_cutlass,pregated_inductor,simple_merge,pregated_eager,mola_eager,backbone_eager,adafuse_factor,mola_compiled \
-      --out "$OUT/bench_llama2-7b_qv_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_own_h200.log" | grep -v -i warn | tail -40 ;;
+      --prompts 50 --new-tokens "${BENCH_NEW_TOKENS:-100}" --method-budget-s "${BENCH_METHOD_BUDGET:-5}" --budget-s "${BENCH_BUDGET:-440}" --no-progress \
+      --methods "${BENCH_METHODS_qv:-backbone,adafuse_gather,adafuse_auto,adafuse_merge_cutlass,pregated_inductor,simple_merge,pregated_eager,mola_eager,backbone_eager,adafuse_factor,mola_compiled}" \
+      --out "$OUT/bench_llama2-7b_qv_own_h200${BENCH_TAG:-}.json" 2>&1 | tee "$OUT/bench_llama2-7b_qv_own_h200${BENCH_TAG:-}.log" | grep -v -i warn | tail -40 ;;
   bench-all)
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop own --prefill eager \
-      --prompts 50 --new-tokens 100 --method-budget-s 5 --budget-s "${BENCH_BUDGET:-425}" --no-progress \
-      --methods backbone,adafuse_gather,adafuse_merge_cutlass,simple_merge,pregated_eager,mola_eager,backbone_eager,pregated_inductor,adafuse_auto,adafuse_factor,mola_compiled \
-      --out "$OUT/bench_llama2-7b_all_own_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_own_h200.log" | grep -v -i warn | tail -40 ;;
+      --prompts 50 --new-tokens "${BENCH_NEW_TOKENS:-100}" --method-budget-s "${BENCH_METHOD_BUDGET:-5}" --budget-s "${BENCH_BUDGET:-425}" --no-progress \
+      --methods "${BENCH_METHODS_all:-backbone,adafuse_gather,adafuse_merge_cutlass,simple_merge,pregated_eager,mola_eager,backbone_eager,pregated_inductor,adafuse_auto,adafuse_factor,mola_compiled}" \
+      --out "$OUT/bench_llama2-7b_all_own_h200${BENCH_TAG:-}.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_own_h200${BENCH_TAG:-}.log" | grep -v -i warn | tail -40 ;;
   # generate() with the static cache, generate()'s own decode-only compile (our backend and options):
   # never run on a GPU. Same protocol; HF's forward traces slower (estimate 1.2x the own loop's
   # compiles) and its eager forward pays more Python. Estimates: backbone 56 (71), gather 91 (162),
