@@ -11,7 +11,9 @@ records in each process what could differ between them:
 - each kernel's device time per step, by name, from the torch profiler on the same graphs compiled
   without CUDA graphs (the profiler does not see kernels inside a graph replay);
 - the Triton configs Inductor picked by benchmarking at run time (its `*.best_config` files);
-- the GPU's clocks and power right after timing (nvidia-smi).
+- the GPU's clocks and power right after timing (nvidia-smi);
+- with --cpu-burn N, the same graphs timed again while N processes keep the host's cores busy
+  (what compiles running beside a benchmark do).
 
 Comparing a fast and a slow process's kernel tables shows which kernels carry the difference.
 
@@ -20,10 +22,12 @@ Comparing a fast and a slow process's kernel tables shows which kernels carry th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -72,6 +76,20 @@ def kernel_table(step, batch: int, start: int, steps: int = 10) -> dict | None:
             "by_name": [{"name": n[:160], "calls": round(c, 2), "us": round(us, 2)} for n, c, us in rows]}
 
 
+@contextlib.contextmanager
+def cpu_burners(n: int):
+    """n processes that spin on the CPU (no GPU): the host as loaded as by compiles running beside."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def best_configs() -> dict:
     """Inductor's run-time autotuning choices in this process's cache directory."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -88,6 +106,8 @@ def main() -> None:
     ap.add_argument("--label", required=True)
     ap.add_argument("--targets", default="all", choices=["none", "qv", "all"], help="none: backbone only")
     ap.add_argument("--batch", type=int, default=8, help="a second batch size timed for the backbone (0: none)")
+    ap.add_argument("--cpu-burn", type=int, default=0,
+                    help="also time each compiled step while this many processes spin on the CPU")
     ap.add_argument("--auto-batch", type=int, default=0, help="a second batch size timed for auto (0: none)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--preset", default="llama2-7b", choices=sorted(bench_decode.PRESETS))
@@ -114,9 +134,16 @@ def main() -> None:
         torch._dynamo.reset()
         model.setup_cache(batch)
         t = time.time()
-        ms = bench_decode.decode_ms(make_step(True), prompt_len, args.steps, prefill=model, batch=batch)
+        step = make_step(True)
+        ms = bench_decode.decode_ms(step, prompt_len, args.steps, prefill=model, batch=batch)
         res[key] = {"ms": round(ms, 4), "repeats": [round(x, 4) for x in ms.repeats], "gpu_after": gpu_state(),
                     "paths": [r["path"] for r in backend.last_compilations]}
+        if args.cpu_burn:  # the same graphs again, every core of the host kept busy by other processes
+            with cpu_burners(args.cpu_burn):
+                busy = bench_decode.decode_ms(step, prompt_len, args.steps, prefill=model, batch=batch)
+            res[key]["cpu_busy"] = {"processes": args.cpu_burn, "ms": round(busy, 4),
+                                    "repeats": [round(x, 4) for x in busy.repeats]}
+        del step
         torch._dynamo.reset()
         model.setup_cache(batch)
         res[key]["kernels_no_graphs"] = kernel_table(make_step(False), batch, start=prompt_len - 16)
