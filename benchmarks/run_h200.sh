@@ -161,7 +161,7 @@ run_stage() {
   # start ~15) in run order, cumulative:
   #   qv:  backbone 45 (60), gather 75 (135), auto 60 (195), merge_cutlass 120 (315), pregated_inductor
   #        65 (380), simple_merge 13 (393), pregated_eager 13 (406), mola_eager ~15 (421), backbone_eager 10
-  #        (431), factor 80 (511); mola_compiled (compile of minutes) starts after --budget-s 440: skipped.
+  #        (431), factor 80 (511); mola_compiled (whole-model compile of minutes when this was written; regional since, 40 s at all seven) starts after --budget-s 440: skipped.
   #        A factor that starts at 440 and compiles 1.4x slower still ends before the 560-s timeout.
   #   all: backbone 45 (60), gather 108 (168), merge_cutlass 163 (331), then the eager baselines, cheap
   #        because they compile nothing: simple_merge ~15 (346), pregated_eager 14 (360), mola_eager ~35
