@@ -76,7 +76,9 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
          "truncated_by_budget": bool, "measure_s": float|null,  # wall s of the measured prompts
          "start_s": float|null, "method_s": float|null,  # when it started in the run, its whole wall time
          "tokens_sha1": [str per served prompt]|null, "reference_method": str|null,
+         "tokens": [[int per new token] per served prompt]|null,  # the greedy tokens themselves
          "tokens_match_reference": float|null,          # fraction of prompts with identical tokens
+         "tokens_first_difference": [int|null per prompt both served]|null,  # first differing token, 0-based
          "adafuse_paths": [str]|null,                   # what the backend did per graph (merge/gather/None)
          "summary": {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median",
                      "tokens_per_s", "x_backbone", "overhead_pct", "memory_overhead_pct",
@@ -685,7 +687,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                                      generator=torch.Generator().manual_seed(99)).to(spec.device)
                 one(warm, min(n, 4))
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
-            decode, prefill_ms, shas = [], [], []
+            decode, prefill_ms, shas, token_lists = [], [], [], []
             t_measure = _now()
             for prompt in prompts:
                 tokens, clock = one(prompt, n)
@@ -695,6 +697,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 prefill_ms.append(clock.elapsed_ms(0, 1))
                 decode.append(clock.elapsed_ms(1, last) / (n - 1))
                 shas.append(_sha(tokens))
+                token_lists.append(tokens.flatten().tolist())
                 if on_prompt:
                     on_prompt()
                 if budget_s is not None and _now() - t_measure >= budget_s and len(decode) < len(prompts):
@@ -704,7 +707,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
             entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill_ms, tokens_sha1=shas,
-                         prompts_served=len(decode))
+                         tokens=token_lists, prompts_served=len(decode))
             if _regional(method):  # HF: a multiple of the layers; own loop: the same as for one layer
                 entry["compile"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             if method.compiler == "adafuse":
@@ -727,7 +730,8 @@ def _entry(method: Method, loop: str, prompts_asked: int) -> dict:
             "status": None, "reason": None, "compile": None, "decode_ms_per_token": None, "prefill_ms": None,
             "warmup_s": None, "peak_memory_bytes": None, "prompts_asked": prompts_asked, "prompts_served": None,
             "truncated_by_budget": False, "measure_s": None, "start_s": None, "method_s": None,
-            "tokens_sha1": None, "reference_method": method.reference, "tokens_match_reference": None,
+            "tokens_sha1": None, "tokens": None, "reference_method": method.reference,
+            "tokens_match_reference": None, "tokens_first_difference": None,
             "adafuse_paths": None, "summary": None, "traceback": None}
 
 
@@ -818,6 +822,13 @@ def summarize(result: dict) -> None:
         if ref and ref["status"] == "ok":
             same = [a == b for a, b in zip(e["tokens_sha1"], ref["tokens_sha1"])]
             e["tokens_match_reference"] = sum(same) / len(same)
+            if e.get("tokens") and ref.get("tokens"):  # where bf16 runs part: early (a bug) or late (rounding)
+                e["tokens_first_difference"] = [_first_difference(a, b) for a, b in zip(e["tokens"], ref["tokens"])]
+
+
+def _first_difference(a: list, b: list) -> int | None:
+    """Index of the first generated token where two greedy runs of one prompt differ (None: identical)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def _analytic_kind(e: dict) -> str:
@@ -1011,6 +1022,9 @@ def markdown_table(result: dict) -> str:
                 "n/a" if s["overhead_pct"] is None else f"{s['x_backbone']:.2f} ({s['overhead_pct']:+.0f}%)")
             mem = None if e["peak_memory_bytes"] is None else e["peak_memory_bytes"] / 2**30
             match = "" if e["tokens_match_reference"] is None else f"{100 * e['tokens_match_reference']:.0f}%"
+            parted = [i for i in e.get("tokens_first_difference") or [] if i is not None]
+            if parted:
+                match += f" (first difference at token {min(parted)})"
             lines.append(
                 f"| {e['label']} | {_served(e, cfg['prompts'])} | {s['decode_ms_median']:.3f} | "
                 f"{s['decode_ms_p90']:.3f} | {over} | {_fmt(mem)} | {_fmt(s['memory_overhead_pct'], '+.1f', '%')} | "
@@ -1020,7 +1034,8 @@ def markdown_table(result: dict) -> str:
     lines += ["Overheads divide by 'backbone, compiled (reference)' of the same loop. Params + and FLOPs/token + are "
               "analytic (see the JSON's `analytics`). 'Tokens = reference': share of prompts whose greedy tokens "
               "equal those of the method's reference (backbone eager, MoLA eager or pre-gated eager), over the "
-              "prompts both served. Prompts: prompts served / asked, each of "
+              "prompts both served; where some differ, the earliest new token (0-based) at which one of them "
+              "parts from the reference. Prompts: prompts served / asked, each of "
               f"{cfg['new_tokens']} new tokens; '(budget)': the per-method time budget stopped the method there, "
               "so its medians are over those prompts only.", ""]
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from adafuse_compile import bench, settings
 from adafuse_compile.bench_cli import add_bench_parser
 
 RESULT_KEYS = {"loop", "method", "label", "kind", "status", "reason", "traceback", "compile", "decode_ms_per_token",
-               "prefill_ms", "warmup_s", "peak_memory_bytes", "tokens_sha1", "reference_method",
-               "tokens_match_reference", "adafuse_paths", "summary", "prompts_asked", "prompts_served",
+               "prefill_ms", "warmup_s", "peak_memory_bytes", "tokens_sha1", "tokens", "reference_method",
+               "tokens_match_reference", "tokens_first_difference", "adafuse_paths", "summary", "prompts_asked", "prompts_served",
                "truncated_by_budget", "measure_s", "start_s", "method_s"}
 TOP_KEYS = {"schema", "env", "config", "prompt_lengths", "analytics", "results", "pending", "wall_s"}
 SUMMARY_KEYS = {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median", "tokens_per_s",
@@ -108,6 +108,8 @@ def test_adafuse_tokens_equal_pregated_eager_tokens(tiny_run):
         for name in names:
             assert got[(loop, name)]["tokens_sha1"] == ref, (loop, name)
             assert got[(loop, name)]["tokens_match_reference"] == 1.0
+            assert got[(loop, name)]["tokens"] == got[(loop, "pregated_eager")]["tokens"]
+            assert set(got[(loop, name)]["tokens_first_difference"]) == {None}
         assert got[(loop, "backbone")]["tokens_sha1"] == got[(loop, "backbone_eager")]["tokens_sha1"]
         # the adapters change what is generated (B is not zero): the comparison above is not vacuous
         assert ref != got[(loop, "backbone_eager")]["tokens_sha1"]
@@ -271,6 +273,20 @@ def test_mola_compiled_compiles_each_decoder_layer_separately(tmp_path, monkeypa
     assert graphs["own", "eager"] == 1  # the prompt ran with the compiled layers bypassed: the decode step only
     # generate(): Dynamo specializes on the int layer_idx; every layer compiled (none fell back to eager)
     assert graphs["hf", "compiled"] % layers == 0 and graphs["hf", "compiled"] > 8
+
+
+def test_first_difference_of_two_runs_is_found():
+    assert bench._first_difference([5, 6, 7], [5, 6, 7]) is None
+    assert bench._first_difference([5, 6, 7], [5, 9, 7]) == 1
+    assert bench._first_difference([5, 6], [5, 6, 7]) == 2  # one run stopped early: it parts where it ends
+    method = bench.METHOD_BY_NAME
+    ref = {**bench._entry(method["pregated_eager"], "own", 2), "status": "ok", "tokens_sha1": ["a", "b"],
+           "tokens": [[1, 2, 3], [4, 5, 6]], "decode_ms_per_token": [1.0, 1.0], "prefill_ms": [1.0, 1.0]}
+    run = {**bench._entry(method["adafuse_auto"], "own", 2), "status": "ok", "tokens_sha1": ["a", "c"],
+           "tokens": [[1, 2, 3], [4, 5, 9]], "decode_ms_per_token": [1.0, 1.0], "prefill_ms": [1.0, 1.0]}
+    kinds = {k: {"param_overhead_pct": 0.0, "flop_overhead_pct": 0.0} for k in ("pregated", "adafuse_merge")}
+    bench.summarize({"analytics": {"kinds": kinds}, "results": [ref, run]})
+    assert run["tokens_match_reference"] == 0.5 and run["tokens_first_difference"] == [None, 2]
 
 
 def test_budget_and_prefill_options_are_validated():
