@@ -76,7 +76,7 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
          "truncated_by_budget": bool, "measure_s": float|null,  # wall s of the measured prompts
          "start_s": float|null, "method_s": float|null,  # when it started in the run, its whole wall time
          "tokens_sha1": [str per served prompt]|null, "reference_method": str|null,
-         "tokens": [[int per new token] per served prompt]|null,  # the greedy tokens themselves
+         "tokens": [str per served prompt]|null,       # the greedy token ids themselves, joined by spaces
          "tokens_match_reference": float|null,          # fraction of prompts with identical tokens
          "tokens_first_difference": [int|null per prompt both served]|null,  # first differing token, 0-based
          "adafuse_paths": [str]|null,                   # what the backend did per graph (merge/gather/None)
@@ -428,9 +428,10 @@ METHODS: list[Method] = [
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 # Run order when BenchConfig.methods is None: the reference and the adafuse paths first, then the
-# baselines whose one compiled graph or eager prompts cost least, the slowest compile (MoLA under
-# torch.compile: one data-dependent branch per expert and linear, compiled layer by layer, see
-# _compile_regional) last. Under a global time budget the methods cut are those at the end of this list.
+# baselines whose one compiled graph or eager prompts cost least, MoLA under torch.compile last: its
+# regional compile is short now (40 s at the 7B shape, all seven linears, _compile_regional), but its
+# decode is the slowest of all (337 ms/token there: a host sync per expert and linear), so one prompt
+# of it costs more than most methods. Under a global time budget the methods cut are those at the end.
 RUN_ORDER = ("backbone", "adafuse_gather", "adafuse_auto", "adafuse_merge_cutlass", "pregated_inductor", "simple_merge",
              "adafuse_factor", "pregated_eager", "mola_eager", "backbone_eager", "adafuse_merge_triton",
              "adafuse_merge_reference", "mola_compiled")
@@ -573,7 +574,9 @@ def _own_generate(step, prefill, prompt: torch.Tensor, n: int, positions: list, 
     """Prefill (through `prefill`: the step itself or the uncompiled model), then n - 1 decode steps;
     marks: start, after prefill (first token), after the last step."""
     t = prompt.shape[1]
-    if t > 1 and prefill is step:  # one prefill graph for every prompt length (the decode step stays static)
+    # One prefill graph for every prompt length (the decode step stays static). A regionally compiled
+    # model's layers see the embeddings, not this tensor: they go dynamic on their second length instead.
+    if t > 1 and prefill is step:
         torch._dynamo.maybe_mark_dynamic(prompt, 1)
     clock.mark()
     nxt = prefill(prompt, torch.arange(t, device=prompt.device))[:, -1:].argmax(-1)
@@ -612,8 +615,8 @@ def _restore_weights(model: nn.Module) -> None:
         gate_channel(model).restore()
 
 
-def _sha(tokens: torch.Tensor) -> str:
-    return hashlib.sha1(json.dumps(tokens.flatten().tolist()).encode()).hexdigest()[:16]
+def _sha(ids: list[int]) -> str:
+    return hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]  # the same digest as before for the same ids
 
 
 def _cleanup() -> None:
@@ -696,8 +699,9 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 last = len(clock.marks) - 1
                 prefill_ms.append(clock.elapsed_ms(0, 1))
                 decode.append(clock.elapsed_ms(1, last) / (n - 1))
-                shas.append(_sha(tokens))
-                token_lists.append(tokens.flatten().tolist())
+                ids = tokens.flatten().tolist()
+                shas.append(_sha(ids))
+                token_lists.append(" ".join(map(str, ids)))  # one JSON line per prompt
                 if on_prompt:
                     on_prompt()
                 if budget_s is not None and _now() - t_measure >= budget_s and len(decode) < len(prompts):
@@ -820,15 +824,22 @@ def summarize(result: dict) -> None:
                 e["summary"]["memory_overhead_pct"] = 100.0 * (e["peak_memory_bytes"] / base["peak_memory_bytes"] - 1)
         ref = by_key.get((e["loop"], e["reference_method"])) if e["reference_method"] else None
         if ref and ref["status"] == "ok":
-            same = [a == b for a, b in zip(e["tokens_sha1"], ref["tokens_sha1"])]
-            e["tokens_match_reference"] = sum(same) / len(same)
             if e.get("tokens") and ref.get("tokens"):  # where bf16 runs part: early (a bug) or late (rounding)
-                e["tokens_first_difference"] = [_first_difference(a, b) for a, b in zip(e["tokens"], ref["tokens"])]
+                parted = [_first_difference(a, b) for a, b in zip(e["tokens"], ref["tokens"])]
+                e["tokens_first_difference"] = parted
+                e["tokens_match_reference"] = sum(i is None for i in parted) / len(parted)
+            else:  # a result file written before the tokens were kept
+                same = [a == b for a, b in zip(e["tokens_sha1"], ref["tokens_sha1"])]
+                e["tokens_match_reference"] = sum(same) / len(same)
 
 
-def _first_difference(a: list, b: list) -> int | None:
-    """Index of the first generated token where two greedy runs of one prompt differ (None: identical)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+def _first_difference(a: str, b: str) -> int | None:
+    """Index of the first generated token where two greedy runs of one prompt differ (None: identical).
+
+    a, b: the runs' tokens as the result keeps them (ids joined by spaces); when one run is a prefix
+    of the other, they part where the shorter one ends."""
+    x, y = a.split(), b.split()
+    return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None if len(x) == len(y) else min(len(x), len(y)))
 
 
 def _analytic_kind(e: dict) -> str:
@@ -1025,8 +1036,11 @@ def markdown_table(result: dict) -> str:
             parted = [i for i in e.get("tokens_first_difference") or [] if i is not None]
             if parted:
                 match += f" (first difference at token {min(parted)})"
+            label = e["label"]
+            if (e["compile"] or {}).get("prefill", cfg["prefill"]) != cfg["prefill"]:
+                label += f" [prefill {e['compile']['prefill']}]"  # regional layers: generate() cannot bypass them
             lines.append(
-                f"| {e['label']} | {_served(e, cfg['prompts'])} | {s['decode_ms_median']:.3f} | "
+                f"| {label} | {_served(e, cfg['prompts'])} | {s['decode_ms_median']:.3f} | "
                 f"{s['decode_ms_p90']:.3f} | {over} | {_fmt(mem)} | {_fmt(s['memory_overhead_pct'], '+.1f', '%')} | "
                 f"{s['param_overhead_pct']:.2f}% | {s['flop_overhead_pct']:.2f}% | {s['prefill_ms_median']:.2f} | "
                 f"{match} |")

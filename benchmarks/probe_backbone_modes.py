@@ -10,7 +10,8 @@ records in each process what could differ between them:
   Inductor (`mode="reduce-overhead"`, as bench_decode.py) and, with --targets, for adafuse auto;
 - each kernel's device time per step, by name, from the torch profiler on the same graphs compiled
   without CUDA graphs (the profiler does not see kernels inside a graph replay);
-- the Triton configs Inductor picked by benchmarking at run time (its `*.best_config` files);
+- the Triton configs Inductor picked by benchmarking at run time (its `*.best_config` files written
+  while this process ran; in a shared cache directory another process may have written some of them);
 - the GPU's clocks and power right after timing (nvidia-smi);
 - with --cpu-burn N, the same graphs timed again while N processes keep the host's cores busy
   (what compiles running beside a benchmark do).
@@ -90,14 +91,19 @@ def cpu_burners(n: int):
             p.wait()
 
 
-def best_configs() -> dict:
-    """Inductor's run-time autotuning choices in this process's cache directory."""
+def best_configs(since: float) -> dict:
+    """Inductor's run-time autotuning choices written to its cache directory since `since` (a time.time()).
+
+    The directory may be shared with other processes (the default one is): their files are there too,
+    and only the time of writing tells this process's apart, so each entry keeps its mtime."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     found = {}
     for path in glob.glob(os.path.join(cache_dir(), "**", "*.best_config"), recursive=True):
-        with open(path) as f:
-            found[os.path.basename(path)] = json.load(f)
+        mtime = os.path.getmtime(path)
+        if mtime >= since:
+            with open(path) as f:
+                found[os.path.basename(path)] = {"mtime": round(mtime - since, 1), "config": json.load(f)}
     return found
 
 
@@ -177,7 +183,7 @@ def main() -> None:
             timed(f"auto_{args.targets}_b1", auto, 1)
             if args.auto_batch:
                 timed(f"auto_{args.targets}_b{args.auto_batch}", auto, args.auto_batch)
-        res["best_configs"] = best_configs()
+        res["best_configs"] = best_configs(since=t0)  # mtime: seconds after this process started
     save()
 
 

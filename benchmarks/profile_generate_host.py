@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from adafuse_compile import bench
+from adafuse_compile import backend, bench
 
 
 def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
@@ -78,6 +78,8 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         prof.disable()
         clock.sync()
         entry["profiled_decode_ms_per_token"] = clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1)
+        # Who compiled the decode step: graphs the adafuse backend rewrote (none for transformers' recipe).
+        entry["adafuse_graphs"] = len(backend.last_compilations)
         entry["top_tottime"] = _stats_lines(prof, "tottime", 40)
         entry["top_cumulative"] = _stats_lines(prof, "cumulative", 60)
     del model

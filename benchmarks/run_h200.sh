@@ -21,6 +21,8 @@
 #   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
 #            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
 #   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto  ~3 min
+#            (HOST_METHODS, HOST_TARGETS, HOST_REPS, HOST_TIMEOUT; HOST_METHODS may name
+#            backbone_hf_default_compile: transformers' own compile recipe)
 #   backbone-modes  probe_backbone_modes.py in BACKBONE_MODES_PROCS (4) processes at once, odd ones
 #            with their own Inductor cache: backbone b1/b8 decode per process (auto b1 in the first
 #            two), kernel tables, Inductor's autotuning picks  ~5 min
@@ -31,9 +33,10 @@
 #   bench-qv     adafuse bench, 7B q,v, own loop, time-budgeted protocol (see the case)  ~9 min
 #            (BENCH_METHODS_qv / _all, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET, BENCH_BUDGET, BENCH_TAG: a
 #            subset of the methods, the protocol's knobs, a suffix for the output names)
-#   bench-all    the same for all seven linears                                          ~9 min (not yet run)
+#   bench-all    the same for all seven linears (331 s for six methods on 2026-12-04)     ~9 min
 #   bench-qv-hf  q,v through Hugging Face generate() (281 s on 2026-11-29)              ~5 min
-#   bench-all-hf all seven through generate() (not yet run)                                ~9 min
+#   bench-all-hf all seven through generate() (BENCH_METHODS, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET,
+#            BENCH_BUDGET, BENCH_TIMEOUT; run on 2026-12-03 and 12-04)                    ~9 min
 #
 # -p (first argument): run the stages side by side, each in its own process, and pack $OUT into
 # results.tgz at the end (the device returns 8 files at most). A 7B benchmark is mostly compile

@@ -276,17 +276,30 @@ def test_mola_compiled_compiles_each_decoder_layer_separately(tmp_path, monkeypa
 
 
 def test_first_difference_of_two_runs_is_found():
-    assert bench._first_difference([5, 6, 7], [5, 6, 7]) is None
-    assert bench._first_difference([5, 6, 7], [5, 9, 7]) == 1
-    assert bench._first_difference([5, 6], [5, 6, 7]) == 2  # one run stopped early: it parts where it ends
-    method = bench.METHOD_BY_NAME
-    ref = {**bench._entry(method["pregated_eager"], "own", 2), "status": "ok", "tokens_sha1": ["a", "b"],
-           "tokens": [[1, 2, 3], [4, 5, 6]], "decode_ms_per_token": [1.0, 1.0], "prefill_ms": [1.0, 1.0]}
-    run = {**bench._entry(method["adafuse_auto"], "own", 2), "status": "ok", "tokens_sha1": ["a", "c"],
-           "tokens": [[1, 2, 3], [4, 5, 9]], "decode_ms_per_token": [1.0, 1.0], "prefill_ms": [1.0, 1.0]}
-    kinds = {k: {"param_overhead_pct": 0.0, "flop_overhead_pct": 0.0} for k in ("pregated", "adafuse_merge")}
-    bench.summarize({"analytics": {"kinds": kinds}, "results": [ref, run]})
-    assert run["tokens_match_reference"] == 0.5 and run["tokens_first_difference"] == [None, 2]
+    assert bench._first_difference("5 6 7", "5 6 7") is None
+    assert bench._first_difference("5 6 7", "5 9 7") == 1
+    assert bench._first_difference("5 6", "5 6 7") == 2  # one run stopped early: it parts where it ends
+
+
+def test_tokens_that_part_from_the_reference_are_counted_and_shown(tiny_run):
+    """A real tiny result, one method's tokens edited: the match share, the first difference and the table."""
+    _, _, out = tiny_run
+    r = json.loads(out.read_text())
+    got = {(e["loop"], e["method"]): e for e in r["results"]}
+    run, ref = got[("own", "adafuse_auto")], got[("own", "pregated_eager")]
+    assert len(run["tokens"]) >= 2 and all(len(t.split()) == r["config"]["new_tokens"] for t in run["tokens"])
+    ids = run["tokens"][1].split()
+    ids[2] = str(int(ids[2]) + 1)  # the second prompt parts from the reference at its third new token
+    run["tokens"][1] = " ".join(ids)
+    bench.summarize(r)
+    assert run["tokens_first_difference"][:2] == [None, 2]
+    assert run["tokens_match_reference"] == pytest.approx(1 - 1 / len(run["tokens"]))
+    own_table = bench.markdown_table(r).split("## own decode loop")[1]  # both loops have a row of this label
+    row = next(line for line in own_table.splitlines() if line.startswith(f"| {run['label']} |"))
+    assert row.rstrip(" |").endswith("(first difference at token 2)")
+    ref["tokens"] = ref["tokens"][:1]  # a reference that served fewer prompts: compared over those only
+    bench.summarize(r)
+    assert run["tokens_first_difference"] == [None] and run["tokens_match_reference"] == 1.0
 
 
 def test_budget_and_prefill_options_are_validated():

@@ -20,6 +20,9 @@ def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
     assert [e["method"] for e in result["entries"]] == ["backbone", "adafuse_auto", "backbone_hf_default_compile"]
     hf_default = result["entries"][2]
     assert hf_default["compile_config"]["backend"] == "inductor" and hf_default["compile_config"]["mode"] == "reduce-overhead"
+    # generate() compiled with that config, not with the bench's adafuse one: our backend saw no graph
+    assert hf_default["adafuse_graphs"] == 0 and result["entries"][1]["adafuse_graphs"] > 0
+    assert any("compile_wrapper" in line for line in hf_default["top_cumulative"])  # and the step was compiled
     for e in result["entries"]:
         assert "error" not in e, e.get("error")
         assert len(e["decode_ms_per_token"]) == 1 and e["decode_ms_per_token"][0] > 0
