@@ -133,7 +133,7 @@ def clear_plan_cache() -> None:
 
 def _plan_key(impl, weights, lora_A, lora_B, pristine, k) -> tuple:
     return (
-        impl, k, weights[0].dtype, weights[0].device,
+        impl, k, weights[0].device,  # each tensor's dtype is in its entry below
         tuple((w.data_ptr(), w.shape, w.dtype) for w in weights),
         # Shapes and dtypes too: a freed tensor's address can come back holding another tensor.
         tuple((a.data_ptr(), a.shape, a.dtype) for a in lora_A),
