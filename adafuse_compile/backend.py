@@ -124,8 +124,14 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             return _guarded(_codegen(work, example_inputs, settings, extra), extra, example_inputs, None,
                             rebind=analysis["adafuse_rebind"])
         if "adafuse_gather_groups" in analysis:
-            return _guarded(_codegen(work, example_inputs, settings), [], example_inputs, None,
-                            prepare=analysis.get("adafuse_prepare"))
+            extra = analysis.get("adafuse_extra_inputs", [])  # the dense prefill's packed factors, if any
+            if extra:
+                log.info("adafuse: the dense prefill reads packed copies of the expert factors: %.1f MiB of device "
+                         "memory (options={'prefill_packed': False} saves it)",
+                         analysis["adafuse_dense_pack_bytes"] / 2**20)
+            return _guarded(_codegen(work, example_inputs, settings, extra), extra, example_inputs, None,
+                            rebind=analysis.get("adafuse_rebind"), prepare=analysis.get("adafuse_prepare"),
+                            refresh=analysis.get("adafuse_refresh"))
         if "adafuse_switch" not in analysis:
             return _guarded(_codegen(original, example_inputs, settings), [], example_inputs, None)
         extra = analysis["adafuse_extra_inputs"]
@@ -154,7 +160,7 @@ def _channel_of(t) -> object | None:
     return tag.channel if tag is not None else None
 
 
-def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, prepare=None):
+def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, prepare=None, refresh=None):
     """Wrap a compiled graph: merge graphs mark their model merged; others restore it first.
 
     Dynamo reuses a graph for another instance of the same model class (its parameters are graph
@@ -163,7 +169,8 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, pr
     for a model seen for the first time `rebind(channel, args)` makes its (state, extra), and
     `prepare(args)` builds its kernel plans here, before Inductor's CUDA-graph trees record the
     graph for the new addresses (no plan may be built during capture). What a model gets is kept
-    on its own channel, keyed by this graph, so it lives and dies with the model.
+    on its own channel, keyed by this graph, so it lives and dies with the model. `refresh(channel,
+    args)`, if given, runs before every call (the dense prefill re-packs factors that changed).
     """
     # Where the first model's expert factors sit among the inputs: they name the model of a call.
     positions = [i for i, t in enumerate(example_inputs)
@@ -192,8 +199,10 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, pr
             step_state, step_extra = entry
             if step_state is not None:
                 step_state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
-            else:  # the factor path writes no weight: only another model's in-place merge to undo
+            else:  # the factor and gather paths write no weight: only another model's in-place merge to undo
                 channel.restore()
+            if refresh is not None:
+                refresh(channel, args)
             return compiled(*args, *step_extra)
         return run_merged
     if not channels and not extra:

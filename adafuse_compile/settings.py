@@ -50,6 +50,11 @@ class BackendSettings:
     # tokens by their set of experts, or the rows by expert with each slot's term summed in the add.
     # "auto": dense, faster than both at 512 tokens on the H200 (docs/paths.md, fourth run).
     prefill_expand: str = "auto"
+    # gather path, dense prefill: read packed copies of the expert factors (each B as [out, N r], the
+    # A of modules sharing an input stacked), kept by the model and re-packed whenever a factor
+    # changes (runtime/dense_packs.py), instead of permuting every B on every prefill step. Costs one
+    # more copy of the adapters in device memory (logged); False: no copy, slower prefill.
+    prefill_packed: bool = True
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -68,6 +73,8 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"prefill_expand={self.prefill_expand!r} is not one of {PREFILL_EXPANDS}")
         if self.side_stream not in (None, True, False):
             raise AdaFuseOptionsError(f"side_stream must be True, False or None (CUDA only), got {self.side_stream!r}")
+        if self.prefill_packed not in (True, False):
+            raise AdaFuseOptionsError(f"prefill_packed must be True or False, got {self.prefill_packed!r}")
         if self.calibrate not in (True, False):
             raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
         if self.auto_costs is not None:

@@ -138,6 +138,7 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "gather-slots": {"path": "gather", "prefill_expand": "slots"},
     "gather-sets": {"path": "gather", "prefill_expand": "sets"},
     "auto": {"path": "auto"},
+    "auto-unpacked": {"path": "auto", "prefill_packed": False},  # the dense prefill without packed factors
 }
 
 

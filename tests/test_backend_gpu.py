@@ -1,4 +1,6 @@
 """The adafuse backend on a CUDA GPU, bf16: parity under CUDA graphs, one switching launch per step."""
+import copy
+
 import pytest
 import torch
 
@@ -133,7 +135,7 @@ def test_batch4_and_prefill17_match_eager(path):
     assert "gather" in [r["path"] for r in backend.last_compilations]
 
 
-@pytest.mark.parametrize("prefill_expand", ["auto", "sets", "slots"])
+@pytest.mark.parametrize("prefill_expand", ["auto", "auto-unpacked", "sets", "slots"])
 def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
     """A prefill of DENSE_MIN_TOKENS tokens under CUDA graphs: dense matmuls by default ("auto"),
     the Triton gather kernels with "sets" / "slots". Tolerance calibrated as in bench_decode.py:
@@ -157,7 +159,9 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
         model.setup_cache(1)
         ref32 = model(prompt, pos)[:, -8:].float()
         model.to(torch.bfloat16)
-        compiled = torch.compile(model, backend="adafuse", options={"prefill_expand": prefill_expand, "cudagraphs": True})
+        options = ({"prefill_expand": "auto", "prefill_packed": False} if prefill_expand == "auto-unpacked"
+                   else {"prefill_expand": prefill_expand})
+        compiled = torch.compile(model, backend="adafuse", options={**options, "cudagraphs": True})
         got = []
         for _ in range(2):  # the second call replays the CUDA graph
             model.setup_cache(1)
@@ -172,7 +176,47 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
               f"(eager bf16's own: {own:.2e})")
         assert rel(g, ref32) <= 1.5 * own + 1e-3
     notes = " ".join(str(r.get("notes", "")) for r in backend.last_compilations)
-    assert ("dense call" in notes) == (prefill_expand == "auto"), notes
+    assert ("dense call" in notes) == prefill_expand.startswith("auto"), notes
+    assert ("reads packed factors" in notes) == (prefill_expand == "auto"), notes
+
+
+def test_packed_dense_prefill_under_cuda_graphs_follows_adapters_changed_in_place():
+    """The packed factors are static inputs of the recorded CUDA graph: adapters changed in place
+    after the recording are re-packed into the same buffers before the next replay, which then
+    equals the eager model with the new adapters (bf16, the 1.5x-of-eager's-own-error rule)."""
+    from adafuse_compile.cutlass_kernels.gather_lora import DENSE_MIN_TOKENS
+
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    model = build("all-linear")
+    n = DENSE_MIN_TOKENS
+    prompt = torch.randint(0, CFG.vocab_size, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    pos = torch.arange(n, device="cuda")
+
+    def run(step):
+        model.setup_cache(1)
+        return step(prompt, pos)[:, -8:].clone().float()
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="adafuse", options={"cudagraphs": True})
+        first = [run(compiled) for _ in range(3)]  # record, then replays
+        for lin in af.adapted_linears(model).values():  # new adapters, 5x larger, in the same parameters
+            lin.lora_B.normal_(std=0.05)
+            lin.lora_A.add_(0.01)
+        ref = run(model)
+        got = run(compiled)
+        model32 = copy.deepcopy(model).float()  # the user's model keeps its tensors (and their addresses)
+        model32.setup_cache(1)
+        ref32 = model32(prompt, pos)[:, -8:].float()
+    af.restore(model)
+    own = rel(ref, ref32)
+    print(f"after the in-place change: compiled {rel(got, ref32):.2e} vs fp32, eager bf16's own {own:.2e}; "
+          f"before the change the outputs differed by {rel(first[-1], ref32):.2e}")
+    assert rel(first[-1], ref32) > 3 * own  # the change is visible
+    assert rel(got, ref32) <= 1.5 * own + 1e-3
+    assert len(backend.last_compilations) == 1
 
 
 @pytest.mark.parametrize("options", [

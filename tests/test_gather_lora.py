@@ -418,7 +418,7 @@ def test_decode_with_a_dynamic_batch_keeps_the_gather_kernels():
     tokens_in = next(v for n in gm.graph.nodes if n.op == "placeholder"
                      and isinstance(v := n.meta.get("example_value"), torch.Tensor))
     assert isinstance(tokens_in.shape[0], torch.SymInt)  # the second compile is dynamic in the batch
-    assert not [n for n in gm.graph.nodes if n.target in (gl.dense_gates, gl.dense_lora)]
+    assert not [n for n in gm.graph.nodes if n.target in (gl.dense_gates, gl.dense_lora, gl.dense_lora_packed)]
     assert [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
 
 
@@ -480,7 +480,7 @@ def test_prefill_expand_auto_is_dense_from_dense_min_tokens(n_tokens, n_experts,
             "sgmm_impl": "reference", "prefill_expand": expand})(tokens, pos)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     nodes = backend.last_compilations[0]["graph"].graph.nodes
-    n_dense = len([n for n in nodes if n.target is gl.dense_lora])
+    n_dense = len([n for n in nodes if n.target in (gl.dense_lora, gl.dense_lora_packed)])
     n_gather = len([n for n in nodes if "gather_lora" in str(n.target)])
     groups = 4 * model.config.num_hidden_layers  # q,k,v / o / gate,up / down
     assert (n_dense, n_gather) == ((groups, 0) if dense else (0, groups))

@@ -36,7 +36,7 @@ from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
 
 __all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS", "dense_gates", "dense_lora",
-           "DENSE_MIN_TOKENS", "DENSE_MAX_EXPANSION"]
+           "dense_lora_packed", "DENSE_MIN_TOKENS", "DENSE_MAX_EXPANSION"]
 
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -138,6 +138,21 @@ def dense_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], gate_matri
         h = (h.view(-1, n, r).float() * (gate_matrix * scaling)[:, :, None]).to(a.dtype)
         deltas.append(torch.einsum("tnr,nor->to", h, b).to(x.dtype))
     return deltas
+
+
+def dense_lora_packed(x: Tensor, a_cat: Tensor, b_packed: list[Tensor], n_experts: int, gate_matrix: Tensor,
+                      scaling: float) -> list[Tensor]:
+    """dense_lora over packed factors (runtime/dense_packs.py): one shrink GEMM for the whole group,
+    x [T, in] @ a_cat [sum_m N r, in]^T, then per module delta_m = (gated h_m) @ b_packed_m [out, N r]^T,
+    reading B where it lies. Same numerics as dense_lora: h rounded to the factors' dtype, the gate
+    product in fp32, rounded again before the expand."""
+    h_all = torch.matmul(x.to(a_cat.dtype), a_cat.t())  # [T, M * N r]
+    t = h_all.shape[0]
+    m = len(b_packed)
+    g = (gate_matrix * scaling)[:, None, :, None]  # [T, 1, N, 1]
+    h_all = (h_all.view(t, m, n_experts, -1).float() * g).to(a_cat.dtype).view(t, -1)
+    widths = [b.shape[1] for b in b_packed]
+    return [torch.matmul(h, b.t()).to(x.dtype) for h, b in zip(h_all.split(widths, 1), b_packed)]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

@@ -69,6 +69,7 @@ class GateChannel:
         # What each compiled graph that ran this model bound for it (adafuse_compile.backend._guarded).
         self.bound_graphs: dict = {}
         self.factor_slots = None  # the factor path's slot buffers (adafuse_compile.passes.rewrite_factor)
+        self.dense_packs: dict = {}  # the dense prefill's packed factors (adafuse_compile.runtime.dense_packs)
 
     def __getstate__(self) -> dict:
         # Pickling the model (torch.save(model), deepcopy) keeps the adapters, not the compiled
@@ -78,7 +79,7 @@ class GateChannel:
         self.restore_in_place()
         state = dict(self.__dict__)
         state.update(routing=None, aux_loss=None, on_route=None, merged=False, switch_state=None, switch_states=[],
-                     factor_slots=None, bound_graphs={})
+                     factor_slots=None, dense_packs={}, bound_graphs={})
         return state
 
     def open(self) -> None:

@@ -30,9 +30,10 @@ import torch.fx as fx
 
 from ..cutlass_kernels import gather_lora
 from ..cutlass_kernels.gather_lora import (  # also registers the ops
-    DENSE_MAX_EXPANSION, DENSE_MIN_TOKENS, MAX_TUPLE_KEYS, SORTED_MIN_ROWS, dense_gates, dense_lora, expert_segments,
-    tuple_blocks, tuple_keys,
+    DENSE_MAX_EXPANSION, DENSE_MIN_TOKENS, MAX_TUPLE_KEYS, SORTED_MIN_ROWS, dense_gates, dense_lora, dense_lora_packed,
+    expert_segments, tuple_blocks, tuple_keys,
 )
+from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .regions import example_value, graph_inputs, regions_of
@@ -61,7 +62,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         groups.setdefault(r.x, []).append(r)
     n_experts = regions[0].factors["num_experts"]
     if _dense(settings.prefill_expand, tokens, regions[0].x, n_experts, top_k):
-        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens)
+        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed)
     prefill_expand = "sets" if settings.prefill_expand in ("auto", "dense") else settings.prefill_expand
     # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
     # segments, set_order, set_work, per_slot (the op's schema). A step with enough rows for the
@@ -181,24 +182,74 @@ def _add_deltas(gm: fx.GraphModule, group: list, deltas: fx.Node, per_slot: bool
 
 
 def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx.Node, scaling: float,
-                   tokens: int | None) -> fx.GraphModule:
-    """A prefill-sized step: every group's deltas in dense matmuls over all experts (dense_lora),
-    weighted by one gate matrix for the step (dense_gates); Inductor compiles them."""
+                   tokens: int | None, packed: bool) -> fx.GraphModule:
+    """A prefill-sized step: every group's deltas in dense matmuls over all experts, weighted by one
+    gate matrix for the step (dense_gates); Inductor compiles them. Packed (setting prefill_packed):
+    the GEMMs read the model's packed copies of the factors (runtime/dense_packs.py), static graph
+    inputs re-packed before any call whose factors changed; else dense_lora permutes B per call."""
     graph = gm.graph
     n_experts = regions_of(gm)[0].factors["num_experts"]
     with graph.inserting_after(gates):
         gate_matrix = graph.call_function(dense_gates, (experts, gates, n_experts))
-    for x, group in groups.items():
+    inputs = graph_inputs(gm)
+    names = list(inputs)
+    group_list = list(groups.items())
+    positions = [([names.index(r.factors["lora_A"]) for r in g], [names.index(r.factors["lora_B"]) for r in g])
+                 for _, g in group_list]
+
+    def sources(values) -> list:  # each group's (A list, B list), from the graph's inputs in order
+        return [([values[i] for i in a_pos], [values[i] for i in b_pos]) for a_pos, b_pos in positions]
+    example = list(inputs.values())
+    if packed and any(len({tuple(a.shape[:2]) for a in lora_a}) != 1 for lora_a, _ in sources(example)):
+        packed = False  # modules of one group with different N or r: one shrink GEMM cannot serve them
+        note(gm, "rewrite_gather: dense prefill unpacked (modules sharing an input differ in experts or rank)")
+    buffers = iter(())
+    if packed:
+        channel = regions_of(gm)[0].factors["channel"]
+        packs = packs_for(channel, sources(example))
+        last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last_placeholder):
+            placeholders = [graph.placeholder(f"adafuse_dense_pack_{i}") for i in reversed(range(len(packs.buffers)))]
+        for p in placeholders:  # static buffers: no per-call copy under CUDA graphs
+            p._dynamo_source = None
+            p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        buffers = iter(placeholders[::-1])
+    for x, group in group_list:
         order = {n: i for i, n in enumerate(graph.nodes)}
         first_add = min((r.add for r in group), key=order.__getitem__)
+        in_features = group[0].factors["in_features"]
         with graph.inserting_before(first_add):
-            x2d = graph.call_method("reshape", (x, -1, group[0].factors["in_features"]))
-            deltas = graph.call_function(dense_lora, (x2d, [r.factors["lora_A"] for r in group],
-                                                      [r.factors["lora_B"] for r in group], gate_matrix, scaling))
+            x2d = graph.call_method("reshape", (x, -1, in_features))
+            if packed:
+                a_cat = (next(buffers) if len(group) > 1
+                         else graph.call_method("reshape", (group[0].factors["lora_A"], -1, in_features)))
+                b_packed = [next(buffers) for _ in group]
+                deltas = graph.call_function(dense_lora_packed, (x2d, a_cat, b_packed, n_experts, gate_matrix,
+                                                                 scaling))
+            else:
+                deltas = graph.call_function(dense_lora, (x2d, [r.factors["lora_A"] for r in group],
+                                                          [r.factors["lora_B"] for r in group], gate_matrix,
+                                                          scaling))
         _add_deltas(gm, group, deltas)
     gm.meta["adafuse_gather_groups"] = len(groups)
+    if packed:
+        gm.meta["adafuse_extra_inputs"] = packs.buffers
+
+        def rebind(channel, args):
+            """Another instance of the model runs this graph: its own packs."""
+            return None, packs_for(channel, sources(args)).buffers
+
+        def refresh(channel, args):
+            """Before every call: re-pack the factors that changed since they were packed."""
+            groups_now = sources(args)
+            packs_for(channel, groups_now).refresh(groups_now)
+        gm.meta["adafuse_rebind"] = rebind
+        gm.meta["adafuse_refresh"] = refresh
+        gm.meta["adafuse_dense_pack_bytes"] = packs.nbytes
     count = "a dynamic number of" if tokens is None else tokens
+    how = (f"; reads packed factors ({packs.nbytes / 2**20:.1f} MiB, re-packed when a factor changes)" if packed
+           else "; permutes each B per call")
     note(gm, f"rewrite_gather: {sum(len(g) for g in groups.values())} adapter branches -> {len(groups)} dense "
              f"call(s) over every expert ({count} tokens per step, prefill_expand: dense from {DENSE_MIN_TOKENS} "
-             f"tokens; zero gates outside each token's top-k)")
+             f"tokens; zero gates outside each token's top-k){how}")
     return clean_up(gm)

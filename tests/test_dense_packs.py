@@ -1,0 +1,161 @@
+"""The dense prefill's packed factors (runtime/dense_packs.py, setting prefill_packed) on the CPU:
+same numbers as the unpacked form and the eager model, never stale, never in the state_dict."""
+import warnings
+
+import pytest
+import torch
+
+import adafuse_compile as af
+from adafuse_compile import backend
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.modeling.inject import gate_channel
+from adafuse_compile.runtime.dense_packs import DensePacks
+
+CFG = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+N_TOKENS = 40
+GROUPS_PER_LAYER = 4  # q,k,v / o / gate,up / down
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def adapted(seed=1):
+    model = af.TinyLlama(CFG).init_weights(std=0.1, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules="all-linear"))
+    return model.eval()
+
+
+def prefill(step, model, tokens):
+    model.setup_cache(1)
+    with torch.no_grad():
+        return step(tokens, torch.arange(tokens.shape[1]))
+
+
+def dense_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target in (gl.dense_lora, gl.dense_lora_packed)]
+
+
+def _problem(dtype, outs=(24, 16, 40), n_in=20, n=5, r=8, t=11):
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(n, r, n_in, generator=g).to(dtype) for _ in outs]
+    b = [(0.3 * torch.randn(n, o, r, generator=g)).to(dtype) for o in outs]
+    x = torch.randn(t, n_in, generator=g).to(dtype)
+    experts = torch.randint(0, n, (t, 2), generator=g)
+    gates = torch.rand(t, 2, generator=g)
+    return a, b, x, gl.dense_gates(experts, gates, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_layout_and_dense_lora_packed_equal_dense_lora(dtype):
+    """B packed [out, N r] with column n r + j = B[n, :, j]; the group's A stacked; the packed
+    contraction gives dense_lora's deltas (fp32: to rounding; fp16: within its tolerance)."""
+    a, b, x, gate_matrix = _problem(dtype)
+    packs = DensePacks([(a, b)])
+    a_cat, *b_packed = packs.buffers
+    assert torch.equal(a_cat, torch.cat([t.reshape(-1, t.shape[-1]) for t in a]))
+    n, out, r = b[1].shape
+    assert b_packed[1].shape == (out, n * r) and torch.equal(b_packed[1][:, 3 * r + 5], b[1][3, :, 5])
+    assert packs.nbytes == sum(t.numel() * t.element_size() for t in (*a, *b))
+    want = gl.dense_lora(x, a, b, gate_matrix, 0.5)
+    got = gl.dense_lora_packed(x, a_cat, b_packed, n, gate_matrix, 0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_a_single_module_group_packs_only_its_b():
+    a, b, _, _ = _problem(torch.float32, outs=(24,))
+    packs = DensePacks([(a, b)])
+    assert len(packs.buffers) == 1 and packs.buffers[0].shape == (24, 5 * 8)
+
+
+def test_refresh_repacks_only_what_changed():
+    a, b, _, _ = _problem(torch.float32)
+    groups = [(a, b)]
+    packs = DensePacks(groups)
+    assert packs.refresh(groups) == 0
+    with torch.no_grad():
+        b[2].mul_(2.0)  # in place: the version counter moves
+    assert packs.refresh(groups) == 1
+    assert torch.equal(packs.buffers[3].view(40, 5, 8), b[2].permute(1, 0, 2))
+    groups = [([a[0], a[1].clone(), a[2]], b)]  # another tensor in A's place: the stacked A only
+    assert packs.refresh(groups) == 1 and packs.refresh(groups) == 0
+
+
+def test_inference_tensors_are_repacked_every_call_with_one_warning():
+    with torch.inference_mode():
+        a, b, _, _ = _problem(torch.float32)
+    with pytest.warns(UserWarning, match="inference-mode tensors.*prefill_packed"):
+        packs = DensePacks([(a, b)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert packs.refresh([(a, b)]) == len(packs.buffers)
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_packed_and_unpacked_prefill_match_eager_and_leave_the_model_alone(codegen):
+    """A dense prefill, packed (the default) and unpacked: both equal the eager model. Packed, the
+    graph reads one static buffer per stacked A and per B, held by the model's gate channel, never
+    in its state_dict; the user's parameters are untouched."""
+    model = adapted()
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(2))
+    ref = prefill(model, model, tokens)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for packed in (True, False):
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        step = torch.compile(model, backend="adafuse", options={
+            "codegen": codegen, "prefill_expand": "dense", "prefill_packed": packed})
+        torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
+        gm = backend.last_compilations[0]["graph"]
+        nodes = dense_nodes(gm)
+        assert len(nodes) == GROUPS_PER_LAYER * CFG.num_hidden_layers
+        assert {n.target for n in nodes} == {gl.dense_lora_packed if packed else gl.dense_lora}
+        pack_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("adafuse_dense_pack")]
+        # per layer: q,k,v and gate,up stack their A (2 buffers); 7 B buffers
+        assert len(pack_inputs) == (2 + 7) * CFG.num_hidden_layers if packed else not pack_inputs
+    assert before.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    channel = gate_channel(model)
+    assert len(channel.dense_packs) == 1  # made once for the packed compile
+
+
+def test_packed_prefill_follows_adapters_loaded_in_place_without_recompiling():
+    """New adapters loaded into the same parameters (load_state_dict copies in place): the next
+    compiled prefill re-packs them and equals the eager model with the new adapters."""
+    model, other = adapted(seed=1), adapted(seed=7)
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(3))
+    step = torch.compile(model, backend="adafuse", options={"codegen": "eager", "prefill_expand": "dense"})
+    first = prefill(step, model, tokens)
+    torch.testing.assert_close(first, prefill(model, model, tokens), rtol=1e-4, atol=1e-4)
+    adapters = {k: v for k, v in other.state_dict().items() if "lora_" in k}
+    assert adapters
+    model.load_state_dict(adapters, strict=False)
+    ref = prefill(model, model, tokens)
+    assert (ref - first).abs().max() > 1e-2  # the test can tell the two adapter sets apart
+    got = prefill(step, model, tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert len(backend.last_compilations) == 1  # no recompile: the same graph, re-packed buffers
+
+
+def test_a_second_instance_through_the_same_graph_gets_its_own_packs():
+    """Dynamo runs a second model of the same class through the first one's graph: it binds its own
+    packs (from its own factors) and matches its own eager output."""
+    models = [adapted(seed=1), adapted(seed=5)]
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(4))
+    refs = [prefill(m, m, tokens) for m in models]
+    for m, ref in zip(models + models[:1], refs + refs[:1]):
+        step = torch.compile(m, backend="adafuse", options={"codegen": "eager", "prefill_expand": "dense"})
+        torch.testing.assert_close(prefill(step, m, tokens), ref, rtol=1e-4, atol=1e-4)
+    assert len(backend.last_compilations) == 1
+    packs = [next(iter(gate_channel(m).dense_packs.values())) for m in models]
+    assert packs[0] is not packs[1]
+    assert not torch.equal(packs[0].buffers[0], packs[1].buffers[0])
