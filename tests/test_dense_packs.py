@@ -9,7 +9,7 @@ import adafuse_compile as af
 from adafuse_compile import backend
 from adafuse_compile.cutlass_kernels import gather_lora as gl
 from adafuse_compile.modeling.inject import gate_channel
-from adafuse_compile.runtime.dense_packs import DensePacks
+from adafuse_compile.runtime.dense_packs import DensePacks, flatten
 
 CFG = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
@@ -80,13 +80,13 @@ def test_refresh_repacks_only_what_changed():
     a, b, _, _ = _problem(torch.float32)
     groups = [(a, b)]
     packs = DensePacks(groups)
-    assert packs.refresh(groups) == 0
+    assert packs.refresh(flatten(groups)) == 0
     with torch.no_grad():
         b[2].mul_(2.0)  # in place: the version counter moves
-    assert packs.refresh(groups) == 1
+    assert packs.refresh(flatten(groups)) == 1
     assert torch.equal(packs.buffers[3].view(40, 5, 8), b[2].permute(1, 0, 2))
     groups = [([a[0], a[1].clone(), a[2]], b)]  # another tensor in A's place: the stacked A only
-    assert packs.refresh(groups) == 1 and packs.refresh(groups) == 0
+    assert packs.refresh(flatten(groups)) == 1 and packs.refresh(flatten(groups)) == 0
 
 
 def test_inference_tensors_are_repacked_every_call_with_one_warning():
@@ -96,7 +96,7 @@ def test_inference_tensors_are_repacked_every_call_with_one_warning():
         packs = DensePacks([(a, b)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
-        assert packs.refresh([(a, b)]) == len(packs.buffers)
+        assert packs.refresh(flatten([(a, b)])) == len(packs.buffers)
 
 
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])

@@ -24,6 +24,7 @@ side stream, sgmm_impl does not apply. Measured faster than the gather kernels a
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 import torch.fx as fx
@@ -239,10 +240,20 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
             """Another instance of the model runs this graph: its own packs."""
             return None, packs_for(channel, sources(args)).buffers
 
+        # channel -> its packs, so that a call does not rebuild the key; weak: the packs live and die
+        # with the model (its channel holds them), not with this graph
+        bound = weakref.WeakKeyDictionary()
+        flat_positions = [i for a_pos, b_pos in positions for i in (*a_pos, *b_pos)]
+        # itemgetter returns a bare item for one position: always a sequence here
+        flat_of = (operator.itemgetter(*flat_positions) if len(flat_positions) > 1
+                   else lambda args: (args[flat_positions[0]],))
+
         def refresh(channel, args):
             """Before every call: re-pack the factors that changed since they were packed."""
-            groups_now = sources(args)
-            packs_for(channel, groups_now).refresh(groups_now)
+            packs = bound.get(channel)
+            if packs is None:
+                packs = bound[channel] = packs_for(channel, sources(args))
+            packs.refresh(flat_of(args))
         gm.meta["adafuse_rebind"] = rebind
         gm.meta["adafuse_refresh"] = refresh
         gm.meta["adafuse_dense_pack_bytes"] = packs.nbytes

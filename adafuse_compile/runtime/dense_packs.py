@@ -45,7 +45,8 @@ class DensePacks:
 
     def __init__(self, groups: list[Group]) -> None:
         self.buffers: list[Tensor] = []
-        # (buffer, which sources it packs: ("a", group) or ("b", group, module))
+        self._sizes = [len(lora_a) for lora_a, _ in groups]  # modules per group: to split a flat list
+        # (which sources a buffer packs: ("a", group) or ("b", group, module)), per buffer
         self._layout: list[tuple] = []
         for g, (lora_a, lora_b) in enumerate(groups):
             if len(lora_a) > 1:
@@ -58,26 +59,42 @@ class DensePacks:
                 self.buffers.append(torch.empty(out, n * r, dtype=b.dtype, device=b.device))
                 self._layout.append(("b", g, m))
         self._stamps: list[list | None] = [None] * len(self.buffers)
+        self._all_stamps: list | None = None  # every source's stamp at the last refresh, in order
         self._warned = False
-        self.refresh(groups)
+        self.refresh(flatten(groups))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers)
 
-    def _sources(self, entry: tuple, groups: list[Group]) -> list[Tensor]:
-        return groups[entry[1]][0] if entry[0] == "a" else [groups[entry[1]][1][entry[2]]]
+    def _groups(self, flat) -> list[Group]:
+        groups, i = [], 0
+        for m in self._sizes:
+            groups.append((list(flat[i:i + m]), list(flat[i + m:i + 2 * m])))
+            i += 2 * m
+        return groups
 
-    def refresh(self, groups: list[Group]) -> int:
-        """Re-pack every buffer whose sources changed since it was packed; returns how many."""
+    def refresh(self, flat) -> int:
+        """Re-pack every buffer whose sources changed since it was packed; returns how many.
+        `flat`: the sources group by group, each group's A then its B (flatten(groups)). The
+        common case, nothing changed, is one list of stamps compared at once: about 60 us for the
+        448 factors of a 32-layer model with all seven linears adapted (CPU, Python 3.11)."""
+        try:
+            stamps = [(t.data_ptr(), t._version) for t in flat]
+        except RuntimeError:  # an inference tensor among them: stamped one by one below
+            stamps = None
+        if stamps is not None and stamps == self._all_stamps:
+            return 0
+        self._all_stamps = stamps
+        groups = self._groups(flat)
         repacked = 0
         with torch.no_grad():
             for i, (buffer, entry) in enumerate(zip(self.buffers, self._layout)):
-                sources = self._sources(entry, groups)
-                stamps = [_stamp(t) for t in sources]
-                if self._stamps[i] == stamps and None not in stamps:
+                sources = groups[entry[1]][0] if entry[0] == "a" else [groups[entry[1]][1][entry[2]]]
+                src_stamps = [_stamp(t) for t in sources]
+                if self._stamps[i] == src_stamps and None not in src_stamps:
                     continue
-                if None in stamps and not self._warned:
+                if None in src_stamps and not self._warned:
                     self._warned = True
                     warnings.warn("adafuse: the expert factors are inference-mode tensors, which keep no version "
                                   "counter; the dense prefill re-packs them on every call (create the model outside "
@@ -88,9 +105,13 @@ class DensePacks:
                 else:
                     b = sources[0]
                     buffer.view(b.shape[1], b.shape[0], b.shape[2]).copy_(b.permute(1, 0, 2))
-                self._stamps[i] = stamps
+                self._stamps[i] = src_stamps
                 repacked += 1
         return repacked
+
+
+def flatten(groups: list[Group]) -> list[Tensor]:
+    return [t for lora_a, lora_b in groups for t in (*lora_a, *lora_b)]
 
 
 def packs_for(channel, groups: list[Group]) -> DensePacks:
