@@ -127,8 +127,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             extra = analysis.get("adafuse_extra_inputs", [])  # the dense prefill's packed factors, if any
             if extra:
                 log.info("adafuse: the dense prefill reads packed copies of the expert factors: %.1f MiB of device "
-                         "memory (options={'prefill_packed': False} saves it)",
-                         analysis["adafuse_dense_pack_bytes"] / 2**20)
+                         "memory, shared by every prefill graph of this model (options={'prefill_packed': False} "
+                         "saves it)", analysis["adafuse_dense_pack_bytes"] / 2**20)
             return _guarded(_codegen(work, example_inputs, settings, extra), extra, example_inputs, None,
                             rebind=analysis.get("adafuse_rebind"), prepare=analysis.get("adafuse_prepare"),
                             refresh=analysis.get("adafuse_refresh"))

@@ -89,6 +89,25 @@ def test_refresh_repacks_only_what_changed():
     assert packs.refresh(flatten(groups)) == 1 and packs.refresh(flatten(groups)) == 0
 
 
+def test_a_new_storage_at_the_freed_address_is_repacked():
+    """The case the version counter cannot tell (a `.data =` assignment whose new tensor lands where
+    the old one's memory was, version unchanged), made deterministic: two storages over one buffer.
+    Only the check that the packed-from storage still exists sees it."""
+    a, b, _, _ = _problem(torch.float32, outs=(24,))
+    memory = bytearray(b[0].numel() * 4)
+    torch.frombuffer(memory, dtype=torch.float32).copy_(b[0].flatten())  # through a tensor of its own
+    first = torch.frombuffer(memory, dtype=torch.float32).view(b[0].shape)  # version 0
+    packs = DensePacks([(a, [first])])
+    ptr, version = first.data_ptr(), first._version
+    del first  # its storage is freed; the memory (the bytearray) stays
+    new_values = torch.randn(b[0].shape)
+    torch.frombuffer(memory, dtype=torch.float32).copy_(new_values.flatten())
+    second = torch.frombuffer(memory, dtype=torch.float32).view(b[0].shape)
+    assert (second.data_ptr(), second._version) == (ptr, version)  # what the stamps alone compare
+    assert packs.refresh(flatten([(a, [second])])) == 1
+    assert torch.equal(packs.buffers[0].view(24, 5, 8), new_values.permute(1, 0, 2))
+
+
 def test_inference_tensors_are_repacked_every_call_with_one_warning():
     with torch.inference_mode():
         a, b, _, _ = _problem(torch.float32)
@@ -159,3 +178,72 @@ def test_a_second_instance_through_the_same_graph_gets_its_own_packs():
     packs = [next(iter(gate_channel(m).dense_packs.values())) for m in models]
     assert packs[0] is not packs[1]
     assert not torch.equal(packs[0].buffers[0], packs[1].buffers[0])
+
+
+def test_data_reassigned_twice_between_calls_is_seen():
+    """`.data =` between calls, twice per parameter (the first assignment frees the storage the packs
+    were made from): the next prefill reads the new factors. Whether the allocator reuses the freed
+    address varies; that case is made deterministic in test_a_new_storage_at_the_freed_address_is_repacked."""
+    model = adapted(seed=1)
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(6))
+    step = torch.compile(model, backend="adafuse", options={"codegen": "eager", "prefill_expand": "dense"})
+    prefill(step, model, tokens)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        for lin in af.adapted_linears(model).values():
+            shape = lin.lora_B.shape
+            lin.lora_B.data = torch.randn(shape, generator=gen) * 0.1
+            lin.lora_B.data = torch.randn(shape, generator=gen) * 0.1
+        torch.testing.assert_close(prefill(step, model, tokens), prefill(model, model, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_writes_through_data_are_packed_again_by_a_new_compile():
+    """Writes through `.data` bypass the version counter (documented): a new compile binds the packs
+    again and re-packs them whole."""
+    model = adapted(seed=1)
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(7))
+    options = {"codegen": "eager", "prefill_expand": "dense"}
+    prefill(torch.compile(model, backend="adafuse", options=options), model, tokens)
+    for lin in af.adapted_linears(model).values():
+        lin.lora_B.data.mul_(3.0)
+    torch._dynamo.reset()
+    got = prefill(torch.compile(model, backend="adafuse", options=options), model, tokens)
+    torch.testing.assert_close(got, prefill(model, model, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_dtype_change_after_compiling_gets_packs_of_its_own():
+    """model.double() after a compile: Dynamo recompiles, and the new graph gets float64 packs in
+    place of the old (same parameters, so the same key)."""
+    model = adapted(seed=1)
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(9))
+    step = torch.compile(model, backend="adafuse", options={"codegen": "eager", "prefill_expand": "dense"})
+    prefill(step, model, tokens)
+    model.double()
+    got = prefill(step, model, tokens)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, prefill(model, model, tokens), rtol=1e-6, atol=1e-6)
+    packs = list(gate_channel(model).dense_packs.values())
+    assert len(packs) == 1 and {b.dtype for b in packs[0].buffers} == {torch.float64}
+
+
+def test_a_graph_that_computes_adapter_gradients_is_not_packed():
+    """Packed copies are detached: with gradients enabled the dense prefill reads the factors
+    themselves, so every adapter gets the eager model's gradient."""
+    def grads(step, model):
+        model.zero_grad(set_to_none=True)
+        model.setup_cache(1)
+        step(tokens, torch.arange(N_TOKENS)).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    model = adapted(seed=1).train()
+    for m in model.modules():  # no dropout: the two runs must see the same forward
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(10))
+    want = grads(model, model)
+    got = grads(torch.compile(model, backend="adafuse", options={"codegen": "eager", "prefill_expand": "dense"}), model)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    notes = " ".join(backend.last_compilations[-1]["notes"])
+    assert "dense prefill unpacked (gradients enabled" in notes

@@ -93,5 +93,20 @@ def graph_inputs(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
     return gm.meta.get("adafuse_inputs", {})
 
 
+def add_static_inputs(gm: fx.GraphModule, names: list[str]) -> list[fx.Node]:
+    """Placeholders after the last one, in order, for buffers of ours that the backend passes after
+    Dynamo's inputs (switch state, merged weights, factor slots, packed factors). Marked static:
+    AOT and CUDA graphs must not copy them per call (a replay reads what the previous one wrote, or
+    what the runtime re-packed into them), and they have no source in the user's code."""
+    graph = gm.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_placeholder):
+        placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
+    for p in placeholders:
+        p._dynamo_source = None
+        p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    return placeholders
+
+
 def regions_of(gm: fx.GraphModule) -> list[Region]:
     return gm.meta.setdefault("adafuse_regions", [])

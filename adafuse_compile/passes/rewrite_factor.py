@@ -20,7 +20,7 @@ from ..cutlass_kernels import factor_slots
 from ..settings import BackendSettings
 from .manager import clean_up, note
 from .path_policy import decide_path
-from .regions import graph_inputs, regions_of
+from .regions import add_static_inputs, graph_inputs, regions_of
 
 
 def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, list]:
@@ -56,13 +56,8 @@ def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     a_slots, b_slots = slots_for(regions[0].factors["channel"], lora_a, lora_b, top_k)
 
     graph = gm.graph
-    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    names = [f"adafuse_a_slot_{i}" for i in range(len(regions))] + [f"adafuse_b_slot_{i}" for i in range(len(regions))]
-    with graph.inserting_after(last_placeholder):
-        placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
-    for p in placeholders:  # static buffers: no per-call copy under CUDA graphs
-        p._dynamo_source = None
-        p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    placeholders = add_static_inputs(gm, [f"adafuse_a_slot_{i}" for i in range(len(regions))]
+                                     + [f"adafuse_b_slot_{i}" for i in range(len(regions))])
     a_ph, b_ph = placeholders[:len(regions)], placeholders[len(regions):]
     routing = gm.meta["adafuse_routing"]
     with graph.inserting_after(routing["last"]):

@@ -37,7 +37,7 @@ from ..cutlass_kernels.gather_lora import (  # also registers the ops
 from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
-from .regions import example_value, graph_inputs, regions_of
+from .regions import add_static_inputs, example_value, graph_inputs, regions_of
 
 
 def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -201,20 +201,20 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
     def sources(values) -> list:  # each group's (A list, B list), from the graph's inputs in order
         return [([values[i] for i in a_pos], [values[i] for i in b_pos]) for a_pos, b_pos in positions]
     example = list(inputs.values())
-    if packed and any(len({tuple(a.shape[:2]) for a in lora_a}) != 1 for lora_a, _ in sources(example)):
-        packed = False  # modules of one group with different N or r: one shrink GEMM cannot serve them
-        note(gm, "rewrite_gather: dense prefill unpacked (modules sharing an input differ in experts or rank)")
+    if packed and any(len({(*a.shape[:2], a.dtype, a.device) for a in lora_a}) != 1 for lora_a, _ in sources(example)):
+        packed = False  # one shrink GEMM per group cannot serve modules of different N, r, dtype or device
+        note(gm, "rewrite_gather: dense prefill unpacked (modules sharing an input differ in experts, rank, dtype "
+                 "or device)")
+    if packed and torch.is_grad_enabled() and any(t.requires_grad for t in example if isinstance(t, torch.Tensor)):
+        # A packed copy is detached: the adapters' gradients must flow through the factors themselves.
+        # Dynamo guards on grad mode, so a no_grad call of the same model compiles a packed graph of its own.
+        packed = False
+        note(gm, "rewrite_gather: dense prefill unpacked (gradients enabled: they flow through the factors)")
     buffers = iter(())
     if packed:
         channel = regions_of(gm)[0].factors["channel"]
         packs = packs_for(channel, sources(example))
-        last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last_placeholder):
-            placeholders = [graph.placeholder(f"adafuse_dense_pack_{i}") for i in reversed(range(len(packs.buffers)))]
-        for p in placeholders:  # static buffers: no per-call copy under CUDA graphs
-            p._dynamo_source = None
-            p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-        buffers = iter(placeholders[::-1])
+        buffers = iter(add_static_inputs(gm, [f"adafuse_dense_pack_{i}" for i in range(len(packs.buffers))]))
     for x, group in group_list:
         order = {n: i for i, n in enumerate(graph.nodes)}
         first_add = min((r.add for r in group), key=order.__getitem__)

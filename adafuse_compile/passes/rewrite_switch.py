@@ -29,7 +29,7 @@ from ..runtime.switch_state import switch_state_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .path_policy import decide_path
-from .regions import graph_inputs, regions_of
+from .regions import add_static_inputs, graph_inputs, regions_of
 
 
 def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -69,15 +69,9 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     extra = [state.prev_experts, state.prev_gates] + buffers
 
     graph = gm.graph
-    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_placeholder):
-        names = ["adafuse_prev_experts", "adafuse_prev_gates"] + [f"adafuse_merged_{i}" for i in range(len(buffers))]
-        placeholders = [graph.placeholder(n) for n in reversed(names)][::-1]
-    for p in placeholders:
-        # Static buffers owned by the SwitchState: AOT/cudagraphs must not copy them per call (the
-        # unmerge reads what the previous replay wrote). They have no user-code source.
-        p._dynamo_source = None
-        p.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    # Static buffers owned by the SwitchState: the unmerge reads what the previous replay wrote.
+    placeholders = add_static_inputs(gm, ["adafuse_prev_experts", "adafuse_prev_gates"]
+                                     + [f"adafuse_merged_{i}" for i in range(len(buffers))])
     with graph.inserting_after(routing["last"]):
         experts = graph.call_method("reshape", (routing["experts"], -1))
     with graph.inserting_after(experts):
