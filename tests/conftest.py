@@ -29,3 +29,15 @@ def _gpu_alone(request):
 
     with gpu_lock.held_except_compiles():
         yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and the backend's compilation records emptied before and after the test, so
+    that each test compiles (and counts compilations) on its own."""
+    from adafuse_compile import backend
+
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    yield
+    torch._dynamo.reset()

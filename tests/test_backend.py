@@ -16,12 +16,7 @@ TINY = af.TinyLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, 
 SWITCH = "sgmm_switch"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    backend.last_compilations.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def adapted_tiny(targets=("q_proj", "v_proj"), **kw):

@@ -17,12 +17,7 @@ N_TOKENS = 40
 GROUPS_PER_LAYER = 4  # q,k,v / o / gate,up / down
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    backend.last_compilations.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def adapted(seed=1):
