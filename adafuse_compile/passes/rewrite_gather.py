@@ -19,7 +19,10 @@ Prefill-sized steps (setting prefill_expand, default "auto": from DENSE_MIN_TOKE
 dynamic token count that is not a decode batch) take a dense form instead: per group one
 dense_lora call, every expert's term in plain matmuls weighted by one gate matrix for the step
 (zero outside each token's top-k), which Inductor compiles to cuBLAS GEMMs; no kernel of ours, no
-side stream, sgmm_impl does not apply. Measured faster than the gather kernels at 512 tokens.
+side stream, sgmm_impl does not apply. Measured faster than the gather kernels at 512 tokens. By
+default (setting prefill_packed) those GEMMs read packed copies of the factors, kept in sync with
+the model's by the runtime (runtime/dense_packs.py): all seven linears 0.664x -> 0.723x of the
+backbone's prefill tokens/s on the H200.
 """
 from __future__ import annotations
 
