@@ -50,7 +50,7 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
     {
       "schema": "adafuse-bench/1",
       "env": {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform",
-              "adafuse_compile", "cpu_threads", "git_commit", "available_paths", "date",
+              "adafuse_compile", "cpu_threads", "git_commit", "git_dirty", "source_digest", "available_paths", "date",
               "gpu_shared_with_lock"},  # lock path when other benchmarks compiled on the GPU's host meanwhile
                                         # (their GPU work never overlapped ours: gpu_lock), else null
       "config": {"preset", "hf_config_path", "family", "model": {HF config fields used},
@@ -858,6 +858,7 @@ def environment(device: torch.device) -> dict:
     env = {"device": device.type, "gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__,
            "transformers": transformers.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
            "adafuse_compile": __version__, "cpu_threads": torch.get_num_threads(), "git_commit": None,
+           "git_dirty": None, "source_digest": source_digest(),
            "available_paths": list(af_settings.AVAILABLE_PATHS),
            "gpu_shared_with_lock": gpu_lock.shared(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -868,10 +869,26 @@ def environment(device: torch.device) -> dict:
                                            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
     else:
         env["gpu"] = None
+    here = Path(__file__).resolve().parent
     with contextlib.suppress(Exception):
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                           cwd=Path(__file__).resolve().parent).stdout.strip() or None
+                                           cwd=here).stdout.strip() or None
+        if env["git_commit"]:  # the package's sources differ from that commit's (exit status 1)
+            env["git_dirty"] = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here,
+                                              timeout=10).returncode == 1
     return env
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha1 (16 hex digits) of the package's source files, path by path: which code ran, also where
+    `git_commit` cannot say (a copy of the tree whose .git is older than its files, as on the GPU
+    machine in 2026-12-04's run3). The same digest for a checkout: `python -c "from
+    adafuse_compile.bench import source_digest; print(source_digest())"`."""
+    root = root or Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cu") and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 # Entry point -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ TOP_KEYS = {"schema", "env", "config", "prompt_lengths", "analytics", "results",
 SUMMARY_KEYS = {"decode_ms_median", "decode_ms_p90", "decode_ms_mean", "prefill_ms_median", "tokens_per_s",
                 "x_backbone", "overhead_pct", "memory_overhead_pct", "param_overhead_pct", "flop_overhead_pct"}
 ENV_KEYS = {"device", "gpu", "driver", "cuda", "torch", "transformers", "python", "platform", "adafuse_compile",
-            "cpu_threads", "git_commit", "available_paths", "date", "gpu_shared_with_lock"}
+            "cpu_threads", "git_commit", "git_dirty", "source_digest", "available_paths", "date", "gpu_shared_with_lock"}
 
 
 def parse(argv):
@@ -415,3 +415,23 @@ def test_gpu_presets_refuse_to_run_without_cuda():
         bench.resolve(bench.BenchConfig(preset="llama2-7b"))
     with pytest.raises(ValueError, match="unknown methods"):
         bench.BenchConfig(methods=("nope",))
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path):
+    """The digest covers every source file by path and content: equal trees give equal digests, one
+    changed byte or a moved file another, and bytecode caches do not count."""
+    from adafuse_compile.bench import source_digest
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "k.cu").write_text("// kernel\n")
+    first = source_digest(tmp_path / "pkg")
+    assert len(first) == 16 and first == source_digest(tmp_path / "pkg")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.py").write_text("ignored")
+    assert source_digest(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path / "pkg") != first
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "k.cu").rename(tmp_path / "pkg" / "k.cu")
+    assert source_digest(tmp_path / "pkg") != first
