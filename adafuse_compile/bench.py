@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import hashlib
 import json
@@ -128,6 +129,11 @@ SCHEMA = "adafuse-bench/1"
 TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
 LOOPS = ("hf", "own")
 PREFILLS = ("compiled", "eager")
+# How generate() gets its KV cache. reused: one StaticCache per method, reset between prompts, passed as
+# past_key_values. per-call: generate() makes a new one per call (cache_implementation="static"), as
+# transformers 5.x does, so the decode graph's cache inputs get new addresses with every prompt and
+# Inductor's CUDA-graph trees record the step again (a new root, checked on every later step).
+HF_CACHES = ("reused", "per-call")
 
 # Prompt lengths: log-normal, median 96 tokens, sigma 1.0 (natural log), clipped to [4, 1024].
 # Why: ShareGPT first user turns are short with a heavy tail; published statistics of the
@@ -208,6 +214,7 @@ class BenchConfig:
     method_budget_s: float | None = None
     # Seconds into the run after which no method starts; the rest are recorded as skipped.
     budget_s: float | None = None
+    hf_cache: str = "reused"  # reused | per-call: the KV cache generate() decodes into (HF_CACHES)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -220,6 +227,8 @@ class BenchConfig:
             raise ValueError(f"codegen={self.codegen!r} is not one of inductor, eager")
         if self.prefill not in PREFILLS:
             raise ValueError(f"prefill={self.prefill!r} is not one of {', '.join(PREFILLS)}")
+        if self.hf_cache not in HF_CACHES:
+            raise ValueError(f"hf_cache={self.hf_cache!r} is not one of {', '.join(HF_CACHES)}")
         for name, v in (("method_budget_s", self.method_budget_s), ("budget_s", self.budget_s)):
             if v is not None and not v >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {v}")
@@ -276,6 +285,7 @@ class Spec:
     seed: int
     hf_config_path: str | None
     prefill: str = "compiled"
+    hf_cache: str = "reused"
 
     @property
     def on_gpu(self) -> bool:
@@ -304,7 +314,7 @@ def resolve(cfg: BenchConfig) -> Spec:
     return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
                 cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
                 preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"),
-                device.type == "cuda", cfg.seed, cfg.hf_config, cfg.prefill)
+                device.type == "cuda", cfg.seed, cfg.hf_config, cfg.prefill, cfg.hf_cache)
 
 
 @torch.no_grad()
@@ -600,14 +610,64 @@ class _StepMarks:
         return scores
 
 
-def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock) -> torch.Tensor:
+def reused_static_cache(model: nn.Module, max_cache_len: int):
+    """One StaticCache for every generate() call of `model`: pass it as past_key_values, reset between prompts.
+
+    Why: transformers 5.x's generate() makes a new StaticCache per call (cache_implementation="static"),
+    whose tensors are marked as static addresses. Under CUDA graphs (Inductor's CUDA-graph trees) a
+    static input at a new address means the decode step is recorded again, as a new root that every
+    later step checks before it finds its own; recording takes place inside the first decode step of
+    the prompt. Reusing one cache keeps the addresses, so the step is recorded once. The model's
+    generation config stops asking for a cache of its own (generate() refuses both at once)."""
+    from transformers import StaticCache
+
+    model.generation_config.cache_implementation = None
+    model.generation_config.max_cache_len = None  # the cache's own; generate() warns about it otherwise
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+@functools.cache
+def _generate_cache_kwarg() -> str:
+    """generate()'s name for a cache passed in: `cache` from transformers 5.24 (`past_key_values` deprecated)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
+    kwargs = {}
+    if cache is not None:
+        cache.reset()  # zeroed in place: the same tensors, so the same addresses, for every prompt
+        kwargs[_generate_cache_kwarg()] = cache
     clock.mark()
     out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         logits_processor=LogitsProcessorList([_StepMarks(clock)]))
+                         logits_processor=LogitsProcessorList([_StepMarks(clock)]), **kwargs)
     # marks: start, after forward 1 (prefill), ..., after forward n
     return out[:, prompt.shape[1]:]
+
+
+def _cudagraphs_recorded() -> int | None:
+    """CUDA graphs recorded so far by Inductor's CUDA-graph trees on this device; None where unknown.
+
+    Reads the trees' private state (roots and their children), so any change there gives None,
+    never an error: this is a diagnostic."""
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+        if manager is None:
+            return 0
+        nodes, count = [n for roots in manager.roots.values() for n in roots], 0
+        while nodes:
+            node = nodes.pop()
+            count += 1
+            nodes.extend(c for children in node.children.values() for c in children)
+        return count
+    except Exception:
+        return None
 
 
 def _restore_weights(model: nn.Module) -> None:
@@ -662,8 +722,11 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
         # Alone on the GPU, except while compiling, when other benchmarks share it (gpu_lock).
         with torch.no_grad(), dyn_patch, gpu_lock.held_except_compiles():
             model = _adapt(build_model(spec, loop, max_cache_len), method, spec)
+            cache = None
             if loop == "own":
                 model.setup_cache(1)
+            elif spec.hf_cache == "reused":
+                cache = reused_static_cache(model, max_cache_len)
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
@@ -675,7 +738,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 clock = _Clock(spec.device)
                 with merge_ctx():
                     if loop == "hf":
-                        tokens = _hf_generate(model, prompt, n_tokens, clock)
+                        tokens = _hf_generate(model, prompt, n_tokens, clock, cache)
                     else:
                         tokens = _own_generate(step, prefill, prompt, n_tokens, positions, clock)
                 clock.sync()
@@ -690,7 +753,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                                      generator=torch.Generator().manual_seed(99)).to(spec.device)
                 one(warm, min(n, 4))
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
-            decode, prefill_ms, shas, token_lists = [], [], [], []
+            decode, first_step_ms, prefill_ms, shas, token_lists = [], [], [], [], []
+            recorded_before = _cudagraphs_recorded() if spec.on_gpu else None
             t_measure = _now()
             for prompt in prompts:
                 tokens, clock = one(prompt, n)
@@ -699,6 +763,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 last = len(clock.marks) - 1
                 prefill_ms.append(clock.elapsed_ms(0, 1))
                 decode.append(clock.elapsed_ms(1, last) / (n - 1))
+                first_step_ms.append(clock.elapsed_ms(1, 2))  # where a CUDA-graph recording would land
                 ids = tokens.flatten().tolist()
                 shas.append(_sha(ids))
                 token_lists.append(" ".join(map(str, ids)))  # one JSON line per prompt
@@ -710,8 +775,13 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             entry["measure_s"] = round(_now() - t_measure, 3)
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-            entry.update(status="ok", decode_ms_per_token=decode, prefill_ms=prefill_ms, tokens_sha1=shas,
-                         tokens=token_lists, prompts_served=len(decode))
+            if recorded_before is not None:
+                # CUDA graphs Inductor recorded while the timed prompts ran (0 when every step replays)
+                recorded_after = _cudagraphs_recorded()
+                entry["cudagraphs_recorded_while_timed"] = (None if recorded_after is None
+                                                            else recorded_after - recorded_before)
+            entry.update(status="ok", decode_ms_per_token=decode, first_decode_step_ms=first_step_ms,
+                         prefill_ms=prefill_ms, tokens_sha1=shas, tokens=token_lists, prompts_served=len(decode))
             if _regional(method):  # HF: a multiple of the layers; own loop: the same as for one layer
                 entry["compile"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
             if method.compiler == "adafuse":
@@ -731,7 +801,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
 
 def _entry(method: Method, loop: str, prompts_asked: int) -> dict:
     return {"loop": loop, "method": method.name, "label": method.label, "kind": method.kind,
-            "status": None, "reason": None, "compile": None, "decode_ms_per_token": None, "prefill_ms": None,
+            "status": None, "reason": None, "compile": None, "decode_ms_per_token": None,
+            "first_decode_step_ms": None, "cudagraphs_recorded_while_timed": None, "prefill_ms": None,
             "warmup_s": None, "peak_memory_bytes": None, "prompts_asked": prompts_asked, "prompts_served": None,
             "truncated_by_budget": False, "measure_s": None, "start_s": None, "method_s": None,
             "tokens_sha1": None, "tokens": None, "reference_method": method.reference,
@@ -938,7 +1009,8 @@ def _run(cfg: BenchConfig, spec: Spec, t_budget: float, t_start: float,
             "cudagraphs": spec.cudagraphs, "seed": spec.seed, "max_cache_len": max_cache_len,
             "prompt_distribution": {"kind": "lognormal", "median": PROMPT_MEDIAN, "sigma": PROMPT_SIGMA,
                                     "min": PROMPT_MIN, "max": min(PROMPT_MAX, spec.max_prompt_len), "seed": spec.seed},
-            "prefill": spec.prefill, "method_budget_s": cfg.method_budget_s, "budget_s": cfg.budget_s,
+            "prefill": spec.prefill, "hf_cache": spec.hf_cache, "method_budget_s": cfg.method_budget_s,
+            "budget_s": cfg.budget_s,
             "run_order": [m.name for m in methods],
         },
         "prompt_lengths": lengths,

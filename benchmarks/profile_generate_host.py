@@ -37,13 +37,14 @@ def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
 HF_DEFAULT_COMPILE = "backbone_hf_default_compile"
 
 
-def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int, reps: int) -> dict:
+def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int, reps: int, hf_cache: str) -> dict:
     method = bench.METHOD_BY_NAME["backbone" if name == HF_DEFAULT_COMPILE else name]
-    entry: dict = {"method": name}
+    entry: dict = {"method": name, "hf_cache": hf_cache}
     max_cache_len = prompt_len + new_tokens + 16
     with torch.no_grad():
         model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
         bench._compile(model, method, spec, "hf")
+        cache = bench.reused_static_cache(model, max_cache_len) if hf_cache == "reused" else None
         if name == HF_DEFAULT_COMPILE:
             from transformers import CompileConfig
 
@@ -55,26 +56,35 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         prompt = torch.randint(3, spec.model["vocab_size"], (1, prompt_len), generator=gen).to(spec.device)
         t0 = time.perf_counter()
         for length in (5, 11):
-            bench._hf_generate(model, prompt[:, :length], 4, bench._Clock(spec.device))
+            bench._hf_generate(model, prompt[:, :length], 4, bench._Clock(spec.device), cache)
         bench._Clock(spec.device).sync()
         entry["warmup_s"] = round(time.perf_counter() - t0, 1)
 
-        per_token, wall_per_token = [], []
+        per_token, wall_per_token, first_step, recorded = [], [], [], []
         for _ in range(reps):
             clock = bench._Clock(spec.device)
+            before = bench._cudagraphs_recorded() if spec.on_gpu else None
             t0 = time.perf_counter()
-            bench._hf_generate(model, prompt, new_tokens, clock)
+            bench._hf_generate(model, prompt, new_tokens, clock, cache)
             clock.sync()
             wall_per_token.append((time.perf_counter() - t0) * 1e3 / new_tokens)
             per_token.append(clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1))
+            first_step.append(clock.elapsed_ms(1, 2))
+            # CUDA graphs recorded during this call (a new cache address: the decode step again)
+            recorded.append(None if before is None else bench._cudagraphs_recorded() - before)
         entry["decode_ms_per_token"] = per_token
+        entry["first_decode_step_ms"] = first_step
+        entry["cudagraphs_recorded_per_call"] = recorded
+        # the steps after the first, where no recording can land
+        entry["later_steps_ms_per_token"] = [
+            (t * (new_tokens - 1) - f) / (new_tokens - 2) for t, f in zip(per_token, first_step)]
         entry["decode_ms_per_token_median"] = statistics.median(per_token)
         entry["wall_ms_per_token_incl_prefill"] = statistics.median(wall_per_token)
 
         prof = cProfile.Profile()
         clock = bench._Clock(spec.device)
         prof.enable()
-        bench._hf_generate(model, prompt, new_tokens, clock)
+        bench._hf_generate(model, prompt, new_tokens, clock, cache)
         prof.disable()
         clock.sync()
         entry["profiled_decode_ms_per_token"] = clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1)
@@ -96,18 +106,23 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--hf-caches", default="reused,per-call",
+                   help="generate()'s KV cache, each profiled in turn: reused (one StaticCache, reset per call) "
+                        "and/or per-call (transformers' default: a new one per call)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.new_tokens < 3:
+        p.error("--new-tokens must be >= 3 (the first decode step is timed apart from the later ones)")
     cfg = bench.BenchConfig(preset=args.preset, targets=args.targets, loop="hf", prefill="eager",
                             new_tokens=args.new_tokens)
     spec = bench.resolve(cfg)
     result = {"env": bench.environment(spec.device), "targets": args.targets, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "entries": []}
-    for name in args.methods.split(","):
+    for name, hf_cache in [(m, c) for m in args.methods.split(",") for c in args.hf_caches.split(",")]:
         try:
-            e = profile_method(name, spec, args.prompt_len, args.new_tokens, args.reps)
+            e = profile_method(name, spec, args.prompt_len, args.new_tokens, args.reps, hf_cache)
         except Exception as exc:  # one method's failure must not lose the others
-            e = {"method": name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            e = {"method": name, "hf_cache": hf_cache, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         result["entries"].append(e)
         print(json.dumps({k: v for k, v in e.items() if not k.startswith("top_")}), flush=True)
         for line in e.get("top_cumulative", [])[:45]:

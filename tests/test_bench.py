@@ -12,6 +12,7 @@ from adafuse_compile import bench, settings
 from adafuse_compile.bench_cli import add_bench_parser
 
 RESULT_KEYS = {"loop", "method", "label", "kind", "status", "reason", "traceback", "compile", "decode_ms_per_token",
+               "first_decode_step_ms", "cudagraphs_recorded_while_timed",
                "prefill_ms", "warmup_s", "peak_memory_bytes", "tokens_sha1", "tokens", "reference_method",
                "tokens_match_reference", "tokens_first_difference", "adafuse_paths", "summary", "prompts_asked", "prompts_served",
                "truncated_by_budget", "measure_s", "start_s", "method_s"}
@@ -54,6 +55,7 @@ def test_tiny_json_schema(tiny_run):
     assert cfg["preset"] == "tiny" and cfg["dtype"] == "float32" and cfg["loops"] == ["hf", "own"]
     assert cfg["prompt_distribution"]["kind"] == "lognormal"
     assert cfg["prefill"] == "compiled" and cfg["method_budget_s"] is None and cfg["budget_s"] is None
+    assert cfg["hf_cache"] == "reused"
     assert cfg["run_order"] == list(bench.RUN_ORDER)
     assert len(r["prompt_lengths"]) == cfg["prompts"] == bench.PRESETS["tiny"].prompts
     assert r["prompt_lengths"] == bench.prompt_lengths(cfg["prompts"], cfg["seed"], bench.PRESETS["tiny"].max_prompt_len)
@@ -80,6 +82,9 @@ def test_every_method_has_numbers_or_says_why_not(tiny_run):
         assert e["prompts_served"] == e["prompts_asked"] == n_prompts and e["truncated_by_budget"] is False
         assert e["measure_s"] > 0 and e["method_s"] >= e["measure_s"] and e["start_s"] >= 0
         assert all(t > 0 for t in e["decode_ms_per_token"] + e["prefill_ms"])
+        # the first decode step of each prompt, timed on its own; CUDA-graph recordings: GPU only
+        assert len(e["first_decode_step_ms"]) == n_prompts and all(t > 0 for t in e["first_decode_step_ms"])
+        assert e["cudagraphs_recorded_while_timed"] is None
         s = e["summary"]
         assert set(s) == SUMMARY_KEYS
         assert s["decode_ms_median"] <= s["decode_ms_p90"]
@@ -235,6 +240,44 @@ def test_eager_prefill_compiles_only_the_decode_step():
     assert "prefill eager (only the decode step is compiled)" in bench.markdown_table(r)
 
 
+@pytest.mark.parametrize("hf_cache", ["reused", "per-call"])
+def test_generate_decodes_into_one_cache_unless_asked_per_call(hf_cache, monkeypatch):
+    """hf_cache="reused": every prompt's generate() hands the compiled decode step the same KV-cache
+    tensors (under CUDA graphs a new address is a new recording, inside the timed first step);
+    "per-call" shows what transformers does by itself. Same tokens either way: the reset clears the
+    previous prompt."""
+    from adafuse_compile import backend
+
+    calls = []  # per compiled-graph call: {placeholder name: data_ptr} of the KV-cache inputs
+    codegen = backend._codegen
+
+    def recording_codegen(gm, example_inputs, settings, extra=()):
+        compiled = codegen(gm, example_inputs, settings, extra)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+        def run(*args):
+            calls.append({n: a.data_ptr() for n, a in zip(names, args)
+                          if "cache" in n and isinstance(a, torch.Tensor)})
+            return compiled(*args)
+        return run
+
+    monkeypatch.setattr(backend, "_codegen", recording_codegen)
+    r = bench.run_bench(bench.BenchConfig(preset="tiny", loop="hf", prompts=3, new_tokens=4, progress=False,
+                                          prefill="eager", hf_cache=hf_cache,
+                                          methods=("pregated_eager", "adafuse_gather")))
+    got = {e["method"]: e for e in r["results"]}
+    assert got["adafuse_gather"]["status"] == "ok", got["adafuse_gather"]["traceback"]
+    assert got["adafuse_gather"]["tokens_sha1"] == got["pregated_eager"]["tokens_sha1"]
+    assert r["config"]["hf_cache"] == hf_cache
+    timed = calls[-3 * 3:]  # 3 prompts x 3 decode steps, after the warm-up's
+    assert timed and all(timed[0].keys() == c.keys() for c in timed) and len(timed[0]) >= 2  # keys, values, ...
+    addresses = {name: {c[name] for c in timed} for name in timed[0]}
+    if hf_cache == "reused":
+        assert all(len(a) == 1 for a in addresses.values()), addresses
+    else:
+        assert any(len(a) > 1 for a in addresses.values()), addresses
+
+
 def test_mola_compiled_compiles_each_decoder_layer_separately(tmp_path, monkeypatch):
     """Regional compilation: every Dynamo graph holds one decoder layer's experts (a whole-model graph holds
     all layers'), the own loop's layers share their graphs, generate()'s get their own, tokens = eager."""
@@ -316,6 +359,10 @@ def test_budget_and_prefill_options_are_validated():
         bench.BenchConfig(budget_s=float("nan"))
     with pytest.raises(ValueError, match="prefill="):
         bench.BenchConfig(prefill="lazy")
+    with pytest.raises(ValueError, match="hf_cache='shared' is not one of reused, per-call"):
+        bench.BenchConfig(hf_cache="shared")
+    assert config_from_args(parse([])).hf_cache == "reused"
+    assert config_from_args(parse(["--hf-cache", "per-call"])).hf_cache == "per-call"
     with pytest.raises(ValueError, match="twice"):
         bench.BenchConfig(methods=("backbone", "backbone"))
     assert sorted(bench.RUN_ORDER) == sorted(m.name for m in bench.METHODS)
