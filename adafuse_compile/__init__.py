@@ -9,6 +9,7 @@ from .modeling import (
     greedy_decode,
     inject,
     load_adapters,
+    reuse_static_cache,
     save_adapters,
 )
 from .runtime.switch_state import ConcurrentUseError, decoding, restore
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_LINEAR", "LLAMA_LINEARS", "AdaFuseConfig", "AdaFuseConfigError", "AdapterCheckpointError", "ConcurrentUseError", "TinyLlama",
     "TinyLlamaConfig", "adapted_linears", "decoding", "gate_channel", "greedy_decode", "inject", "load_adapters", "restore",
-    "save_adapters",
+    "reuse_static_cache", "save_adapters",
 ]

@@ -123,7 +123,7 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
-from .modeling.inject import gate_channel, is_injected
+from .modeling.inject import gate_channel, is_injected, reuse_static_cache
 
 SCHEMA = "adafuse-bench/1"
 TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
@@ -727,6 +727,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 model.setup_cache(1)
             elif spec.hf_cache == "reused":
                 cache = reused_static_cache(model, max_cache_len)
+            elif is_injected(model):
+                reuse_static_cache(model, False)  # per-call means per call for every method, injected or not
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext

@@ -37,7 +37,8 @@
 #   bench-all    the same for all seven linears (331 s for six methods on 2026-12-04)     ~9 min
 #   bench-qv-hf  q,v through Hugging Face generate() (281 s on 2026-11-29)              ~5 min
 #   bench-all-hf all seven through generate() (BENCH_METHODS, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET,
-#            BENCH_BUDGET, BENCH_TIMEOUT; run on 2026-12-03 and 12-04)                    ~9 min
+#            BENCH_BUDGET, BENCH_TIMEOUT, BENCH_TAG, BENCH_HF_CACHE=reused|per-call: generate()'s
+#            KV cache; run on 2026-12-03 and 12-04 with a new cache per prompt)           ~9 min
 #
 # -p (first argument): run the stages side by side, each in its own process, and pack $OUT into
 # results.tgz at the end (the device returns 8 files at most). A 7B benchmark is mostly compile
@@ -126,7 +127,7 @@ run_stage() {
       --out "$OUT/prefill_forms_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;
   generate-host)
     timeout "${HOST_TIMEOUT:-300}" python3 benchmarks/profile_generate_host.py --targets "${HOST_TARGETS:-all}" \
-      --methods "${HOST_METHODS:-backbone,adafuse_auto}" --reps "${HOST_REPS:-3}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
+      --methods "${HOST_METHODS:-backbone,adafuse_auto}" --hf-caches "${HOST_CACHES:-reused,per-call}" --reps "${HOST_REPS:-3}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
       | grep -v -i warn | tail -120 ;;
   backbone-modes)
     # Why the compiled backbone runs at 4.71 or 4.99 ms/step depending on the process: several
@@ -199,9 +200,9 @@ run_stage() {
     # All seven through generate(): the issue's bar is under 6.2 ms/token (HF eager, static cache).
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop hf --prefill eager \
       --prompts 50 --new-tokens "${BENCH_NEW_TOKENS:-100}" --method-budget-s "${BENCH_METHOD_BUDGET:-5}" \
-      --budget-s "${BENCH_BUDGET:-430}" --no-progress \
+      --budget-s "${BENCH_BUDGET:-430}" --no-progress --hf-cache "${BENCH_HF_CACHE:-reused}" \
       --methods "${BENCH_METHODS:-backbone,adafuse_auto,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled}" \
-      --out "$OUT/bench_llama2-7b_all_hf_h200.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_hf_h200.log" | grep -v -i warn | tail -40 ;;
+      --out "$OUT/bench_llama2-7b_all_hf_h200${BENCH_TAG:-}.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_hf_h200${BENCH_TAG:-}.log" | grep -v -i warn | tail -40 ;;
   *) echo "unknown stage $stage"; return 2 ;;
   esac
 }

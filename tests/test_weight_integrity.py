@@ -327,20 +327,26 @@ def test_in_place_model_cannot_write_a_backbone_an_exact_model_reads_on_another_
         inplace(tok, pos)
         af.restore(writer)
     errors = []
+    inside, release = threading.Event(), threading.Event()
 
-    def run(fn):
+    def run(fn, hold=False):
         try:
             with torch.no_grad():
                 fn(tok, pos)
         except Exception as e:  # noqa: BLE001 - the test inspects it
             errors.append(e)
+        if hold:  # stay alive: an ended thread's id can be given to the next thread
+            inside.set()
+            release.wait(30)
 
-    t = threading.Thread(target=run, args=(exact,))  # thread 1 is inside an exact decode, reading W
-    t.start()
-    t.join()
-    t = threading.Thread(target=run, args=(inplace,))  # thread 2 would merge into that W
-    t.start()
-    t.join()
+    t1 = threading.Thread(target=run, args=(exact, True))  # thread 1 is inside an exact decode, reading W
+    t1.start()
+    assert inside.wait(30)
+    t2 = threading.Thread(target=run, args=(inplace,))  # thread 2 would merge into that W
+    t2.start()
+    t2.join()
+    release.set()
+    t1.join()
     assert len(errors) == 1 and isinstance(errors[0], af.ConcurrentUseError), errors
     assert "in-place switching would change the weights it reads" in str(errors[0])
     # named_parameters, not state_dict: the reader is still inside thread 1's decode (its hook would refuse)

@@ -6,6 +6,7 @@ import functools
 from torch import nn
 
 from ..config import AdaFuseConfig, AdaFuseConfigError
+from .generate_cache import StaticCacheReuse
 from .layers import AdaFuseLinear, GateChannel
 
 _CHANNEL_ATTR = "_adafuse_channel"
@@ -77,21 +78,54 @@ def _call_channel(channel: GateChannel, method: str, *_hook_args, **_hook_kwargs
 class _RestoreAfter:
     """model.<method> (on this instance), restoring the backbone weights when it ends, however it
     ends (return, exception, KeyboardInterrupt): leaving generate() or switching to training never
-    leaves merged weights behind. A class rather than a closure, so torch.save(model) pickles it."""
+    leaves merged weights behind. A class rather than a closure, so torch.save(model) pickles it.
+    For generate(), `cache_reuse` (a StaticCacheReuse) sees the call begin, end and return."""
 
-    def __init__(self, inner, channel: GateChannel):
-        self.inner, self.channel = inner, channel
+    def __init__(self, inner, channel: GateChannel, cache_reuse: StaticCacheReuse | None = None):
+        self.inner, self.channel, self.cache_reuse = inner, channel, cache_reuse
         functools.update_wrapper(self, inner)
+
+    def __reduce__(self):
+        # The bound method does not pickle (HF's generate carries code objects); the model, the
+        # method's name and the rest do. Rebound through the class: getattr(model, name) is this.
+        return _rebuild_restore_after, (self.inner.__self__, self.inner.__name__, self.channel, self.cache_reuse)
 
     def __call__(self, *args, **kwargs):
         try:
-            return self.inner(*args, **kwargs)
+            if self.cache_reuse is None:
+                return self.inner(*args, **kwargs)
+            with self.cache_reuse.generating() as returned:
+                out = self.inner(*args, **kwargs)
+                returned(out)
+                return out
         finally:
             self.channel.restore()
 
 
+def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel,
+                           cache_reuse: StaticCacheReuse | None) -> _RestoreAfter:
+    return _RestoreAfter(getattr(type(model), method).__get__(model), channel, cache_reuse)
+
+
 def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
-    object.__setattr__(model, method, _RestoreAfter(getattr(model, method), channel))
+    cache_reuse = None
+    if method == "generate" and callable(getattr(model, "_prepare_static_cache", None)):
+        # transformers' hook that makes generate()'s static cache: keep one from call to call
+        cache_reuse = StaticCacheReuse(model._prepare_static_cache)
+        object.__setattr__(model, "_prepare_static_cache", cache_reuse)
+    object.__setattr__(model, method, _RestoreAfter(getattr(model, method), channel, cache_reuse))
+
+
+def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
+    """Whether generate() keeps its static KV cache from one call to the next (on by default after
+    inject; modeling/generate_cache.py says why). Off: transformers' own behaviour, a new cache per call."""
+    reuse = getattr(getattr(model, "generate", None), "cache_reuse", None)
+    if reuse is None:
+        raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (not injected, or its "
+                         f"transformers version makes the cache elsewhere)")
+    reuse.enabled = bool(enabled)
+    if not enabled:
+        reuse._kept = None  # let the kept cache's memory go
 
 
 def is_injected(model: nn.Module) -> bool:

@@ -1,0 +1,156 @@
+"""generate() keeps one static KV cache from call to call after inject (modeling/generate_cache.py):
+the same tensors for every prompt that fits, the same tokens as a new cache per call, a new cache
+where it does not fit, never a cache the caller holds or another call is using, nothing of it in
+a saved or copied model."""
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+
+import adafuse_compile as af
+from adafuse_compile.modeling.generate_cache import StaticCacheReuse
+from adafuse_compile.presets import tiny_hf_model
+
+
+def injected(static: bool = True):
+    model = tiny_hf_model("llama")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    gc_ = model.generation_config
+    gc_.cache_implementation = "static" if static else None
+    gc_.max_cache_len = 64  # sized for every call below (else the cache grows with the longest prompt so far)
+    gc_.pad_token_id, gc_.eos_token_id, gc_.do_sample = 0, None, False
+    return model
+
+
+@pytest.fixture
+def handed(monkeypatch):
+    """Every cache StaticCacheReuse hands to generate(), in order."""
+    caches = []
+    call = StaticCacheReuse.__call__
+
+    def spy(self, *args, **kwargs):
+        cache = call(self, *args, **kwargs)
+        caches.append(cache)
+        return cache
+
+    monkeypatch.setattr(StaticCacheReuse, "__call__", spy)
+    return caches
+
+
+def prompts(*lengths, batch=1):
+    gen = torch.Generator().manual_seed(sum(lengths))
+    return [torch.randint(3, 100, (batch, n), generator=gen) for n in lengths]
+
+
+def generate_all(model, batch, new_tokens=5):
+    with torch.no_grad():
+        return [model.generate(p, max_new_tokens=new_tokens, min_new_tokens=new_tokens) for p in batch]
+
+
+def key_addresses(cache):
+    return [layer.keys.data_ptr() for layer in cache.layers]
+
+
+def test_one_cache_for_every_prompt_and_the_same_tokens_as_a_new_cache_per_call(handed):
+    model = injected()
+    batch = prompts(7, 3, 12, 5)  # longer after shorter and back: the reset must clear the longer prompt's entries
+    reused = generate_all(model, batch)
+    assert len(handed) == 4 and all(c is handed[0] for c in handed)
+    assert len({tuple(key_addresses(c)) for c in handed}) == 1
+    af.reuse_static_cache(model, False)
+    handed.clear()
+    fresh = generate_all(model, batch)
+    assert len({id(c) for c in handed}) == 4  # transformers' own behaviour: a new cache per call
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
+
+
+def test_compiled_generate_decodes_into_the_same_cache_tensors(handed):
+    model = injected()
+    model.generation_config.compile_config = None
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    batch = prompts(6, 9, 4)
+    out = generate_all(model, batch)
+    assert all(c is handed[0] for c in handed) and len(handed) == 3
+    eager = injected()  # same seed, same weights; uncompiled, a new cache per call
+    af.reuse_static_cache(eager, False)
+    for a, b in zip(out, generate_all(eager, batch)):
+        assert torch.equal(a, b)
+
+
+def test_a_cache_that_does_not_fit_is_replaced(handed):
+    model = injected()
+    generate_all(model, prompts(6), new_tokens=4)
+    generate_all(model, prompts(6), new_tokens=3)  # shorter: fits
+    assert handed[1] is handed[0]
+    generate_all(model, prompts(6), new_tokens=80)  # longer than the cache: a new one, kept from then on
+    assert handed[2] is not handed[0]
+    generate_all(model, prompts(6), new_tokens=4)
+    assert handed[3] is handed[2]
+    generate_all(model, prompts(6, batch=2), new_tokens=4)  # another batch size
+    assert handed[4] is not handed[2]
+
+
+def test_a_returned_cache_stays_the_callers():
+    model = injected()
+    with torch.no_grad():
+        out = model.generate(prompts(8)[0], max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        assert cache is not None
+        held = [layer.keys.clone() for layer in cache.layers]
+        generate_all(model, prompts(5))
+    assert all(torch.equal(h, layer.keys) for h, layer in zip(held, cache.layers))  # not reset, not overwritten
+
+
+def test_concurrent_calls_never_share_a_cache(handed):
+    model = injected()
+    generate_all(model, prompts(4))  # a cache is kept
+    inside, release = threading.Event(), threading.Event()
+
+    class Hold:  # a logits processor: holds thread A inside generate() until B is done
+        def __call__(self, input_ids, scores):
+            inside.set()
+            release.wait(30)
+            return scores
+
+    def run_a():
+        with torch.no_grad():
+            model.generate(prompts(6)[0], max_new_tokens=2, min_new_tokens=2, logits_processor=[Hold()])
+
+    a = threading.Thread(target=run_a)
+    a.start()
+    assert inside.wait(30)
+    generate_all(model, prompts(5))  # B, while A decodes into the kept cache
+    release.set()
+    a.join(30)
+    assert handed[1] is handed[0]  # A took the kept cache
+    assert handed[2] is not handed[0]  # B got its own
+    generate_all(model, prompts(5))
+    assert handed[3] is handed[0]  # and the kept one is free again
+
+
+def test_saved_and_copied_models_carry_no_cache_and_still_generate():
+    model = injected()
+    generate_all(model, prompts(6))
+    assert model._prepare_static_cache._kept is not None
+    twin = copy.deepcopy(model)
+    assert twin._prepare_static_cache._kept is None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    ref = generate_all(model, prompts(6, 9))
+    for other in (twin, loaded):
+        assert other._prepare_static_cache.inner.__self__ is other  # its own model's hook, not the original's
+        for a, b in zip(ref, generate_all(other, prompts(6, 9))):
+            assert torch.equal(a, b)
+        assert other._prepare_static_cache._kept is not None
+
+
+def test_switch_needs_an_injected_model():
+    with pytest.raises(ValueError, match="no generate\\(\\) static cache to reuse"):
+        af.reuse_static_cache(tiny_hf_model("llama"))
