@@ -632,7 +632,8 @@ def _generate_cache_kwarg() -> str:
     import transformers
     from packaging.version import Version
 
-    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    release = Version(Version(transformers.__version__).base_version)  # 5.24.0.dev0 and rc builds count as 5.24
+    return "cache" if release >= Version("5.24") else "past_key_values"
 
 
 def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None) -> torch.Tensor:
@@ -727,7 +728,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 model.setup_cache(1)
             elif spec.hf_cache == "reused":
                 cache = reused_static_cache(model, max_cache_len)
-            elif is_injected(model):
+            elif getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
                 reuse_static_cache(model, False)  # per-call means per call for every method, injected or not
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
@@ -780,8 +781,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             if recorded_before is not None:
                 # CUDA graphs Inductor recorded while the timed prompts ran (0 when every step replays)
                 recorded_after = _cudagraphs_recorded()
-                entry["cudagraphs_recorded_while_timed"] = (None if recorded_after is None
-                                                            else recorded_after - recorded_before)
+                grew = None if recorded_after is None else recorded_after - recorded_before
+                entry["cudagraphs_recorded_while_timed"] = grew if grew is not None and grew >= 0 else None
             entry.update(status="ok", decode_ms_per_token=decode, first_decode_step_ms=first_step_ms,
                          prefill_ms=prefill_ms, tokens_sha1=shas, tokens=token_lists, prompts_served=len(decode))
             if _regional(method):  # HF: a multiple of the layers; own loop: the same as for one layer

@@ -24,7 +24,6 @@ import time
 import torch
 
 from adafuse_compile import backend, bench, reuse_static_cache
-from adafuse_compile.modeling import is_injected
 
 
 def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
@@ -46,7 +45,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
         bench._compile(model, method, spec, "hf")
         cache = bench.reused_static_cache(model, max_cache_len) if hf_cache == "reused" else None
-        if cache is None and is_injected(model):
+        if cache is None and getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
             reuse_static_cache(model, False)  # per-call: transformers' own new cache per call, for every method
         if name == HF_DEFAULT_COMPILE:
             from transformers import CompileConfig

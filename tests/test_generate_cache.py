@@ -154,3 +154,92 @@ def test_saved_and_copied_models_carry_no_cache_and_still_generate():
 def test_switch_needs_an_injected_model():
     with pytest.raises(ValueError, match="no generate\\(\\) static cache to reuse"):
         af.reuse_static_cache(tiny_hf_model("llama"))
+
+
+def test_inference_mode_and_autocast_get_caches_of_their_own(handed, caplog):
+    """A cache made under inference_mode holds inference tensors, which cannot be reset or written
+    outside it; autocast decides the dtype of the tensors a cache is made with. Told apart by the
+    fit, not by a failed reset."""
+    caplog.set_level("INFO", logger="adafuse_compile")
+    model = injected()
+    batch = prompts(6, 9)
+    with torch.inference_mode():
+        first = [model.generate(p, max_new_tokens=4, min_new_tokens=4) for p in batch]
+    second = generate_all(model, batch, new_tokens=4)  # no_grad only: must not write the inference tensors
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert handed[2] is not handed[0] and handed[3] is handed[2]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(batch[0], max_new_tokens=3, min_new_tokens=3)
+    assert handed[4] is not handed[2]
+    generate_all(model, batch[:2], new_tokens=3)  # autocast off again: a new float32 cache, then kept
+    assert handed[5] is not handed[4] and handed[6] is handed[5]
+    assert handed[5].layers[0].keys.dtype == torch.float32
+    assert "could not be reset" not in caplog.text
+
+
+def test_a_cache_that_cannot_be_reset_is_replaced(handed, monkeypatch):
+    model = injected()
+    generate_all(model, prompts(5))
+    kept = handed[0]
+
+    def broken():
+        raise RuntimeError("cannot reset")
+
+    monkeypatch.setattr(kept, "reset", broken)
+    generate_all(model, prompts(5))
+    assert handed[1] is not kept  # transformers' own new cache instead, and kept from then on
+    generate_all(model, prompts(5))
+    assert handed[2] is handed[1]
+
+
+def test_nested_generate_on_one_thread_releases_the_kept_cache(handed):
+    model = injected()
+    generate_all(model, prompts(4))
+
+    class Nested:  # a logits processor that calls generate() once, from inside generate()
+        done = False
+
+        def __call__(self, input_ids, scores):
+            if not self.done:
+                self.done = True
+                model.generate(prompts(3)[0], max_new_tokens=2, min_new_tokens=2)
+            return scores
+
+    with torch.no_grad():
+        model.generate(prompts(6)[0], max_new_tokens=3, min_new_tokens=3, logits_processor=[Nested()])
+    assert handed[1] is handed[0] and handed[2] is not handed[0]  # outer: the kept one; inner: its own
+    generate_all(model, prompts(5))
+    assert handed[3] is handed[0]  # released by the outer call
+
+
+def test_the_kept_length_is_what_transformers_allocated(handed):
+    model = injected()
+    model.generation_config.max_cache_len = None  # asked: prompt + new tokens - 1
+    generate_all(model, prompts(30), new_tokens=10)  # allocates 39
+    with torch.no_grad():  # takes the kept cache and returns it: forgotten
+        model.generate(prompts(4)[0], max_new_tokens=2, min_new_tokens=2, return_dict_in_generate=True)
+    generate_all(model, prompts(10), new_tokens=3)  # asks 12; transformers allocates max(12, 39)
+    generate_all(model, prompts(20), new_tokens=5)  # asks 24: fits the 39 allocated
+    assert handed[3] is handed[2]
+
+
+def test_beam_search_takes_no_part(handed):
+    model = injected()
+    generate_all(model, prompts(6))
+    with torch.no_grad():
+        beams = [model.generate(prompts(6)[0], max_new_tokens=3, num_beams=2, do_sample=False) for _ in range(2)]
+    assert all(c is not handed[0] for c in handed[1:]) and handed[1] is not handed[2]
+    assert torch.equal(beams[0], beams[1])
+    generate_all(model, prompts(6))
+    assert handed[3] is handed[0]
+
+
+def test_transformers_that_keep_their_own_cache_are_left_alone(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.14.0")
+    model = injected()
+    assert model.generate.cache_reuse is None
+    with pytest.raises(ValueError, match="before 5.15"):
+        af.reuse_static_cache(model)

@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import logging
 import threading
+import weakref
 
 import torch
 
@@ -26,12 +27,14 @@ class StaticCacheReuse:
     """Stands in for a model's `_prepare_static_cache` (transformers' hook that makes generate()'s
     static cache): hands back the cache of the previous call, reset, where it fits.
 
-    It fits when the cache implementation is plain "static", the batch size, the model's dtype and
-    device are the same, its length is at least the one asked, and neither prefill chunking (which
-    initializes the cache early, on its own terms) nor an encoder-decoder cache is involved. It is
-    never handed to two generate() calls at once (a second, concurrent call gets a cache of its own),
-    and it is forgotten once a call returns it to the caller (return_dict_in_generate): the caller's
-    object is then theirs, never reset under them.
+    It fits when the cache implementation is plain "static"; the batch size, the model's dtype and
+    device, inference mode and autocast (they decide what the cache's tensors are) are the same; its
+    length is at least the one asked; and neither prefill chunking (which initializes the cache
+    early, on its own terms) nor an encoder-decoder cache is involved. It is never handed to two
+    generate() calls at once (a second, concurrent call gets a cache of its own); it is forgotten
+    once a call returns it to the caller (return_dict_in_generate: the caller's object is then
+    theirs, never reset under them), once a call replaced its tensors (beam search reorders them
+    into new ones), and when resetting it fails (transformers' own new cache is made instead).
     """
 
     def __init__(self, inner):
@@ -40,18 +43,23 @@ class StaticCacheReuse:
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._kept: tuple[tuple, object] | None = None  # (fit key, cache)
+        self._kept: tuple[tuple, int, object] | None = None  # (fit key, allocated length, cache)
+        self._tensors: list | None = None  # weak references to the kept cache's tensors after its first call
         self._in_use = False
         self._lock = threading.Lock()
-        self._local = threading.local()  # per thread: the generate() call now running took the kept cache
+        self._local = threading.local()  # per thread: inside generate(); that call took the kept cache
 
     def __reduce__(self):
         # torch.save(model) / deepcopy: the model and the switch, never the cache's tensors or a lock.
         # Rebound through the class: getattr(model, name) would find this object, not the hook.
         return _rebuild_cache_reuse, (self.inner.__self__, self.enabled)
 
+    def forget(self) -> None:
+        with self._lock:
+            self._kept = self._tensors = None
+
     def _fit_key(self, args, kwargs) -> tuple | None:
-        """(implementation, batch size, dtype, device) and the length asked; None where reuse is not safe."""
+        """What the cache must match, and the length asked; None where reuse is not safe."""
         try:
             bound = inspect.signature(self.inner).bind(*args, **kwargs).arguments
             impl, batch, length = bound["cache_implementation"], bound["batch_size"], bound["max_cache_len"]
@@ -62,46 +70,90 @@ class StaticCacheReuse:
             return None
         if getattr(model.config, "is_encoder_decoder", False):
             return None
-        return (impl, batch, model.dtype, model.device), length
+        device = model.device
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+                    if torch.is_autocast_enabled(device.type) else None)
+        # inference mode makes inference tensors, which cannot be written outside it (reset, update)
+        return (impl, batch, model.dtype, device, torch.is_inference_mode_enabled(), autocast), length
 
     def __call__(self, *args, **kwargs):
         # Only inside generate() (our wrapper's `generating`), which releases what it took.
         inside = getattr(self._local, "inside", False)
         fit = self._fit_key(args, kwargs) if self.enabled and inside else None
         with self._lock:
-            if fit is not None and not self._in_use:
+            if fit is not None and not self._in_use and self._kept is not None:
                 key, length = fit
-                if self._kept is not None and self._kept[0][0] == key and self._kept[0][1] >= length:
-                    cache = self._kept[1]
-                    cache.reset()  # zeroed in place: same tensors, same addresses
-                    self._in_use = self._local.took = True
-                    return cache
+                kept_key, kept_length, cache = self._kept
+                if kept_key == key and kept_length >= length:
+                    try:
+                        cache.reset()  # zeroed in place: same tensors, same addresses
+                    except Exception as exc:  # never a failure transformers' own new cache would not have
+                        log.info("adafuse: the kept static cache could not be reset (%s); a new one is made", exc)
+                        self._kept = self._tensors = None
+                    else:
+                        self._in_use = self._local.took = True
+                        return cache
         cache = self.inner(*args, **kwargs)
         if fit is None:
             return cache
         with self._lock:
             if not self._in_use:  # a concurrent generate() holds the kept one: this cache stays its call's
                 key, length = fit
-                self._kept = ((key, max(length, getattr(cache, "max_cache_len", length) or length)), cache)
+                # what transformers allocated: max(asked, its previous length), recorded on the model
+                allocated = max(length, getattr(self.inner.__self__, "_previous_max_cache_length", length))
+                self._kept, self._tensors = (key, allocated, cache), None
                 self._in_use = self._local.took = True
         return cache
 
     @contextlib.contextmanager
-    def generating(self):
-        """Around one generate() call: releases the kept cache at the end, forgets it if returned."""
-        self._local.took, self._local.inside = False, True
+    def generating(self, generate_kwargs: dict | None = None):
+        """Around one generate() call: releases the kept cache at the end, forgets it if returned or
+        if its tensors were replaced. Nested calls on one thread each keep their own state. A beam
+        search takes no part: it reorders the cache into new tensors every step."""
+        outer = (getattr(self._local, "took", False), getattr(self._local, "inside", False))
+        self._local.took, self._local.inside = False, not self._beam_search(generate_kwargs or {})
         returned = []
         try:
             yield returned.append
         finally:
-            self._local.inside = False
             with self._lock:
-                if getattr(self._local, "took", False):
-                    self._in_use = self._local.took = False
+                if self._local.took and self._kept is not None:
+                    self._in_use = False
+                    cache = self._kept[2]
                     if returned and not isinstance(returned[0], torch.Tensor):
                         # a ModelOutput (return_dict_in_generate): it may carry the cache to the caller
                         log.debug("adafuse: generate() returned its cache; the next call makes a new one")
-                        self._kept = None
+                        self._kept = self._tensors = None
+                    else:
+                        self._check_tensors(cache)
+                elif self._local.took:
+                    self._in_use = False
+            self._local.took, self._local.inside = outer
+
+    def _beam_search(self, kwargs: dict) -> bool:
+        config = kwargs.get("generation_config") or getattr(self.inner.__self__, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+        return (beams or 1) > 1
+
+    def _check_tensors(self, cache) -> None:
+        """Forget the cache if a call put new tensors in it (their addresses are what reuse keeps)."""
+        tensors = [t for layer in getattr(cache, "layers", ()) for t in (getattr(layer, "keys", None),
+                                                                        getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor)]
+        if self._tensors is None:
+            self._tensors = [weakref.ref(t) for t in tensors]
+        elif len(tensors) != len(self._tensors) or any(r() is not t for r, t in zip(self._tensors, tensors)):
+            log.debug("adafuse: generate() replaced the static cache's tensors; the next call makes a new one")
+            self._kept = self._tensors = None
+
+
+def makes_a_cache_per_call() -> bool:
+    """Whether this transformers makes generate()'s static cache anew per call (5.15 and later; up to
+    5.14 `_prepare_static_cache` kept one on the model, `self._cache`, and reset it itself)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(Version(transformers.__version__).base_version) >= Version("5.15")
 
 
 def _rebuild_cache_reuse(model, enabled: bool) -> StaticCacheReuse:

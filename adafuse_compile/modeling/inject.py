@@ -6,7 +6,7 @@ import functools
 from torch import nn
 
 from ..config import AdaFuseConfig, AdaFuseConfigError
-from .generate_cache import StaticCacheReuse
+from .generate_cache import StaticCacheReuse, makes_a_cache_per_call
 from .layers import AdaFuseLinear, GateChannel
 
 _CHANNEL_ATTR = "_adafuse_channel"
@@ -94,7 +94,7 @@ class _RestoreAfter:
         try:
             if self.cache_reuse is None:
                 return self.inner(*args, **kwargs)
-            with self.cache_reuse.generating() as returned:
+            with self.cache_reuse.generating(kwargs) as returned:
                 out = self.inner(*args, **kwargs)
                 returned(out)
                 return out
@@ -109,7 +109,8 @@ def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel,
 
 def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
     cache_reuse = None
-    if method == "generate" and callable(getattr(model, "_prepare_static_cache", None)):
+    if (method == "generate" and callable(getattr(model, "_prepare_static_cache", None))
+            and makes_a_cache_per_call()):
         # transformers' hook that makes generate()'s static cache: keep one from call to call
         cache_reuse = StaticCacheReuse(model._prepare_static_cache)
         object.__setattr__(model, "_prepare_static_cache", cache_reuse)
@@ -121,11 +122,11 @@ def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
     inject; modeling/generate_cache.py says why). Off: transformers' own behaviour, a new cache per call."""
     reuse = getattr(getattr(model, "generate", None), "cache_reuse", None)
     if reuse is None:
-        raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (not injected, or its "
-                         f"transformers version makes the cache elsewhere)")
+        raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (not injected, or a "
+                         f"transformers version before 5.15, whose generate() keeps its static cache itself)")
     reuse.enabled = bool(enabled)
     if not enabled:
-        reuse._kept = None  # let the kept cache's memory go
+        reuse.forget()  # let the kept cache's memory go
 
 
 def is_injected(model: nn.Module) -> bool:
