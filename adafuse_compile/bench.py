@@ -123,6 +123,7 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
+from .modeling.generate_cache import initialize_static_cache
 from .modeling.inject import gate_channel, is_injected, reuse_static_cache
 
 SCHEMA = "adafuse-bench/1"
@@ -623,7 +624,10 @@ def reused_static_cache(model: nn.Module, max_cache_len: int):
 
     model.generation_config.cache_implementation = None
     model.generation_config.max_cache_len = None  # the cache's own; generate() warns about it otherwise
-    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    # made now, outside the compiled prompt, so its tensors are marked static (batch 1: the protocol's)
+    initialize_static_cache(model, cache, 1, model.dtype, model.device)
+    return cache
 
 
 @functools.cache

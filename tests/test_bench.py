@@ -278,6 +278,19 @@ def test_generate_decodes_into_one_cache_unless_asked_per_call(hf_cache, monkeyp
         assert any(len(a) > 1 for a in addresses.values()), addresses
 
 
+def test_the_reused_cache_is_made_before_the_prompt_and_marked_static():
+    """Made lazily, a compiled prompt would make its tensors under tracing, unmarked (transformers
+    skips mark_static_address there), and CUDA graphs would not know the decode step's cache."""
+    from adafuse_compile.presets import tiny_hf_model
+
+    model = tiny_hf_model("llama")
+    cache = bench.reused_static_cache(model, 32)
+    assert model.generation_config.cache_implementation is None
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    assert tensors and all(hasattr(t, "_dynamo_static_input_type") for t in tensors)
+    assert all(t.shape[0] == 1 and t.shape[2] == 32 and t.dtype == torch.float32 for t in tensors)
+
+
 def test_mola_compiled_compiles_each_decoder_layer_separately(tmp_path, monkeypatch):
     """Regional compilation: every Dynamo graph holds one decoder layer's experts (a whole-model graph holds
     all layers'), the own loop's layers share their graphs, generate()'s get their own, tokens = eager."""

@@ -16,8 +16,8 @@ from adafuse_compile.modeling.generate_cache import StaticCacheReuse
 from adafuse_compile.presets import tiny_hf_model
 
 
-def injected(static: bool = True):
-    model = tiny_hf_model("llama")
+def injected(family: str = "llama", static: bool = True, **overrides):
+    model = tiny_hf_model(family, **overrides)
     af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
     gc_ = model.generation_config
     gc_.cache_implementation = "static" if static else None
@@ -55,8 +55,10 @@ def key_addresses(cache):
     return [layer.keys.data_ptr() for layer in cache.layers]
 
 
-def test_one_cache_for_every_prompt_and_the_same_tokens_as_a_new_cache_per_call(handed):
-    model = injected()
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {}), ("qwen2", {}),
+                                               ("mistral", {"sliding_window": 8})])  # prompts longer than the window
+def test_one_cache_for_every_prompt_and_the_same_tokens_as_a_new_cache_per_call(handed, family, overrides):
+    model = injected(family, **overrides)
     batch = prompts(7, 3, 12, 5)  # longer after shorter and back: the reset must clear the longer prompt's entries
     reused = generate_all(model, batch)
     assert len(handed) == 4 and all(c is handed[0] for c in handed)
@@ -72,10 +74,12 @@ def test_one_cache_for_every_prompt_and_the_same_tokens_as_a_new_cache_per_call(
 def test_compiled_generate_decodes_into_the_same_cache_tensors(handed):
     model = injected()
     model.generation_config.compile_config = None
-    model.compile(backend="adafuse", options={"codegen": "eager"})
+    model.compile(backend="adafuse", options={"codegen": "eager"})  # the prompt runs compiled too
     batch = prompts(6, 9, 4)
     out = generate_all(model, batch)
     assert all(c is handed[0] for c in handed) and len(handed) == 3
+    # made before the compiled prompt, so marked as static addresses (under tracing transformers skips that)
+    assert all(hasattr(t, "_dynamo_static_input_type") for layer in handed[0].layers for t in (layer.keys, layer.values))
     eager = injected()  # same seed, same weights; uncompiled, a new cache per call
     af.reuse_static_cache(eager, False)
     for a, b in zip(out, generate_all(eager, batch)):

@@ -96,6 +96,7 @@ class StaticCacheReuse:
         cache = self.inner(*args, **kwargs)
         if fit is None:
             return cache
+        self._initialize(cache, fit[0])
         with self._lock:
             if not self._in_use:  # a concurrent generate() holds the kept one: this cache stays its call's
                 key, length = fit
@@ -130,6 +131,17 @@ class StaticCacheReuse:
                     self._in_use = False
             self._local.took, self._local.inside = outer
 
+    def _initialize(self, cache, key: tuple) -> None:
+        """Make the new cache's tensors now, outside any compiled region, as transformers does for a
+        chunked prefill. Left lazy, they are made at the first forward; when that forward is compiled
+        (`model.compile()` compiles the prefill too), transformers skips marking them static
+        addresses under tracing, and the decode step then writes into inputs CUDA graphs do not
+        know to be static. Not under autocast: there the tensors take the autocast dtype, known only
+        at the first forward."""
+        _, batch, dtype, device, _, (autocast, _) = key
+        if not autocast:
+            initialize_static_cache(self.inner.__self__, cache, batch, dtype, device)
+
     def _beam_search(self, kwargs: dict) -> bool:
         config = kwargs.get("generation_config") or getattr(self.inner.__self__, "generation_config", None)
         beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
@@ -145,6 +157,21 @@ class StaticCacheReuse:
         elif len(tensors) != len(self._tensors) or any(r() is not t for r, t in zip(self._tensors, tensors)):
             log.debug("adafuse: generate() replaced the static cache's tensors; the next call makes a new one")
             self._kept = self._tensors = None
+
+
+def initialize_static_cache(model, cache, batch_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Make a StaticCache's tensors now (eagerly: marked as static addresses), where transformers can
+    say their shape (`_get_static_cache_init_shape`); False where it is left to the first forward."""
+    shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
+    if shape is None or not hasattr(cache, "early_initialization"):
+        return False
+    try:
+        cache.early_initialization(batch_size=batch_size, num_heads=shape[0], head_dim=shape[1], dtype=dtype,
+                                   device=device)
+    except Exception as exc:  # then lazily, as transformers would
+        log.debug("adafuse: the static cache could not be made ahead of the prompt (%s)", exc)
+        return False
+    return True
 
 
 def makes_a_cache_per_call() -> bool:
