@@ -15,6 +15,7 @@
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
 #   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
+#   tests-generate  generate() under CUDA graphs: prompts after the warm-up record nothing (cache kept)  ~1 min
 #   tests-backend-prefill  the backend's prefill GPU tests (dense packed and unpacked, sets, slots)  ~2 min
 #   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
 #            (PROFILE_PATHS=gather-sets,gather-slots,gather PROFILE_SHAPES=p512: the prefill forms)
@@ -65,6 +66,8 @@ run_stage() {
   case "$stage" in
   tests-gather)
     timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
+  tests-generate)
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_generate_gpu.py 2>&1 | tee "$OUT/gpu_generate_tests.log" | grep -v -i warn | tail -15 ;;
   tests-backend-prefill)
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s -k prefill tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_prefill_tests.log" | grep -v -i warn | tail -15 ;;
   tests-backend-gather)
