@@ -22,7 +22,8 @@
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
 #            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
-#   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto  ~3 min
+#   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto, each with
+#            the KV cache reused and made per call (HOST_CACHES)  ~6 min
 #            (HOST_METHODS, HOST_TARGETS, HOST_REPS, HOST_TIMEOUT; HOST_METHODS may name
 #            backbone_hf_default_compile: transformers' own compile recipe)
 #   backbone-modes  probe_backbone_modes.py in BACKBONE_MODES_PROCS (4) processes at once, odd ones
@@ -129,7 +130,7 @@ run_stage() {
     timeout "${PREFILL_FORMS_TIMEOUT:-330}" python3 benchmarks/bench_prefill_forms.py --tokens "${PREFILL_FORMS_TOKENS:-128,512,2048}" \
       --out "$OUT/prefill_forms_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;
   generate-host)
-    timeout "${HOST_TIMEOUT:-300}" python3 benchmarks/profile_generate_host.py --targets "${HOST_TARGETS:-all}" \
+    timeout "${HOST_TIMEOUT:-480}" python3 benchmarks/profile_generate_host.py --targets "${HOST_TARGETS:-all}" \
       --methods "${HOST_METHODS:-backbone,adafuse_auto}" --hf-caches "${HOST_CACHES:-reused,per-call}" --reps "${HOST_REPS:-3}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
       | grep -v -i warn | tail -120 ;;
   backbone-modes)
