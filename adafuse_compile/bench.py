@@ -1086,6 +1086,21 @@ def _served(e: dict, asked: int) -> str:
     return f"{served}/{e.get('prompts_asked', asked)}" + (" (budget)" if e.get("truncated_by_budget") else "")
 
 
+def _step_diagnostics(entries: list[dict]) -> list[str]:
+    """One line: each method's median first decode step (where a CUDA-graph recording lands) and,
+    on the GPU, the CUDA graphs it recorded while its prompts were timed."""
+    parts = []
+    for e in _table_order(entries):
+        first = e.get("first_decode_step_ms") or []
+        if not first:
+            continue
+        part = f"{e['label']} {statistics.median(first):.2f} ms"
+        if e.get("cudagraphs_recorded_while_timed") is not None:
+            part += f" ({e['cudagraphs_recorded_while_timed']} CUDA graphs recorded while timed)"
+        parts.append(part)
+    return [f"First decode step of a prompt, median: {'; '.join(parts)}.", ""] if parts else []
+
+
 def markdown_table(result: dict) -> str:
     """Paper Table 5 layout: method, ms/token, overhead vs backbone, peak memory, memory overhead."""
     env, cfg = result["env"], result["config"]
@@ -1097,7 +1112,9 @@ def markdown_table(result: dict) -> str:
              f"batch 1, greedy; N={cfg['adapters']['num_experts']} experts, r={cfg['adapters']['rank']}, "
              f"top-{cfg['adapters']['top_k']}; "
              f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}; prefill "
-             f"{'eager (only the decode step is compiled)' if cfg.get('prefill') == 'eager' else 'compiled'}.", ""]
+             f"{'eager (only the decode step is compiled)' if cfg.get('prefill') == 'eager' else 'compiled'}"
+             + (f"; generate()'s KV cache {cfg['hf_cache']}" if "hf" in cfg["loops"] and cfg.get("hf_cache") else "")
+             + ".", ""]
     truncated = [e for e in result["results"] if e.get("truncated_by_budget")]
     skipped = [e for e in result["results"] if e["status"] == "skipped"]
     if truncated or skipped or result.get("pending"):
@@ -1141,6 +1158,7 @@ def markdown_table(result: dict) -> str:
                 f"{s['param_overhead_pct']:.2f}% | {s['flop_overhead_pct']:.2f}% | {s['prefill_ms_median']:.2f} | "
                 f"{match} |")
         lines.append("")
+        lines += _step_diagnostics([x for x in result["results"] if x["loop"] == loop and x["status"] == "ok"])
     lines += ["Overheads divide by 'backbone, compiled (reference)' of the same loop. Params + and FLOPs/token + are "
               "analytic (see the JSON's `analytics`). 'Tokens = reference': share of prompts whose greedy tokens "
               "equal those of the method's reference (backbone eager, MoLA eager or pre-gated eager), over the "

@@ -130,7 +130,19 @@ def test_markdown_table_and_png_written(tiny_run):
         assert m.label in md
     assert "[codegen eager]" in md  # the tiny preset's compiled methods say how they were generated
     assert "1.00 (reference)" in md and "unavailable" in md
+    assert "generate()'s KV cache reused" in md
+    first = [line for line in md.splitlines() if line.startswith("First decode step of a prompt, median: ")]
+    assert len(first) == 2 and "backbone, compiled (reference) " in first[0]  # one per loop
+    assert "recorded while timed" not in md  # CPU: no CUDA graphs to count
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_diagnostics_name_gpu_recordings():
+    entries = [{"label": "adafuse auto", "method": "adafuse_auto", "first_decode_step_ms": [9.0, 120.0, 8.0],
+                "cudagraphs_recorded_while_timed": 2},
+               {"label": "backbone", "method": "backbone", "first_decode_step_ms": None}]
+    assert bench._step_diagnostics(entries) == [
+        "First decode step of a prompt, median: adafuse auto 9.00 ms (2 CUDA graphs recorded while timed).", ""]
 
 
 # Time budgets, run order, partial outputs, eager prefill ------------------------------------------
