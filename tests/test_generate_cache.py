@@ -247,3 +247,31 @@ def test_transformers_that_keep_their_own_cache_are_left_alone(monkeypatch):
     assert model.generate.cache_reuse is None
     with pytest.raises(ValueError, match="before 5.15"):
         af.reuse_static_cache(model)
+
+
+def test_a_compiled_model_generating_into_a_growing_cache_is_told_once():
+    """transformers' default DynamicCache grows every step: the compiled decode step changes shape
+    every step (under CUDA graphs a recording per length). Said once, with the fix."""
+    import warnings
+
+    from transformers import DynamicCache, StaticCache
+
+    def warned(model, **kwargs):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model.generate(prompts(5)[0], max_new_tokens=2, min_new_tokens=2, **kwargs)
+        return [str(w.message) for w in caught if "dynamic KV cache" in str(w.message)]
+
+    model = injected(static=False)
+    assert warned(model) == []  # not compiled: nothing to say
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    assert warned(model, cache_implementation="static") == []
+    assert warned(model, past_key_values=StaticCache(config=model.config, max_cache_len=16)) == []
+    assert warned(model, use_cache=False) == []
+    said = warned(model)
+    assert len(said) == 1 and "cache_implementation='static'" in said[0] and "StaticCache" in said[0]
+    assert warned(model) == []  # once per model
+    fresh = injected(static=False)
+    fresh.compile(backend="adafuse", options={"codegen": "eager"})
+    assert len(warned(fresh, past_key_values=DynamicCache(config=fresh.config))) == 1
+    torch._dynamo.reset()

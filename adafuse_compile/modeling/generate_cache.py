@@ -159,6 +159,27 @@ class StaticCacheReuse:
             self._kept = self._tensors = None
 
 
+def dynamic_cache_warning(model, generate_kwargs: dict) -> str | None:
+    """Why a generate() call on a compiled model will not decode at compiled speed, if it will not:
+    a KV cache that grows every step (transformers' default DynamicCache)."""
+    if getattr(model, "_compiled_call_impl", None) is None:  # model.compile() was not called
+        return None
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if not generate_kwargs.get("use_cache", getattr(config, "use_cache", True)):
+        return None
+    given = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
+    if given is not None:
+        dynamic = not getattr(given, "is_compileable", False)
+    else:
+        dynamic = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is None
+    if not dynamic:
+        return None
+    return (f"adafuse: {type(model).__name__}.generate() on a compiled model with a dynamic KV cache: the cache "
+            f"grows every step, so the compiled decode step changes shape every step (recompiled, then run with "
+            f"a symbolic length; under CUDA graphs recorded again for every new length). Pass "
+            f"cache_implementation='static' (with max_cache_len), or a StaticCache, for one decode graph.")
+
+
 def initialize_static_cache(model, cache, batch_size: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Make a StaticCache's tensors now (eagerly: marked as static addresses), where transformers can
     say their shape (`_get_static_cache_init_shape`); False where it is left to the first forward."""

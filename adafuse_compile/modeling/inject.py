@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 from torch import nn
 
 from ..config import AdaFuseConfig, AdaFuseConfigError
-from .generate_cache import StaticCacheReuse, makes_a_cache_per_call
+from .generate_cache import StaticCacheReuse, dynamic_cache_warning, makes_a_cache_per_call
 from .layers import AdaFuseLinear, GateChannel
 
 _CHANNEL_ATTR = "_adafuse_channel"
@@ -91,6 +92,11 @@ class _RestoreAfter:
         return _rebuild_restore_after, (self.inner.__self__, self.inner.__name__, self.channel, self.cache_reuse)
 
     def __call__(self, *args, **kwargs):
+        if self.inner.__name__ == "generate" and not getattr(self, "warned_dynamic_cache", False):
+            message = dynamic_cache_warning(self.inner.__self__, kwargs)
+            if message:  # once per model: a serving loop would repeat it every prompt
+                self.warned_dynamic_cache = True
+                warnings.warn(message, stacklevel=2)
         try:
             if self.cache_reuse is None:
                 return self.inner(*args, **kwargs)
