@@ -45,8 +45,10 @@ def run(model, lengths, new_tokens=6):
 def test_prompts_after_the_warm_up_replay_the_recorded_decode_step(prefill):
     torch._dynamo.reset()
     model = build(prefill)
-    lengths = [5, 9, 5, 9]  # the compiled prompt's shapes are recorded in the warm-up too
-    run(model, lengths[:2])
+    lengths = [5, 9, 5, 9]
+    # Warm-up: a compiled prompt goes dynamic at its second length, and a dynamic graph is recorded
+    # per length, so both lengths run once more after that.
+    run(model, lengths[:2] + lengths[:2])
     recorded = bench._cudagraphs_recorded()
     assert recorded is not None and recorded > 0, "CUDA graphs were not used"
     reused = run(model, lengths)
