@@ -275,3 +275,15 @@ def test_a_compiled_model_generating_into_a_growing_cache_is_told_once():
     fresh.compile(backend="adafuse", options={"codegen": "eager"})
     assert len(warned(fresh, past_key_values=DynamicCache(config=fresh.config))) == 1
     torch._dynamo.reset()
+
+
+def test_training_lets_the_kept_cache_go(handed):
+    model = injected()
+    generate_all(model, prompts(5))
+    model.eval()  # train(False): kept
+    assert model._prepare_static_cache._kept is not None
+    model.train()
+    assert model._prepare_static_cache._kept is None
+    model.eval()
+    generate_all(model, prompts(5))
+    assert handed[1] is not handed[0]

@@ -97,6 +97,10 @@ class _RestoreAfter:
             if message:  # once per model: a serving loop would repeat it every prompt
                 self.warned_dynamic_cache = True
                 warnings.warn(message, stacklevel=2)
+        if self.inner.__name__ == "train" and (args[0] if args else kwargs.get("mode", True)):
+            kept = getattr(self.inner.__self__, "_prepare_static_cache", None)
+            if isinstance(kept, StaticCacheReuse):
+                kept.forget()  # training needs no KV cache: give its memory back
         try:
             if self.cache_reuse is None:
                 return self.inner(*args, **kwargs)
