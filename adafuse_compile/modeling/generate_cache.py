@@ -1,14 +1,15 @@
 """generate()'s static KV cache, kept from one call to the next.
 
-Since about transformers 5.17, generate() with cache_implementation="static" makes a new StaticCache
-on every call (5.10's `_prepare_static_cache` still kept one on the model). Its tensors are marked
+Since transformers 5.15, generate() with cache_implementation="static" makes a new StaticCache on
+every call (up to 5.14 `_prepare_static_cache` kept one on the model and reset it). Its tensors are marked
 as static addresses, so a compiled decode step under CUDA graphs (Inductor's CUDA-graph trees)
 meets them at new addresses whenever the caching allocator does not happen to hand back the old
 ones: the step is recorded again, inside the timed first decode step, and the new recording is one
 more root that every later step checks before it finds its own. Serving prompts one by one through
 generate(), as users do, then costs a recording per prompt and more checks per step as prompts go
 by. Keeping one cache and zeroing it in place between calls keeps the addresses, and the tokens:
-`reset()` clears every entry the previous call wrote.
+`reset()` clears every entry the previous call wrote. (Read from the transformers and torch
+sources; what it saves on a GPU is not measured yet: docs/benchmarks.md.)
 """
 from __future__ import annotations
 
