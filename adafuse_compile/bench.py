@@ -123,7 +123,7 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
-from .modeling.generate_cache import initialize_static_cache
+from .modeling.generate_cache import initialize_static_cache, transformers_release
 from .modeling.inject import gate_channel, is_injected, reuse_static_cache
 
 SCHEMA = "adafuse-bench/1"
@@ -630,14 +630,21 @@ def reused_static_cache(model: nn.Module, max_cache_len: int):
     return cache
 
 
+def generate_cache(model: nn.Module, hf_cache: str, max_cache_len: int):
+    """The cache to pass to every generate() call of `model` under `hf_cache` (HF_CACHES): the reused
+    StaticCache, or None for a new one per call, made by transformers (an injected model's own
+    reuse turned off, so that per call means per call for every method)."""
+    if hf_cache == "reused":
+        return reused_static_cache(model, max_cache_len)
+    if getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
+        reuse_static_cache(model, False)
+    return None
+
+
 @functools.cache
 def _generate_cache_kwarg() -> str:
     """generate()'s name for a cache passed in: `cache` from transformers 5.24 (`past_key_values` deprecated)."""
-    import transformers
-    from packaging.version import Version
-
-    release = Version(Version(transformers.__version__).base_version)  # 5.24.0.dev0 and rc builds count as 5.24
-    return "cache" if release >= Version("5.24") else "past_key_values"
+    return "cache" if transformers_release("5.24") else "past_key_values"
 
 
 def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None) -> torch.Tensor:
@@ -673,6 +680,13 @@ def _cudagraphs_recorded() -> int | None:
         return count
     except Exception:
         return None
+
+
+def cudagraphs_recorded_since(before: int | None) -> int | None:
+    """CUDA graphs recorded since `_cudagraphs_recorded()` read `before`; None where either is unknown
+    (or the trees were reset in between)."""
+    after = _cudagraphs_recorded() if before is not None else None
+    return after - before if after is not None and after >= before else None
 
 
 def _restore_weights(model: nn.Module) -> None:
@@ -730,10 +744,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             cache = None
             if loop == "own":
                 model.setup_cache(1)
-            elif spec.hf_cache == "reused":
-                cache = reused_static_cache(model, max_cache_len)
-            elif getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
-                reuse_static_cache(model, False)  # per-call means per call for every method, injected or not
+            else:
+                cache = generate_cache(model, spec.hf_cache, max_cache_len)
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
@@ -782,11 +794,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             entry["measure_s"] = round(_now() - t_measure, 3)
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-            if recorded_before is not None:
-                # CUDA graphs Inductor recorded while the timed prompts ran (0 when every step replays)
-                recorded_after = _cudagraphs_recorded()
-                grew = None if recorded_after is None else recorded_after - recorded_before
-                entry["cudagraphs_recorded_while_timed"] = grew if grew is not None and grew >= 0 else None
+            # CUDA graphs Inductor recorded while the timed prompts ran (0 when every step replays)
+            entry["cudagraphs_recorded_while_timed"] = cudagraphs_recorded_since(recorded_before)
             entry.update(status="ok", decode_ms_per_token=decode, first_decode_step_ms=first_step_ms,
                          prefill_ms=prefill_ms, tokens_sha1=shas, tokens=token_lists, prompts_served=len(decode))
             if _regional(method):  # HF: a multiple of the layers; own loop: the same as for one layer

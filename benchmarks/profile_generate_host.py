@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from adafuse_compile import backend, bench, reuse_static_cache
+from adafuse_compile import backend, bench
 
 
 def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
@@ -44,9 +44,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
     with torch.no_grad():
         model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
         bench._compile(model, method, spec, "hf")
-        cache = bench.reused_static_cache(model, max_cache_len) if hf_cache == "reused" else None
-        if cache is None and getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
-            reuse_static_cache(model, False)  # per-call: transformers' own new cache per call, for every method
+        cache = bench.generate_cache(model, hf_cache, max_cache_len)
         if name == HF_DEFAULT_COMPILE:
             from transformers import CompileConfig
 
@@ -73,7 +71,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
             per_token.append(clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1))
             first_step.append(clock.elapsed_ms(1, 2))
             # CUDA graphs recorded during this call (a new cache address: the decode step again)
-            recorded.append(None if before is None else bench._cudagraphs_recorded() - before)
+            recorded.append(bench.cudagraphs_recorded_since(before))
         entry["decode_ms_per_token"] = per_token
         entry["first_decode_step_ms"] = first_step
         entry["cudagraphs_recorded_per_call"] = recorded

@@ -196,13 +196,19 @@ def initialize_static_cache(model, cache, batch_size: int, dtype: torch.dtype, d
     return True
 
 
-def makes_a_cache_per_call() -> bool:
-    """Whether this transformers makes generate()'s static cache anew per call (5.15 and later; up to
-    5.14 `_prepare_static_cache` kept one on the model, `self._cache`, and reset it itself)."""
+def transformers_release(at_least: str) -> bool:
+    """Whether the installed transformers is release `at_least` or later; pre-releases and dev
+    builds (5.24.0.dev0, 5.24.0rc1) count as their release."""
     import transformers
     from packaging.version import Version
 
-    return Version(Version(transformers.__version__).base_version) >= Version("5.15")
+    return Version(Version(transformers.__version__).base_version) >= Version(at_least)
+
+
+def makes_a_cache_per_call() -> bool:
+    """Whether this transformers makes generate()'s static cache anew per call (5.15 and later; up to
+    5.14 `_prepare_static_cache` kept one on the model, `self._cache`, and reset it itself)."""
+    return transformers_release("5.15")
 
 
 def _rebuild_cache_reuse(model, enabled: bool) -> StaticCacheReuse:
