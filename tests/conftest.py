@@ -1,15 +1,39 @@
-"""Shared test setup: GPU tests are marked `gpu` and skipped where no CUDA device exists."""
+"""Shared test setup: GPU tests are marked `gpu` and skipped where no CUDA device exists; the
+Triton kernels' CPU tests run under Triton's interpreter, which is turned on here and only here."""
+import os
+
 import pytest
 import torch
 
+# Triton decides whether a kernel is interpreted when the kernel is decorated (its module's import),
+# for the whole process. Without a GPU the kernels run only interpreted, so the interpreter is turned
+# on here, before any test module imports a kernel. With a GPU it must stay off: an interpreted
+# kernel cannot run on CUDA tensors. (Test modules used to turn it on at their import; collecting the
+# whole tests/ folder on the H200 then made every GPU test's Triton kernel interpreted: 102 failures
+# and a segfault, 2026-12-04.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    elif _interpreted():
+        skip_gpu = pytest.mark.skip(reason="TRITON_INTERPRET is set: Triton kernels would run interpreted, "
+                                           "which fails on CUDA tensors; unset it to run the GPU tests")
+    else:
+        skip_gpu = None
+    skip_interpreter = pytest.mark.skip(reason="runs Triton kernels on CPU tensors, under Triton's interpreter "
+                                               "(TRITON_INTERPRET=1, set by this conftest where no GPU exists)")
     for item in items:
-        if "gpu" in item.keywords:
+        if skip_gpu is not None and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        if "triton_interpreter" in item.keywords and not _interpreted():
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,12 @@ dense expand (run in Triton's interpreter, fp32 and fp16) reads B [N, out, r] co
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the script (and Triton) is imported
 triton = pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill_forms.py"
@@ -56,6 +54,7 @@ def test_each_form_computes_the_adapted_linears(bpf, small, form):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("tokens,experts,rank,out,block_k", [(5, 4, 16, 40, 64), (70, 8, 64, 200, 64),
                                                              (33, 3, 32, 50, 16)])
+@pytest.mark.triton_interpreter
 def test_triton_dense_expand_reads_b_in_place(bpf, dtype, tol, tokens, experts, rank, out, block_k):
     g = torch.Generator().manual_seed(tokens)
     h = torch.randn(tokens, experts * rank, generator=g).to(dtype)

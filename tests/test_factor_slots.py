@@ -16,10 +16,9 @@ import warnings
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (or reloaded)
 
-from adafuse_compile.cutlass_kernels import factor_slots as fs  # noqa: E402
-from adafuse_compile.cutlass_kernels.factor_slots import (  # noqa: E402
+from adafuse_compile.cutlass_kernels import factor_slots as fs
+from adafuse_compile.cutlass_kernels.factor_slots import (
     make_slots, reference_write_factor_slots, write_factor_slots_,
 )
 

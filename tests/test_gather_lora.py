@@ -14,10 +14,9 @@ import textwrap
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (or reloaded)
 
-from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
-from adafuse_compile.cutlass_kernels.gather_lora import (  # noqa: E402
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.cutlass_kernels.gather_lora import (
     gather_lora, make_gather_problem, oracle_gather_lora, reference_gather_lora, token_errors,
 )
 

@@ -3,17 +3,15 @@
 fp32 and fp16 only: bf16 tl.dot is wrong in the interpreter (tested on the GPU instead).
 """
 import importlib
-import os
 import sys
 
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (or reloaded)
 triton = pytest.importorskip("triton")
 
-from adafuse_compile.cutlass_kernels import ops  # noqa: E402
-from adafuse_compile.cutlass_kernels.reference import (  # noqa: E402
+from adafuse_compile.cutlass_kernels import ops
+from adafuse_compile.cutlass_kernels.reference import (
     delta_error, make_problem, oracle_switch,
 )
 
