@@ -2,7 +2,8 @@
 # GPU runbook for the device machine (one H200): each stage fits one 10-minute `run` call and
 # writes logs/JSON under $OUT. From the repository root, with the nvidia-cutlass wheel carried in
 # .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
-#   tests    all GPU-marked tests (backend, SGMM, gather, factor slots)  ~7 min
+#   tests    all GPU-marked tests (backend, SGMM, gather, factor slots, generate); never run whole since the
+#            conftest fix of 2026-12-04 (before it, collecting tests/ turned on Triton's interpreter)  ~7 min
 #   tests-backend  the backend and factor-slot GPU tests (252 s on 2026-11-29, before the
 #            two-instance tests were added)                                ~5 min
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
@@ -40,7 +41,8 @@
 #   bench-qv-hf  q,v through Hugging Face generate() (281 s on 2026-11-29)              ~5 min
 #   bench-all-hf all seven through generate() (BENCH_METHODS, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET,
 #            BENCH_BUDGET, BENCH_TIMEOUT, BENCH_TAG, BENCH_HF_CACHE=reused|per-call: generate()'s
-#            KV cache; run on 2026-12-03 and 12-04 with a new cache per prompt)           ~9 min
+#            KV cache; run3 on 2026-12-04 with a new cache per prompt, run4 with both: 326 s and 318 s
+#            for backbone,adafuse_auto,adafuse_factor at 200 new tokens)                        ~9 min
 #
 # -p (first argument): run the stages side by side, each in its own process, and pack $OUT into
 # results.tgz at the end (the device returns 8 files at most). A 7B benchmark is mostly compile
