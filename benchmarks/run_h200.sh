@@ -4,6 +4,8 @@
 # .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
 #   tests    all GPU-marked tests (backend, SGMM, gather, factor slots, generate); never run whole since the
 #            conftest fix of 2026-12-04 (before it, collecting tests/ turned on Triton's interpreter)  ~7 min
+#   tests-kernels / tests-models  the two halves of `tests` (SGMM, gather and factor-slot kernels / backend,
+#            generate(), diff, plan cache), to run side by side: -p tests-kernels tests-models
 #   tests-backend  the backend and factor-slot GPU tests (252 s on 2026-11-29, before the
 #            two-instance tests were added)                                ~5 min
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
@@ -63,6 +65,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . .w
   || { tail -20 "$OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site   # installed (not editable) so the torch_dynamo_backends entry point is found
 
+# The GPU tests split in two halves that together are `tests`, to run side by side: -p tests-kernels tests-models
+KERNEL_TESTS="tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py"
+
 run_stage() {
   local stage=$1
   echo "=== stage $stage ($(date +%T))"
@@ -83,6 +88,10 @@ run_stage() {
     done ;;
   tests)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -40 ;;
+  tests-kernels)
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs $KERNEL_TESTS 2>&1 | tee "$OUT/gpu_kernel_tests.log" | grep -v -i warn | tail -20 ;;
+  tests-models)
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests ${KERNEL_TESTS//tests\//--ignore=tests/} 2>&1 | tee "$OUT/gpu_model_tests.log" | grep -v -i warn | tail -20 ;;
   tests-backend)
     timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_backend_gpu.py tests/test_factor_slots_gpu.py 2>&1 | tee "$OUT/gpu_backend_tests.log" | grep -v -i warn | tail -40 ;;
   decode:*)
