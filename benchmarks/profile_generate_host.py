@@ -5,7 +5,8 @@ The compiled backbone decodes a 7B step in about 4.7 ms in the package's own loo
 synchronizes every step (its stopping check), so whatever the host does before the step's CUDA
 graph starts is added to the GPU time. This script builds the bench's models the bench's way
 (adafuse_compile.bench: static cache, decode step compiled through generate()'s compile_config,
-prompt eager), times generate() per token with CUDA events, and runs one generate() under
+prompt eager), times generate() per token with CUDA events, runs one generate() under the torch
+profiler to split a later step into GPU busy and GPU idle time (waiting for the host), and one under
 cProfile to list the Python functions that take the host time.
 
     python benchmarks/profile_generate_host.py --targets all --methods backbone,adafuse_auto \
@@ -24,6 +25,54 @@ import time
 import torch
 
 from adafuse_compile import backend, bench
+
+
+def gpu_busy_share(intervals: list[tuple[float, float]], from_share: float = 0.5) -> float | None:
+    """Share of the time at least one kernel ran on the GPU, over the later part of a run: from
+    `from_share` of the way between the first kernel's start and the last kernel's end (so past
+    the prompt, for a run of many decode steps). Overlapping kernels (the side stream) count once.
+    Through generate() each step waits for the host, so a step's time is this share busy and the
+    rest idle: what a faster GPU step cannot win back."""
+    if not intervals:
+        return None
+    start, end = min(s for s, _ in intervals), max(e for _, e in intervals)
+    lo = start + from_share * (end - start)
+    if end <= lo:
+        return None
+    busy, run_start, run_end = 0.0, None, None
+    for s, e in sorted((max(s, lo), e) for s, e in intervals if e > lo):
+        if run_end is None or s > run_end:  # a gap: close the busy run so far
+            busy += 0.0 if run_end is None else run_end - run_start
+            run_start, run_end = s, e
+        else:
+            run_end = max(run_end, e)
+    busy += run_end - run_start
+    return busy / (end - lo)
+
+
+def kernel_timeline(model, prompt, new_tokens: int, cache, device) -> dict | None:
+    """One generate() under torch.profiler (device activity only, to add little host work): how much
+    of a later decode step the GPU was busy, and how many kernels it ran. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    clock = bench._Clock(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        bench._hf_generate(model, prompt, new_tokens, clock, cache)
+        clock.sync()
+    step_ms = clock.elapsed_ms(2, len(clock.marks) - 1) / (new_tokens - 2)  # the steps after the first
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    share = gpu_busy_share(intervals)
+    if share is None:
+        return {"kernels": len(intervals), "later_step_ms": step_ms, "gpu_busy_share": None}
+    start, end = min(s for s, _ in intervals), max(e for _, e in intervals)
+    later = [iv for iv in intervals if iv[0] >= start + 0.5 * (end - start)]
+    steps_in_window = (end - start) * 0.5 / 1e3 / step_ms  # profiler times are in microseconds
+    return {"kernels": len(intervals), "later_step_ms": step_ms, "gpu_busy_share": share,
+            "gpu_busy_ms_per_step": share * step_ms, "gpu_idle_ms_per_step": (1 - share) * step_ms,
+            "kernels_per_step": len(later) / steps_in_window if steps_in_window > 0 else None}
 
 
 def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:
@@ -80,6 +129,9 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
             (t * (new_tokens - 1) - f) / (new_tokens - 2) for t, f in zip(per_token, first_step)]
         entry["decode_ms_per_token_median"] = statistics.median(per_token)
         entry["wall_ms_per_token_incl_prefill"] = statistics.median(wall_per_token)
+
+        # Where a later step's time goes on the GPU: kernels running, or waiting for the host.
+        entry["kernel_timeline"] = kernel_timeline(model, prompt, new_tokens, cache, spec.device)
 
         prof = cProfile.Profile()
         clock = bench._Clock(spec.device)

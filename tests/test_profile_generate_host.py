@@ -10,10 +10,26 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_generate_host.py"
 
 
-def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
+def _script():
     spec = importlib.util.spec_from_file_location("profile_generate_host", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_busy_share_counts_overlapping_kernels_once_over_the_later_half():
+    share = _script().gpu_busy_share
+    # Timeline 0..100 us, later half 50..100: 0-45 is not counted, 40-52 only from 50; 40-52, 50-60
+    # and 55-70 overlap into one busy run 50-70 (20 us), then 80-90 and 99-100 (11 us).
+    kernels = [(0, 45), (40, 52), (55, 70), (50, 60), (80, 90), (99, 100)]
+    assert share(kernels) == (20 + 11) / 50
+    assert share([(0, 10), (10, 20)], from_share=0.0) == 1.0  # back to back: no idle time
+    assert share([(0, 10), (30, 40)], from_share=0.0) == 0.5
+    assert share([]) is None
+
+
+def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
+    module = _script()
     out = tmp_path / "host.json"
     module.main(["--preset", "tiny", "--targets", "all", "--methods", "backbone,adafuse_auto,backbone_hf_default_compile", "--prompt-len", "12",
                  "--new-tokens", "6", "--reps", "1", "--out", str(out)])
@@ -34,5 +50,6 @@ def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
         assert len(e["first_decode_step_ms"]) == len(e["later_steps_ms_per_token"]) == 1
         assert e["later_steps_ms_per_token"][0] > 0
         assert e["cudagraphs_recorded_per_call"] == [None]  # CPU: no CUDA graphs to count
+        assert e["kernel_timeline"] is None  # CPU: no GPU timeline to split
         assert any("generation/utils.py" in line and "(generate)" in line for line in e["top_cumulative"])
         assert any("(_hf_generate)" in line for line in e["top_cumulative"])
