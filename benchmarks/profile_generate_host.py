@@ -27,18 +27,24 @@ import torch
 from adafuse_compile import backend, bench
 
 
-def gpu_busy_share(intervals: list[tuple[float, float]], from_share: float = 0.5) -> float | None:
-    """Share of the time at least one kernel ran on the GPU, over the later part of a run: from
-    `from_share` of the way between the first kernel's start and the last kernel's end (so past
-    the prompt, for a run of many decode steps). Overlapping kernels (the side stream) count once.
-    Through generate() each step waits for the host, so a step's time is this share busy and the
-    rest idle: what a faster GPU step cannot win back."""
+def later_window(intervals: list[tuple[float, float]], from_share: float = 0.5) -> tuple[float, float] | None:
+    """The later part of a kernel timeline: from `from_share` of the way between the first kernel's
+    start and the last kernel's end (so past the prompt, for a run of many decode steps), to that end."""
     if not intervals:
         return None
     start, end = min(s for s, _ in intervals), max(e for _, e in intervals)
     lo = start + from_share * (end - start)
-    if end <= lo:
+    return (lo, end) if end > lo else None
+
+
+def gpu_busy_share(intervals: list[tuple[float, float]], from_share: float = 0.5) -> float | None:
+    """Share of the later window (`later_window`) in which at least one kernel ran on the GPU.
+    Overlapping kernels (the side stream) count once. Through generate() each step waits for the
+    host, so a step's time is this share busy and the rest idle: what a faster GPU step cannot win back."""
+    window = later_window(intervals, from_share)
+    if window is None:
         return None
+    lo, end = window
     busy, run_start, run_end = 0.0, None, None
     for s, e in sorted((max(s, lo), e) for s, e in intervals if e > lo):
         if run_end is None or s > run_end:  # a gap: close the busy run so far
@@ -64,15 +70,15 @@ def kernel_timeline(model, prompt, new_tokens: int, cache, device) -> dict | Non
     step_ms = clock.elapsed_ms(2, len(clock.marks) - 1) / (new_tokens - 2)  # the steps after the first
     intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
-    share = gpu_busy_share(intervals)
-    if share is None:
-        return {"kernels": len(intervals), "later_step_ms": step_ms, "gpu_busy_share": None}
-    start, end = min(s for s, _ in intervals), max(e for _, e in intervals)
-    later = [iv for iv in intervals if iv[0] >= start + 0.5 * (end - start)]
-    steps_in_window = (end - start) * 0.5 / 1e3 / step_ms  # profiler times are in microseconds
-    return {"kernels": len(intervals), "later_step_ms": step_ms, "gpu_busy_share": share,
-            "gpu_busy_ms_per_step": share * step_ms, "gpu_idle_ms_per_step": (1 - share) * step_ms,
-            "kernels_per_step": len(later) / steps_in_window if steps_in_window > 0 else None}
+    entry = {"kernels": len(intervals), "later_step_ms": step_ms, "gpu_busy_share": gpu_busy_share(intervals)}
+    window = later_window(intervals)
+    if window is None:
+        return entry
+    lo, end = window
+    steps_in_window = (end - lo) / 1e3 / step_ms  # profiler times are in microseconds
+    share = entry["gpu_busy_share"]
+    return {**entry, "gpu_busy_ms_per_step": share * step_ms, "gpu_idle_ms_per_step": (1 - share) * step_ms,
+            "kernels_per_step": sum(s >= lo for s, _ in intervals) / steps_in_window}
 
 
 def _stats_lines(prof: cProfile.Profile, key: str, n: int) -> list[str]:

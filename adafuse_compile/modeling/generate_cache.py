@@ -8,8 +8,9 @@ ones: the step is recorded again, inside the timed first decode step, and the ne
 more root that every later step checks before it finds its own. Serving prompts one by one through
 generate(), as users do, then costs a recording per prompt and more checks per step as prompts go
 by. Keeping one cache and zeroing it in place between calls keeps the addresses, and the tokens:
-`reset()` clears every entry the previous call wrote. (Read from the transformers and torch
-sources; what it saves on a GPU is not measured yet: docs/benchmarks.md.)
+`reset()` clears every entry the previous call wrote. Measured on the H200 (docs/benchmarks.md,
+run4): a new cache per call recorded the decode step again for 44-50 of 50 prompts; the kept cache
+recorded none and took 3-18% off ms/token (7B, all seven linears adapted).
 """
 from __future__ import annotations
 

@@ -84,6 +84,7 @@ class _RestoreAfter:
 
     def __init__(self, inner, channel: GateChannel, cache_reuse: StaticCacheReuse | None = None):
         self.inner, self.channel, self.cache_reuse = inner, channel, cache_reuse
+        self.warned_dynamic_cache = False  # generate(): the dynamic-cache warning, once per model
         functools.update_wrapper(self, inner)
 
     def __reduce__(self):
@@ -92,7 +93,7 @@ class _RestoreAfter:
         return _rebuild_restore_after, (self.inner.__self__, self.inner.__name__, self.channel, self.cache_reuse)
 
     def __call__(self, *args, **kwargs):
-        if self.inner.__name__ == "generate" and not getattr(self, "warned_dynamic_cache", False):
+        if self.inner.__name__ == "generate" and not self.warned_dynamic_cache:
             message = dynamic_cache_warning(self.inner.__self__, kwargs)
             if message:  # once per model: a serving loop would repeat it every prompt
                 self.warned_dynamic_cache = True
