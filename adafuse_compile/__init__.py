@@ -5,6 +5,8 @@ from .modeling import (
     TinyLlama,
     TinyLlamaConfig,
     adapted_linears,
+    defer_stop_check,
+    deferred_stop_check,
     gate_channel,
     greedy_decode,
     inject,
@@ -17,6 +19,6 @@ from .runtime.switch_state import ConcurrentUseError, decoding, restore
 __version__ = "0.1.0"
 __all__ = [
     "ALL_LINEAR", "LLAMA_LINEARS", "AdaFuseConfig", "AdaFuseConfigError", "AdapterCheckpointError", "ConcurrentUseError", "TinyLlama",
-    "TinyLlamaConfig", "adapted_linears", "decoding", "gate_channel", "greedy_decode", "inject", "load_adapters", "restore",
+    "TinyLlamaConfig", "adapted_linears", "decoding", "defer_stop_check", "deferred_stop_check", "gate_channel", "greedy_decode", "inject", "load_adapters", "restore",
     "reuse_static_cache", "save_adapters",
 ]

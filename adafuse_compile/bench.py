@@ -124,7 +124,8 @@ from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
 from .modeling.generate_cache import initialize_static_cache, transformers_release
-from .modeling.inject import gate_channel, is_injected, reuse_static_cache
+from .modeling.generate_stop import deferred_stop_check, stop_check_mode
+from .modeling.inject import defer_stop_check, gate_channel, is_injected, reuse_static_cache
 
 SCHEMA = "adafuse-bench/1"
 TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
@@ -135,6 +136,11 @@ PREFILLS = ("compiled", "eager")
 # transformers 5.x does, so the decode graph's cache inputs get new addresses with every prompt and
 # Inductor's CUDA-graph trees record the step again (a new root, checked on every later step).
 HF_CACHES = ("reused", "per-call")
+# How generate() decides to stop after each step. deferred: transformers' deferred stop check (5.18+), turned on
+# for CUDA by adafuse (modeling/generate_stop.py): the stop flag is read one step late, so the host prepares the
+# next step while the GPU runs this one. per-step: transformers' default on CUDA, a host sync after every step,
+# which adds the host's per-step work to every token. The same for every method; the tokens are the same.
+HF_STOP_CHECKS = ("deferred", "per-step")
 
 # Prompt lengths: log-normal, median 96 tokens, sigma 1.0 (natural log), clipped to [4, 1024].
 # Why: ShareGPT first user turns are short with a heavy tail; published statistics of the
@@ -216,6 +222,7 @@ class BenchConfig:
     # Seconds into the run after which no method starts; the rest are recorded as skipped.
     budget_s: float | None = None
     hf_cache: str = "reused"  # reused | per-call: the KV cache generate() decodes into (HF_CACHES)
+    hf_stop_check: str = "deferred"  # deferred | per-step: generate()'s stop check (HF_STOP_CHECKS)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -230,6 +237,8 @@ class BenchConfig:
             raise ValueError(f"prefill={self.prefill!r} is not one of {', '.join(PREFILLS)}")
         if self.hf_cache not in HF_CACHES:
             raise ValueError(f"hf_cache={self.hf_cache!r} is not one of {', '.join(HF_CACHES)}")
+        if self.hf_stop_check not in HF_STOP_CHECKS:
+            raise ValueError(f"hf_stop_check={self.hf_stop_check!r} is not one of {', '.join(HF_STOP_CHECKS)}")
         for name, v in (("method_budget_s", self.method_budget_s), ("budget_s", self.budget_s)):
             if v is not None and not v >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {v}")
@@ -287,6 +296,7 @@ class Spec:
     hf_config_path: str | None
     prefill: str = "compiled"
     hf_cache: str = "reused"
+    hf_stop_check: str = "deferred"
 
     @property
     def on_gpu(self) -> bool:
@@ -315,7 +325,7 @@ def resolve(cfg: BenchConfig) -> Spec:
     return Spec(cfg.preset, family, model, dtype, device, cfg.prompts or preset.prompts,
                 cfg.new_tokens or preset.new_tokens, preset.max_prompt_len, adapters, preset.weight_std,
                 preset.b_std, cfg.codegen or (preset.codegen if device.type == "cpu" else "inductor"),
-                device.type == "cuda", cfg.seed, cfg.hf_config, cfg.prefill, cfg.hf_cache)
+                device.type == "cuda", cfg.seed, cfg.hf_config, cfg.prefill, cfg.hf_cache, cfg.hf_stop_check)
 
 
 @torch.no_grad()
@@ -647,16 +657,32 @@ def _generate_cache_kwarg() -> str:
     return "cache" if transformers_release("5.24") else "past_key_values"
 
 
-def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None) -> torch.Tensor:
+def _stop_check_effective(spec: Spec) -> str:
+    """What generate()'s stop check is in this run, in words (deferral needs transformers 5.18+)."""
+    with deferred_stop_check(spec.hf_stop_check == "deferred"):
+        return stop_check_mode(spec.device)
+
+
+def generate_stop_check(model: nn.Module, hf_stop_check: str) -> bool:
+    """Whether generate() defers its stop check for `model` under `hf_stop_check` (HF_STOP_CHECKS): the
+    same for every method, an injected model's own default set to match."""
+    defer = hf_stop_check == "deferred"
+    if is_injected(model) and callable(getattr(model, "generate", None)):
+        defer_stop_check(model, defer)
+    return defer
+
+
+def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None, defer_stop: bool = True) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
     kwargs = {}
     if cache is not None:
         cache.reset()  # zeroed in place: the same tensors, so the same addresses, for every prompt
         kwargs[_generate_cache_kwarg()] = cache
-    clock.mark()
-    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         logits_processor=LogitsProcessorList([_StepMarks(clock)]), **kwargs)
+    clock.mark()  # the step marks are CUDA events: GPU time between steps, whether or not the host waits
+    with deferred_stop_check(defer_stop):
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             logits_processor=LogitsProcessorList([_StepMarks(clock)]), **kwargs)
     # marks: start, after forward 1 (prefill), ..., after forward n
     return out[:, prompt.shape[1]:]
 
@@ -746,6 +772,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 model.setup_cache(1)
             else:
                 cache = generate_cache(model, spec.hf_cache, max_cache_len)
+                defer_stop = generate_stop_check(model, spec.hf_stop_check)
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
@@ -757,7 +784,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 clock = _Clock(spec.device)
                 with merge_ctx():
                     if loop == "hf":
-                        tokens = _hf_generate(model, prompt, n_tokens, clock, cache)
+                        tokens = _hf_generate(model, prompt, n_tokens, clock, cache, defer_stop)
                     else:
                         tokens = _own_generate(step, prefill, prompt, n_tokens, positions, clock)
                 clock.sync()
@@ -1025,7 +1052,8 @@ def _run(cfg: BenchConfig, spec: Spec, t_budget: float, t_start: float,
             "cudagraphs": spec.cudagraphs, "seed": spec.seed, "max_cache_len": max_cache_len,
             "prompt_distribution": {"kind": "lognormal", "median": PROMPT_MEDIAN, "sigma": PROMPT_SIGMA,
                                     "min": PROMPT_MIN, "max": min(PROMPT_MAX, spec.max_prompt_len), "seed": spec.seed},
-            "prefill": spec.prefill, "hf_cache": spec.hf_cache, "method_budget_s": cfg.method_budget_s,
+            "prefill": spec.prefill, "hf_cache": spec.hf_cache, "hf_stop_check": spec.hf_stop_check,
+            "hf_stop_check_effective": _stop_check_effective(spec), "method_budget_s": cfg.method_budget_s,
             "budget_s": cfg.budget_s,
             "run_order": [m.name for m in methods],
         },
@@ -1123,6 +1151,8 @@ def markdown_table(result: dict) -> str:
              f"codegen {cfg['codegen']}, CUDA graphs {'on' if cfg['cudagraphs'] else 'off'}; prefill "
              f"{'eager (only the decode step is compiled)' if cfg.get('prefill') == 'eager' else 'compiled'}"
              + (f"; generate()'s KV cache {cfg['hf_cache']}" if "hf" in cfg["loops"] and cfg.get("hf_cache") else "")
+             + (f"; generate()'s stop check: {cfg['hf_stop_check_effective']}"
+                if "hf" in cfg["loops"] and cfg.get("hf_stop_check_effective") else "")
              + ".", ""]
     truncated = [e for e in result["results"] if e.get("truncated_by_budget")]
     skipped = [e for e in result["results"] if e["status"] == "skipped"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .bench import HF_CACHES, LOOPS, METHODS, PREFILLS, PRESETS, RUN_ORDER, TARGETS, BenchConfig, default_output, run_bench, \
+from .bench import HF_CACHES, HF_STOP_CHECKS, LOOPS, METHODS, PREFILLS, PRESETS, RUN_ORDER, TARGETS, BenchConfig, default_output, run_bench, \
     write_outputs
 
 
@@ -37,6 +37,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="generate()'s KV cache: reused (default): one StaticCache per method, reset between prompts, "
                         "so CUDA graphs record the decode step once; per-call: a new cache per generate() call, "
                         "transformers' default, which makes CUDA graphs record the step again for each prompt")
+    p.add_argument("--hf-stop-check", choices=HF_STOP_CHECKS, default="deferred",
+                   help="generate()'s stop check: deferred (default): read one step late, so the host prepares the "
+                        "next step while the GPU runs this one (transformers 5.18+, turned on for CUDA by adafuse; "
+                        "same tokens); per-step: transformers' default on CUDA, a host sync after every step")
     p.add_argument("--method-budget-s", type=float, metavar="S",
                    help="a method stops serving prompts once its measured prompts have taken S seconds (at least "
                         "one prompt, after its warm-up); the outputs record prompts served vs asked")
@@ -58,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        prompts=args.prompts, new_tokens=args.new_tokens, methods=methods, device=args.device,
                        dtype=args.dtype, codegen=args.codegen, seed=args.seed, threads=args.threads,
                        progress=not args.no_progress, prefill=args.prefill, method_budget_s=args.method_budget_s,
-                       budget_s=args.budget_s, hf_cache=args.hf_cache)
+                       budget_s=args.budget_s, hf_cache=args.hf_cache,
+                       hf_stop_check=args.hf_stop_check)
 
 
 def bench_command(args: argparse.Namespace) -> int:

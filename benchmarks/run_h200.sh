@@ -25,6 +25,7 @@
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
 #            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
+#   tests-generate-stop  the deferred stop check's GPU test (needs HF_WHEELS with transformers 5.18+)  ~1 min
 #   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto, each with
 #            the KV cache reused and made per call (HOST_CACHES)  ~6 min
 #            (HOST_METHODS, HOST_TARGETS, HOST_REPS, HOST_TIMEOUT; HOST_METHODS may name
@@ -64,6 +65,14 @@ parallel=0; [ "${1:-}" = -p ] && { parallel=1; shift; }
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . .whl/*.whl > "$OUT/install.log" 2>&1 \
   || { tail -20 "$OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site   # installed (not editable) so the torch_dynamo_backends entry point is found
+# HF_WHEELS=<dir>: wheels installed over the machine's own (a transformers with the deferred stop check, 5.18+,
+# where the machine has 5.17), e.g. HF_WHEELS=.whl-hf with transformers-5.18.0 and huggingface_hub-1.33.0 carried.
+# If they do not import, they are removed again and the machine's own are used.
+if [ -n "${HF_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-deps --upgrade --target /tmp/site "$HF_WHEELS"/*.whl >> "$OUT/install.log" 2>&1
+  python3 -c "import transformers, huggingface_hub; from transformers import LlamaForCausalLM; print('transformers', transformers.__version__, 'hub', huggingface_hub.__version__)" \
+    || { echo "HF_WHEELS do not import: using the machine's transformers"; rm -rf /tmp/site/transformers* /tmp/site/huggingface_hub*; }
+fi
 
 # The GPU tests split in two halves that together are `tests`, to run side by side: -p tests-kernels tests-models
 KERNEL_TESTS="tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py"
@@ -76,6 +85,8 @@ run_stage() {
     timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests-generate)
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_generate_gpu.py 2>&1 | tee "$OUT/gpu_generate_tests.log" | grep -v -i warn | tail -15 ;;
+  tests-generate-stop)
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s -k deferred tests/test_generate_gpu.py 2>&1 | tee "$OUT/gpu_generate_stop_tests.log" | grep -v -i warn | tail -15 ;;
   tests-backend-prefill)
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s -k prefill tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_prefill_tests.log" | grep -v -i warn | tail -15 ;;
   tests-backend-gather)
@@ -142,7 +153,7 @@ run_stage() {
       --out "$OUT/prefill_forms_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;
   generate-host)
     timeout "${HOST_TIMEOUT:-480}" python3 benchmarks/profile_generate_host.py --targets "${HOST_TARGETS:-all}" \
-      --methods "${HOST_METHODS:-backbone,adafuse_auto}" --hf-caches "${HOST_CACHES:-reused,per-call}" --reps "${HOST_REPS:-3}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
+      --methods "${HOST_METHODS:-backbone,adafuse_auto}" --hf-caches "${HOST_CACHES:-reused,per-call}" --stop-checks "${HOST_STOP_CHECKS:-per-step,deferred}" --reps "${HOST_REPS:-3}" --out "$OUT/generate_host_profile_h200.json" 2>&1 \
       | grep -v -i warn | tail -120 ;;
   backbone-modes)
     # Why the compiled backbone runs at 4.71 or 4.99 ms/step depending on the process: several
@@ -216,6 +227,7 @@ run_stage() {
     timeout "${BENCH_TIMEOUT:-560}" python3 -m adafuse_compile.cli bench --preset llama2-7b --targets all --loop hf --prefill eager \
       --prompts 50 --new-tokens "${BENCH_NEW_TOKENS:-100}" --method-budget-s "${BENCH_METHOD_BUDGET:-5}" \
       --budget-s "${BENCH_BUDGET:-430}" --no-progress --hf-cache "${BENCH_HF_CACHE:-reused}" \
+      --hf-stop-check "${BENCH_HF_STOP_CHECK:-deferred}" \
       --methods "${BENCH_METHODS:-backbone,adafuse_auto,adafuse_gather,pregated_inductor,pregated_eager,backbone_eager,adafuse_merge_cutlass,simple_merge,mola_eager,adafuse_factor,mola_compiled}" \
       --out "$OUT/bench_llama2-7b_all_hf_h200${BENCH_TAG:-}.json" 2>&1 | tee "$OUT/bench_llama2-7b_all_hf_h200${BENCH_TAG:-}.log" | grep -v -i warn | tail -40 ;;
   *) echo "unknown stage $stage"; return 2 ;;

@@ -86,6 +86,20 @@ def test_compiled_generate_decodes_into_the_same_cache_tensors(handed):
         assert torch.equal(a, b)
 
 
+def test_a_new_cache_per_call_is_still_made_before_the_compiled_prompt(handed):
+    # Reuse off (transformers' way) under model.compile: each call's new cache is made before the
+    # compiled prompt all the same. Left to the prompt, its length counter became a CUDA-graph output
+    # that the next replay overwrote (H200, transformers 5.17: the GPU test's per-call run failed).
+    model = injected()
+    af.reuse_static_cache(model, False)
+    model.generation_config.compile_config = None
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    generate_all(model, prompts(6, 9))
+    assert len(handed) == 2 and handed[0] is not handed[1]
+    assert all(hasattr(t, "_dynamo_static_input_type")
+               for c in handed for layer in c.layers for t in (layer.keys, layer.values))
+
+
 def test_a_cache_that_does_not_fit_is_replaced(handed):
     model = injected()
     generate_all(model, prompts(6), new_tokens=4)

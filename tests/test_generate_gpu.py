@@ -31,13 +31,14 @@ def build(prefill: str):
     return model.eval()
 
 
-def run(model, lengths, new_tokens=6):
+def run(model, lengths, new_tokens=6, exact_length=True):
     gen = torch.Generator().manual_seed(0)
     out = []
     with torch.no_grad():
         for n in lengths:
             prompt = torch.randint(3, 200, (1, n), generator=gen).cuda()
-            out.append(model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+            at_least = {"min_new_tokens": new_tokens} if exact_length else {}  # else an EOS may end it early
+            out.append(model.generate(prompt, max_new_tokens=new_tokens, **at_least))
     return out
 
 
@@ -69,4 +70,37 @@ def test_prompts_after_the_warm_up_replay_the_recorded_decode_step(prefill):
     print(f"\n[{prefill} prefill] CUDA graphs recorded by {len(lengths)} prompts: cache kept 0, "
           f"new cache per call {bench._cudagraphs_recorded() - recorded}")
     for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
+
+
+def test_the_deferred_stop_check_keeps_the_tokens_and_the_recorded_step():
+    """transformers' deferred stop check (5.18+), turned on for CUDA by inject: same tokens as a sync
+    per step, an EOS mid-way included, and the decode step is still replayed, not recorded again."""
+    from adafuse_compile.modeling import generate_stop
+
+    if not generate_stop.available():
+        pytest.skip("this transformers has no DeferredStopCheck (before 5.18)")
+    from transformers.generation import utils as hf_utils
+
+    torch._dynamo.reset()
+    model = build("eager")
+    lengths = [5, 9, 5, 9]
+    af.defer_stop_check(model, False)
+    free = run(model, lengths, new_tokens=8)
+    model.generation_config.eos_token_id = int(free[0][0, lengths[0] + 3])  # emitted mid-way by the first prompt
+    for _ in range(2):
+        per_step = run(model, lengths, new_tokens=8, exact_length=False)
+    assert per_step[0].shape[1] == lengths[0] + 4
+    af.defer_stop_check(model, True)
+    run(model, lengths, new_tokens=8, exact_length=False)  # warm-up: what the deferred path compiles or records
+    made, init = [], hf_utils.DeferredStopCheck.__init__
+    recorded = bench._cudagraphs_recorded()
+    try:
+        hf_utils.DeferredStopCheck.__init__ = lambda self, *a, **k: (made.append(self), init(self, *a, **k))[1]
+        deferred = run(model, lengths, new_tokens=8, exact_length=False)
+    finally:
+        hf_utils.DeferredStopCheck.__init__ = init
+    assert len(made) == len(lengths), "generate() did not defer its stop check on CUDA"
+    assert bench._cudagraphs_recorded() == recorded, "the deferred path recorded CUDA graphs again"
+    for a, b in zip(per_step, deferred):
         assert torch.equal(a, b)

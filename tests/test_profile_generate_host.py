@@ -28,6 +28,16 @@ def test_gpu_busy_share_counts_overlapping_kernels_once_over_the_later_half():
     assert share([]) is None
 
 
+def test_idle_gaps_are_split_by_length_over_the_later_half():
+    gaps = _script().idle_by_gap
+    # later half of 0..2000 us: 1000..2000. Busy runs there: 1000-1010, 1012-1100 (2 us gap), 1110-1200 (10 us),
+    # 1300-1400 (100 us), 2000-2000 is empty; 1400 -> 1990 (590 us) -> 1990-2000.
+    kernels = [(0, 10), (995, 1010), (1012, 1100), (1110, 1150), (1140, 1200), (1300, 1400), (1990, 2000)]
+    by = gaps(kernels)
+    assert by == {"0-5us": (2, 1), "5-50us": (10, 1), "50-500us": (100, 1), "500-infus": (590, 1)}
+    assert gaps([]) is None
+
+
 def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
     module = _script()
     out = tmp_path / "host.json"
@@ -35,10 +45,14 @@ def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
                  "--new-tokens", "6", "--reps", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     methods = ["backbone", "adafuse_auto", "backbone_hf_default_compile"]
-    # each method with generate()'s cache reused across calls, then made anew per call (transformers' default)
-    assert [(e["method"], e["hf_cache"]) for e in result["entries"]] == [
-        (m, c) for m in methods for c in ("reused", "per-call")]
-    result["entries"] = [e for e in result["entries"] if e["hf_cache"] == "reused"]
+    # each method with generate()'s cache reused across calls, then made anew per call (transformers' default),
+    # each of those with a host sync per step and with the deferred stop check
+    assert [(e["method"], e["hf_cache"], e["hf_stop_check"]) for e in result["entries"]] == [
+        (m, c, s) for m in methods for c in ("reused", "per-call") for s in ("per-step", "deferred")]
+    assert all(e["tokens_equal_across_stop_checks"] for e in result["entries"])
+    # deferral is CUDA's (and transformers' own on MPS): on the CPU both run per step
+    assert {e["hf_stop_check_effective"].split(" (")[0] for e in result["entries"]} == {"per step"}
+    result["entries"] = [e for e in result["entries"] if e["hf_cache"] == "reused" and e["hf_stop_check"] == "deferred"]
     hf_default = result["entries"][2]
     assert hf_default["compile_config"]["backend"] == "inductor" and hf_default["compile_config"]["mode"] == "reduce-overhead"
     # generate() compiled with that config, not with the bench's adafuse one: our backend saw no graph

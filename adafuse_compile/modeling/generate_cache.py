@@ -81,9 +81,9 @@ class StaticCacheReuse:
     def __call__(self, *args, **kwargs):
         # Only inside generate() (our wrapper's `generating`), which releases what it took.
         inside = getattr(self._local, "inside", False)
-        fit = self._fit_key(args, kwargs) if self.enabled and inside else None
+        fit = self._fit_key(args, kwargs) if inside else None
         with self._lock:
-            if fit is not None and not self._in_use and self._kept is not None:
+            if fit is not None and self.enabled and not self._in_use and self._kept is not None:
                 key, length = fit
                 kept_key, kept_length, cache = self._kept
                 if kept_key == key and kept_length >= length:
@@ -99,6 +99,12 @@ class StaticCacheReuse:
         if fit is None:
             return cache
         self._initialize(cache, fit[0])
+        if not self.enabled:
+            # transformers' way, a new cache per call, but made here all the same: left to a compiled
+            # prompt (model.compile), the cache's length counter is made inside the CUDA graph, as one
+            # of its outputs, which the next replay overwrites (on the H200 with transformers 5.17:
+            # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")
+            return cache
         with self._lock:
             if not self._in_use:  # a concurrent generate() holds the kept one: this cache stays its call's
                 key, length = fit

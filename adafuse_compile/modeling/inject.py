@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import AdaFuseConfig, AdaFuseConfigError
 from .generate_cache import StaticCacheReuse, dynamic_cache_warning, makes_a_cache_per_call
+from .generate_stop import deferred_stop_check
 from .layers import AdaFuseLinear, GateChannel
 
 _CHANNEL_ATTR = "_adafuse_channel"
@@ -80,17 +81,21 @@ class _RestoreAfter:
     """model.<method> (on this instance), restoring the backbone weights when it ends, however it
     ends (return, exception, KeyboardInterrupt): leaving generate() or switching to training never
     leaves merged weights behind. A class rather than a closure, so torch.save(model) pickles it.
-    For generate(), `cache_reuse` (a StaticCacheReuse) sees the call begin, end and return."""
+    For generate(), `cache_reuse` (a StaticCacheReuse) sees the call begin, end and return, and
+    `defer_stop` turns on transformers' deferred stop check on CUDA (generate_stop.py says why)."""
 
-    def __init__(self, inner, channel: GateChannel, cache_reuse: StaticCacheReuse | None = None):
+    def __init__(self, inner, channel: GateChannel, cache_reuse: StaticCacheReuse | None = None,
+                 defer_stop: bool = True):
         self.inner, self.channel, self.cache_reuse = inner, channel, cache_reuse
+        self.defer_stop = defer_stop and inner.__name__ == "generate"
         self.warned_dynamic_cache = False  # generate(): the dynamic-cache warning, once per model
         functools.update_wrapper(self, inner)
 
     def __reduce__(self):
         # The bound method does not pickle (HF's generate carries code objects); the model, the
         # method's name and the rest do. Rebound through the class: getattr(model, name) is this.
-        return _rebuild_restore_after, (self.inner.__self__, self.inner.__name__, self.channel, self.cache_reuse)
+        return _rebuild_restore_after, (self.inner.__self__, self.inner.__name__, self.channel, self.cache_reuse,
+                                        self.defer_stop)
 
     def __call__(self, *args, **kwargs):
         if self.inner.__name__ == "generate" and not self.warned_dynamic_cache:
@@ -103,19 +108,20 @@ class _RestoreAfter:
             if isinstance(kept, StaticCacheReuse):
                 kept.forget()  # training needs no KV cache: give its memory back
         try:
-            if self.cache_reuse is None:
-                return self.inner(*args, **kwargs)
-            with self.cache_reuse.generating(kwargs) as returned:
-                out = self.inner(*args, **kwargs)
-                returned(out)
-                return out
+            with deferred_stop_check(self.defer_stop):
+                if self.cache_reuse is None:
+                    return self.inner(*args, **kwargs)
+                with self.cache_reuse.generating(kwargs) as returned:
+                    out = self.inner(*args, **kwargs)
+                    returned(out)
+                    return out
         finally:
             self.channel.restore()
 
 
 def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel,
-                           cache_reuse: StaticCacheReuse | None) -> _RestoreAfter:
-    return _RestoreAfter(getattr(type(model), method).__get__(model), channel, cache_reuse)
+                           cache_reuse: StaticCacheReuse | None, defer_stop: bool = True) -> _RestoreAfter:
+    return _RestoreAfter(getattr(type(model), method).__get__(model), channel, cache_reuse, defer_stop)
 
 
 def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
@@ -138,6 +144,17 @@ def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
     reuse.enabled = bool(enabled)
     if not enabled:
         reuse.forget()  # let the kept cache's memory go
+
+
+def defer_stop_check(model: nn.Module, enabled: bool = True) -> None:
+    """Whether generate() on CUDA reads its stop flag one step late instead of waiting for every
+    step (on by default after inject, where transformers has the deferred stop check: 5.18 and
+    later; modeling/generate_stop.py says why). Off: transformers' own behaviour, a sync per token."""
+    wrapper = getattr(model, "generate", None)
+    if not isinstance(wrapper, _RestoreAfter):
+        raise ValueError(f"{type(model).__name__}: generate() is not adafuse's (not injected, or no generate()); "
+                         f"wrap the calls in `with adafuse_compile.deferred_stop_check():` instead")
+    wrapper.defer_stop = bool(enabled)
 
 
 def is_injected(model: nn.Module) -> bool:

@@ -1,0 +1,108 @@
+"""generate() without a host sync per token on CUDA: transformers' deferred stop check, turned on.
+
+After every decode step, transformers' generate() decides whether to stop by reading a flag the step
+computed on the device (`unfinished_sequences.max() == 0`). The host waits there until the step has
+run, and only then prepares the next one, so all of its per-step work (prepare_inputs_for_generation
+and the attention mask, the compiled call's guards, the CUDA-graph replay's checks: 1.1-1.5 ms per
+token on the H200 machine, docs/benchmarks.md) adds to the GPU time of every token instead of
+overlapping it. The package's own decode loop, which does not wait, runs the same compiled step
+about 1 ms/token faster than generate() does.
+
+From 5.18, transformers has the remedy, `DeferredStopCheck`: the flag is copied to pinned host
+memory asynchronously and read one step late, so the host queues step k+1 while step k runs. When a
+sequence ends on an EOS token, this costs one extra forward, which generate() undoes (its token is
+dropped, and a cache handed back to the caller is cropped), so the tokens returned are the same.
+transformers enables it only on Apple's MPS devices so far ("we should enable it for cuda if we
+observe perf gains"). This module enables it on CUDA:
+
+- inside generate() of every model `af.inject` adapted (on by default; `defer_stop_check(model,
+  False)` turns it off for one model);
+- around any code in `with deferred_stop_check():` (a plain model, one compiled with
+  backend="adafuse" without injection, a benchmark).
+
+It does so by wrapping `DeferredStopCheck.is_supported`, transformers' own test, once per process:
+outside those scopes, and for assistant models and caches that cannot be rolled back, the answer is
+transformers' own. With a transformers before 5.18 there is nothing to enable: generate() keeps its
+sync per token (`available()` says so, and the benchmark records it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+log = logging.getLogger("adafuse_compile")
+
+# Where deferring is turned on; transformers itself defers on "mps". (Tests add "cpu" to run the
+# deferred path on a machine without a GPU.)
+DEVICE_TYPES = ("cuda",)
+_local = threading.local()  # per thread: how many deferred_stop_check scopes are open
+_install_lock = threading.Lock()
+_original_is_supported = None  # transformers' own test, once wrapped
+
+
+def _deferred_stop_check_class():
+    try:
+        from transformers.generation.utils import DeferredStopCheck
+    except ImportError:  # transformers < 5.18, or none
+        return None
+    return DeferredStopCheck if callable(getattr(DeferredStopCheck, "is_supported", None)) else None
+
+
+def available() -> bool:
+    """Whether this transformers has a deferred stop check to turn on (5.18 and later)."""
+    return _deferred_stop_check_class() is not None
+
+
+def active() -> bool:
+    """Whether generate() on this thread, now, would defer its stop check on CUDA."""
+    return getattr(_local, "depth", 0) > 0 and available()
+
+
+def _is_supported_here(device, cache, cache_is_returned, is_assistant=False, *args, **kwargs) -> bool:
+    if _original_is_supported(device, cache, cache_is_returned, *args, is_assistant=is_assistant, **kwargs):
+        return True
+    if getattr(_local, "depth", 0) == 0 or getattr(device, "type", None) not in DEVICE_TYPES or is_assistant:
+        return False
+    # transformers' own condition for MPS: a cache handed back to the caller must be able to drop
+    # the extra step's entry (a static cache can; some hybrid caches cannot).
+    return cache is None or not cache_is_returned or bool(getattr(cache, "is_croppable", False))
+
+
+def _install() -> bool:
+    global _original_is_supported
+    cls = _deferred_stop_check_class()
+    if cls is None:
+        return False
+    with _install_lock:
+        if _original_is_supported is None:
+            _original_is_supported = cls.is_supported
+            cls.is_supported = staticmethod(_is_supported_here)
+    return True
+
+
+@contextlib.contextmanager
+def deferred_stop_check(enabled: bool = True):
+    """Inside this scope (this thread), generate() on CUDA reads its stop flag one step late instead
+    of waiting for every step; same tokens. A no-op where transformers has no deferred stop check
+    (before 5.18) or `enabled` is False."""
+    if not enabled or not _install():
+        yield
+        return
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def stop_check_mode(device) -> str:
+    """How generate() decides to stop on `device` here and now, for benchmark records."""
+    import transformers
+
+    if not available():
+        return f"per step (transformers {transformers.__version__} has no deferred stop check)"
+    kind = getattr(device, "type", device)
+    if kind == "mps" or (active() and kind in DEVICE_TYPES):
+        return "deferred (one step late)"
+    return "per step"
