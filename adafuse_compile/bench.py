@@ -58,7 +58,9 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
                  "top_k", "alpha", "b_std", "weight_std"}, "prompts", "new_tokens", "loops",
                  "codegen", "cudagraphs", "seed", "max_cache_len",
                  "prompt_distribution": {"kind", "median", "sigma", "min", "max", "seed"},
-                 "prefill": "compiled"|"eager", "method_budget_s": float|null, "budget_s": float|null,
+                 "prefill": "compiled"|"eager", "hf_cache": "reused"|"per-call",
+                 "hf_stop_check": "deferred"|"per-step", "hf_stop_check_effective": str,  # in words
+                 "method_budget_s": float|null, "budget_s": float|null,
                  "run_order": [method name, ...]},   # the order the methods ran in (per loop)
       "prompt_lengths": [int, ...],                     # one per prompt, in serving order
       "analytics": {"backbone_params", "backbone_linear_flops_per_token",
@@ -71,6 +73,7 @@ JSON schema (`schema: "adafuse-bench/1"`; every key always present, null where n
          "traceback": str|null,                         # the tail of the traceback of a failed method
          "compile": {...how it was compiled...},
          "decode_ms_per_token": [float per served prompt]|null, "prefill_ms": [float per served prompt]|null,
+         "generate_calls_with_deferred_stop_check": "deferred/calls"|null,  # timed generate() calls (hf loop)
          "warmup_s": float|null, "peak_memory_bytes": int|null,
          "prompts_asked": int, "prompts_served": int|null,  # served < asked only under method_budget_s
          "truncated_by_budget": bool, "measure_s": float|null,  # wall s of the measured prompts
@@ -123,7 +126,8 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
-from .modeling.generate_cache import initialize_static_cache, transformers_release
+from .modeling.generate_cache import transformers_release
+from .modeling.generate_stop import decisions as generate_stop_decisions
 from .modeling.generate_stop import deferred_stop_check, stop_check_mode
 from .modeling.inject import defer_stop_check, gate_channel, is_injected, reuse_static_cache
 
@@ -131,8 +135,8 @@ SCHEMA = "adafuse-bench/1"
 TARGETS = {"qv": ("q_proj", "v_proj"), "all": LLAMA_LINEARS}
 LOOPS = ("hf", "own")
 PREFILLS = ("compiled", "eager")
-# How generate() gets its KV cache. reused: one StaticCache per method, reset between prompts, passed as
-# past_key_values. per-call: generate() makes a new one per call (cache_implementation="static"), as
+# How generate() gets its KV cache. reused: one StaticCache per method, kept by adafuse's reuse_static_cache and
+# reset between prompts. per-call: generate() makes a new one per call (cache_implementation="static"), as
 # transformers 5.x does, so the decode graph's cache inputs get new addresses with every prompt and
 # Inductor's CUDA-graph trees record the step again (a new root, checked on every later step).
 HF_CACHES = ("reused", "per-call")
@@ -621,33 +625,21 @@ class _StepMarks:
         return scores
 
 
-def reused_static_cache(model: nn.Module, max_cache_len: int):
-    """One StaticCache for every generate() call of `model`: pass it as past_key_values, reset between prompts.
+def generate_cache(model: nn.Module, hf_cache: str, max_cache_len: int) -> None:
+    """Sets up how every generate() call of `model` gets its KV cache under `hf_cache` (HF_CACHES):
+    one StaticCache kept from call to call and reset in place (adafuse's `reuse_static_cache`, for
+    every method, injected or not), or a new one per call, made by transformers.
 
-    Why: transformers 5.x's generate() makes a new StaticCache per call (cache_implementation="static"),
-    whose tensors are marked as static addresses. Under CUDA graphs (Inductor's CUDA-graph trees) a
-    static input at a new address means the decode step is recorded again, as a new root that every
-    later step checks before it finds its own; recording takes place inside the first decode step of
-    the prompt. Reusing one cache keeps the addresses, so the step is recorded once. The model's
-    generation config stops asking for a cache of its own (generate() refuses both at once)."""
-    from transformers import StaticCache
-
-    model.generation_config.cache_implementation = None
-    model.generation_config.max_cache_len = None  # the cache's own; generate() warns about it otherwise
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-    # made now, outside the compiled prompt, so its tensors are marked static (batch 1: the protocol's)
-    initialize_static_cache(model, cache, 1, model.dtype, model.device)
-    return cache
-
-
-def generate_cache(model: nn.Module, hf_cache: str, max_cache_len: int):
-    """The cache to pass to every generate() call of `model` under `hf_cache` (HF_CACHES): the reused
-    StaticCache, or None for a new one per call, made by transformers (an injected model's own
-    reuse turned off, so that per call means per call for every method)."""
-    if hf_cache == "reused":
-        return reused_static_cache(model, max_cache_len)
-    if getattr(getattr(model, "generate", None), "cache_reuse", None) is not None:
-        reuse_static_cache(model, False)
+    Why the kept one: transformers 5.x's generate() makes a new StaticCache per call, whose tensors
+    are marked as static addresses. Under CUDA graphs (Inductor's CUDA-graph trees) a static input at
+    a new address means the decode step is recorded again, as a new root that every later step checks
+    before it finds its own; recording takes place inside the first decode step of the prompt.
+    Keeping one cache keeps the addresses, so the step is recorded once. (Up to session 11 the bench
+    passed one cache of its own to generate(); a cache passed in is the caller's, which transformers
+    5.18-5.24 will not defer the stop check for: its static cache cannot drop the extra step.)"""
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.max_cache_len = max_cache_len  # one length for every prompt: the cache always fits
+    reuse_static_cache(model, hf_cache == "reused")
     return None
 
 
@@ -801,6 +793,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
             entry["warmup_s"] = round(time.perf_counter() - t0, 3)
             decode, first_step_ms, prefill_ms, shas, token_lists = [], [], [], [], []
             recorded_before = _cudagraphs_recorded() if spec.on_gpu else None
+            decided_before = generate_stop_decisions()
             t_measure = _now()
             for prompt in prompts:
                 tokens, clock = one(prompt, n)
@@ -819,6 +812,9 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                     entry["truncated_by_budget"] = True
                     break
             entry["measure_s"] = round(_now() - t_measure, 3)
+            if loop == "hf":  # whether transformers did defer, call by call (a scope alone does not say)
+                calls, deferred = (a - b for a, b in zip(generate_stop_decisions(), decided_before))
+                entry["generate_calls_with_deferred_stop_check"] = f"{deferred}/{calls}"
             if spec.on_gpu:
                 entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
             # CUDA graphs Inductor recorded while the timed prompts ran (0 when every step replays)
@@ -845,8 +841,8 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
 def _entry(method: Method, loop: str, prompts_asked: int) -> dict:
     return {"loop": loop, "method": method.name, "label": method.label, "kind": method.kind,
             "status": None, "reason": None, "compile": None, "decode_ms_per_token": None,
-            "first_decode_step_ms": None, "cudagraphs_recorded_while_timed": None, "prefill_ms": None,
-            "warmup_s": None, "peak_memory_bytes": None, "prompts_asked": prompts_asked, "prompts_served": None,
+            "first_decode_step_ms": None, "cudagraphs_recorded_while_timed": None,
+            "generate_calls_with_deferred_stop_check": None, "prefill_ms": None, "warmup_s": None, "peak_memory_bytes": None, "prompts_asked": prompts_asked, "prompts_served": None,
             "truncated_by_budget": False, "measure_s": None, "start_s": None, "method_s": None,
             "tokens_sha1": None, "tokens": None, "reference_method": method.reference,
             "tokens_match_reference": None, "tokens_first_difference": None,

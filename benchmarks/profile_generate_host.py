@@ -156,14 +156,17 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         bench._Clock(spec.device).sync()
         warmup_s = round(time.perf_counter() - t0, 1)
 
-        timed = {s: {"per_token": [], "wall": [], "first": [], "recorded": [], "tokens": []} for s in stop_checks}
+        timed = {s: {"per_token": [], "wall": [], "first": [], "recorded": [], "tokens": [], "deferred": 0}
+                 for s in stop_checks}
         for _ in range(reps):
             for stop_check in stop_checks:
                 t = timed[stop_check]
                 clock = bench._Clock(spec.device)
                 before = bench._cudagraphs_recorded() if spec.on_gpu else None
+                deferred_before = bench.generate_stop_decisions()[1]
                 t0 = time.perf_counter()
                 t["tokens"].append(generate(stop_check, clock))
+                t["deferred"] += bench.generate_stop_decisions()[1] - deferred_before
                 clock.sync()
                 t["wall"].append((time.perf_counter() - t0) * 1e3 / new_tokens)
                 t["per_token"].append(clock.elapsed_ms(1, len(clock.marks) - 1) / (new_tokens - 1))
@@ -176,6 +179,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
             entry["warmup_s"] = warmup_s
             with bench.deferred_stop_check(stop_check == "deferred"):
                 entry["hf_stop_check_effective"] = bench.stop_check_mode(spec.device)
+            entry["timed_calls_deferred"] = f"{t['deferred']}/{reps}"  # what transformers did, call by call
             # the stop checks must not change a token (the deferred one undoes its extra step)
             entry["tokens_equal_across_stop_checks"] = all(torch.equal(x, first_tokens) for x in t["tokens"])
             entry["decode_ms_per_token"] = t["per_token"]

@@ -12,7 +12,7 @@ from adafuse_compile import bench, settings
 from adafuse_compile.bench_cli import add_bench_parser
 
 RESULT_KEYS = {"loop", "method", "label", "kind", "status", "reason", "traceback", "compile", "decode_ms_per_token",
-               "first_decode_step_ms", "cudagraphs_recorded_while_timed",
+               "first_decode_step_ms", "cudagraphs_recorded_while_timed", "generate_calls_with_deferred_stop_check",
                "prefill_ms", "warmup_s", "peak_memory_bytes", "tokens_sha1", "tokens", "reference_method",
                "tokens_match_reference", "tokens_first_difference", "adafuse_paths", "summary", "prompts_asked", "prompts_served",
                "truncated_by_budget", "measure_s", "start_s", "method_s"}
@@ -85,6 +85,8 @@ def test_every_method_has_numbers_or_says_why_not(tiny_run):
         # the first decode step of each prompt, timed on its own; CUDA-graph recordings: GPU only
         assert len(e["first_decode_step_ms"]) == n_prompts and all(t > 0 for t in e["first_decode_step_ms"])
         assert e["cudagraphs_recorded_while_timed"] is None
+        # every timed generate() call decided how to stop; on the CPU none defers (CUDA only)
+        assert e["generate_calls_with_deferred_stop_check"] == (f"0/{n_prompts}" if loop == "hf" else None)
         s = e["summary"]
         assert set(s) == SUMMARY_KEYS
         assert s["decode_ms_median"] <= s["decode_ms_p90"]
@@ -295,9 +297,16 @@ def test_the_reused_cache_is_made_before_the_prompt_and_marked_static():
     skips mark_static_address there), and CUDA graphs would not know the decode step's cache."""
     from adafuse_compile.presets import tiny_hf_model
 
-    model = tiny_hf_model("llama")
-    cache = bench.reused_static_cache(model, 32)
-    assert model.generation_config.cache_implementation is None
+    model = tiny_hf_model("llama")  # the backbone alone: adafuse's kept cache all the same
+    model.generation_config.pad_token_id = 0
+    bench.generate_cache(model, "reused", 32)
+    model.compile(backend="adafuse", options={"codegen": "eager"})  # the prompt compiled too
+    with torch.no_grad():
+        for n in (5, 7):
+            model.generate(torch.randint(3, 100, (1, n)), max_new_tokens=3, do_sample=False)
+    kept = model._prepare_static_cache._kept
+    assert kept is not None
+    cache = kept[2]
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     assert tensors and all(hasattr(t, "_dynamo_static_input_type") for t in tensors)
     assert all(t.shape[0] == 1 and t.shape[2] == 32 and t.dtype == torch.float32 for t in tensors)

@@ -169,9 +169,21 @@ def test_saved_and_copied_models_carry_no_cache_and_still_generate():
         assert other._prepare_static_cache._kept is not None
 
 
-def test_switch_needs_an_injected_model():
-    with pytest.raises(ValueError, match="no generate\\(\\) static cache to reuse"):
-        af.reuse_static_cache(tiny_hf_model("llama"))
+def test_a_plain_model_keeps_its_cache_once_asked(handed):
+    # The backbone alone (the bench's reference): off until asked, then one cache, same tokens.
+    model = tiny_hf_model("llama")
+    gc_ = model.generation_config
+    gc_.cache_implementation, gc_.max_cache_len = "static", 64
+    gc_.pad_token_id, gc_.eos_token_id, gc_.do_sample = 0, None, False
+    fresh = generate_all(model, prompts(7, 3))
+    assert not handed  # nothing of ours in its generate() yet
+    af.reuse_static_cache(model)
+    kept = generate_all(model, prompts(7, 3))
+    assert len(handed) == 2 and handed[0] is handed[1]
+    for a, b in zip(fresh, kept):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no generate\\(\\) to set up"):
+        af.reuse_static_cache(torch.nn.Linear(2, 2))
 
 
 def test_inference_mode_and_autocast_get_caches_of_their_own(handed, caplog):

@@ -87,10 +87,13 @@ def test_the_deferred_stop_check_keeps_the_tokens_and_the_recorded_step():
     lengths = [5, 9, 5, 9]
     af.defer_stop_check(model, False)
     free = run(model, lengths, new_tokens=8)
-    model.generation_config.eos_token_id = int(free[0][0, lengths[0] + 3])  # emitted mid-way by the first prompt
+    # an EOS emitted mid-way by the first prompt: its first new token unlike its first new token
+    new = free[0][0, lengths[0]:].tolist()
+    stop_at = next((i for i, t in enumerate(new) if t != new[0]), 0)
+    model.generation_config.eos_token_id = new[stop_at]
     for _ in range(2):
         per_step = run(model, lengths, new_tokens=8, exact_length=False)
-    assert per_step[0].shape[1] == lengths[0] + 4
+    assert per_step[0].shape[1] == lengths[0] + stop_at + 1 < lengths[0] + 8, "no early stop to undo"
     af.defer_stop_check(model, True)
     run(model, lengths, new_tokens=8, exact_length=False)  # warm-up: what the deferred path compiles or records
     made, init = [], hf_utils.DeferredStopCheck.__init__

@@ -59,14 +59,28 @@ def active() -> bool:
     return getattr(_local, "depth", 0) > 0 and available()
 
 
-def _is_supported_here(device, cache, cache_is_returned, is_assistant=False, *args, **kwargs) -> bool:
+def _decide(device, cache, cache_is_returned, is_assistant, *args, **kwargs) -> bool:
     if _original_is_supported(device, cache, cache_is_returned, *args, is_assistant=is_assistant, **kwargs):
         return True
     if getattr(_local, "depth", 0) == 0 or getattr(device, "type", None) not in DEVICE_TYPES or is_assistant:
         return False
-    # transformers' own condition for MPS: a cache handed back to the caller must be able to drop
-    # the extra step's entry (a static cache can; some hybrid caches cannot).
+    # transformers' own condition for MPS: a cache handed back to the caller (returned, or passed in
+    # by the caller) must be able to drop the extra step's entry. transformers' static cache can from
+    # 5.25; in 5.18-5.24 it cannot, so a static cache passed in keeps the sync per step.
     return cache is None or not cache_is_returned or bool(getattr(cache, "is_croppable", False))
+
+
+def _is_supported_here(device, cache, cache_is_returned, is_assistant=False, *args, **kwargs) -> bool:
+    deferred = _decide(device, cache, cache_is_returned, is_assistant, *args, **kwargs)
+    _local.decisions = getattr(_local, "decisions", 0) + 1
+    _local.deferred = getattr(_local, "deferred", 0) + deferred
+    return deferred
+
+
+def decisions() -> tuple[int, int]:
+    """(generate() calls that decided how to stop, those that deferred) on this thread, since the
+    wrapper was installed: what a benchmark records, since a scope alone does not guarantee deferral."""
+    return getattr(_local, "decisions", 0), getattr(_local, "deferred", 0)
 
 
 def _install() -> bool:

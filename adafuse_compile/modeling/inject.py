@@ -80,11 +80,12 @@ def _call_channel(channel: GateChannel, method: str, *_hook_args, **_hook_kwargs
 class _RestoreAfter:
     """model.<method> (on this instance), restoring the backbone weights when it ends, however it
     ends (return, exception, KeyboardInterrupt): leaving generate() or switching to training never
-    leaves merged weights behind. A class rather than a closure, so torch.save(model) pickles it.
+    leaves merged weights behind (`channel`; None for a model without adapters, whose generate() is
+    wrapped only for the two below). A class rather than a closure, so torch.save(model) pickles it.
     For generate(), `cache_reuse` (a StaticCacheReuse) sees the call begin, end and return, and
     `defer_stop` turns on transformers' deferred stop check on CUDA (generate_stop.py says why)."""
 
-    def __init__(self, inner, channel: GateChannel, cache_reuse: StaticCacheReuse | None = None,
+    def __init__(self, inner, channel: GateChannel | None, cache_reuse: StaticCacheReuse | None = None,
                  defer_stop: bool = True):
         self.inner, self.channel, self.cache_reuse = inner, channel, cache_reuse
         self.defer_stop = defer_stop and inner.__name__ == "generate"
@@ -116,15 +117,16 @@ class _RestoreAfter:
                     returned(out)
                     return out
         finally:
-            self.channel.restore()
+            if self.channel is not None:
+                self.channel.restore()
 
 
-def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel,
+def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel | None,
                            cache_reuse: StaticCacheReuse | None, defer_stop: bool = True) -> _RestoreAfter:
     return _RestoreAfter(getattr(type(model), method).__get__(model), channel, cache_reuse, defer_stop)
 
 
-def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None:
+def _restore_around(model: nn.Module, method: str, channel: GateChannel | None) -> None:
     cache_reuse = None
     if (method == "generate" and callable(getattr(model, "_prepare_static_cache", None))
             and makes_a_cache_per_call()):
@@ -134,13 +136,32 @@ def _restore_around(model: nn.Module, method: str, channel: GateChannel) -> None
     object.__setattr__(model, method, _RestoreAfter(getattr(model, method), channel, cache_reuse))
 
 
+def _generate_wrapper(model: nn.Module) -> _RestoreAfter:
+    """The model's generate() as adafuse wraps it: inject() does it for adapted models; a plain model
+    (the backbone alone, compiled with backend="adafuse" or not) gets the wrapper on first use of the
+    switches below, with both of them off until asked."""
+    wrapper = getattr(model, "generate", None)
+    if isinstance(wrapper, _RestoreAfter):
+        return wrapper
+    if not callable(wrapper) or not callable(getattr(type(model), "generate", None)):
+        raise ValueError(f"{type(model).__name__} has no generate() to set up")
+    _restore_around(model, "generate", None)
+    wrapper = model.generate
+    wrapper.defer_stop = False
+    if wrapper.cache_reuse is not None:
+        wrapper.cache_reuse.enabled = False
+    return wrapper
+
+
 def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
     """Whether generate() keeps its static KV cache from one call to the next (on by default after
-    inject; modeling/generate_cache.py says why). Off: transformers' own behaviour, a new cache per call."""
-    reuse = getattr(getattr(model, "generate", None), "cache_reuse", None)
+    inject; for any other model, from this call on; modeling/generate_cache.py says why). Off:
+    transformers' own behaviour, a new cache per call."""
+    reuse = _generate_wrapper(model).cache_reuse
     if reuse is None:
-        raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (not injected, or a "
-                         f"transformers version before 5.15, whose generate() keeps its static cache itself)")
+        raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (a transformers version "
+                         f"before 5.15, whose generate() keeps its static cache itself, or a model without "
+                         f"transformers' _prepare_static_cache)")
     reuse.enabled = bool(enabled)
     if not enabled:
         reuse.forget()  # let the kept cache's memory go
@@ -148,13 +169,10 @@ def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
 
 def defer_stop_check(model: nn.Module, enabled: bool = True) -> None:
     """Whether generate() on CUDA reads its stop flag one step late instead of waiting for every
-    step (on by default after inject, where transformers has the deferred stop check: 5.18 and
-    later; modeling/generate_stop.py says why). Off: transformers' own behaviour, a sync per token."""
-    wrapper = getattr(model, "generate", None)
-    if not isinstance(wrapper, _RestoreAfter):
-        raise ValueError(f"{type(model).__name__}: generate() is not adafuse's (not injected, or no generate()); "
-                         f"wrap the calls in `with adafuse_compile.deferred_stop_check():` instead")
-    wrapper.defer_stop = bool(enabled)
+    step (on by default after inject; for any other model, from this call on; it needs the deferred
+    stop check of transformers 5.18 and later; modeling/generate_stop.py says why). Off:
+    transformers' own behaviour, a sync per token."""
+    _generate_wrapper(model).defer_stop = bool(enabled)
 
 
 def is_injected(model: nn.Module) -> bool:
