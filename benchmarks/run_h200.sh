@@ -2,10 +2,12 @@
 # GPU runbook for the device machine (one H200): each stage fits one 10-minute `run` call and
 # writes logs/JSON under $OUT. From the repository root, with the nvidia-cutlass wheel carried in
 # .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
-#   tests    all GPU-marked tests (backend, SGMM, gather, factor slots, generate); never run whole since the
-#            conftest fix of 2026-12-04 (before it, collecting tests/ turned on Triton's interpreter)  ~7 min
+#   tests    all GPU-marked tests (backend, SGMM, gather, factor slots, generate): more than one call holds;
+#            run the two halves below instead
 #   tests-kernels / tests-models  the two halves of `tests` (SGMM, gather and factor-slot kernels / backend,
-#            generate(), diff, plan cache), to run side by side: -p tests-kernels tests-models
+#            generate(), diff, plan cache), to run side by side: -p tests-kernels tests-models (2026-12-04:
+#            kernels 169 passed in 220 s; models cut by its 560 s timeout after 29 of 31 passed, in the
+#            generate() tests: run tests-generate and the plan-cache test on their own after it)
 #   tests-backend  the backend and factor-slot GPU tests (252 s on 2026-11-29, before the
 #            two-instance tests were added)                                ~5 min
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
@@ -43,7 +45,8 @@
 #   bench-all    the same for all seven linears (331 s for six methods on 2026-12-04)     ~9 min
 #   bench-qv-hf  q,v through Hugging Face generate() (281 s on 2026-11-29)              ~5 min
 #   bench-all-hf all seven through generate() (BENCH_METHODS, BENCH_NEW_TOKENS, BENCH_METHOD_BUDGET,
-#            BENCH_BUDGET, BENCH_TIMEOUT, BENCH_TAG, BENCH_HF_CACHE=reused|per-call: generate()'s
+#            BENCH_BUDGET, BENCH_TIMEOUT, BENCH_TAG, BENCH_HF_STOP_CHECK=deferred|per-step (deferral needs
+#            transformers 5.18+: HF_WHEELS), BENCH_HF_CACHE=reused|per-call: generate()'s
 #            KV cache; run3 on 2026-12-04 with a new cache per prompt, run4 with both: 326 s and 318 s
 #            for backbone,adafuse_auto,adafuse_factor at 200 new tokens)                        ~9 min
 #
