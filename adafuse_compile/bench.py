@@ -126,7 +126,7 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
-from .modeling.generate_cache import transformers_release
+from .modeling.generate_cache import makes_a_cache_per_call, transformers_release
 from .modeling.generate_stop import decisions as generate_stop_decisions
 from .modeling.generate_stop import deferred_stop_check, stop_check_mode
 from .modeling.inject import defer_stop_check, gate_channel, is_injected, reuse_static_cache
@@ -639,7 +639,8 @@ def generate_cache(model: nn.Module, hf_cache: str, max_cache_len: int) -> None:
     5.18-5.24 will not defer the stop check for: its static cache cannot drop the extra step.)"""
     model.generation_config.cache_implementation = "static"
     model.generation_config.max_cache_len = max_cache_len  # one length for every prompt: the cache always fits
-    reuse_static_cache(model, hf_cache == "reused")
+    if makes_a_cache_per_call():  # up to 5.14 transformers keeps one static cache on the model itself
+        reuse_static_cache(model, hf_cache == "reused")
     return None
 
 

@@ -265,6 +265,18 @@ def test_beam_search_takes_no_part(handed):
     assert handed[3] is handed[0]
 
 
+def test_the_bench_leaves_transformers_that_keep_their_own_cache_alone(monkeypatch):
+    import transformers
+
+    from adafuse_compile import bench
+
+    monkeypatch.setattr(transformers, "__version__", "5.14.0")
+    model = tiny_hf_model("llama")
+    for hf_cache in ("reused", "per-call"):
+        assert bench.generate_cache(model, hf_cache, 32) is None
+    assert not hasattr(model.generate, "cache_reuse")  # nothing wrapped
+
+
 def test_transformers_that_keep_their_own_cache_are_left_alone(monkeypatch):
     import transformers
 

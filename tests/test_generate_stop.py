@@ -28,6 +28,7 @@ def is_supported(device=CUDA, cache=None, returned=False, assistant=False) -> bo
 class _Cache:
     def __init__(self, croppable: bool):
         self.is_croppable = croppable
+        self.layers = []
 
 
 def test_turned_on_for_cuda_only_inside_a_scope_and_only_where_transformers_would_allow_it():
@@ -43,8 +44,11 @@ def test_turned_on_for_cuda_only_inside_a_scope_and_only_where_transformers_woul
         assert not is_supported(cache=_Cache(croppable=False), returned=True)  # the caller's, cannot drop a step
         assert not is_supported(assistant=True)
         assert not is_supported(torch.device("cpu"))
-        with af.deferred_stop_check(enabled=False):  # an inner scope turned off changes nothing outside it
-            assert is_supported()
+        # a returned cache without per-layer entries (encoder-decoder): 5.18-5.24 would fail undoing the step
+        assert not is_supported(cache=object(), returned=True)
+        with af.deferred_stop_check(enabled=False):  # the innermost scope decides, for its duration only
+            assert not is_supported() and not generate_stop.active()
+        assert is_supported()
         seen = []
         other = threading.Thread(target=lambda: seen.append(is_supported()))
         other.start()
@@ -98,6 +102,49 @@ def test_an_injected_generate_defers_by_default_and_can_be_told_not_to():
         af.defer_stop_check(plain)
         plain.generate(prompt, max_new_tokens=3, logits_processor=spy)
         assert seen and all(seen)
+        seen.clear()
+        af.defer_stop_check(plain, False)  # off, even inside a scope that turns it on
+        with af.deferred_stop_check():
+            plain.generate(prompt, max_new_tokens=3, logits_processor=spy)
+        assert seen and not any(seen)
+
+
+def test_sampling_keeps_the_sync_per_step():
+    # The extra step after an EOS would draw from the random generator: the next call would sample
+    # other tokens than with a sync per step. An injected generate() does not defer when it samples.
+    model, spy, seen = model_and_spy()
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=3, do_sample=True, logits_processor=spy)
+        assert seen and not any(seen)
+        seen.clear()
+        model.generation_config.do_sample = True
+        model.generate(prompt, max_new_tokens=3, logits_processor=spy)
+        assert seen and not any(seen)
+        seen.clear()
+        model.generate(prompt, max_new_tokens=3, do_sample=False, logits_processor=spy)
+        assert seen and all(seen)
+
+
+def test_switches_set_before_inject_are_taken_over_not_wrapped_again():
+    import io
+
+    from adafuse_compile.modeling.generate_cache import StaticCacheReuse
+
+    model = tiny_hf_model("llama")
+    af.defer_stop_check(model, False)  # set by hand before inject: kept
+    wrapper = model.generate
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    assert model.generate is wrapper and wrapper.channel is af.gate_channel(model)
+    assert wrapper.defer_stop is False
+    reuse = model._prepare_static_cache
+    assert isinstance(reuse, StaticCacheReuse) and not isinstance(reuse.inner, StaticCacheReuse)
+    assert reuse.enabled  # not set by hand: inject's default, on
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the wrappers pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.generate.channel is af.gate_channel(loaded) and loaded.generate.defer_stop is False
 
 
 @pytest.mark.parametrize("kept_cache", [True, False])

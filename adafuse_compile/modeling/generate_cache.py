@@ -42,6 +42,7 @@ class StaticCacheReuse:
     def __init__(self, inner):
         self.inner = inner  # the model's bound `_prepare_static_cache`
         self.enabled = True
+        self.asked = False  # set by reuse_static_cache: the user's choice, which inject() keeps
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -54,7 +55,7 @@ class StaticCacheReuse:
     def __reduce__(self):
         # torch.save(model) / deepcopy: the model and the switch, never the cache's tensors or a lock.
         # Rebound through the class: getattr(model, name) would find this object, not the hook.
-        return _rebuild_cache_reuse, (self.inner.__self__, self.enabled)
+        return _rebuild_cache_reuse, (self.inner.__self__, self.enabled, self.asked)
 
     def forget(self) -> None:
         with self._lock:
@@ -218,7 +219,7 @@ def makes_a_cache_per_call() -> bool:
     return transformers_release("5.15")
 
 
-def _rebuild_cache_reuse(model, enabled: bool) -> StaticCacheReuse:
+def _rebuild_cache_reuse(model, enabled: bool, asked: bool = False) -> StaticCacheReuse:
     reuse = StaticCacheReuse(type(model)._prepare_static_cache.__get__(model))
-    reuse.enabled = enabled
+    reuse.enabled, reuse.asked = enabled, asked
     return reuse

@@ -38,7 +38,7 @@ log = logging.getLogger("adafuse_compile")
 # Where deferring is turned on; transformers itself defers on "mps". (Tests add "cpu" to run the
 # deferred path on a machine without a GPU.)
 DEVICE_TYPES = ("cuda",)
-_local = threading.local()  # per thread: how many deferred_stop_check scopes are open
+_local = threading.local()  # per thread: the open deferred_stop_check scopes' switches, innermost last
 _install_lock = threading.Lock()
 _original_is_supported = None  # transformers' own test, once wrapped
 
@@ -56,15 +56,30 @@ def available() -> bool:
     return _deferred_stop_check_class() is not None
 
 
+def _scopes() -> list[bool]:
+    if not hasattr(_local, "scopes"):
+        _local.scopes = []
+    return _local.scopes
+
+
+def _on() -> bool:
+    scopes = _scopes()
+    return bool(scopes) and scopes[-1]
+
+
 def active() -> bool:
     """Whether generate() on this thread, now, would defer its stop check on CUDA."""
-    return getattr(_local, "depth", 0) > 0 and available()
+    return _on() and available()
 
 
 def _decide(device, cache, cache_is_returned, is_assistant, *args, **kwargs) -> bool:
     if _original_is_supported(device, cache, cache_is_returned, *args, is_assistant=is_assistant, **kwargs):
         return True
-    if getattr(_local, "depth", 0) == 0 or getattr(device, "type", None) not in DEVICE_TYPES or is_assistant:
+    if not _on() or getattr(device, "type", None) not in DEVICE_TYPES or is_assistant:
+        return False
+    if cache_is_returned and not hasattr(cache, "layers"):
+        # transformers 5.18-5.24's DeferredStopCheck.finish walks `cache.layers`, which an
+        # encoder-decoder cache lacks (5.25 fixed it): keep the sync rather than fail at the end
         return False
     # transformers' own condition for MPS: a cache handed back to the caller (returned, or passed in
     # by the caller) must be able to drop the extra step's entry. transformers' static cache can from
@@ -100,16 +115,19 @@ def _install() -> bool:
 @contextlib.contextmanager
 def deferred_stop_check(enabled: bool = True):
     """Inside this scope (this thread), generate() on CUDA reads its stop flag one step late instead
-    of waiting for every step; same tokens. A no-op where transformers has no deferred stop check
-    (before 5.18) or `enabled` is False."""
-    if not enabled or not _install():
+    of waiting for every step; same greedy tokens (with sampling, the extra step after an EOS draws
+    from the random generator, so later calls sample differently: adafuse's own generate() wrapper
+    keeps the sync when sampling). `enabled=False` turns it off inside, whatever encloses it: the
+    innermost scope decides. A no-op where transformers has no deferred stop check (before 5.18)."""
+    if not _install():
         yield
         return
-    _local.depth = getattr(_local, "depth", 0) + 1
+    scopes = _scopes()
+    scopes.append(bool(enabled))
     try:
         yield
     finally:
-        _local.depth -= 1
+        scopes.pop()
 
 
 def stop_check_mode(device) -> str:

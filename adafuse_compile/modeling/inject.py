@@ -1,6 +1,7 @@
 """inject(model, config): turn a causal LM's target linears into pre-gated LoRA-MoE linears."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -83,14 +84,16 @@ class _RestoreAfter:
     leaves merged weights behind (`channel`; None for a model without adapters, whose generate() is
     wrapped only for the two below). A class rather than a closure, so torch.save(model) pickles it.
     For generate(), `cache_reuse` (a StaticCacheReuse) sees the call begin, end and return, and
-    `defer_stop` turns on transformers' deferred stop check on CUDA (generate_stop.py says why)."""
+    `defer_stop` turns transformers' deferred stop check on CUDA on (True) or off (False), or leaves
+    it to an enclosing `deferred_stop_check` scope (None); generate_stop.py says why."""
 
     def __init__(self, inner, channel: GateChannel | None, cache_reuse: StaticCacheReuse | None = None,
-                 defer_stop: bool = True):
+                 defer_stop: bool | None = True):
         self.inner, self.channel, self.cache_reuse = inner, channel, cache_reuse
-        self.defer_stop = defer_stop and inner.__name__ == "generate"
+        self.defer_stop = defer_stop if inner.__name__ == "generate" else False
         self.warned_dynamic_cache = False  # generate(): the dynamic-cache warning, once per model
-        functools.update_wrapper(self, inner)
+        # name and docstring only: copying the inner's __dict__ would copy another wrapper's state
+        functools.update_wrapper(self, inner, updated=())
 
     def __reduce__(self):
         # The bound method does not pickle (HF's generate carries code objects); the model, the
@@ -108,8 +111,13 @@ class _RestoreAfter:
             kept = getattr(self.inner.__self__, "_prepare_static_cache", None)
             if isinstance(kept, StaticCacheReuse):
                 kept.forget()  # training needs no KV cache: give its memory back
+        defer = self.defer_stop
+        if defer and _samples(self.inner.__self__, kwargs):
+            # Sampling: the extra step after an EOS draws from the random generator too, so the next
+            # call's samples would differ from a sync per step's. Keep the sync, and the stream.
+            defer = False
         try:
-            with deferred_stop_check(self.defer_stop):
+            with deferred_stop_check(defer) if defer is not None else contextlib.nullcontext():
                 if self.cache_reuse is None:
                     return self.inner(*args, **kwargs)
                 with self.cache_reuse.generating(kwargs) as returned:
@@ -121,12 +129,30 @@ class _RestoreAfter:
                 self.channel.restore()
 
 
+def _samples(model: nn.Module, generate_kwargs: dict) -> bool:
+    """Whether a generate() call with these arguments samples (do_sample), as transformers decides it."""
+    if "do_sample" in generate_kwargs:
+        return bool(generate_kwargs["do_sample"])
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return bool(getattr(config, "do_sample", False))
+
+
 def _rebuild_restore_after(model: nn.Module, method: str, channel: GateChannel | None,
-                           cache_reuse: StaticCacheReuse | None, defer_stop: bool = True) -> _RestoreAfter:
+                           cache_reuse: StaticCacheReuse | None, defer_stop: bool | None = True) -> _RestoreAfter:
     return _RestoreAfter(getattr(type(model), method).__get__(model), channel, cache_reuse, defer_stop)
 
 
 def _restore_around(model: nn.Module, method: str, channel: GateChannel | None) -> None:
+    existing = getattr(model, method)
+    if isinstance(existing, _RestoreAfter):
+        # A plain model's wrapper (reuse_static_cache / defer_stop_check before inject): it takes the
+        # channel and inject's defaults, where they were not set by hand. Never a wrapper in a wrapper.
+        existing.channel = channel
+        if existing.defer_stop is None:
+            existing.defer_stop = True
+        if existing.cache_reuse is not None and not existing.cache_reuse.asked:
+            existing.cache_reuse.enabled = True
+        return
     cache_reuse = None
     if (method == "generate" and callable(getattr(model, "_prepare_static_cache", None))
             and makes_a_cache_per_call()):
@@ -139,7 +165,8 @@ def _restore_around(model: nn.Module, method: str, channel: GateChannel | None) 
 def _generate_wrapper(model: nn.Module) -> _RestoreAfter:
     """The model's generate() as adafuse wraps it: inject() does it for adapted models; a plain model
     (the backbone alone, compiled with backend="adafuse" or not) gets the wrapper on first use of the
-    switches below, with both of them off until asked."""
+    switches below: cache reuse off and the stop check left to any enclosing scope until asked."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) returns a wrapper module
     wrapper = getattr(model, "generate", None)
     if isinstance(wrapper, _RestoreAfter):
         return wrapper
@@ -147,7 +174,7 @@ def _generate_wrapper(model: nn.Module) -> _RestoreAfter:
         raise ValueError(f"{type(model).__name__} has no generate() to set up")
     _restore_around(model, "generate", None)
     wrapper = model.generate
-    wrapper.defer_stop = False
+    wrapper.defer_stop = None
     if wrapper.cache_reuse is not None:
         wrapper.cache_reuse.enabled = False
     return wrapper
@@ -162,7 +189,7 @@ def reuse_static_cache(model: nn.Module, enabled: bool = True) -> None:
         raise ValueError(f"{type(model).__name__}: no generate() static cache to reuse (a transformers version "
                          f"before 5.15, whose generate() keeps its static cache itself, or a model without "
                          f"transformers' _prepare_static_cache)")
-    reuse.enabled = bool(enabled)
+    reuse.enabled, reuse.asked = bool(enabled), True
     if not enabled:
         reuse.forget()  # let the kept cache's memory go
 
