@@ -218,6 +218,24 @@ def test_two_models_sharing_one_backbone_interleave_correctly():
             torch.testing.assert_close(out, refs[name][i], rtol=1e-4, atol=1e-5)
 
 
+def test_an_eager_call_of_a_model_sharing_the_backbone_undoes_an_in_place_merge():
+    # GateChannel.open walks its adapted weights for another model's in-place merge only while some
+    # model is merged in place (switch_state.any_merged_in_place): the walk must still run when it is.
+    from adafuse_compile.runtime import switch_state
+
+    first, second = two_models_sharing_a_backbone()
+    w0 = snapshot(first)
+    assert not switch_state.any_merged_in_place()
+    first.setup_cache(1)
+    decode_steps(torch.compile(first, backend="adafuse", options={"codegen": "eager", "exact": False}), 2)
+    assert merged_now(first, w0) and switch_state.any_merged_in_place()
+    second.setup_cache(1)
+    ref = second(torch.tensor([[5]]), torch.tensor([0]))  # eager: must read the backbone, not first's experts
+    assert not merged_now(first, w0) and not switch_state.any_merged_in_place()
+    second.setup_cache(1)
+    torch.testing.assert_close(second(torch.tensor([[5]]), torch.tensor([0])), ref, rtol=0, atol=0)
+
+
 def test_two_exact_models_sharing_a_backbone_decode_on_two_threads_at_once():
     """Exact mode never writes the shared weights, so two such models can decode concurrently."""
     models = dict(zip(("first", "second"), two_models_sharing_a_backbone()))

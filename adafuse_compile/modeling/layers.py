@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdaFuseConfig
+from ..runtime.switch_state import any_merged_in_place
 
 
 @dataclass
@@ -100,6 +101,8 @@ class GateChannel:
 
     def restore_in_place(self) -> None:
         """Undo in-place merges into this model's adapted weights (its own or a sharing model's)."""
+        if not any_merged_in_place():  # no model has merged in place: nothing to find (the usual case)
+            return
         seen = []
         for w in self.adapted_weights:
             ref = getattr(w, "_adafuse_owner", None)
