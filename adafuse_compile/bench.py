@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import gc
 import hashlib
 import json
@@ -126,9 +125,9 @@ from . import settings as af_settings
 from .baselines import MoLALinear, SimpleMerge, inject_layerwise
 from .config import LLAMA_LINEARS, AdaFuseConfig
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, inject
-from .modeling.generate_cache import makes_a_cache_per_call, transformers_release
+from .modeling.generate_cache import makes_a_cache_per_call
 from .modeling.generate_stop import decisions as generate_stop_decisions
-from .modeling.generate_stop import deferred_stop_check, stop_check_mode
+from .modeling.generate_stop import stop_check_mode
 from .modeling.inject import defer_stop_check, gate_channel, is_injected, reuse_static_cache
 
 SCHEMA = "adafuse-bench/1"
@@ -644,38 +643,18 @@ def generate_cache(model: nn.Module, hf_cache: str, max_cache_len: int) -> None:
     return None
 
 
-@functools.cache
-def _generate_cache_kwarg() -> str:
-    """generate()'s name for a cache passed in: `cache` from transformers 5.24 (`past_key_values` deprecated)."""
-    return "cache" if transformers_release("5.24") else "past_key_values"
+def generate_stop_check(model: nn.Module, hf_stop_check: str) -> None:
+    """Sets `model`'s generate() to defer its stop check or not under `hf_stop_check` (HF_STOP_CHECKS):
+    the same for every method, injected or not (defer_stop_check sets up a plain model's generate())."""
+    defer_stop_check(model, hf_stop_check == "deferred")
 
 
-def _stop_check_effective(spec: Spec) -> str:
-    """What generate()'s stop check is in this run, in words (deferral needs transformers 5.18+)."""
-    with deferred_stop_check(spec.hf_stop_check == "deferred"):
-        return stop_check_mode(spec.device)
-
-
-def generate_stop_check(model: nn.Module, hf_stop_check: str) -> bool:
-    """Whether generate() defers its stop check for `model` under `hf_stop_check` (HF_STOP_CHECKS): the
-    same for every method, an injected model's own default set to match."""
-    defer = hf_stop_check == "deferred"
-    if is_injected(model) and callable(getattr(model, "generate", None)):
-        defer_stop_check(model, defer)
-    return defer
-
-
-def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock, cache=None, defer_stop: bool = True) -> torch.Tensor:
+def _hf_generate(model, prompt: torch.Tensor, n: int, clock: _Clock) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
-    kwargs = {}
-    if cache is not None:
-        cache.reset()  # zeroed in place: the same tensors, so the same addresses, for every prompt
-        kwargs[_generate_cache_kwarg()] = cache
     clock.mark()  # the step marks are CUDA events: GPU time between steps, whether or not the host waits
-    with deferred_stop_check(defer_stop):
-        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             logits_processor=LogitsProcessorList([_StepMarks(clock)]), **kwargs)
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         logits_processor=LogitsProcessorList([_StepMarks(clock)]))
     # marks: start, after forward 1 (prefill), ..., after forward n
     return out[:, prompt.shape[1]:]
 
@@ -760,12 +739,11 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
         # Alone on the GPU, except while compiling, when other benchmarks share it (gpu_lock).
         with torch.no_grad(), dyn_patch, gpu_lock.held_except_compiles():
             model = _adapt(build_model(spec, loop, max_cache_len), method, spec)
-            cache = None
             if loop == "own":
                 model.setup_cache(1)
             else:
-                cache = generate_cache(model, spec.hf_cache, max_cache_len)
-                defer_stop = generate_stop_check(model, spec.hf_stop_check)
+                generate_cache(model, spec.hf_cache, max_cache_len)
+                generate_stop_check(model, spec.hf_stop_check)
             step, entry["compile"] = _compile(model, method, spec, loop)
             positions = [torch.tensor([p], device=spec.device) for p in range(max_cache_len)]
             merge_ctx = (lambda: SimpleMerge(model)) if method.kind == "simple_merge" else contextlib.nullcontext
@@ -777,7 +755,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
                 clock = _Clock(spec.device)
                 with merge_ctx():
                     if loop == "hf":
-                        tokens = _hf_generate(model, prompt, n_tokens, clock, cache, defer_stop)
+                        tokens = _hf_generate(model, prompt, n_tokens, clock)
                     else:
                         tokens = _own_generate(step, prefill, prompt, n_tokens, positions, clock)
                 clock.sync()
@@ -1050,7 +1028,7 @@ def _run(cfg: BenchConfig, spec: Spec, t_budget: float, t_start: float,
             "prompt_distribution": {"kind": "lognormal", "median": PROMPT_MEDIAN, "sigma": PROMPT_SIGMA,
                                     "min": PROMPT_MIN, "max": min(PROMPT_MAX, spec.max_prompt_len), "seed": spec.seed},
             "prefill": spec.prefill, "hf_cache": spec.hf_cache, "hf_stop_check": spec.hf_stop_check,
-            "hf_stop_check_effective": _stop_check_effective(spec), "method_budget_s": cfg.method_budget_s,
+            "hf_stop_check_effective": stop_check_mode(spec.device, spec.hf_stop_check == "deferred"), "method_budget_s": cfg.method_budget_s,
             "budget_s": cfg.budget_s,
             "run_order": [m.name for m in methods],
         },

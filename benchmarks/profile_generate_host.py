@@ -83,7 +83,7 @@ def idle_by_gap(intervals: list[tuple[float, float]], from_share: float = 0.5) -
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def kernel_timeline(model, prompt, new_tokens: int, cache, device) -> dict | None:
+def kernel_timeline(model, prompt, new_tokens: int, device) -> dict | None:
     """One generate() under torch.profiler (device activity only, to add little host work): how much
     of a later decode step the GPU was busy, and how many kernels it ran. None off CUDA."""
     if device.type != "cuda":
@@ -92,7 +92,7 @@ def kernel_timeline(model, prompt, new_tokens: int, cache, device) -> dict | Non
 
     clock = bench._Clock(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench._hf_generate(model, prompt, new_tokens, clock, cache)
+        bench._hf_generate(model, prompt, new_tokens, clock)
         clock.sync()
     step_ms = clock.elapsed_ms(2, len(clock.marks) - 1) / (new_tokens - 2)  # the steps after the first
     intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
@@ -133,7 +133,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
     with torch.no_grad():
         model = bench._adapt(bench.build_model(spec, "hf", max_cache_len), method, spec)
         bench._compile(model, method, spec, "hf")
-        cache = bench.generate_cache(model, hf_cache, max_cache_len)
+        bench.generate_cache(model, hf_cache, max_cache_len)
         if name == HF_DEFAULT_COMPILE:
             from transformers import CompileConfig
 
@@ -146,8 +146,8 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         prompt = torch.randint(3, spec.model["vocab_size"], (1, prompt_len), generator=gen).to(spec.device)
 
         def generate(stop_check: str, clock, tokens: int = new_tokens, ids=prompt):
-            defer = bench.generate_stop_check(model, stop_check)
-            return bench._hf_generate(model, ids, tokens, clock, cache, defer)
+            bench.generate_stop_check(model, stop_check)
+            return bench._hf_generate(model, ids, tokens, clock)
 
         t0 = time.perf_counter()
         for stop_check in stop_checks:
@@ -177,8 +177,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
         for stop_check, entry in entries.items():
             t = timed[stop_check]
             entry["warmup_s"] = warmup_s
-            with bench.deferred_stop_check(stop_check == "deferred"):
-                entry["hf_stop_check_effective"] = bench.stop_check_mode(spec.device)
+            entry["hf_stop_check_effective"] = bench.stop_check_mode(spec.device, stop_check == "deferred")
             entry["timed_calls_deferred"] = f"{t['deferred']}/{reps}"  # what transformers did, call by call
             # the stop checks must not change a token (the deferred one undoes its extra step)
             entry["tokens_equal_across_stop_checks"] = all(torch.equal(x, first_tokens) for x in t["tokens"])
@@ -193,8 +192,7 @@ def profile_method(name: str, spec: bench.Spec, prompt_len: int, new_tokens: int
 
             # Where a later step's time goes on the GPU: kernels running, or waiting for the host.
             bench.generate_stop_check(model, stop_check)
-            with bench.deferred_stop_check(stop_check == "deferred"):
-                entry["kernel_timeline"] = kernel_timeline(model, prompt, new_tokens, cache, spec.device)
+            entry["kernel_timeline"] = kernel_timeline(model, prompt, new_tokens, spec.device)
 
             prof = cProfile.Profile()
             clock = bench._Clock(spec.device)

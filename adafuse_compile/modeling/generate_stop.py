@@ -30,10 +30,7 @@ sync per token (`available()` says so, and the benchmark records it).
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-
-log = logging.getLogger("adafuse_compile")
 
 # Where deferring is turned on; transformers itself defers on "mps". (Tests add "cpu" to run the
 # deferred path on a machine without a GPU.)
@@ -102,6 +99,8 @@ def decisions() -> tuple[int, int]:
 
 def _install() -> bool:
     global _original_is_supported
+    if _original_is_supported is not None:  # installed already: every generate() call passes here
+        return True
     cls = _deferred_stop_check_class()
     if cls is None:
         return False
@@ -130,13 +129,14 @@ def deferred_stop_check(enabled: bool = True):
         scopes.pop()
 
 
-def stop_check_mode(device) -> str:
-    """How generate() decides to stop on `device` here and now, for benchmark records."""
+def stop_check_mode(device, deferred: bool) -> str:
+    """How generate() decides to stop on `device` when asked to defer (`deferred`) or not, in words,
+    for benchmark records."""
     import transformers
 
     if not available():
         return f"per step (transformers {transformers.__version__} has no deferred stop check)"
     kind = getattr(device, "type", device)
-    if kind == "mps" or (active() and kind in DEVICE_TYPES):
+    if kind == "mps" or (deferred and kind in DEVICE_TYPES):
         return "deferred (one step late)"
     return "per step"
