@@ -18,6 +18,8 @@
 #            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
+#   probe-gemm  probe_sgmm_gemm.py: the CUTLASS SGMM GEMM alone against groups, K, epilogue variants and
+#            raster order (PROBE_VARIANTS); PROBE_NCU=variant,K,mode,groups adds ncu's sections for one launch  ~4 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
 #   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
@@ -137,6 +139,18 @@ run_stage() {
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
+  probe-gemm)
+    # The CUTLASS SGMM GEMM alone: groups, K, epilogue variants, raster (probe_sgmm_gemm.py), then
+    # ncu's view of the pristine default (variant 3, K = 128, 64 groups) where ncu can read counters.
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} \
+      --out "$OUT/probe_sgmm_gemm_h200.json" 2>&1 | tail -60
+    if [ -n "${PROBE_NCU:-}" ] && command -v ncu > /dev/null; then
+      timeout 150 ncu --clock-control none --kernel-name-base function --kernel-name regex:device_kernel \
+        --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section Occupancy \
+        python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} --ncu-one "$PROBE_NCU" \
+        > "$OUT/probe_sgmm_gemm_ncu.txt" 2>&1; tail -80 "$OUT/probe_sgmm_gemm_ncu.txt"
+    fi ;;
   gather-kernels)
     timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   gather-variants)

@@ -15,14 +15,16 @@ import subprocess
 import pytest
 
 from adafuse_compile.cutlass_kernels import build
-from adafuse_compile.cutlass_kernels.cutlass_sgmm import DEFAULT_VARIANT
+from adafuse_compile.cutlass_kernels.cutlass_sgmm import GEMM_CANDIDATES
 
 NVCC = shutil.which("nvcc")
 INCLUDES = build.cutlass_include_dirs()
 ALL_VARIANTS = os.environ.get("ADAFUSE_COMPILE_ALL_SGMM_VARIANTS") == "1"
-# Compiled in the default run: the pingpong schedule with the StagesC override covers both
-# template paths the unmeasured variants added (pingpong kernel, hand-staged epilogue).
-REPRESENTATIVE = "pingpong_64x128x64_e64x128_sc4"
+# Compiled in the default run besides the candidates: the pingpong schedule with the epilogue
+# override covers the template paths the candidates do not (pingpong kernel; D in its own buffers).
+REPRESENTATIVE = "pingpong_64x256x64_e64x128_sepd2"
+# The GEMMs a plan chooses between (each compiled once, dtypes alternating).
+CANDIDATES = sorted({v for cands in GEMM_CANDIDATES.values() for v, _ in cands})
 
 needs_nvcc = pytest.mark.skipif(
     NVCC is None or INCLUDES is None,
@@ -61,9 +63,10 @@ def test_variant_registry_matches_build():
     assert len(set(names)) == len(names)
     assert set(build.BUILD_VARIANTS) <= set(ids)
     assert REPRESENTATIVE in names
-    # The measured defaults keep their ids when variants are appended.
-    assert names[DEFAULT_VARIANT["inplace"]] == "coop_128x128x64_e128x64"
-    assert names[DEFAULT_VARIANT["pristine"]] == "coop_128x128x64_e128x128"
+    # The measured variants keep their ids when variants are appended.
+    assert names[1] == "coop_128x128x64_e128x64" and names[3] == "coop_128x128x64_e128x128"
+    assert names[14] == "coop_128x128x64_e128x64_sepd2" and names[17] == "coop_128x128x64_e128x128_sepd2"
+    assert set(CANDIDATES) <= set(build.BUILD_VARIANTS)  # a plan's candidates need no second build
 
 
 @needs_nvcc
@@ -76,20 +79,21 @@ def _all_or(default: list, every: list) -> list:
     return every if ALL_VARIANTS else default
 
 
-# Each default variant once and each dtype once (the dtype only changes the template's element type;
-# each compile takes about a minute of CI), every combination with ADAFUSE_COMPILE_ALL_SGMM_VARIANTS=1.
+# Each candidate once, dtypes alternating (the dtype only changes the template's element type; each
+# compile takes about a minute of CI), every combination with ADAFUSE_COMPILE_ALL_SGMM_VARIANTS=1.
 @pytest.mark.slow
 @needs_nvcc
-@pytest.mark.parametrize("dtype,mode", _all_or([("bf16", "inplace"), ("fp16", "pristine")],
-                                               [(d, m) for d in ("bf16", "fp16") for m in ("inplace", "pristine")]))
-def test_default_grouped_gemm_compiles(tmp_path, dtype, mode):
-    _nvcc(tmp_path, *_gemm_defines(dtype, DEFAULT_VARIANT[mode]))
+@pytest.mark.parametrize("dtype,variant", _all_or(
+    [(("bf16", "fp16")[i % 2], v) for i, v in enumerate(CANDIDATES)],
+    [(d, v) for d in ("bf16", "fp16") for v in CANDIDATES]))
+def test_candidate_grouped_gemm_compiles(tmp_path, dtype, variant):
+    _nvcc(tmp_path, *_gemm_defines(dtype, variant))
 
 
 _OTHER = [
     pytest.param(v, id=f"{v}-{name}", marks=[] if name == REPRESENTATIVE or ALL_VARIANTS else [
         pytest.mark.skip(reason="set ADAFUSE_COMPILE_ALL_SGMM_VARIANTS=1 to compile it")])
-    for v, name in VARIANTS if v not in DEFAULT_VARIANT.values()
+    for v, name in VARIANTS if v not in CANDIDATES
 ]
 
 
@@ -99,3 +103,67 @@ _OTHER = [
 @pytest.mark.parametrize("dtype", _all_or(["bf16"], ["bf16", "fp16"]))
 def test_grouped_gemm_variant_compiles(tmp_path, dtype, variant):
     _nvcc(tmp_path, *_gemm_defines(dtype, variant))
+
+
+# The pack launch's block table (CPU, no CUDA needed) ------------------------------------------
+
+def test_pack_work_table_covers_every_vector_once_in_even_blocks():
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import pack_work_table
+
+    # all seven linears of 32 7B layers, inplace (K = 256): 4 x 4096^2, 2 x 11008x4096, 4096x11008
+    vectors = [(o * 256 + 256 * i) // 8 for o, i in [(4096, 4096)] * 4 + [(11008, 4096)] * 2
+               + [(4096, 11008)]] * 32
+    resident = 4 * 132
+    work = pack_work_table(vectors, resident).tolist()
+    seen = {}
+    for g, first, end in work:
+        seen.setdefault(g, []).append((first, end))
+    assert sorted(seen) == list(range(len(vectors)))
+    for g, ranges in seen.items():  # each weight's vectors split into adjacent, disjoint ranges
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == vectors[g]
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        # every block but a weight's last has the one block size, a multiple of 1024 vectors
+        assert len({b - a for a, b in ranges[:-1]} | {1024 * ((ranges[0][1] - ranges[0][0]) // 1024)}) == 1
+    sizes = [end - first for _, first, end in work]
+    assert max(sizes) % 1024 == 0
+    assert 3.5 * resident <= len(work) <= 4.5 * resident  # about four waves of equal blocks
+
+
+def test_pack_work_table_small_and_huge_weights():
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import pack_work_table
+
+    work = pack_work_table([3, 5000], resident_blocks=1000).tolist()
+    assert work[0] == [0, 0, 3]  # a tiny weight still gets its block
+    assert [w[0] for w in work].count(1) >= 2
+    with pytest.raises(ValueError, match="2\\^31"):
+        pack_work_table([2**31], 100)
+
+
+# The plan's choice between candidate GEMMs (the timing replaced: CPU) ---------------------------
+
+def test_choose_gemm_takes_the_median_fastest_once_per_weight_set(monkeypatch):
+    import torch
+
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
+    # candidate b is faster in most trials; one outlier trial must not decide
+    script = {"a": iter([2.0, 2.0, 0.5, 2.0, 2.0]), "b": iter([1.0, 1.1, 9.0, 1.0, 1.2])}
+    calls = []
+
+    def timer(plan):
+        calls.append(plan)
+        return next(script[plan])
+
+    workspace = torch.ones(8)
+    sig = ("pristine", torch.bfloat16, "cuda:0", 128, ((4096, 4096),))
+    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, workspace, sig, timer=timer)
+    assert (got["variant"], got["raster"], got["how"]) == (17, 1, "timed")
+    assert calls == ["a", "b"] * 5  # alternating trials
+    assert workspace.abs().sum() == 0  # timed on a zeroed workspace: the GEMM adds nothing
+    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, torch.ones(8), sig, timer=timer)
+    assert (again["variant"], again["how"]) == (17, "chosen earlier in this process")
+    assert len(calls) == 10  # not timed twice
+    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, torch.ones(8), sig[:-1] + (((8, 8),),))
+    assert (other["variant"], other["how"]) == (14, "given")

@@ -158,3 +158,26 @@ def test_ten_thousand_pristine_switches_exact(impl):
         # |W - ref| <= 1 ulp of |ref| + 2^-8 (|L| @ |R|) (a half-ulp rounding of each L element)
         tol = 2 ** -7 * r.float().abs() + 2 ** -8 * (lhs.abs() @ rhs.abs()) + 1e-6
         assert ((w.float() - r.float()).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode):
+    """A plan's first build times each candidate GEMM on a zeroed workspace (W + 0): the weights
+    come out as they went in, and the choice is one of the candidates, remembered per shape."""
+    _need("cutlass")
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    torch.manual_seed(5)
+    p = make_problem([(4096, 4096), (11008, 4096)], n_experts=8, rank=64, k=2,
+                     dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
+    before = [w.clone() for w in p["weights"]]
+    cutlass_sgmm._chosen.clear()
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    assert plan.choice["how"] == "timed", plan.choice
+    assert (plan.variant, plan.raster) in cutlass_sgmm.GEMM_CANDIDATES[mode]
+    torch.cuda.synchronize()
+    if mode == "inplace":  # W + 0 (only -0.0 may come back as +0.0, which equal() accepts)
+        assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    assert again.choice["how"] == "chosen earlier in this process"
+    assert (again.variant, again.raster) == (plan.variant, plan.raster)

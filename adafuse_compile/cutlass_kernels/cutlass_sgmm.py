@@ -16,14 +16,20 @@ from torch import Tensor
 
 from adafuse_compile.cutlass_kernels import build
 
-# Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu); default set from the H200 benchmark
-# (benchmarks/results/sgmm_h200*.json, docs/kernels.md).
-# Per mode (benchmarks/results/sgmm_h200.json, run 3, Llama-2-7B shapes, bf16):
-#   inplace  (K = 256): coop 128x128x64, epilogue tile 128x64: q,v 1.75 ms (1.74 with the
-#            automatic 128x32 epilogue tile, within noise; all seven 10.66 vs 11.40 ms);
-#   pristine (K = 128): coop 128x128x64, epilogue tile 128x128: q,v 1.33 ms vs 1.45 (128x64)
-#            and 1.48 (auto); all seven 8.44 vs 9.46 / 9.04 ms.
-DEFAULT_VARIANT = {"inplace": 1, "pristine": 3}
+# Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu), each with the tile scheduler's raster
+# order (0 along M, 1 along N). Per mode, the candidates a plan chooses between on its first
+# build (timed on the device, `choose_gemm`), best first. From the interleaved H200 probe
+# (benchmarks/results/probe_sgmm_gemm_h200_run3.json, Llama-2-7B shapes, bf16, whole switch):
+#   pristine (K = 128): variant 14 (128x64 epilogue subtiles, D in its own 2 buffers, 4 C stages)
+#            along N: q,v 1.215 ms (86% of copy bandwidth), all seven 8.72 ms, bimodal 7.6-9.1;
+#            variant 17 (one 128x128 subtile, 2 C + 2 D buffers) along N: q,v 1.302, all seven
+#            7.49 ms (84%). Neither wins both sets, hence the timed choice.
+#   inplace  (K = 256): variant 14 along N and variant 1 along N within 2% on both sets.
+# The previous fixed defaults (1 inplace, 3 pristine, along M) measured q,v 1.646 / 1.381 and
+# all seven 10.83 / 8.17 ms in the same probe.
+GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
+DEFAULT_VARIANT = {mode: cands[0][0] for mode, cands in GEMM_CANDIDATES.items()}
+_chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
 
@@ -45,7 +51,7 @@ def unsupported_reason(weights: list[Tensor], lora_A: list[Tensor],
     if build.cutlass_include_dirs() is None:
         return "CUTLASS headers not found (pip install nvidia-cutlass)"
     try:
-        build.load_extension(tuple(DEFAULT_VARIANT.values()))
+        build.load_extension(build.BUILD_VARIANTS)
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -64,13 +70,40 @@ def alignment_problem(weights, lora_A, pristine) -> str | None:
     return None
 
 
+def pack_work_table(vectors: list[int], resident_blocks: int, waves: int = 4,
+                    unit: int = 1024) -> Tensor:
+    """The pack kernel's blocks: int32 rows (weight, first vector, end vector), one weight each.
+
+    Blocks of one size (a multiple of `unit` 16-byte vectors: 256 threads x 4 in flight; a
+    weight's last block may be shorter), about `waves` x `resident_blocks` of them: the GPU's block
+    scheduler then evens out the load, and the tail is one small block, where a fixed number of
+    blocks per weight left the small weights' blocks idle while the large ones finished.
+    `vectors[g]` = weight g's packed L and R vectors.
+    """
+    if any(v >= 2**31 for v in vectors):  # the kernel indexes one weight's vectors in 32 bits
+        raise ValueError(f"SGMM CUTLASS: a weight's packed factors ({max(vectors)} 16-byte vectors) "
+                         "exceed 2^31; use the Triton implementation")
+    target = max(1, waves * resident_blocks)
+    chunk = max(unit, -(-sum(vectors) // target // unit) * unit)
+    rows = [[g, first, min(n, first + chunk)] for g, n in enumerate(vectors)
+            for first in range(0, max(n, 1), chunk)]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
 class CutlassPlan:
+    """Pack workspace, pack block table and grouped-GEMM plan for one weight set.
+
+    `variant=None`: the GEMM is chosen among GEMM_CANDIDATES[mode] by timing each on this
+    device once per weight-set shape (`choose_gemm`); a `variant` given (with `raster`) is used
+    as is. `choice` records what was used and why.
+    """
+
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
-                 sm_count: int = 0):
-        if variant is None:
-            variant = DEFAULT_VARIANT["inplace" if pristine is None else "pristine"]
-        self.ext = build.load_extension((variant,))
+                 sm_count: int = 0, raster: int = 0, swizzle: int = 1):
+        mode = "inplace" if pristine is None else "pristine"
+        candidates = GEMM_CANDIDATES[mode] if variant is None else ((variant, raster),)
+        self.ext = build.load_extension(tuple(sorted({v for v, _ in candidates})))
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
         self.dtype_code = _ELEMENTS[dtype]
@@ -99,23 +132,68 @@ class CutlassPlan:
         # Built once per weight set: the only host-to-device copies this plan makes.
         self.desc = torch.tensor(desc, dtype=torch.int64).to(dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
         with torch.cuda.device(dev):
-            self.gemm = self.ext.create_plan(
-                self.dtype_code, variant, torch.tensor(mnk, dtype=torch.int32),
-                torch.tensor(ptrs, dtype=torch.int64), sm_count,
-            )
-        # Pack grid: (blocks_x, weights); ~8 blocks per SM in all, 256 threads, 16 B each.
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        max_vec = max((w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights)
-        self.blocks_x = int(max(1, min(-(-8 * sms // len(weights)), -(-max_vec // 256))))
+            gemms = {(v, ra): self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, sm_count, ra, swizzle)
+                     for v, ra in candidates}
+            resident = self.ext.pack_blocks_per_sm(self.dtype_code)
+            signature = (mode, dtype, str(dev), kc, tuple(tuple(w.shape) for w in weights))
+            self.choice = choose_gemm(gemms, self.workspace, signature)
+        self.variant, self.raster = self.choice["variant"], self.choice["raster"]
+        self.gemm = gemms[(self.variant, self.raster)]
+        self.work = pack_work_table(
+            [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
+            resident * torch.cuda.get_device_properties(dev).multi_processor_count,
+        ).to(dev)
         self.num_weights = len(weights)
-        self.variant = variant
 
     def pack(self, experts, gates, prev_experts, prev_gates, scaling):
-        self.ext.pack(self.dtype_code, self.desc, self.blocks_x, experts, gates, prev_experts,
+        self.ext.pack(self.dtype_code, self.desc, self.work, experts, gates, prev_experts,
                       prev_gates, self.counter, self.k, self.r, self.inplace, float(scaling))
 
     def run(self, experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
             scaling: float) -> None:
         self.pack(experts, gates, prev_experts, prev_gates, scaling)
         self.gemm.run()
+
+
+def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,
+                reps: int = 3, timer=None) -> dict:
+    """Pick the fastest of `gemms` ({(variant, raster): plan}) for this weight set, once per
+    process and weight-set shape: `trials` rounds, candidates alternating, `reps` launches each
+    timed with CUDA events; the median per candidate decides.
+
+    The timing launches run the GEMM on a zeroed workspace, so they add L R = 0: W = W + 0
+    (inplace) or W = W0 + 0 (pristine), which the switch that follows overwrites in any case.
+    Not while a CUDA graph is being captured (no timing there): the first candidate is used.
+    `timer(plan) -> ms` replaces the CUDA-event timing (tests).
+    """
+    keys = list(gemms)
+    if len(keys) == 1:
+        return {"variant": keys[0][0], "raster": keys[0][1], "how": "given"}
+    if signature in _chosen:
+        v, ra = _chosen[signature]
+        return {"variant": v, "raster": ra, "how": "chosen earlier in this process"}
+    if timer is None and torch.cuda.is_current_stream_capturing():
+        return {"variant": keys[0][0], "raster": keys[0][1],
+                "how": "first candidate (plan built during CUDA graph capture: no timing)"}
+    workspace.zero_()
+    if timer is None:
+        def timer(plan):
+            plan.run()  # warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                plan.run()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps
+    times = {key: [] for key in keys}
+    for _ in range(trials):
+        for key in keys:
+            times[key].append(timer(gemms[key]))
+    medians = {key: sorted(ts)[len(ts) // 2] for key, ts in times.items()}
+    best = min(keys, key=lambda key: (medians[key], keys.index(key)))
+    _chosen[signature] = best
+    return {"variant": best[0], "raster": best[1], "how": "timed",
+            "median_ms": {f"v{v}_r{ra}": round(ms, 4) for (v, ra), ms in medians.items()}}

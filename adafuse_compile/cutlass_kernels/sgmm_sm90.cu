@@ -43,9 +43,12 @@ struct PlanBase {
 };
 
 // groups problems; mnk_host [groups*3] (M=out, N=in, K=Kc); pointers are device addresses.
+// raster: 0 = along M (CUTLASS's default), 1 = along N, 2 = CUTLASS's heuristic; swizzle: the
+// tile scheduler's max_swizzle_size (1, 2, 4, 8).
 typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t* ptr_lhs,
                                   const int64_t* ptr_rhs, const int64_t* ptr_c,
-                                  const int64_t* ptr_d, int sm_count, std::string* err);
+                                  const int64_t* ptr_d, int sm_count, int raster, int swizzle,
+                                  std::string* err);
 
 // Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N,
 // epilogue tile M, N (0, 0 = CUTLASS's automatic choice), epilogue C stages (0 = CUTLASS's
@@ -94,9 +97,21 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(11, coop_256x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,               \
     PtrArrayTmaWarpSpecializedCooperative, 256, 128, 64, 1, 1, 128, 64, 0)                  \
   X(12, coop_128x128x64_e128x128_sc3, KernelPtrArrayTmaWarpSpecializedCooperative,          \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 3)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 3)              \
+  X(13, coop_128x128x64_e128x128_sepd, KernelPtrArrayTmaWarpSpecializedCooperative,         \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 2)                 \
+  X(14, coop_128x128x64_e128x64_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative,         \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)                  \
+  X(15, coop_128x128x64_e128x64_sepd2_delay, KernelPtrArrayTmaWarpSpecializedCooperative,   \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)                  \
+  X(16, coop_128x128x64_e128x64_sepd2_sc6, KernelPtrArrayTmaWarpSpecializedCooperative,     \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 6)                  \
+  X(17, coop_128x128x64_e128x128_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative,        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 2)                 \
+  X(18, pingpong_64x256x64_e64x128_sepd2, KernelPtrArrayTmaWarpSpecializedPingpong,         \
+    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1, 64, 128, 4)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 13
+#define ADAFUSE_SGMM_NUM_VARIANTS 19
 
 }  // namespace adafuse_sgmm
 
@@ -118,8 +133,33 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 namespace adafuse_sgmm {
 using namespace cute;
 
+// Epilogue policy overrides beyond StagesC, per variant id (variants 13-15): D stages, whether D
+// reuses C's shared memory (then the next C load into a buffer waits for the D store out of it),
+// and whether the TMA store is issued one subtile late. -1 / 0: the builder's choice.
+template <int ID> struct EpilogueOverride {
+  static constexpr int kStagesD = 0, kReuseSmemC = -1, kDelayTmaStore = -1;
+};
+
+// 13: D in its own buffer (C 2 x 32 KB, D 32 KB): a C buffer is refilled without waiting for
+//     the D store out of it. 14: the same with 128x64 subtiles, 4 C and 2 D stages.
+// 15: 14 with the store issued one subtile late (the builder never delays for ptr-array).
+template <> struct EpilogueOverride<13> {
+  static constexpr int kStagesD = 1, kReuseSmemC = 0, kDelayTmaStore = 0;
+};
+template <> struct EpilogueOverride<14> {
+  static constexpr int kStagesD = 2, kReuseSmemC = 0, kDelayTmaStore = 0;
+};
+template <> struct EpilogueOverride<15> {
+  static constexpr int kStagesD = 2, kReuseSmemC = 0, kDelayTmaStore = 1;
+};
+// 16-18: 14's separate D buffers with 6 C stages, with one 128x128 subtile (2 C, 2 D stages),
+// and on the pingpong 64x256 tile (variant 8, the fastest inplace tile of run 4).
+template <> struct EpilogueOverride<16> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<17> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<18> : EpilogueOverride<14> {};
+
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
-          int CM, int CN, int EM, int EN, int SC>
+          int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -149,16 +189,21 @@ struct GroupedGemm {
                                                                   Element, Element,
                                                                   EpilogueSchedule>());
   using StagedPolicy = cutlass::epilogue::Sm90PtrArrayTmaWarpSpecialized<
-      SC == 0 ? BuilderPolicy::StagesC : SC, BuilderPolicy::StagesD, BuilderPolicy::FragmentSize,
-      BuilderPolicy::ReuseSmemC, BuilderPolicy::DelayTmaStore,
+      SC == 0 ? BuilderPolicy::StagesC : SC,
+      Override::kStagesD == 0 ? BuilderPolicy::StagesD : Override::kStagesD,
+      BuilderPolicy::FragmentSize,
+      Override::kReuseSmemC < 0 ? BuilderPolicy::ReuseSmemC : bool(Override::kReuseSmemC),
+      Override::kDelayTmaStore < 0 ? BuilderPolicy::DelayTmaStore : bool(Override::kDelayTmaStore),
       BuilderPolicy::NumEpilogueWarpGroups>;
+  static constexpr bool kOverridden = SC != 0 || Override::kStagesD != 0 ||
+                                      Override::kReuseSmemC >= 0 || Override::kDelayTmaStore >= 0;
   using StagedEpilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
       TileShape, EpilogueTileMN, float, float, Element, LayoutC*, kAlign, Element, LayoutC*,
       kAlign, Fusion, StagedPolicy>::CollectiveOp;
   static_assert(!std::is_same_v<BuilderPolicy, StagedPolicy> ||
                     std::is_same_v<BuilderEpilogue, StagedEpilogue>,
                 "the staged epilogue path must reproduce the builder's epilogue");
-  using CollectiveEpilogue = std::conditional_t<SC == 0, BuilderEpilogue, StagedEpilogue>;
+  using CollectiveEpilogue = std::conditional_t<kOverridden, StagedEpilogue, BuilderEpilogue>;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
@@ -213,7 +258,8 @@ struct Plan final : PlanBase {
   }
 
   bool init(int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs,
-            const int64_t* p_c, const int64_t* p_d, int sm_count, std::string* err) {
+            const int64_t* p_c, const int64_t* p_d, int sm_count, int raster, int swizzle,
+            std::string* err) {
     shapes_host.resize(groups);
     std::vector<StrideA> sa(groups);
     std::vector<StrideB> sb(groups);
@@ -271,6 +317,11 @@ struct Plan final : PlanBase {
          reinterpret_cast<StrideC*>(at(o_sc)), reinterpret_cast<ElementD**>(at(o_pd)),
          reinterpret_cast<StrideD*>(at(o_sd))},
         hw};
+    using RasterOptions = decltype(args.scheduler.raster_order);
+    args.scheduler.raster_order = raster == 1   ? RasterOptions::AlongN
+                                  : raster == 2 ? RasterOptions::Heuristic
+                                                : RasterOptions::AlongM;
+    args.scheduler.max_swizzle_size = swizzle > 0 ? swizzle : 1;
     cutlass::Status st = gemm.can_implement(args);
     if (st != cutlass::Status::kSuccess) {
       *err = std::string("CUTLASS can_implement failed: ") + cutlassGetStatusString(st);
@@ -307,15 +358,15 @@ template <int V> struct VariantCfg;
 #define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)           \
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
-                            CM, CN, EM, EN, SC>;                                            \
+                            CM, CN, EM, EN, SC, EpilogueOverride<ID>>;                      \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
 PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ADAFUSE_SGMM_VARIANT)(
     int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs, const int64_t* p_c,
-    const int64_t* p_d, int sm_count, std::string* err) {
+    const int64_t* p_d, int sm_count, int raster, int swizzle, std::string* err) {
   auto* plan = new Plan<typename VariantCfg<ADAFUSE_SGMM_VARIANT>::Cfg>();
-  if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err)) {
+  if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, err)) {
     delete plan;
     return nullptr;
   }
@@ -334,10 +385,10 @@ namespace adafuse_sgmm {
 #define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)               \
   __attribute__((weak)) PlanBase* create_plan_bf16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
-      std::string*);                                                                         \
+      int, int, std::string*);                                                               \
   __attribute__((weak)) PlanBase* create_plan_fp16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
-      std::string*);
+      int, int, std::string*);
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
 
 #define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC) #NAME,
@@ -361,7 +412,7 @@ const char* variant_name(int v) {
 
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
-                      int sm_count, std::string* err) {
+                      int sm_count, int raster, int swizzle, std::string* err) {
 #define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)                  \
   case ID: {                                                                                 \
     CreatePlanFn fn = dtype == kBF16 ? create_plan_bf16_##ID : create_plan_fp16_##ID;        \
@@ -369,7 +420,7 @@ PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const 
       *err = "SGMM variant " #NAME " was not built into this extension";                     \
       return nullptr;                                                                        \
     }                                                                                        \
-    return fn(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, err);                           \
+    return fn(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, err);          \
   }
   switch (variant) {
     ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_CASE)
@@ -408,14 +459,18 @@ __device__ __forceinline__ uint4 scale8<__half>(uint4 raw, float c) {
   return raw;
 }
 
-// Grid (blocks_x, groups). Writes, for weight g:
+// One block per row of `work` (int32 [blocks, 3]: weight g, first and end 16-byte vector of
+// g's packed factors), built by cutlass_sgmm.py so that the blocks are about equal and all fit
+// on the GPU at once (one wave: with a fixed number of blocks per weight, the second, partial wave
+// and the small weights' early finish left the pack at about 2.6 TB/s). Writes, for weight g:
 //   lhs[m, j*r + q] = coef_j * B_g[e_j, m, q]   ([out, Kc], K contiguous)
 //   rhs[j*r + q, n] = A_g[e_j, q, n]            ([Kc, in], N contiguous)
 // slots j: inplace -> (prev_0..prev_{k-1}: coef = -s*pg, cur_0..cur_{k-1}: coef = s*g);
 //          pristine -> cur only. 16-byte vectors (r % 8 == 0 and in % 8 == 0 checked on host).
 template <typename T>
 __global__ void __launch_bounds__(256) sgmm_pack_kernel(
-    const int64_t* __restrict__ desc, const int64_t* __restrict__ experts,
+    const int64_t* __restrict__ desc, const int* __restrict__ work,
+    const int64_t* __restrict__ experts,
     const float* __restrict__ gates, int64_t* prev_experts, float* prev_gates,
     unsigned int* counter, int k, int r, int inplace, float scaling) {
   __shared__ int64_t s_e[kMaxSlots];
@@ -435,29 +490,54 @@ __global__ void __launch_bounds__(256) sgmm_pack_kernel(
   }
   __syncthreads();
 
-  const int64_t* d = desc + static_cast<int64_t>(blockIdx.y) * kDescCols;
+  const int* job = work + 3 * blockIdx.x;
+  const int64_t* d = desc + static_cast<int64_t>(job[0]) * kDescCols;
   const T* A = reinterpret_cast<const T*>(d[0]);
   const T* B = reinterpret_cast<const T*>(d[1]);
   T* lhs = reinterpret_cast<T*>(d[2]);
   T* rhs = reinterpret_cast<T*>(d[3]);
-  const int64_t out = d[4], in = d[5];
-  const int64_t Kc = static_cast<int64_t>(slots) * r;
-  const int64_t kv = Kc / 8, nv = in / 8;
-  const int64_t n_lhs = out * kv, n_all = n_lhs + Kc * nv;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_all;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (v < n_lhs) {
-      const int64_t m = v / kv, kk = (v - m * kv) * 8;
-      const int j = static_cast<int>(kk / r);
-      const int64_t q = kk - static_cast<int64_t>(j) * r;
-      uint4 raw = *reinterpret_cast<const uint4*>(B + (s_e[j] * out + m) * r + q);
-      *reinterpret_cast<uint4*>(lhs + m * Kc + kk) = scale8<T>(raw, s_c[j]);
-    } else {
-      const int64_t w = v - n_lhs, row = w / nv, col = (w - row * nv) * 8;
-      const int j = static_cast<int>(row / r);
-      const int64_t q = row - static_cast<int64_t>(j) * r;
-      *reinterpret_cast<uint4*>(rhs + row * in + col) =
-          *reinterpret_cast<const uint4*>(A + (s_e[j] * r + q) * in + col);
+  // 32-bit index math (a 64-bit division per 16-byte vector is several times the instructions);
+  // cutlass_sgmm.py checks that one weight's vectors fit (n_all < 2^31).
+  const unsigned out = static_cast<unsigned>(d[4]), in = static_cast<unsigned>(d[5]);
+  const unsigned Kc = static_cast<unsigned>(slots * r), ur = static_cast<unsigned>(r);
+  const unsigned kv = Kc / 8, nv = in / 8;
+  const unsigned n_lhs = out * kv;
+  const unsigned first = static_cast<unsigned>(job[1]), end = static_cast<unsigned>(job[2]);
+  const unsigned stride = blockDim.x;
+  // kUnroll independent 16-byte loads in flight per thread before their stores: a single
+  // load-store pair per iteration left too few bytes in flight per SM to reach copy bandwidth.
+  constexpr int kUnroll = 4;
+  for (unsigned base = first + threadIdx.x; base < end; base += kUnroll * stride) {
+    uint4 val[kUnroll];
+    T* dst[kUnroll];
+    float coef[kUnroll];  // an L vector's gate scale
+    bool is_lhs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const unsigned v = base + u * stride;
+      dst[u] = nullptr;
+      coef[u] = 0.f;
+      is_lhs[u] = v < n_lhs;
+      if (v >= end) continue;
+      const T* src;
+      if (is_lhs[u]) {
+        const unsigned m = v / kv, kk = (v - m * kv) * 8;
+        const unsigned j = kk / ur, q = kk - j * ur;
+        src = B + (static_cast<size_t>(s_e[j]) * out + m) * ur + q;
+        dst[u] = lhs + static_cast<size_t>(m) * Kc + kk;
+        coef[u] = s_c[j];
+      } else {
+        const unsigned w = v - n_lhs, row = w / nv, col = (w - row * nv) * 8;
+        const unsigned j = row / ur, q = row - j * ur;
+        src = A + (static_cast<size_t>(s_e[j]) * ur + q) * in + col;
+        dst[u] = rhs + static_cast<size_t>(row) * in + col;
+      }
+      val[u] = *reinterpret_cast<const uint4*>(src);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (dst[u] == nullptr) continue;
+      *reinterpret_cast<uint4*>(dst[u]) = is_lhs[u] ? scale8<T>(val[u], coef[u]) : val[u];
     }
   }
 
@@ -466,7 +546,7 @@ __global__ void __launch_bounds__(256) sgmm_pack_kernel(
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    unsigned int total = gridDim.x * gridDim.y;
+    unsigned int total = gridDim.x;
     s_last = (atomicAdd(counter, 1u) == total - 1);
   }
   __syncthreads();
@@ -479,18 +559,26 @@ __global__ void __launch_bounds__(256) sgmm_pack_kernel(
   }
 }
 
-int launch_pack(int dtype, const int64_t* desc, int groups, int blocks_x,
+int pack_blocks_per_sm(int dtype) {
+  int n = 0;
+  cudaError_t e = dtype == kBF16
+      ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, sgmm_pack_kernel<__nv_bfloat16>, 256, 0)
+      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, sgmm_pack_kernel<__half>, 256, 0);
+  return e == cudaSuccess ? n : -static_cast<int>(e);
+}
+
+int launch_pack(int dtype, const int64_t* desc, const int* work, int blocks,
                 const int64_t* experts, const float* gates, int64_t* prev_experts,
                 float* prev_gates, unsigned int* counter, int k, int r, int inplace,
                 float scaling, cudaStream_t stream) {
   if (k < 1 || k > kMaxSlots / 2) return static_cast<int>(cudaErrorInvalidValue);
-  dim3 grid(blocks_x, groups);
+  dim3 grid(blocks);
   if (dtype == kBF16) {
     sgmm_pack_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-        desc, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
+        desc, work, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
   } else {
     sgmm_pack_kernel<__half><<<grid, 256, 0, stream>>>(
-        desc, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
+        desc, work, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
   }
   return static_cast<int>(cudaGetLastError());
 }

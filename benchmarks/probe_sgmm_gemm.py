@@ -1,0 +1,289 @@
+"""The CUTLASS SGMM switch on the H200, measured so that a slow drift of the GPU's speed cannot
+bias one configuration (issue #4). Llama-2-7B shapes, bf16.
+
+- default: the whole switch (pack + grouped GEMM) on the q,v and all-seven weight sets through
+  CutlassPlan: its timed choice of GEMM (`cutlass_default`), each candidate and the old fixed
+  defaults by hand, the pack alone, the Triton switch and the simple merge (one addmm per
+  weight: the 3x target's base). Every case is a CUDA graph of one call; each round times every
+  case (15 replays, median) in a new random order and the copy bandwidth once; the result is the
+  median over rounds, against the best round's copy bandwidth.
+- --gemm: the grouped GEMM alone (no pack) on the q,v byte volume (64 x 4096 x 4096), epilogue
+  variants x the tile scheduler's raster order, interleaved the same way.
+- --sweeps: the first probe's sequential sweeps (run 1): the same rows of W as 64, 16, 4 or 1
+  groups (each group change costs a CTA a tensormap update), and K = 64 ... 256.
+
+Usage: python benchmarks/probe_sgmm_gemm.py --out results.json [--gemm] [--sweeps] [--variants 1,3,14,17]
+       python benchmarks/probe_sgmm_gemm.py --ncu-one VARIANT,K,MODE,GROUPS   (eager calls for ncu)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adafuse_compile.cutlass_kernels import build  # noqa: E402
+
+ROWS, COLS = 64 * 4096, 4096  # q,v: 64 weights of 4096 x 4096
+DTYPE = torch.bfloat16
+
+
+class Buffers:
+    """One W, one W0 (pristine C) and one L / R pool, carved into groups as views."""
+
+    def __init__(self, k_max: int):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.w = torch.randn(ROWS, COLS, device="cuda", dtype=DTYPE, generator=g)
+        self.w0 = self.w.clone()
+        self.lhs = torch.randn(ROWS, k_max, device="cuda", dtype=DTYPE, generator=g) * 1e-3
+        self.rhs = torch.randn(64, k_max, COLS, device="cuda", dtype=DTYPE, generator=g) * 1e-3
+        self._keep = []
+
+    def plan(self, ext, variant: int, k: int, mode: str, groups: int, raster=0, swizzle=1):
+        m = ROWS // groups
+        lhs = self.lhs[:, :k].contiguous() if k != self.lhs.shape[1] else self.lhs
+        self._keep.append(lhs)  # plans outlive this call: their L must stay allocated
+        mnk, ptrs = [], [[], [], [], []]
+        esz = self.w.element_size()
+        for i in range(groups):
+            d = self.w.data_ptr() + i * m * COLS * esz
+            c = d if mode == "inplace" else self.w0.data_ptr() + i * m * COLS * esz
+            ptrs[0].append(lhs.data_ptr() + i * m * k * esz)
+            ptrs[1].append(self.rhs[i % 64].data_ptr())
+            ptrs[2].append(c)
+            ptrs[3].append(d)
+            mnk.append([m, COLS, k])
+        return ext.create_plan(build.DTYPE_CODES["bf16"], variant,
+                               torch.tensor(mnk, dtype=torch.int32),
+                               torch.tensor(ptrs, dtype=torch.int64), 0, raster, swizzle)
+
+
+def time_graph(fn, reps: int = 25) -> float:
+    """Median ms of `fn` replayed in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(ROWS * COLS, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ms = statistics.median(ts)
+    return 2 * src.numel() * src.element_size() / ms / 1e9  # TB/s
+
+
+def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
+    """Time every case once per round, in a new random order each round, plus the copy
+    bandwidth once per round: a slow drift of the GPU's speed (seen in the first probe: the same
+    configuration measured 1.24 ms first and 1.44 ms thirty measurements later) then spreads
+    over every case instead of biasing the ones measured late."""
+    import random
+
+    graphs = {}
+    for name, fn in cases.items():
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs[name] = g
+    rng = random.Random(seed)
+    per_case = {name: [] for name in cases}
+    copy_rounds = []
+    for _ in range(rounds):
+        order = list(cases)
+        rng.shuffle(order)
+        for name in order:
+            g = graphs[name]
+            g.replay()
+            ts = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            per_case[name].append(statistics.median(ts))
+        copy_rounds.append(copy_bandwidth())
+    return dict(per_case=per_case, copy_tb_s_rounds=copy_rounds)
+
+
+def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
+    """The whole switch (pack + GEMM) on the Llama-2-7B shapes through CutlassPlan, per mode and
+    (variant, raster, swizzle); the pack alone; and the simple merge (the 3x target's base)."""
+    from benchmarks.bench_sgmm import make_inputs, shapes_for
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+    from adafuse_compile.cutlass_kernels.reference import simple_merge_switch_
+    from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+
+    shapes = shapes_for(adapted)
+    weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes, True)
+    w_bytes = sum(o * i for o, i in shapes) * 2
+    cases, meta = {}, {}
+    for mode in ("pristine", "inplace"):
+        pr = pristine if mode == "pristine" else None
+        n_sel = 2 * (2 if mode == "inplace" else 1)
+        nbytes = 2 * w_bytes + sum(n_sel * 64 * (o + i) * 2 for o, i in shapes)
+        args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
+        name = f"{adapted}/{mode}/simple_merge"
+        cases[name] = (lambda a=args, p=pr: simple_merge_switch_(*a, pristine=p))
+        meta[name] = dict(set=adapted, mode=mode, impl="simple_merge", bytes=nbytes)
+        configs = [(None, 0, 1)] + list(variants[mode])  # None: the plan's timed choice
+        for (variant, raster, swizzle) in configs:
+            plan = CutlassPlan(weights, lora_A, lora_B, 2, pr, variant=variant, raster=raster,
+                               swizzle=swizzle)
+            tag = (f"{adapted}/{mode}/cutlass_default" if variant is None
+                   else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
+            cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
+            meta[tag] = dict(set=adapted, mode=mode, impl="cutlass", variant=plan.variant,
+                             raster=plan.raster, swizzle=swizzle, bytes=nbytes,
+                             choice=plan.choice if variant is None else None)
+            cases[tag + "/pack"] = (lambda p=plan: p.pack(experts, gates, pe, pg, 0.5))
+            meta[tag + "/pack"] = dict(set=adapted, mode=mode, impl="pack_only", variant=plan.variant)
+            if variant is None:
+                print(tag, plan.choice, flush=True)
+        tplan = TritonPlan(weights, lora_A, lora_B, 2, pr)
+        tag = f"{adapted}/{mode}/triton_default"
+        cases[tag] = (lambda p=tplan: p.run(experts, gates, pe, pg, 0.5))
+        meta[tag] = dict(set=adapted, mode=mode, impl="triton", bytes=nbytes)
+    return cases, meta
+
+
+def sequential_sweeps(ext) -> list[dict]:
+    """Run 1's sweeps, one configuration after the other: groups (same bytes) and K."""
+    bufs = Buffers(256)
+    w_bytes = ROWS * COLS * bufs.w.element_size()
+    bw = copy_bandwidth()
+    rows = []
+    for exp, variant, k, mode, groups in (
+            [("groups", v, k, m, g) for g in (64, 16, 4, 1)
+             for v, k, m in ((3, 128, "pristine"), (1, 256, "inplace"))]
+            + [("k", 3, k, "pristine", 64) for k in (64, 128, 192, 256)]):
+        plan = bufs.plan(ext, variant, k, mode, groups)
+        ms = time_graph(plan.run)
+        moved = 2 * w_bytes + ROWS * k * 2 + groups * k * COLS * 2
+        rows.append(dict(exp=exp, variant=variant, k=k, mode=mode, groups=groups, ms=round(ms, 4),
+                         copy_fraction=round(moved / (ms * 1e-3) / 1e12 / bw, 4)))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="probe_sgmm_gemm.json")
+    ap.add_argument("--variants", default="1,3,14,17")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--sets", default="qv,all7", help="real-shape switch sets; '' for none")
+    ap.add_argument("--gemm", action="store_true", help="also the GEMM-alone experiments")
+    ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
+    ap.add_argument("--ncu-one", default=None)
+    args = ap.parse_args()
+    variants = [int(v) for v in args.variants.split(",")]
+    t0 = time.time()
+    ext = build.load_extension(tuple(variants))
+    build_s = time.time() - t0
+
+    if args.ncu_one:
+        bufs = Buffers(256)
+        v, k, mode, groups = args.ncu_one.split(",")
+        plan = bufs.plan(ext, int(v), int(k), mode, int(groups))
+        for _ in range(3):
+            plan.run()
+        torch.cuda.synchronize()
+        return
+
+    # GEMM alone, q,v byte volume, 64 groups: epilogue variants x raster order (--gemm).
+    gemm_cfgs = {"pristine": [(3, 0, 1), (3, 1, 1), (14, 0, 1), (14, 1, 1), (16, 1, 1), (17, 1, 1)],
+                 "inplace": [(1, 0, 1), (1, 1, 1), (14, 1, 1), (16, 1, 1), (17, 1, 1), (18, 1, 1),
+                             (8, 1, 1), (2, 1, 1)]} if args.gemm else {}
+    cases, meta, plans = {}, {}, []
+    bufs = Buffers(256) if args.gemm else None
+    for mode, cfgs in gemm_cfgs.items():
+        k = 128 if mode == "pristine" else 256
+        w_bytes = ROWS * COLS * bufs.w.element_size()
+        for (v, raster, swizzle) in cfgs:
+            if v not in variants:
+                continue
+            plan = bufs.plan(ext, v, k, mode, 64, raster, swizzle)
+            plans.append(plan)
+            tag = f"gemm/{mode}/v{v}_r{raster}_s{swizzle}"
+            cases[tag] = plan.run
+            meta[tag] = dict(set="qv_bytes", mode=mode, impl="gemm_only", variant=v, raster=raster,
+                             swizzle=swizzle, bytes=2 * w_bytes + ROWS * k * 2 + 64 * k * COLS * 2)
+    sweeps = sequential_sweeps(ext) if args.sweeps else None
+    result = interleaved(cases, args.rounds, 15) if cases else dict(per_case={}, copy_tb_s_rounds=[])
+    del bufs, plans
+    torch.cuda.empty_cache()
+    report = {}
+    for sname in [x for x in args.sets.split(",") if x]:
+        real = {"pristine": [(3, 0, 1), (14, 1, 1), (17, 1, 1)],  # 3 along M: the old default
+                "inplace": [(1, 0, 1), (14, 1, 1), (1, 1, 1)]}         # 1 along M: the old default
+        real = {m: [c for c in cs if c[0] in variants] for m, cs in real.items()}
+        rcases, rmeta = real_switch_cases(sname, real)
+        report[sname] = interleaved(rcases, args.rounds, 15, seed=1)
+        meta.update(rmeta)
+        del rcases
+        torch.cuda.empty_cache()
+
+    rows = []
+    copy_all = result["copy_tb_s_rounds"] + sum((r["copy_tb_s_rounds"] for r in report.values()), [])
+    copy_best = max(copy_all)
+    for res in [result, *report.values()]:
+        for name, ms_rounds in res["per_case"].items():
+            m = meta[name]
+            ms = statistics.median(ms_rounds)
+            row = dict(name=name, **m, ms_median_of_rounds=round(ms, 4),
+                       ms_rounds=[round(x, 4) for x in ms_rounds])
+            if "bytes" in m:
+                row["copy_fraction"] = round(m["bytes"] / (ms * 1e-3) / 1e12 / copy_best, 4)
+            rows.append(row)
+    simple = {(r["set"], r["mode"]): r["ms_median_of_rounds"] for r in rows if r["impl"] == "simple_merge"}
+    for r in rows:
+        if r["impl"] == "cutlass" and (r["set"], r["mode"]) in simple:
+            r["speedup_vs_simple_merge"] = round(simple[(r["set"], r["mode"])] / r["ms_median_of_rounds"], 3)
+    for r in rows:
+        print(f"{r['name']:42s} {r['ms_median_of_rounds']:7.3f} ms  "
+              f"{100 * r.get('copy_fraction', 0):5.1f}%  x{r.get('speedup_vs_simple_merge', 0):.2f}  "
+              f"rounds {r['ms_rounds']}", flush=True)
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+               copy_tb_s=round(copy_best, 3), copy_tb_s_rounds=[round(x, 3) for x in copy_all],
+               build_s=round(build_s, 1), rounds=args.rounds, rows=rows, sweeps=sweeps,
+               setup="bf16; each case a CUDA graph of one call, 15 replays per round (median), "
+                     f"{args.rounds} rounds in a new random order each, median over rounds; copy "
+                     "bandwidth: eager copy_ of 2 GiB once per round, the best round is the base")
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("copy TB/s per round", out["copy_tb_s_rounds"], "wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
