@@ -179,6 +179,16 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
     return cases, meta
 
 
+def parse_configs(text: str) -> dict:
+    """'pristine:14.1,17.1;inplace:1.0' -> {"pristine": [(14, 1, 1), (17, 1, 1)], "inplace": [(1, 0, 1)]}
+    (variant, raster, swizzle 1)."""
+    out = {}
+    for part in filter(None, text.split(";")):
+        mode, items = part.split(":")
+        out[mode] = [(int(v), int(r), 1) for v, r in (item.split(".") for item in items.split(","))]
+    return out
+
+
 def sequential_sweeps(ext) -> list[dict]:
     """Run 1's sweeps, one configuration after the other: groups (same bytes) and K."""
     bufs = Buffers(256)
@@ -205,6 +215,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--sets", default="qv,all7", help="real-shape switch sets; '' for none")
     ap.add_argument("--gemm", action="store_true", help="also the GEMM-alone experiments")
+    ap.add_argument("--gemm-configs", default="pristine:3.0,3.1,14.0,14.1,16.1,17.1;"
+                    "inplace:1.0,1.1,14.1,16.1,17.1,18.1,8.1,2.1",
+                    help="mode:variant.raster,...;mode:... for --gemm")
+    ap.add_argument("--switch-configs", default="pristine:3.0,14.1,17.1;inplace:1.0,14.1,1.1",
+                    help="the whole switch's hand-picked GEMMs besides the plan's own choice "
+                         "(3.0 / 1.0: the fixed defaults before the timed choice)")
     ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
     ap.add_argument("--ncu-one", default=None)
     args = ap.parse_args()
@@ -223,9 +239,7 @@ def main() -> None:
         return
 
     # GEMM alone, q,v byte volume, 64 groups: epilogue variants x raster order (--gemm).
-    gemm_cfgs = {"pristine": [(3, 0, 1), (3, 1, 1), (14, 0, 1), (14, 1, 1), (16, 1, 1), (17, 1, 1)],
-                 "inplace": [(1, 0, 1), (1, 1, 1), (14, 1, 1), (16, 1, 1), (17, 1, 1), (18, 1, 1),
-                             (8, 1, 1), (2, 1, 1)]} if args.gemm else {}
+    gemm_cfgs = parse_configs(args.gemm_configs) if args.gemm else {}
     cases, meta, plans = {}, {}, []
     bufs = Buffers(256) if args.gemm else None
     for mode, cfgs in gemm_cfgs.items():
@@ -246,8 +260,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     report = {}
     for sname in [x for x in args.sets.split(",") if x]:
-        real = {"pristine": [(3, 0, 1), (14, 1, 1), (17, 1, 1)],  # 3 along M: the old default
-                "inplace": [(1, 0, 1), (14, 1, 1), (1, 1, 1)]}         # 1 along M: the old default
+        real = parse_configs(args.switch_configs)
         real = {m: [c for c in cs if c[0] in variants] for m, cs in real.items()}
         rcases, rmeta = real_switch_cases(sname, real)
         report[sname] = interleaved(rcases, args.rounds, 15, seed=1)

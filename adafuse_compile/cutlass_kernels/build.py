@@ -16,7 +16,7 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 19  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+NUM_VARIANTS = 23  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
 # Variants compiled into every build of the extension (one build serves every request for a
 # subset): the candidates a plan times (cutlass_sgmm.GEMM_CANDIDATES: 1, 14, 17) and the previous
 # defaults (3; 1 is both). The other measured variants are built only when asked for

@@ -109,9 +109,17 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(17, coop_128x128x64_e128x128_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative,        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 2)                 \
   X(18, pingpong_64x256x64_e64x128_sepd2, KernelPtrArrayTmaWarpSpecializedPingpong,         \
-    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1, 64, 128, 4)
+    PtrArrayTmaWarpSpecializedPingpong, 64, 256, 64, 1, 1, 64, 128, 4)                      \
+  X(19, coop_128x128x64_e128x64_sepd2_sc8, KernelPtrArrayTmaWarpSpecializedCooperative,     \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 8)                  \
+  X(20, coop_128x128x64_e128x32_sepd4_sc8, KernelPtrArrayTmaWarpSpecializedCooperative,     \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 32, 8)                  \
+  X(21, coop_128x128x64_e128x64_sepd2_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,    \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 2, 128, 64, 4)                  \
+  X(22, coop_128x128x64_e128x128_sepd2_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,   \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 2, 128, 128, 2)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 19
+#define ADAFUSE_SGMM_NUM_VARIANTS 23
 
 }  // namespace adafuse_sgmm
 
@@ -157,6 +165,15 @@ template <> struct EpilogueOverride<15> {
 template <> struct EpilogueOverride<16> : EpilogueOverride<14> {};
 template <> struct EpilogueOverride<17> : EpilogueOverride<14> {};
 template <> struct EpilogueOverride<18> : EpilogueOverride<14> {};
+// 19, 20: more C in flight per SM (128 KB of 128x64 subtiles; 64 KB of 128x32 subtiles with 4 D
+// stages), leaving the main loop fewer stages (K <= 256 is at most 4 k-blocks). 21, 22: 14 and 17
+// in 1x2 clusters: the two CTAs of a cluster share their L tile (TMA multicast), less L2 traffic.
+template <> struct EpilogueOverride<19> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<20> {
+  static constexpr int kStagesD = 4, kReuseSmemC = 0, kDelayTmaStore = 0;
+};
+template <> struct EpilogueOverride<21> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<22> : EpilogueOverride<14> {};
 
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
           int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>>

@@ -20,10 +20,10 @@ Three parameters, `Costs`. Their defaults and where they come from (H200, this r
 - copy_bytes_per_s = 4.26e12: benchmarks/results/sgmm_h200.json "copy": an 8 GiB
   device-to-device copy, best of eager copy_ / a mul kernel, 4262 GB/s (4279 GB/s re-measured
   after the run). Measured.
-- sgmm_fraction = 0.78: same file, CUTLASS pristine q,v (64 weights 4096x4096, bf16,
-  coop_128x128x64_e128x128) 1.333 ms for 4.43 GB = 78% of that copy bandwidth. Measured; the same
-  kernel reaches 74% at all-seven shapes and 62% in place (read W + write W + 2k factors), so
-  the model is about 5% optimistic for all-seven merges and 20% for in-place ones.
+- sgmm_fraction = 0.82: benchmarks/results/probe_sgmm_gemm_h200_run4_default.json and _run5.json
+  (2026-12-04): the whole CUTLASS pristine switch with the plan's timed GEMM choice reached 80-86%
+  of copy bandwidth for q,v (64 weights 4096x4096) and 82-83% for all seven linears, in place
+  65-70%. Measured. (The merge overheads quoted below were measured with the earlier kernel, 78%.)
 - launch_s = 5.5e-6: an ESTIMATE, derived, not measured directly: DESIGN.md section 4's factor
   probe measured the three-op form y = W x + B(A x) (slots already written, Inductor + CUDA
   graph) at 1.15x (q,v) and 1.51x (all seven) of the compiled 7B backbone (4.98 ms,
@@ -74,7 +74,7 @@ class Costs:
 
     copy_bytes_per_s: float = 4.26e12
     launch_s: float = 5.5e-6
-    sgmm_fraction: float = 0.78
+    sgmm_fraction: float = 0.82
     source: str = "documented H200 defaults (launch_s an estimate)"
 
     def with_overrides(self, overrides: dict) -> "Costs":
