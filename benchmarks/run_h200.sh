@@ -2,6 +2,7 @@
 # GPU runbook for the device machine (one H200): each stage fits one 10-minute `run` call and
 # writes logs/JSON under $OUT. From the repository root, with the nvidia-cutlass wheel carried in
 # .whl/ (see /work/.library/device/README.md):  bash benchmarks/run_h200.sh <stage> [<stage> ...]
+#   install  only the install (also what no stage does)
 #   tests    all GPU-marked tests (backend, SGMM, gather, factor slots, generate): more than one call holds;
 #            run the two halves below instead
 #   tests-kernels / tests-models  the two halves of `tests` (SGMM, gather and factor-slot kernels / backend,
@@ -135,7 +136,7 @@ run_stage() {
       ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "$paths" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
-    # All 13 CUTLASS variants (0-4 measured, 5-12 new): ~2.5 min build + timing. A variant that hangs
+    # All 23 CUTLASS variants (sequential timing; probe-gemm interleaves): ~3 min build + timing. A variant that hangs
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
@@ -255,8 +256,10 @@ run_stage() {
   esac
 }
 
+# `install` (or no stage at all): only the install above. No stage used to mean `tests`, the whole GPU
+# suite, which outlasts one device call: on 2026-12-04 a call meant to install only ran it for 442 s.
 if [ "$parallel" = 0 ]; then
-  for stage in "${@:-tests}"; do run_stage "$stage"; done
+  for stage in "${@:-install}"; do [ "$stage" = install ] || run_stage "$stage"; done
   exit 0
 fi
 export ADAFUSE_GPU_LOCK=/tmp/adafuse_gpu.lock

@@ -28,7 +28,6 @@ from adafuse_compile.cutlass_kernels import build
 # The previous fixed defaults (1 inplace, 3 pristine, along M) measured q,v 1.646 / 1.381 and
 # all seven 10.83 / 8.17 ms in the same probe.
 GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
-DEFAULT_VARIANT = {mode: cands[0][0] for mode, cands in GEMM_CANDIDATES.items()}
 _chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)

@@ -52,25 +52,21 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 
 // Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N,
 // epilogue tile M, N (0, 0 = CUTLASS's automatic choice), epilogue C stages (0 = CUTLASS's
-// choice)). Ids must run 0, 1, 2, ... in order (checked below); cutlass_sgmm.py's
-// DEFAULT_VARIANT and build.py's NUM_VARIANTS refer to them.
+// choice)); 13-22 also override the epilogue policy (EpilogueOverride below). Ids must run 0, 1,
+// 2, ... in order (checked below); cutlass_sgmm.py's GEMM_CANDIDATES and build.py's NUM_VARIANTS
+// and BUILD_VARIANTS refer to them. Every variant was measured on the H200 (docs/kernels.md):
+// 0-12 by benchmarks/bench_sgmm.py (sgmm_h200*.json), 13-22 by benchmarks/probe_sgmm_gemm.py.
 //
-// 0-4: measured on H200 by benchmarks/bench_sgmm.py (benchmarks/results/sgmm_h200*.json,
-// docs/kernels.md): q,v switch at 61% (inplace, K = 256) and 78% (pristine, K = 128) of copy
-// bandwidth. At this K the C-load / D-store epilogue is as heavy as the main loop.
-//
-// 5-12: NOT yet measured on a GPU (compiled only; docs/kernels.md, "Variants"). Each tries to
-// overlap one tile's epilogue with the next tile's main loop, or to keep more C in flight:
+// 0-4: q,v switch at 61% (inplace, K = 256) and 78% (pristine, K = 128) of copy bandwidth. At
+// this K the C-load / D-store epilogue is as heavy as the main loop.
+// 5-12 try to overlap one tile's epilogue with the next tile's main loop, or to keep more C in
+// flight; none beat 1 / 3 by more than noise:
 // - pingpong (5-9): the two consumer warp groups take alternate 64-row tiles, so one group's
-//   epilogue runs during the other's MMA. Runs 1-2 measured pingpong only with the automatic
-//   64x32 epilogue tile (16 KB of C in shared memory; q,v 2.1 / 1.8 ms, slower than
-//   cooperative); 5 repeats that as the control. 6-9 use a 64x128 epilogue tile.
-// - cooperative 128x256 / 256x128 (10, 11): at K = 256, 192 KB of L/R tile loads per 128 KB of
-//   W in and out (128x128: 128 KB per 64 KB), with 64 KB of C as in variant 3. Runs 1-2
-//   measured these tiles only with the automatic 128x32 epilogue tile (32 KB of C).
-// - more C stages (9, 12): pristine q,v in run 3 ran faster with more C in shared memory
-//   (variants 0, 1, 3: 32, 48, 64 KB -> 1.48, 1.45, 1.33 ms); 12 has 96 KB, 9 has 64 KB. Costs
-//   main-loop stages (12: 5 -> 4, 9: 8 -> 6); K <= 256 is at most 4 k-blocks.
+//   epilogue runs during the other's MMA. 5: automatic 64x32 epilogue tile; 6-9: 64x128.
+// - cooperative 128x256 / 256x128 (10, 11): fewer L/R tile loads per byte of W.
+// - more C stages (9, 12): 12 has 96 KB of C in shared memory, 9 has 64 KB.
+// 13-22 give D shared memory of its own (the builder lets D reuse C's buffers, so a buffer takes
+// the next C only after the D store out of it): 14 and 17 are the candidates a plan times.
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0, 0)                     \
