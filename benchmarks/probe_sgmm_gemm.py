@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adafuse_compile.cutlass_kernels import build  # noqa: E402
+from benchmarks.bench_sgmm import make_inputs, shapes_for, time_eager  # noqa: E402  (median of CUDA-event timings)
 
 ROWS, COLS = 64 * 4096, 4096  # q,v: 64 weights of 4096 x 4096
 DTYPE = torch.bfloat16
@@ -63,24 +64,21 @@ class Buffers:
                                torch.tensor(ptrs, dtype=torch.int64), 0, raster, swizzle)
 
 
-def time_graph(fn, reps: int = 25) -> float:
-    """Median ms of `fn` replayed in a CUDA graph."""
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """`fn` once eagerly (plans built, kernels loaded), then captured in a CUDA graph."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def time_graph(fn, reps: int = 25) -> float:
+    """Median ms of `fn` replayed in a CUDA graph (after one untimed replay)."""
+    graph = captured(fn)
     graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_eager(graph.replay, reps, warmup=0)
 
 
 def copy_bandwidth() -> float:
@@ -89,15 +87,7 @@ def copy_bandwidth() -> float:
     for _ in range(3):
         dst.copy_(src)
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ms = statistics.median(ts)
+    ms = time_eager(lambda: dst.copy_(src), 10, warmup=0)
     return 2 * src.numel() * src.element_size() / ms / 1e9  # TB/s
 
 
@@ -108,14 +98,7 @@ def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
     over every case instead of biasing the ones measured late."""
     import random
 
-    graphs = {}
-    for name, fn in cases.items():
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs[name] = g
+    graphs = {name: captured(fn) for name, fn in cases.items()}
     rng = random.Random(seed)
     per_case = {name: [] for name in cases}
     copy_rounds = []
@@ -123,17 +106,8 @@ def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
         order = list(cases)
         rng.shuffle(order)
         for name in order:
-            g = graphs[name]
-            g.replay()
-            ts = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            per_case[name].append(statistics.median(ts))
+            graphs[name].replay()
+            per_case[name].append(time_eager(graphs[name].replay, reps, warmup=0))
         copy_rounds.append(copy_bandwidth())
     return dict(per_case=per_case, copy_tb_s_rounds=copy_rounds)
 
@@ -141,7 +115,6 @@ def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
 def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
     """The whole switch (pack + GEMM) on the Llama-2-7B shapes through CutlassPlan, per mode and
     (variant, raster, swizzle); the pack alone; and the simple merge (the 3x target's base)."""
-    from benchmarks.bench_sgmm import make_inputs, shapes_for
     from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
     from adafuse_compile.cutlass_kernels.reference import simple_merge_switch_
     from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
