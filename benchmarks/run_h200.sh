@@ -19,8 +19,9 @@
 #            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
-#   probe-gemm  probe_sgmm_gemm.py: the CUTLASS SGMM GEMM alone against groups, K, epilogue variants and
-#            raster order (PROBE_VARIANTS); PROBE_NCU=variant,K,mode,groups adds ncu's sections for one launch  ~4 min
+#   probe-gemm  probe_sgmm_gemm.py: the SGMM switch (plan's choice, candidates, old defaults, Triton, simple
+#            merge) interleaved over rounds; PROBE_ARGS="--gemm --sweeps" adds the GEMM-alone experiments,
+#            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
 #   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
@@ -89,6 +90,7 @@ run_stage() {
   local stage=$1
   echo "=== stage $stage ($(date +%T))"
   case "$stage" in
+  install) ;;  # the install above is all (with -p too)
   tests-gather)
     timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests-generate)
@@ -141,9 +143,9 @@ run_stage() {
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
   probe-gemm)
-    # The CUTLASS SGMM GEMM alone: groups, K, epilogue variants, raster (probe_sgmm_gemm.py), then
-    # ncu's view of the pristine default (variant 3, K = 128, 64 groups) where ncu can read counters.
-    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} \
+    # The SGMM switch interleaved over rounds (probe_sgmm_gemm.py; PROBE_ARGS adds e.g. --gemm --sweeps),
+    # and with PROBE_NCU=variant,K,mode,groups ncu's sections for one GEMM launch, where ncu reads counters.
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ${PROBE_ARGS:-} \
       --out "$OUT/probe_sgmm_gemm_h200.json" 2>&1 | tail -60
     if [ -n "${PROBE_NCU:-}" ] && command -v ncu > /dev/null; then
       timeout 150 ncu --clock-control none --kernel-name-base function --kernel-name regex:device_kernel \

@@ -167,3 +167,24 @@ def test_choose_gemm_takes_the_median_fastest_once_per_weight_set(monkeypatch):
     assert len(calls) == 10  # not timed twice
     other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, torch.ones(8), sig[:-1] + (((8, 8),),))
     assert (other["variant"], other["how"]) == (14, "given")
+
+
+def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
+    import torch
+
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
+
+    def timer(plan):
+        if plan == "broken":
+            raise RuntimeError("SGMM grouped GEMM launch failed (code 1)")
+        return 1.0
+
+    sig = ("inplace", torch.float16, "cuda:0", 256, ((64, 64),))
+    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, torch.ones(4), sig, timer=timer)
+    assert (got["variant"], got["raster"]) == (1, 1)
+    assert got["failed"] == ["variant 14, raster 1: SGMM grouped GEMM launch failed (code 1)"]
+    with pytest.raises(RuntimeError, match="every candidate GEMM failed"):
+        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, torch.ones(4), sig[:-1] + (((8, 8),),),
+                                 timer=timer)

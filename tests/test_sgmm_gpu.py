@@ -162,8 +162,9 @@ def test_ten_thousand_pristine_switches_exact(impl):
 
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode):
-    """A plan's first build times each candidate GEMM on a zeroed workspace (W + 0): the weights
-    come out as they went in, and the choice is one of the candidates, remembered per shape."""
+    """A plan's first build times each candidate GEMM on a zeroed workspace: in place the weights
+    come out as they went in (W + 0), in pristine mode as W0 (W0 + 0); the choice is one of the
+    candidates, remembered per shape."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
@@ -178,6 +179,8 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode):
     torch.cuda.synchronize()
     if mode == "inplace":  # W + 0 (only -0.0 may come back as +0.0, which equal() accepts)
         assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    else:  # W0 + 0: the targets hold W0 until the next switch rewrites them
+        assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
     again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
     assert again.choice["how"] == "chosen earlier in this process"
     assert (again.variant, again.raster) == (plan.variant, plan.raster)

@@ -85,6 +85,9 @@ static Plan create_plan(int64_t dtype, int64_t variant, torch::Tensor mnk, torch
 static void pack(int64_t dtype, torch::Tensor desc, torch::Tensor work, torch::Tensor experts,
                  torch::Tensor gates, torch::Tensor prev_experts, torch::Tensor prev_gates,
                  torch::Tensor counter, int64_t k, int64_t r, bool inplace, double scaling) {
+  TORCH_CHECK(work.is_cuda() && work.scalar_type() == torch::kInt32 && work.dim() == 2 &&
+              work.size(1) == 3 && work.is_contiguous() && work.device() == desc.device(),
+              "pack: work must be a contiguous int32 [blocks, 3] tensor on the descriptors' device");
   int rc = adafuse_sgmm::launch_pack(
       static_cast<int>(dtype), desc.data_ptr<int64_t>(), work.data_ptr<int>(),
       static_cast<int>(work.size(0)), experts.data_ptr<int64_t>(), gates.data_ptr<float>(),

@@ -133,17 +133,30 @@ class CutlassPlan:
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
         mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
         with torch.cuda.device(dev):
-            gemms = {(v, ra): self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, sm_count, ra, swizzle)
-                     for v, ra in candidates}
             resident = self.ext.pack_blocks_per_sm(self.dtype_code)
-            signature = (mode, dtype, str(dev), kc, tuple(tuple(w.shape) for w in weights))
+            # before any GEMM runs: a weight set the pack cannot index fails here, W untouched
+            self.work = pack_work_table(
+                [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
+                resident * torch.cuda.get_device_properties(dev).multi_processor_count,
+            ).to(dev)
+            signature = (mode, dtype, str(dev), kc, sm_count, swizzle, candidates,
+                         tuple(tuple(w.shape) for w in weights))
+            if signature in _chosen:  # build only the GEMM chosen for this shape earlier
+                candidates = (_chosen[signature],)
+            gemms, errors = {}, []
+            for v, ra in candidates:
+                try:
+                    gemms[(v, ra)] = self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, sm_count, ra,
+                                                          swizzle)
+                except RuntimeError as exc:  # one candidate CUTLASS refuses must not fail the plan
+                    errors.append(f"variant {v}, raster {ra}: {exc}")
+            if not gemms:
+                raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
             self.choice = choose_gemm(gemms, self.workspace, signature)
+            if errors:
+                self.choice["failed"] = errors
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
         self.gemm = gemms[(self.variant, self.raster)]
-        self.work = pack_work_table(
-            [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
-            resident * torch.cuda.get_device_properties(dev).multi_processor_count,
-        ).to(dev)
         self.num_weights = len(weights)
 
     def pack(self, experts, gates, prev_experts, prev_gates, scaling):
@@ -159,25 +172,31 @@ class CutlassPlan:
 def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,
                 reps: int = 3, timer=None) -> dict:
     """Pick the fastest of `gemms` ({(variant, raster): plan}) for this weight set, once per
-    process and weight-set shape: `trials` rounds, candidates alternating, `reps` launches each
-    timed with CUDA events; the median per candidate decides.
+    process and weight-set signature: `trials` rounds, candidates alternating, `reps` launches
+    each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
+    is left out (reported under "failed"); if every one fails, the first error is raised.
 
-    The timing launches run the GEMM on a zeroed workspace, so they add L R = 0: W = W + 0
-    (inplace) or W = W0 + 0 (pristine), which the switch that follows overwrites in any case.
-    Not while a CUDA graph is being captured (no timing there): the first candidate is used.
-    `timer(plan) -> ms` replaces the CUDA-event timing (tests).
+    The timing launches run the GEMM on a zeroed workspace, so they add L R = 0: in place the
+    targets stay W (W + 0); in pristine mode they become W0 (W0 + 0) until the next switch
+    rewrites them. Plans are built right before a switch (the op's first call) or for another
+    model instance's decode step (rewrite_switch's rebind), whose switch runs before anything
+    reads the targets. The device is synchronized first: the targets' pending writes on other
+    streams land before the timing reads them. No timing on a capturing stream (the plan cache
+    never builds there; the first candidate would be used). `timer(plan) -> ms` replaces the
+    CUDA-event timing (tests).
     """
     keys = list(gemms)
-    if len(keys) == 1:
-        return {"variant": keys[0][0], "raster": keys[0][1], "how": "given"}
-    if signature in _chosen:
+    if _chosen.get(signature) in gemms:
         v, ra = _chosen[signature]
         return {"variant": v, "raster": ra, "how": "chosen earlier in this process"}
+    if len(keys) == 1:
+        return {"variant": keys[0][0], "raster": keys[0][1], "how": "given"}
     if timer is None and torch.cuda.is_current_stream_capturing():
         return {"variant": keys[0][0], "raster": keys[0][1],
                 "how": "first candidate (plan built during CUDA graph capture: no timing)"}
-    workspace.zero_()
     if timer is None:
+        torch.cuda.synchronize()
+
         def timer(plan):
             plan.run()  # warm
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -187,12 +206,24 @@ def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / reps
-    times = {key: [] for key in keys}
+    workspace.zero_()
+    times, failed = {key: [] for key in keys}, {}
     for _ in range(trials):
         for key in keys:
-            times[key].append(timer(gemms[key]))
-    medians = {key: sorted(ts)[len(ts) // 2] for key, ts in times.items()}
-    best = min(keys, key=lambda key: (medians[key], keys.index(key)))
+            if key in failed:
+                continue
+            try:
+                times[key].append(timer(gemms[key]))
+            except RuntimeError as exc:
+                failed[key] = str(exc)
+    ok = [key for key in keys if key not in failed]
+    if not ok:
+        raise RuntimeError("SGMM CUTLASS: every candidate GEMM failed: " + "; ".join(failed.values()))
+    medians = {key: sorted(times[key])[len(times[key]) // 2] for key in ok}
+    best = min(ok, key=lambda key: (medians[key], keys.index(key)))
     _chosen[signature] = best
-    return {"variant": best[0], "raster": best[1], "how": "timed",
-            "median_ms": {f"v{v}_r{ra}": round(ms, 4) for (v, ra), ms in medians.items()}}
+    out = {"variant": best[0], "raster": best[1], "how": "timed",
+           "median_ms": {f"v{v}_r{ra}": round(ms, 4) for (v, ra), ms in medians.items()}}
+    if failed:
+        out["failed"] = [f"variant {v}, raster {ra}: {msg}" for (v, ra), msg in failed.items()]
+    return out
