@@ -170,3 +170,31 @@ def test_op_traces_under_torch_compile():
 
     step(*_args(p)[:7])
     _check(p, expected, before, torch.float32)
+
+
+def test_auto_falls_back_to_triton_when_the_cutlass_plan_fails(monkeypatch):
+    """impl='auto': a CUTLASS plan that fails to build (every candidate GEMM refused) warns and
+    takes the Triton plan; impl='cutlass' raises. (Stand-ins for both plans: no GPU here.)"""
+    import adafuse_compile.cutlass_kernels.cutlass_sgmm as cutlass_sgmm
+    import adafuse_compile.cutlass_kernels.triton_sgmm as triton_sgmm
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: variant 14: can_implement")
+
+    class TritonStandIn:
+        def __init__(self, weights, *args):
+            self.weights = weights
+
+    monkeypatch.setattr(ops, "_resolve_impl", lambda impl, *a: "cutlass")
+    monkeypatch.setattr(cutlass_sgmm, "CutlassPlan", refuse)
+    monkeypatch.setattr(triton_sgmm, "TritonPlan", TritonStandIn)
+    ops.clear_plan_cache()
+    p = make_problem(SHAPES, k=2, dtype=torch.bfloat16)
+    a = _args(p)
+    with pytest.warns(UserWarning, match="CUTLASS plan failed .*no candidate GEMM.*; using Triton"):
+        plan = ops._get_plan("auto", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
+    assert isinstance(plan, TritonStandIn) and plan.weights is p["weights"]
+    ops.clear_plan_cache()
+    with pytest.raises(RuntimeError, match="no candidate GEMM"):
+        ops._get_plan("cutlass", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
+    ops.clear_plan_cache()

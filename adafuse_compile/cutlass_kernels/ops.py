@@ -186,7 +186,15 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
             return TritonPlan(weights, lora_A, lora_B, k, pristine)
         from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
 
-        return CutlassPlan(weights, lora_A, lora_B, k, pristine)
+        try:
+            return CutlassPlan(weights, lora_A, lora_B, k, pristine)
+        except RuntimeError as exc:  # e.g. CUTLASS refuses every candidate GEMM for these shapes
+            if impl == "cutlass":
+                raise
+            warnings.warn(f"sgmm_switch_: CUTLASS plan failed ({exc}); using Triton", stacklevel=4)
+            from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+
+            return TritonPlan(weights, lora_A, lora_B, k, pristine)
     return _plans.get(key, build, weights[0].device)
 
 
