@@ -160,7 +160,8 @@ def check_against_reference(inputs, run) -> float:
     return worst
 
 
-def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dict, copy_gbps):
+def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dict, copy_gbps,
+              raster: int = 1):
     shapes = shapes_for(adapted)
     inputs = make_inputs(shapes, with_pristine=True)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
@@ -213,7 +214,7 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
         names = build.load_extension().variant_names()
         for v in cutlass_variants:
             try:
-                plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=v)
+                plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=v, raster=raster)
             except Exception as exc:
                 entries.append({"adapted": adapted, "mode": mode, "impl": "cutlass",
                                 "variant": names[v], "error": str(exc)[:2000]})
@@ -243,6 +244,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sets", default="qv,all7")
     ap.add_argument("--cutlass-variants", default="all", help="comma list of ids, or 'all'")
+    ap.add_argument("--raster", type=int, default=1, choices=(0, 1, 2),
+                    help="tile scheduler raster order for every variant: 0 along M (runs 1-4), 1 along N "
+                         "(what plans use since 2026-12-04), 2 CUTLASS's heuristic")
     a = ap.parse_args(argv)
     from adafuse_compile.cutlass_kernels import build
 
@@ -262,7 +266,7 @@ def main(argv=None):
     results = {
         **run_header(),
         "build_s": time.time() - t0, "cutlass_build_error": build_error,
-        "cutlass_variants": {v: names[v] for v in variants if v < len(names)},
+        "cutlass_variants": {v: names[v] for v in variants if v < len(names)}, "raster": a.raster,
         "bytes_note": "inplace: read W + write W + 2k gathered factors; pristine: read W0 + "
                       "write W + k gathered factors",
         "entries": [],
@@ -270,7 +274,7 @@ def main(argv=None):
     results["copy"] = copy_bandwidth(a.reps)
     print("copy", results["copy"], flush=True)
     for s in a.sets.split(","):
-        bench_set(s, a.reps, variants, results, results["copy"]["GBps"])
+        bench_set(s, a.reps, variants, results, results["copy"]["GBps"], a.raster)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
     results["copy_after"] = copy_bandwidth(a.reps)  # same clocks at the end?

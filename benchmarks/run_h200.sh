@@ -186,7 +186,8 @@ run_stage() {
     local n=${BACKBONE_MODES_PROCS:-4} i pids=() threads
     threads=$(( $(nproc) / n > 1 ? $(nproc) / n : 1 ))
     for ((i = 0; i < n; i++)); do
-      ( export ADAFUSE_GPU_LOCK=/tmp/adafuse_gpu.lock TORCHINDUCTOR_COMPILE_THREADS=$threads
+      ( [ $# -gt 0 ] || { echo "-p needs at least one stage"; exit 2; }
+export ADAFUSE_GPU_LOCK=/tmp/adafuse_gpu.lock TORCHINDUCTOR_COMPILE_THREADS=$threads
         [ $((i % 2)) = 1 ] && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_private_$i
         timeout "${BACKBONE_MODES_TIMEOUT:-540}" python3 benchmarks/probe_backbone_modes.py --label "p$i" \
           --targets "$([ $i -lt 2 ] && echo "${BACKBONE_MODES_TARGETS:-all}" || echo none)" --out "$OUT/backbone_modes_p$i.json" ) > "$OUT/backbone_modes_p$i.log" 2>&1 &
