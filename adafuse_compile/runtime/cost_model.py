@@ -23,7 +23,7 @@ Three parameters, `Costs`. Their defaults and where they come from (H200, this r
 - sgmm_fraction = 0.82: benchmarks/results/probe_sgmm_gemm_h200_run4_default.json and _run5.json
   (2026-12-04): the whole CUTLASS pristine switch with the plan's timed GEMM choice reached 80-86%
   of copy bandwidth for q,v (64 weights 4096x4096) and 82-83% for all seven linears, in place
-  65-70%. Measured. (The merge overheads quoted below were measured with the earlier kernel, 78%.)
+  61-70%. Measured. (The merge overheads quoted below were measured with the earlier kernel, 78%.)
 - launch_s = 5.5e-6: an ESTIMATE, derived, not measured directly: DESIGN.md section 4's factor
   probe measured the three-op form y = W x + B(A x) (slots already written, Inductor + CUDA
   graph) at 1.15x (q,v) and 1.51x (all seven) of the compiled 7B backbone (4.98 ms,
