@@ -45,6 +45,13 @@ def shapes_for(adapted: str) -> list[tuple[int, int]]:
     return per_layer * LAYERS
 
 
+def switch_bytes(shapes, mode: str) -> int:
+    """Bytes a switch moves (bf16): read W (or W0) + write W + the gathered factors of the 2k
+    (inplace) or k (pristine) selected experts."""
+    n_sel = TOP_K * (2 if mode == "inplace" else 1)
+    return sum(2 * o * i * 2 + n_sel * RANK * (o + i) * 2 for o, i in shapes)
+
+
 def run_header() -> dict:
     """GPU, versions and the Llama-2-7B adapter shape: the head of every kernel benchmark's JSON."""
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -165,13 +172,10 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
     shapes = shapes_for(adapted)
     inputs = make_inputs(shapes, with_pristine=True)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
-    w_bytes = sum(o * i for o, i in shapes) * 2
     entries = []
     for mode in ("inplace", "pristine"):
         pr = pristine if mode == "pristine" else None
-        n_sel = TOP_K * (2 if mode == "inplace" else 1)
-        factor_bytes = sum(n_sel * RANK * (o + i) * 2 for o, i in shapes)
-        nbytes = 2 * w_bytes + factor_bytes
+        nbytes = switch_bytes(shapes, mode)
         args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
 
         def record(impl, variant, fn, reps_=reps, check=True, extra=None):

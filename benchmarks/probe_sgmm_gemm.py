@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adafuse_compile.cutlass_kernels import build  # noqa: E402
-from benchmarks.bench_sgmm import make_inputs, shapes_for, time_eager  # noqa: E402  (median of CUDA-event timings)
+from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes, time_eager  # noqa: E402
 
 ROWS, COLS = 64 * 4096, 4096  # q,v: 64 weights of 4096 x 4096
 DTYPE = torch.bfloat16
@@ -44,6 +44,10 @@ class Buffers:
         self.lhs = torch.randn(ROWS, k_max, device="cuda", dtype=DTYPE, generator=g) * 1e-3
         self.rhs = torch.randn(64, k_max, COLS, device="cuda", dtype=DTYPE, generator=g) * 1e-3
         self._keep = []
+
+    def moved_bytes(self, k: int, groups: int) -> int:
+        """Read W (or W0) + write W + L [ROWS, k] + each group's R [k, COLS]."""
+        return 2 * self.w.numel() * self.w.element_size() + (ROWS * k + groups * k * COLS) * 2
 
     def plan(self, ext, variant: int, k: int, mode: str, groups: int, raster=0, swizzle=1):
         m = ROWS // groups
@@ -121,19 +125,17 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
 
     shapes = shapes_for(adapted)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes, True)
-    w_bytes = sum(o * i for o, i in shapes) * 2
     cases, meta = {}, {}
     for mode in ("pristine", "inplace"):
         pr = pristine if mode == "pristine" else None
-        n_sel = 2 * (2 if mode == "inplace" else 1)
-        nbytes = 2 * w_bytes + sum(n_sel * 64 * (o + i) * 2 for o, i in shapes)
+        nbytes = switch_bytes(shapes, mode)
         args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
         name = f"{adapted}/{mode}/simple_merge"
         cases[name] = (lambda a=args, p=pr: simple_merge_switch_(*a, pristine=p))
         meta[name] = dict(set=adapted, mode=mode, impl="simple_merge", bytes=nbytes)
         configs = [(None, 0, 1)] + list(variants[mode])  # None: the plan's timed choice
         for (variant, raster, swizzle) in configs:
-            plan = CutlassPlan(weights, lora_A, lora_B, 2, pr, variant=variant, raster=raster,
+            plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=raster,
                                swizzle=swizzle)
             tag = (f"{adapted}/{mode}/cutlass_default" if variant is None
                    else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
@@ -145,7 +147,7 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
             meta[tag + "/pack"] = dict(set=adapted, mode=mode, impl="pack_only", variant=plan.variant)
             if variant is None:
                 print(tag, plan.choice, flush=True)
-        tplan = TritonPlan(weights, lora_A, lora_B, 2, pr)
+        tplan = TritonPlan(weights, lora_A, lora_B, TOP_K, pr)
         tag = f"{adapted}/{mode}/triton_default"
         cases[tag] = (lambda p=tplan: p.run(experts, gates, pe, pg, 0.5))
         meta[tag] = dict(set=adapted, mode=mode, impl="triton", bytes=nbytes)
@@ -165,7 +167,6 @@ def parse_configs(text: str) -> dict:
 def sequential_sweeps(ext) -> list[dict]:
     """Run 1's sweeps, one configuration after the other: groups (same bytes) and K."""
     bufs = Buffers(256)
-    w_bytes = ROWS * COLS * bufs.w.element_size()
     bw = copy_bandwidth()
     rows = []
     for exp, variant, k, mode, groups in (
@@ -174,7 +175,7 @@ def sequential_sweeps(ext) -> list[dict]:
             + [("k", 3, k, "pristine", 64) for k in (64, 128, 192, 256)]):
         plan = bufs.plan(ext, variant, k, mode, groups)
         ms = time_graph(plan.run)
-        moved = 2 * w_bytes + ROWS * k * 2 + groups * k * COLS * 2
+        moved = bufs.moved_bytes(k, groups)
         rows.append(dict(exp=exp, variant=variant, k=k, mode=mode, groups=groups, ms=round(ms, 4),
                          copy_fraction=round(moved / (ms * 1e-3) / 1e12 / bw, 4)))
         print(rows[-1], flush=True)
@@ -217,7 +218,6 @@ def main() -> None:
     bufs = Buffers(256) if args.gemm else None
     for mode, cfgs in gemm_cfgs.items():
         k = 128 if mode == "pristine" else 256
-        w_bytes = ROWS * COLS * bufs.w.element_size()
         for (v, raster, swizzle) in cfgs:
             if v not in variants:
                 continue
@@ -226,15 +226,14 @@ def main() -> None:
             tag = f"gemm/{mode}/v{v}_r{raster}_s{swizzle}"
             cases[tag] = plan.run
             meta[tag] = dict(set="qv_bytes", mode=mode, impl="gemm_only", variant=v, raster=raster,
-                             swizzle=swizzle, bytes=2 * w_bytes + ROWS * k * 2 + 64 * k * COLS * 2)
+                             swizzle=swizzle, bytes=bufs.moved_bytes(k, 64))
     sweeps = sequential_sweeps(ext) if args.sweeps else None
     result = interleaved(cases, args.rounds, 15) if cases else dict(per_case={}, copy_tb_s_rounds=[])
     del bufs, plans
     torch.cuda.empty_cache()
     report = {}
+    real = {m: [c for c in cs if c[0] in variants] for m, cs in parse_configs(args.switch_configs).items()}
     for sname in [x for x in args.sets.split(",") if x]:
-        real = parse_configs(args.switch_configs)
-        real = {m: [c for c in cs if c[0] in variants] for m, cs in real.items()}
         rcases, rmeta = real_switch_cases(sname, real)
         report[sname] = interleaved(rcases, args.rounds, 15, seed=1)
         meta.update(rmeta)

@@ -153,8 +153,8 @@ class CutlassPlan:
             if not gemms:
                 raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
             self.choice = choose_gemm(gemms, self.workspace, signature)
-            if errors:
-                self.choice["failed"] = errors
+            if errors:  # refused at planning, before choose_gemm's own launch failures
+                self.choice["failed"] = errors + self.choice.get("failed", [])
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
         self.gemm = gemms[(self.variant, self.raster)]
         self.num_weights = len(weights)
