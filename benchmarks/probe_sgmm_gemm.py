@@ -133,18 +133,20 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
         name = f"{adapted}/{mode}/simple_merge"
         cases[name] = (lambda a=args, p=pr: simple_merge_switch_(*a, pristine=p))
         meta[name] = dict(set=adapted, mode=mode, impl="simple_merge", bytes=nbytes)
-        configs = [(None, 0, 1)] + list(variants[mode])  # None: the plan's timed choice
-        for (variant, raster, swizzle) in configs:
+        # None: the plan's timed choice, packing (the default) or gathering in the GEMM
+        configs = [(None, 0, 1, False), (None, 0, 1, True)] + [c + (False,) for c in variants[mode]]
+        for (variant, raster, swizzle, gather) in configs:
             plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=raster,
-                               swizzle=swizzle)
-            tag = (f"{adapted}/{mode}/cutlass_default" if variant is None
-                   else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
+                               swizzle=swizzle, gather=gather)
+            tag = (f"{adapted}/{mode}/cutlass_default" + ("_gather" if gather else "")
+                   if variant is None else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
             cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
             meta[tag] = dict(set=adapted, mode=mode, impl="cutlass", variant=plan.variant,
-                             raster=plan.raster, swizzle=swizzle, bytes=nbytes,
+                             raster=plan.raster, swizzle=swizzle, bytes=nbytes, gathers=plan.gathers,
                              choice=plan.choice if variant is None else None)
             cases[tag + "/pack"] = (lambda p=plan: p.pack(experts, gates, pe, pg, 0.5))
-            meta[tag + "/pack"] = dict(set=adapted, mode=mode, impl="pack_only", variant=plan.variant)
+            meta[tag + "/pack"] = dict(set=adapted, mode=mode, variant=plan.variant,
+                                       impl="slots_only" if plan.gathers else "pack_only")
             if variant is None:
                 print(tag, plan.choice, flush=True)
         tplan = TritonPlan(weights, lora_A, lora_B, TOP_K, pr)
@@ -185,16 +187,16 @@ def sequential_sweeps(ext) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_sgmm_gemm.json")
-    ap.add_argument("--variants", default="1,3,14,17")
+    ap.add_argument("--variants", default="1,3,14,17,23,24,25")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--sets", default="qv,all7", help="real-shape switch sets; '' for none")
     ap.add_argument("--gemm", action="store_true", help="also the GEMM-alone experiments")
     ap.add_argument("--gemm-configs", default="pristine:3.0,3.1,14.0,14.1,16.1,17.1;"
                     "inplace:1.0,1.1,14.1,16.1,17.1,18.1,8.1,2.1",
                     help="mode:variant.raster,...;mode:... for --gemm")
-    ap.add_argument("--switch-configs", default="pristine:3.0,14.1,17.1;inplace:1.0,14.1,1.1",
-                    help="the whole switch's hand-picked GEMMs besides the plan's own choice "
-                         "(3.0 / 1.0: the fixed defaults before the timed choice)")
+    ap.add_argument("--switch-configs", default="pristine:14.1,17.1,23.1,24.1;inplace:14.1,1.1,23.1,25.1",
+                    help="the whole switch's hand-picked GEMMs besides the plan's own choices "
+                         "(gathering and packing); 23-25 gather (23 = 14, 24 = 17, 25 = 1)")
     ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
     ap.add_argument("--ncu-one", default=None)
     args = ap.parse_args()

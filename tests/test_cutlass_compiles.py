@@ -15,15 +15,16 @@ import subprocess
 import pytest
 
 from adafuse_compile.cutlass_kernels import build
-from adafuse_compile.cutlass_kernels.cutlass_sgmm import GEMM_CANDIDATES
+from adafuse_compile.cutlass_kernels.cutlass_sgmm import GATHER_CANDIDATES, GEMM_CANDIDATES
 
 NVCC = shutil.which("nvcc")
 INCLUDES = build.cutlass_include_dirs()
 ALL_VARIANTS = os.environ.get("ADAFUSE_COMPILE_ALL_SGMM_VARIANTS") == "1"
 # Compiled in the default run besides the candidates: the pingpong schedule with the epilogue
-# override covers the template paths the candidates do not (pingpong kernel; D in its own buffers).
-REPRESENTATIVE = "pingpong_64x256x64_e64x128_sepd2"
-# The GEMMs a plan chooses between (each compiled once, dtypes alternating).
+# override covers the template paths the candidates do not (pingpong kernel; D in its own buffers),
+# and one gather variant the main loop that reads the stacked experts itself (GatherMainloop).
+REPRESENTATIVES = ("pingpong_64x256x64_e64x128_sepd2", "gather_coop_128x128x64_e128x64_sepd2")
+# The GEMMs a plan chooses between by default (packed; each compiled once, dtypes alternating).
 CANDIDATES = sorted({v for cands in GEMM_CANDIDATES.values() for v, _ in cands})
 
 needs_nvcc = pytest.mark.skipif(
@@ -62,10 +63,14 @@ def test_variant_registry_matches_build():
     assert build.NUM_VARIANTS == VARIANT_COUNT
     assert len(set(names)) == len(names)
     assert set(build.BUILD_VARIANTS) <= set(ids)
-    assert REPRESENTATIVE in names
+    assert set(REPRESENTATIVES) <= set(names)
     # The measured variants keep their ids when variants are appended.
     assert names[1] == "coop_128x128x64_e128x64" and names[3] == "coop_128x128x64_e128x128"
     assert names[14] == "coop_128x128x64_e128x64_sepd2" and names[17] == "coop_128x128x64_e128x128_sepd2"
+    # The gather variants are the ids from build.FIRST_GATHER_VARIANT on, and only those.
+    assert all(n.startswith("gather_") == (i >= build.FIRST_GATHER_VARIANT) for i, n in VARIANTS)
+    assert all(v >= build.FIRST_GATHER_VARIANT for cands in GATHER_CANDIDATES.values() for v, _ in cands)
+    assert all(v < build.FIRST_GATHER_VARIANT for cands in GEMM_CANDIDATES.values() for v, _ in cands)
     assert set(CANDIDATES) <= set(build.BUILD_VARIANTS)  # a plan's candidates need no second build
 
 
@@ -91,7 +96,7 @@ def test_candidate_grouped_gemm_compiles(tmp_path, dtype, variant):
 
 
 _OTHER = [
-    pytest.param(v, id=f"{v}-{name}", marks=[] if name == REPRESENTATIVE or ALL_VARIANTS else [
+    pytest.param(v, id=f"{v}-{name}", marks=[] if name in REPRESENTATIVES or ALL_VARIANTS else [
         pytest.mark.skip(reason="set ADAFUSE_COMPILE_ALL_SGMM_VARIANTS=1 to compile it")])
     for v, name in VARIANTS if v not in CANDIDATES
 ]

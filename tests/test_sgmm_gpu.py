@@ -160,11 +160,12 @@ def test_ten_thousand_pristine_switches_exact(impl):
         assert ((w.float() - r.float()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
-def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode):
-    """A plan's first build times each candidate GEMM on a zeroed workspace: in place the weights
-    come out as they went in (W + 0), in pristine mode as W0 (W0 + 0); the choice is one of the
-    candidates, remembered per shape."""
+def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, gather):
+    """A plan's first build times each candidate GEMM on a zeroed workspace (pack) or slot table
+    (gather): in place the weights come out as they went in (W + 0), in pristine mode as W0
+    (W0 + 0); the choice is one of the candidates, remembered per shape."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
@@ -173,14 +174,50 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode):
                      dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
     before = [w.clone() for w in p["weights"]]
     cutlass_sgmm._chosen.clear()
-    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
+                                    gather=gather)
     assert plan.choice["how"] == "timed", plan.choice
-    assert (plan.variant, plan.raster) in cutlass_sgmm.GEMM_CANDIDATES[mode]
+    assert plan.gathers == gather
+    table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
+    assert (plan.variant, plan.raster) in table[mode]
     torch.cuda.synchronize()
     if mode == "inplace":  # W + 0 (only -0.0 may come back as +0.0, which equal() accepts)
         assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
     else:  # W0 + 0: the targets hold W0 until the next switch rewrites them
         assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
-    again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
+                                     gather=gather)
     assert again.choice["how"] == "chosen earlier in this process"
     assert (again.variant, again.raster) == (plan.variant, plan.raster)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("rank,k", [(64, 1), (64, 2), (128, 3), (128, 4)])
+def test_cutlass_pack_and_gather_match_oracle(gather, dtype, mode, rank, k):
+    """Both ways of feeding the GEMM (pack launch, or experts gathered in the GEMM's loads with
+    the L tile scaled in shared memory) on every shape, with the outputs poisoned first (pristine)
+    and two consecutive switches (in place: the second unmerges the first's experts)."""
+    _need("cutlass", dtype)
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda", pristine=mode == "pristine")
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], k, p["pristine"],
+                                    gather=gather)
+    assert plan.gathers == gather
+    n_experts = p["lora_A"][0].shape[0]
+    for step in range(2):
+        if step:  # other experts (each one up: never the same set) and gates for the second switch
+            p["experts"].copy_((p["experts"] + 1) % n_experts)
+            p["gates"].copy_(p["gates"].flip(0) * 0.75)
+        before = [w.clone() for w in p["weights"]]
+        expected = oracle_switch(*_args(p), pristine=p["pristine"])
+        e, g = p["experts"].clone(), p["gates"].clone()
+        if mode == "pristine":
+            for w in p["weights"]:
+                w.fill_(float("nan"))
+        plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])
+        torch.cuda.synchronize()
+        _check(p, expected, p["pristine"] or before, dtype, f"gather={gather} step {step}")
+        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)

@@ -16,11 +16,12 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 23  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+NUM_VARIANTS = 26  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+FIRST_GATHER_VARIANT = 23  # ADAFUSE_SGMM_FIRST_GATHER_VARIANT: the experts gathered in the GEMM
 # Variants compiled into every build of the extension (one build serves every request for a
 # subset): the candidates a plan times (cutlass_sgmm.GEMM_CANDIDATES: 1, 14, 17) and the previous
-# defaults (3; 1 is both). The other measured variants are built only when asked for
-# (benchmarks/bench_sgmm.py asks for all), so they do not slow down the first use.
+# default (3). The other measured variants, the gathering ones (23-25) among them, are built only
+# when asked for (benchmarks/bench_sgmm.py asks for all), so they do not slow down the first use.
 BUILD_VARIANTS = (1, 3, 14, 17)
 DTYPE_CODES = {"bf16": 0, "fp16": 1}
 
@@ -41,9 +42,19 @@ struct PlanBase {
   virtual int run(cudaStream_t stream) = 0;
   virtual size_t workspace_bytes() const = 0;
 };
+struct GatherArgs {
+  const void* slot_table;
+  int rank;
+  int n_experts;
+};
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
-                      int sm_count, int raster, int swizzle, std::string* err);
+                      int sm_count, int raster, int swizzle, const GatherArgs* gather,
+                      std::string* err);
+bool is_gather_variant(int v);
+int launch_slots(const int64_t* experts, const float* gates, int64_t* prev_experts,
+                 float* prev_gates, void* table, int k, int inplace, float scaling,
+                 cudaStream_t stream);
 int pack_blocks_per_sm(int dtype);
 int launch_pack(int dtype, const int64_t* desc, const int* work, int blocks,
                 const int64_t* experts, const float* gates, int64_t* prev_experts,
@@ -62,8 +73,11 @@ struct Plan {
   int64_t workspace_bytes() const { return static_cast<int64_t>(impl->workspace_bytes()); }
 };
 
+// slot_table: for the gather variants, a CUDA tensor of at least 64 bytes (the SlotTable), whose
+// address the plan keeps; ptrs' first two rows then hold the stacked B and A of each weight.
 static Plan create_plan(int64_t dtype, int64_t variant, torch::Tensor mnk, torch::Tensor ptrs,
-                        int64_t sm_count, int64_t raster, int64_t swizzle) {
+                        int64_t sm_count, int64_t raster, int64_t swizzle,
+                        c10::optional<torch::Tensor> slot_table, int64_t rank, int64_t n_experts) {
   TORCH_CHECK(mnk.device().is_cpu() && mnk.dtype() == torch::kInt32 && mnk.dim() == 2 &&
               mnk.size(1) == 3 && mnk.is_contiguous(), "mnk: CPU int32 [G, 3]");
   int64_t G = mnk.size(0);
@@ -71,11 +85,19 @@ static Plan create_plan(int64_t dtype, int64_t variant, torch::Tensor mnk, torch
               ptrs.size(0) == 4 && ptrs.size(1) == G && ptrs.is_contiguous(),
               "ptrs: CPU int64 [4, G]");
   const int64_t* p = ptrs.data_ptr<int64_t>();
+  adafuse_sgmm::GatherArgs gather{nullptr, static_cast<int>(rank), static_cast<int>(n_experts)};
+  const bool gathers = adafuse_sgmm::is_gather_variant(static_cast<int>(variant));
+  if (gathers) {
+    TORCH_CHECK(slot_table.has_value() && slot_table->is_cuda() && slot_table->is_contiguous() &&
+                slot_table->nbytes() >= 64, "SGMM gather plan: slot_table must be a contiguous "
+                "CUDA tensor of at least 64 bytes");
+    gather.slot_table = slot_table->data_ptr();
+  }
   std::string err;
   adafuse_sgmm::PlanBase* raw = adafuse_sgmm::create_plan(
       static_cast<int>(dtype), static_cast<int>(variant), static_cast<int>(G),
       mnk.data_ptr<int>(), p, p + G, p + 2 * G, p + 3 * G, static_cast<int>(sm_count),
-      static_cast<int>(raster), static_cast<int>(swizzle), &err);
+      static_cast<int>(raster), static_cast<int>(swizzle), gathers ? &gather : nullptr, &err);
   TORCH_CHECK(raw != nullptr, "SGMM plan: ", err);
   Plan plan;
   plan.impl.reset(raw);
@@ -98,6 +120,18 @@ static void pack(int64_t dtype, torch::Tensor desc, torch::Tensor work, torch::T
   TORCH_CHECK(rc == 0, "SGMM pack launch failed: ", cudaGetErrorString((cudaError_t)rc));
 }
 
+static void slots(torch::Tensor experts, torch::Tensor gates, torch::Tensor prev_experts,
+                  torch::Tensor prev_gates, torch::Tensor table, int64_t k, bool inplace,
+                  double scaling) {
+  TORCH_CHECK(table.is_cuda() && table.nbytes() >= 64 && table.device() == experts.device(),
+              "slots: the slot table must be a CUDA tensor of at least 64 bytes on the experts' device");
+  int rc = adafuse_sgmm::launch_slots(
+      experts.data_ptr<int64_t>(), gates.data_ptr<float>(), prev_experts.data_ptr<int64_t>(),
+      prev_gates.data_ptr<float>(), table.data_ptr(), static_cast<int>(k), inplace ? 1 : 0,
+      static_cast<float>(scaling), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(rc == 0, "SGMM slot-table launch failed: ", cudaGetErrorString((cudaError_t)rc));
+}
+
 static std::vector<std::string> variant_names() {
   std::vector<std::string> out;
   for (int i = 0; i < adafuse_sgmm::num_variants(); ++i) out.push_back(adafuse_sgmm::variant_name(i));
@@ -105,11 +139,18 @@ static std::vector<std::string> variant_names() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Plan>(m, "Plan")
+  // module_local: a process may load two builds of this extension (a plan asking for variants the
+  // first build lacks, e.g. the gather ones), and both define this C++ type.
+  pybind11::class_<Plan>(m, "Plan", pybind11::module_local())
       .def("run", &Plan::run)
       .def("workspace_bytes", &Plan::workspace_bytes);
-  m.def("create_plan", &create_plan);
+  m.def("create_plan", &create_plan, pybind11::arg("dtype"), pybind11::arg("variant"),
+        pybind11::arg("mnk"), pybind11::arg("ptrs"), pybind11::arg("sm_count"),
+        pybind11::arg("raster"), pybind11::arg("swizzle"),
+        pybind11::arg("slot_table") = pybind11::none(), pybind11::arg("rank") = 0,
+        pybind11::arg("n_experts") = 0);
   m.def("pack", &pack);
+  m.def("slots", &slots);
   m.def("pack_blocks_per_sm", [](int64_t dtype) {
     int n = adafuse_sgmm::pack_blocks_per_sm(static_cast<int>(dtype));
     TORCH_CHECK(n > 0, "SGMM pack occupancy query failed (code ", -n, ")");

@@ -1,13 +1,16 @@
-"""CUTLASS SGMM launcher (Hopper sm_90a): pack launch + one pointer-array grouped GEMM.
+"""CUTLASS SGMM launcher (Hopper sm_90a): one pointer-array grouped GEMM for every weight.
 
-`CutlassPlan` owns, per weight set:
-- a packed-factor workspace (per weight L [out, Kc] and R [Kc, in], 128-byte aligned),
-  whose addresses never change, so the GEMM arguments are fixed;
-- the pack descriptor table on the device (A, B, L, R pointers, out, in);
-- a CUTLASS plan (device arrays of problem shapes, strides and the L/R/C/D pointers, built
-  once; C = W, beta = 1 for "inplace", C = W0 for "pristine"; D = W).
-`run` = pack launch (gathers the experts named by the device index tensors, scales by the
-gates, writes prev_* for the next call) + the grouped GEMM launch. No host sync, no copies.
+Two ways to feed the GEMM the selected experts (L = gate-scaled B's, R = A's, per weight):
+- pack (the default): a launch first gathers and scales the factors into a workspace (per weight
+  L [out, Kc] and R [Kc, in], 128-byte aligned) that the GEMM reads; any rank, multiple of 8;
+- gather (`gather=True`, rank a multiple of 64): the GEMM reads the stacked experts itself
+  (variants 23-25: the expert of each k-block picked in its TMA load, each slot's product scaled
+  in fp32 registers); a one-block launch before it writes the slot table (experts,
+  +-scaling * gates) and publishes this token's experts as the next call's previous ones. Measured
+  slower than pack + GEMM on the H200 (docs/kernels.md), so not the default.
+Either way the plan's addresses never change, so every GEMM argument (device arrays of problem
+shapes, strides and pointers; C = W, beta = 1 for "inplace", C = W0 for "pristine"; D = W) is
+built once, and `run` is two launches: no host sync, no copies, capturable in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ from adafuse_compile.cutlass_kernels import build
 # The previous fixed defaults (1 inplace, 3 pristine, along M) measured q,v 1.646 / 1.381 and
 # all seven 10.83 / 8.17 ms in the same probe.
 GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
+# The same three GEMMs with the experts gathered inside (sgmm_sm90.cu, GatherMainloop): 23 = 14,
+# 24 = 17, 25 = 1. They need the rank to be a whole number of 64-wide k-blocks. Whole switch on
+# the H200 (probe_sgmm_gemm_h200_run7.json, 7B shapes): q,v pristine 1.36 ms against 1.25 packed
+# (v14), in place 1.87 against 1.53; all seven pristine 8.45 against 7.55 (v17).
+GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1), (25, 1))}
+GATHER_RANK_MULTIPLE = 64
 _chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
@@ -90,25 +99,61 @@ def pack_work_table(vectors: list[int], resident_blocks: int, waves: int = 4,
 
 
 class CutlassPlan:
-    """Pack workspace, pack block table and grouped-GEMM plan for one weight set.
+    """Grouped-GEMM plan for one weight set, with its pack workspace and block table or its
+    slot table (gather).
 
-    `variant=None`: the GEMM is chosen among GEMM_CANDIDATES[mode] by timing each on this
-    device once per weight-set shape (`choose_gemm`); a `variant` given (with `raster`) is used
-    as is. `choice` records what was used and why.
+    `variant=None`: the GEMM is chosen among GEMM_CANDIDATES[mode] (pack) or
+    GATHER_CANDIDATES[mode] (`gather=True`) by timing each on this device once per weight-set
+    shape (`choose_gemm`); a `variant` given (with `raster`) is used as is, and decides pack or
+    gather. `choice` records what was used and why.
     """
 
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
-                 sm_count: int = 0, raster: int = 0, swizzle: int = 1):
+                 sm_count: int = 0, raster: int = 0, swizzle: int = 1, gather: bool = False):
         mode = "inplace" if pristine is None else "pristine"
-        candidates = GEMM_CANDIDATES[mode] if variant is None else ((variant, raster),)
-        self.ext = build.load_extension(tuple(sorted({v for v, _ in candidates})))
+        self.r, self.n_experts = int(lora_A[0].shape[1]), int(lora_A[0].shape[0])
+        if variant is not None:
+            gather = variant >= build.FIRST_GATHER_VARIANT
+        if gather and self.r % GATHER_RANK_MULTIPLE:
+            raise ValueError(f"SGMM CUTLASS: the gather GEMM needs a rank that is a multiple of "
+                             f"{GATHER_RANK_MULTIPLE}, got {self.r}; use gather=False (pack)")
+        self.gathers = gather
+        table = GATHER_CANDIDATES if gather else GEMM_CANDIDATES
+        candidates = table[mode] if variant is None else ((variant, raster),)
+        # both modes' candidates: one build serves in-place and pristine plans alike
+        wanted = [c for cands in table.values() for c in cands] if variant is None else candidates
+        self.ext = build.load_extension(tuple(sorted({v for v, _ in wanted})))
+        self.dtype_code = _ELEMENTS[weights[0].dtype]
+        self.k, self.inplace = k, pristine is None
+        kc = (2 * k if self.inplace else k) * self.r
+        if gather:
+            self._init_gather(weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle)
+        else:
+            self._init_pack(weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle)
+        self.num_weights = len(weights)
+
+    def _init_gather(self, weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle):
+        """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
+        table (SlotTable in sgmm_sm90.cu: 8 int32 experts, 8 float coefficients) is the only
+        per-call state, written by `pack` (the slot launch)."""
+        dev = weights[0].device
+        self.slot_table = torch.zeros(16, dtype=torch.int32, device=dev)
+        mnk, ptrs = [], [[], [], [], []]
+        for g, w in enumerate(weights):
+            out, inn = w.shape
+            c = w if pristine is None else pristine[g]
+            if lora_A[g].data_ptr() % 16 or lora_B[g].data_ptr() % 16:
+                raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
+            mnk.append([out, inn, kc])
+            for lst, p in zip(ptrs, (lora_B[g].data_ptr(), lora_A[g].data_ptr(), c.data_ptr(), w.data_ptr())):
+                lst.append(p)
+        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, self.slot_table)
+
+    def _init_pack(self, weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle):
+        """The pack workspace (L and R per weight), its descriptor table and block table."""
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
-        self.dtype_code = _ELEMENTS[dtype]
-        self.k, self.inplace = k, pristine is None
-        self.r = int(lora_A[0].shape[1])
-        kc = (2 * k if self.inplace else k) * self.r
         offs, total = [], 0
         for w in weights:
             out, inn = w.shape
@@ -131,7 +176,6 @@ class CutlassPlan:
         # Built once per weight set: the only host-to-device copies this plan makes.
         self.desc = torch.tensor(desc, dtype=torch.int64).to(dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
         with torch.cuda.device(dev):
             resident = self.ext.pack_blocks_per_sm(self.dtype_code)
             # before any GEMM runs: a weight set the pack cannot index fails here, W untouched
@@ -139,6 +183,16 @@ class CutlassPlan:
                 [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
                 resident * torch.cuda.get_device_properties(dev).multi_processor_count,
             ).to(dev)
+        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, self.workspace)
+
+    def _plan_gemm(self, weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable):
+        """Create the candidate GEMM plans and keep the fastest (`choose_gemm`, timed with
+        `zeroable` zeroed: the pack workspace or the slot table, so the timing adds 0)."""
+        dev, dtype = weights[0].device, weights[0].dtype
+        mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
+        gather_args = dict(slot_table=self.slot_table, rank=self.r, n_experts=self.n_experts) \
+            if self.gathers else {}
+        with torch.cuda.device(dev):
             signature = (mode, dtype, str(dev), kc, sm_count, swizzle, candidates,
                          tuple(tuple(w.shape) for w in weights))
             if signature in _chosen:  # build only the GEMM chosen for this shape earlier
@@ -147,21 +201,26 @@ class CutlassPlan:
             for v, ra in candidates:
                 try:
                     gemms[(v, ra)] = self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, sm_count, ra,
-                                                          swizzle)
+                                                          swizzle, **gather_args)
                 except RuntimeError as exc:  # one candidate CUTLASS refuses must not fail the plan
                     errors.append(f"variant {v}, raster {ra}: {exc}")
             if not gemms:
                 raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
-            self.choice = choose_gemm(gemms, self.workspace, signature)
+            self.choice = choose_gemm(gemms, zeroable, signature)
             if errors:  # refused at planning, before choose_gemm's own launch failures
                 self.choice["failed"] = errors + self.choice.get("failed", [])
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
         self.gemm = gemms[(self.variant, self.raster)]
-        self.num_weights = len(weights)
 
     def pack(self, experts, gates, prev_experts, prev_gates, scaling):
-        self.ext.pack(self.dtype_code, self.desc, self.work, experts, gates, prev_experts,
-                      prev_gates, self.counter, self.k, self.r, self.inplace, float(scaling))
+        """The launch before the GEMM: the slot table (gather) or the packed factors (pack); both
+        publish this token's experts and gates as the next call's previous ones."""
+        if self.gathers:
+            self.ext.slots(experts, gates, prev_experts, prev_gates, self.slot_table, self.k,
+                           self.inplace, float(scaling))
+        else:
+            self.ext.pack(self.dtype_code, self.desc, self.work, experts, gates, prev_experts,
+                          prev_gates, self.counter, self.k, self.r, self.inplace, float(scaling))
 
     def run(self, experts: Tensor, gates: Tensor, prev_experts: Tensor, prev_gates: Tensor,
             scaling: float) -> None:
@@ -176,7 +235,8 @@ def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 
     each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
     is left out (reported under "failed"); if every one fails, the first error is raised.
 
-    The timing launches run the GEMM on a zeroed workspace, so they add L R = 0: in place the
+    The timing launches run the GEMM on a zeroed workspace (pack) or slot table (gather: every
+    coefficient 0, every expert 0), so they add L R = 0: in place the
     targets stay W (W + 0); in pristine mode they become W0 (W0 + 0) until the next switch
     rewrites them. Plans are built right before a switch (the op's first call) or for another
     model instance's decode step (rewrite_switch's rebind), whose switch runs before anything

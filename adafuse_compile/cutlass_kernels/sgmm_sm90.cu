@@ -45,10 +45,17 @@ struct PlanBase {
 // groups problems; mnk_host [groups*3] (M=out, N=in, K=Kc); pointers are device addresses.
 // raster: 0 = along M (CUTLASS's default), 1 = along N, 2 = CUTLASS's heuristic; swizzle: the
 // tile scheduler's max_swizzle_size (1, 2, 4, 8).
+// Gather variants: ptr_lhs / ptr_rhs are the stacked B [N, out, r] / A [N, r, in] of each weight
+// and `gather` names the slot table, r and N; the packed variants take gather == nullptr.
+struct GatherArgs {
+  const void* slot_table;  // SlotTable on the device
+  int rank;
+  int n_experts;
+};
 typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t* ptr_lhs,
                                   const int64_t* ptr_rhs, const int64_t* ptr_c,
                                   const int64_t* ptr_d, int sm_count, int raster, int swizzle,
-                                  std::string* err);
+                                  const GatherArgs* gather, std::string* err);
 
 // Variant table: (id, name, kernel schedule, epilogue schedule, tile M, N, K, cluster M, N,
 // epilogue tile M, N (0, 0 = CUTLASS's automatic choice), epilogue C stages (0 = CUTLASS's
@@ -67,6 +74,9 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 // - more C stages (9, 12): 12 has 96 KB of C in shared memory, 9 has 64 KB.
 // 13-22 give D shared memory of its own (the builder lets D reuse C's buffers, so a buffer takes
 // the next C only after the D store out of it): 14 and 17 are the candidates a plan times.
+// 23-25 are 14, 17 and 1 with the experts gathered inside the GEMM instead of packed by a
+// separate launch (GatherMainloop): L and R are read straight from the stacked expert tensors
+// B [N, out, r] and A [N, r, in], which needs r % 64 == 0 (one k-block never spans two experts).
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0, 0)                     \
@@ -113,9 +123,26 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(21, coop_128x128x64_e128x64_sepd2_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,    \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 2, 128, 64, 4)                  \
   X(22, coop_128x128x64_e128x128_sepd2_c1x2, KernelPtrArrayTmaWarpSpecializedCooperative,   \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 2, 128, 128, 2)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 2, 128, 128, 2)                 \
+  X(23, gather_coop_128x128x64_e128x64_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative,  \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)                  \
+  X(24, gather_coop_128x128x64_e128x128_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative, \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 2)                 \
+  X(25, gather_coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 23
+#define ADAFUSE_SGMM_NUM_VARIANTS 26
+// Variants from this id on gather the experts inside the GEMM (GatherMainloop below): no pack.
+#define ADAFUSE_SGMM_FIRST_GATHER_VARIANT 23
+
+// The per-call slot table of the gather variants, written by `sgmm_slots_kernel` into a buffer
+// whose address never changes (so the GEMM's arguments stay fixed): for each K slot j (inplace:
+// the previous experts, then the current ones; pristine: the current ones), the expert whose
+// factors fill it and the coefficient its LoRA B tile is scaled by (+-scaling * gate).
+struct SlotTable {
+  int32_t expert[8];
+  float coef[8];
+};
 
 }  // namespace adafuse_sgmm
 
@@ -171,8 +198,204 @@ template <> struct EpilogueOverride<20> {
 template <> struct EpilogueOverride<21> : EpilogueOverride<14> {};
 template <> struct EpilogueOverride<22> : EpilogueOverride<14> {};
 
+// The builder's ptr-array main loop (cooperative schedule), changed in three places so that
+// L = [c_0 B[e_0] | c_1 B[e_1] | ...] and R = [A[e_0]; A[e_1]; ...] are read straight from the
+// stacked experts, no pack launch:
+// - the operands are 3-D, (M, r, N experts) and (N, r, N experts), the expert in TMA's third
+//   dimension (L strides out * r and r * in), set per group like the base sets M, N, K;
+// - the producer loads k-block t from (k = t % (r / TK), expert = slot_expert[t / (r / TK)]):
+//   the problem's K is slots * r, so the kernel's k-block counts stay right;
+// - the consumer applies each slot's coefficient to its fp32 product (mma below), so L is never
+//   rounded after scaling (the pack kernel rounds c * B to 16 bits).
+template <class Base>
+struct GatherMainloop : Base {
+  using typename Base::TileShape;
+  using typename Base::TiledMma;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+  using typename Base::TensorMapStorage;
+  using typename Base::InternalElementA;
+  using typename Base::InternalElementB;
+  static constexpr int kTileK = size<2>(TileShape{});
+  static constexpr int kMmaThreads = size(TiledMma{});
+  static_assert(size(typename Base::DispatchPolicy::ClusterShape{}) == 1,
+                "gather variants load without multicast (1x1 clusters)");
+
+  struct Arguments : Base::Arguments {
+    const SlotTable* slots;
+    int rank;
+    int n_experts;
+  };
+  struct Params : Base::Params {
+    const SlotTable* slots;
+    int rank;
+    int n_experts;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args,
+                                        void* workspace) {
+    return {Base::to_underlying_arguments(problem_shapes, args, workspace), args.slots,
+            args.rank, args.n_experts};
+  }
+
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL,
+                                Params const& params) const {
+    using X = Underscore;
+    auto [M, N, K, L] = problem_shape_MNKL;
+    Tensor mA = params.tma_load_a.get_tma_tensor(make_shape(M, params.rank, params.n_experts));
+    Tensor mB = params.tma_load_b.get_tma_tensor(make_shape(N, params.rank, params.n_experts));
+    Tensor gA = local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{});  // (BM,BK,m,k,e)
+    Tensor gB = local_tile(mB, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{});  // (BN,BK,n,k,e)
+    return cute::make_tuple(gA, gB);
+  }
+
+  template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator,
+            class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline,
+                           PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB> const& load_inputs,
+                           cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
+                           BlockCoord const& blk_coord, KTileIterator, int k_tile_count, int,
+                           uint32_t, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    auto tma_a = params.tma_load_a.get_slice(0);
+    auto tma_b = params.tma_load_b.get_slice(0);
+    auto m_coord = get<0>(blk_coord);
+    auto n_coord = get<1>(blk_coord);
+    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, _));  // (TMA,.,.,k,e)
+    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, _));
+    Tensor tAsA = tma_a.partition_D(sA);
+    Tensor tBsB = tma_b.partition_D(sB);
+    const int blocks_per_slot = params.rank / kTileK;
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 0; t < k_tile_count; ++t) {
+      const int slot = t / blocks_per_slot, kb = t - slot * blocks_per_slot;
+      const int expert = params.slots->expert[slot];
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      copy(params.tma_load_a.with(get<0>(input_tensormaps), *barrier, uint16_t(0)),
+           tAgA(_, _, _, kb, expert), tAsA(_, _, _, stage));
+      copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, uint16_t(0)),
+           tBgB(_, _, _, kb, expert), tBsB(_, _, _, stage));
+      ++smem_pipe_write;
+    }
+  }
+
+  // The base's consumer loop (one wgmma batch in flight, each stage released once the next
+  // batch is issued; the base's mma_tail releases the last), with the slots' coefficients
+  // applied to fp32 products: slot 0 accumulates into `accum`, every later slot into `partial`
+  // (both batches of slots 0 and 1 in flight at once), then accum = c_0 accum + c_1 partial,
+  // accum += c_j partial for j >= 2. Scaling the L tile in shared memory instead (as the pack
+  // rounds it) cost a shared-memory pass, a proxy fence and a barrier per k-block: q,v pristine
+  // 1.48 against 1.26 ms packed (H200, first probe of the gather variants).
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
+                          FrgTensorC& accum, int k_tile_count, int thread_idx,
+                          TensorStorage& shared_tensors, Params const& params) {
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr int kMmaWarpGroups = kMmaThreads / cutlass::NumThreadsPerWarpGroup;
+    Layout wg_layout = make_layout(Int<kMmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    int wg = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(wg_layout(wg));
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA,M,K,PIPE)
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));
+    Tensor partial = make_fragment_like(accum);
+    const int blocks_per_slot = params.rank / kTileK;
+    const int slots = k_tile_count / blocks_per_slot;
+    const float* coef = params.slots->coef;
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    warpgroup_fence_operand(accum);
+    warpgroup_fence_operand(partial);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 0; t < k_tile_count; ++t) {
+      const int slot = t / blocks_per_slot, kb_in_slot = t - slot * blocks_per_slot;
+      auto token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, token);
+      const int stage = smem_pipe_read.index();
+      tiled_mma.accumulate_ = kb_in_slot == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+      warpgroup_arrive();
+      if (slot == 0) {  // two static targets: a runtime-selected one would leave registers
+        CUTLASS_PRAGMA_UNROLL
+        for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+          cute::gemm(tiled_mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
+          tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+      } else {
+        CUTLASS_PRAGMA_UNROLL
+        for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+          cute::gemm(tiled_mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), partial);
+          tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+      }
+      warpgroup_commit_batch();
+      if (t > 0) {  // the previous batch is done with its stage
+        warpgroup_wait<1>();
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      ++smem_pipe_read;
+      if (slot >= 1 && kb_in_slot == blocks_per_slot - 1) {  // slot complete: fold it in
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accum);
+        warpgroup_fence_operand(partial);
+        const float c = coef[slot], c0 = slot == 1 ? coef[0] : 1.0f;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(accum); ++i) accum(i) = c0 * accum(i) + c * partial(i);
+        warpgroup_fence_operand(accum);
+        warpgroup_fence_operand(partial);
+      }
+    }
+    if (slots == 1) {  // pristine k = 1: the only slot's coefficient
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accum);
+      const float c0 = coef[0];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(accum); ++i) accum(i) *= c0;
+    }
+    warpgroup_fence_operand(accum);
+  }
+
+  // The base's per-group tensor-map update with the 3-D (rows, r, experts) operand shapes.
+  template <class TensorMapA, class TensorMapB, class ProblemShape_MNKL>
+  CUTLASS_DEVICE void tensormaps_perform_update(
+      TensorMapStorage& shared_tensormaps, Params const& params,
+      cute::tuple<TensorMapA, TensorMapB> const&, ProblemShape_MNKL problem_shape_mnkl,
+      int32_t next_group) {
+    if (!cute::elect_one_sync()) return;
+    this->tensormaps_replace_global_address(shared_tensormaps, params, next_group);
+    const uint32_t M = get<0>(problem_shape_mnkl), N = get<1>(problem_shape_mnkl);
+    const uint32_t R = static_cast<uint32_t>(params.rank), E = static_cast<uint32_t>(params.n_experts);
+    cute::array<uint32_t, 5> shape_a = {1, 1, 1, 1, 1}, shape_b = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> stride_a = {0, 0, 0, 0, 0}, stride_b = {0, 0, 0, 0, 0};
+    Tensor tensor_a = make_tensor(static_cast<InternalElementA const*>(nullptr),
+                                  make_shape(M, R, E), params.dA[next_group]);
+    Tensor tensor_b = make_tensor(static_cast<InternalElementB const*>(nullptr),
+                                  make_shape(N, R, E), params.dB[next_group]);
+    cute::detail::fill_tma_gmem_shape_stride(params.tma_load_a, tensor_a, shape_a, stride_a);
+    cute::detail::fill_tma_gmem_shape_stride(params.tma_load_b, tensor_b, shape_b, stride_b);
+    for (uint64_t& st : stride_a) st = st * sizeof_bits_v<InternalElementA> / 8;
+    for (uint64_t& st : stride_b) st = st * sizeof_bits_v<InternalElementB> / 8;
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_A,
+                                                            shape_a, stride_a);
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_B,
+                                                            shape_b, stride_b);
+  }
+};
+
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
-          int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>>
+          int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>,
+          bool Gather = false>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -218,12 +441,19 @@ struct GroupedGemm {
                 "the staged epilogue path must reproduce the builder's epilogue");
   using CollectiveEpilogue = std::conditional_t<kOverridden, StagedEpilogue, BuilderEpilogue>;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
-      LayoutB*, kAlign, float, TileShape, ClusterShape,
+  // Gather: L is (out, r, expert) with strides (r, 1, out*r), R is (in, r, expert) with strides
+  // (1, in, r*in): the stacked B [N, out, r] and A [N, r, in] as they are.
+  static constexpr bool kGather = Gather;
+  using GmemStrideA = std::conditional_t<Gather, Stride<int64_t, _1, int64_t>*, LayoutA*>;
+  using GmemStrideB = std::conditional_t<Gather, Stride<_1, int64_t, int64_t>*, LayoutB*>;
+  using BuilderMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, GmemStrideA, kAlign, Element,
+      GmemStrideB, kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
+  using CollectiveMainloop =
+      std::conditional_t<Gather, GatherMainloop<BuilderMainloop>, BuilderMainloop>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop,
                                                       CollectiveEpilogue>;
@@ -272,7 +502,19 @@ struct Plan final : PlanBase {
 
   bool init(int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs,
             const int64_t* p_c, const int64_t* p_d, int sm_count, int raster, int swizzle,
-            std::string* err) {
+            const GatherArgs* gather, std::string* err) {
+    constexpr int kTileK = size<2>(typename Cfg::TileShape{});
+    if (Cfg::kGather != (gather != nullptr)) {
+      *err = Cfg::kGather ? "a gather variant needs the slot table, rank and expert count"
+                          : "a packed variant takes no gather arguments";
+      return false;
+    }
+    if (gather != nullptr && (gather->rank <= 0 || gather->rank % kTileK || gather->n_experts <= 0 ||
+                              gather->slot_table == nullptr)) {
+      *err = "gather variants need r a multiple of " + std::to_string(kTileK) +
+             " (got r = " + std::to_string(gather ? gather->rank : 0) + ") and a slot table";
+      return false;
+    }
     shapes_host.resize(groups);
     std::vector<StrideA> sa(groups);
     std::vector<StrideB> sb(groups);
@@ -285,8 +527,18 @@ struct Plan final : PlanBase {
     for (int g = 0; g < groups; ++g) {
       int M = mnk[3 * g], N = mnk[3 * g + 1], K = mnk[3 * g + 2];
       shapes_host[g] = Shape3{M, N, K};
-      sa[g] = cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1});
-      sb[g] = cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1});
+      if constexpr (Cfg::kGather) {  // the stacks B [E, out, r] and A [E, r, in] as they are
+        const int64_t r = gather->rank;
+        if (K % r) {
+          *err = "gather: K must be a whole number of rank-r slots";
+          return false;
+        }
+        sa[g] = StrideA{r, _1{}, int64_t(M) * r};
+        sb[g] = StrideB{_1{}, int64_t(N), r * N};
+      } else {
+        sa[g] = cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1});
+        sb[g] = cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1});
+      }
       sc[g] = cutlass::make_cute_packed_stride(StrideC{}, {M, N, 1});
       sd[g] = cutlass::make_cute_packed_stride(StrideD{}, {M, N, 1});
       pa[g] = reinterpret_cast<const ElementA*>(p_lhs[g]);
@@ -313,7 +565,7 @@ struct Plan final : PlanBase {
 
     typename Gemm::Arguments args;
     decltype(args.epilogue.thread) fusion;
-    fusion.alpha = 1.0f;  // gate and LoRA scaling are folded into L by the pack kernel
+    fusion.alpha = 1.0f;  // gate and LoRA scaling are folded into L (pack kernel or main loop)
     fusion.beta = 1.0f;   // C == D (inplace) or C = W0 (pristine)
     fusion.alpha_ptr = nullptr;
     fusion.beta_ptr = nullptr;
@@ -321,11 +573,19 @@ struct Plan final : PlanBase {
     fusion.beta_ptr_array = nullptr;
     fusion.dAlpha = {_0{}, _0{}, 0};
     fusion.dBeta = {_0{}, _0{}, 0};
+    typename Gemm::GemmKernel::MainloopArguments mainloop;
+    if constexpr (Cfg::kGather) {
+      mainloop = {{reinterpret_cast<const ElementA**>(at(o_pa)), reinterpret_cast<StrideA*>(at(o_sa)),
+                   reinterpret_cast<const ElementB**>(at(o_pb)), reinterpret_cast<StrideB*>(at(o_sb))},
+                  static_cast<const SlotTable*>(gather->slot_table), gather->rank, gather->n_experts};
+    } else {
+      mainloop = {reinterpret_cast<const ElementA**>(at(o_pa)), reinterpret_cast<StrideA*>(at(o_sa)),
+                  reinterpret_cast<const ElementB**>(at(o_pb)), reinterpret_cast<StrideB*>(at(o_sb))};
+    }
     args = typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {groups, reinterpret_cast<Shape3*>(at(o_shape)), shapes_host.data()},
-        {reinterpret_cast<const ElementA**>(at(o_pa)), reinterpret_cast<StrideA*>(at(o_sa)),
-         reinterpret_cast<const ElementB**>(at(o_pb)), reinterpret_cast<StrideB*>(at(o_sb))},
+        mainloop,
         {fusion, reinterpret_cast<const ElementC**>(at(o_pc)),
          reinterpret_cast<StrideC*>(at(o_sc)), reinterpret_cast<ElementD**>(at(o_pd)),
          reinterpret_cast<StrideD*>(at(o_sd))},
@@ -371,15 +631,17 @@ template <int V> struct VariantCfg;
 #define ADAFUSE_SGMM_VARIANT_CFG(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)           \
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
-                            CM, CN, EM, EN, SC, EpilogueOverride<ID>>;                      \
+                            CM, CN, EM, EN, SC, EpilogueOverride<ID>,                       \
+                            (ID >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT)>;                     \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
 PlanBase* ADAFUSE_CAT3(create_plan, ADAFUSE_SGMM_DTYPE_NAME, ADAFUSE_SGMM_VARIANT)(
     int groups, const int* mnk, const int64_t* p_lhs, const int64_t* p_rhs, const int64_t* p_c,
-    const int64_t* p_d, int sm_count, int raster, int swizzle, std::string* err) {
+    const int64_t* p_d, int sm_count, int raster, int swizzle, const GatherArgs* gather,
+    std::string* err) {
   auto* plan = new Plan<typename VariantCfg<ADAFUSE_SGMM_VARIANT>::Cfg>();
-  if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, err)) {
+  if (!plan->init(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, gather, err)) {
     delete plan;
     return nullptr;
   }
@@ -398,10 +660,10 @@ namespace adafuse_sgmm {
 #define ADAFUSE_SGMM_DECLARE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)               \
   __attribute__((weak)) PlanBase* create_plan_bf16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
-      int, int, std::string*);                                                               \
+      int, int, const GatherArgs*, std::string*);                                            \
   __attribute__((weak)) PlanBase* create_plan_fp16_##ID(                                     \
       int, const int*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int,  \
-      int, int, std::string*);
+      int, int, const GatherArgs*, std::string*);
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_DECLARE)
 
 #define ADAFUSE_SGMM_NAME(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC) #NAME,
@@ -423,9 +685,12 @@ const char* variant_name(int v) {
   return (v >= 0 && v < ADAFUSE_SGMM_NUM_VARIANTS) ? kVariantNames[v] : "";
 }
 
+bool is_gather_variant(int v) { return v >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT; }
+
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
-                      int sm_count, int raster, int swizzle, std::string* err) {
+                      int sm_count, int raster, int swizzle, const GatherArgs* gather,
+                      std::string* err) {
 #define ADAFUSE_SGMM_CASE(ID, NAME, KS, ES, TM, TN, TK, CM, CN, EM, EN, SC)                  \
   case ID: {                                                                                 \
     CreatePlanFn fn = dtype == kBF16 ? create_plan_bf16_##ID : create_plan_fp16_##ID;        \
@@ -433,7 +698,7 @@ PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const 
       *err = "SGMM variant " #NAME " was not built into this extension";                     \
       return nullptr;                                                                        \
     }                                                                                        \
-    return fn(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, err);          \
+    return fn(groups, mnk, p_lhs, p_rhs, p_c, p_d, sm_count, raster, swizzle, gather, err);  \
   }
   switch (variant) {
     ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_CASE)
@@ -594,6 +859,40 @@ int launch_pack(int dtype, const int64_t* desc, const int* work, int blocks,
     sgmm_pack_kernel<__half><<<grid, 256, 0, stream>>>(
         desc, work, experts, gates, prev_experts, prev_gates, counter, k, r, inplace, scaling);
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// The gather variants' per-call step (one block): this token's slot table (see SlotTable), then
+// the current experts / gates published as the next call's "previous" ones. One block, so the
+// reads of prev_* (inplace slots) come before the writes (the barrier between them).
+__global__ void sgmm_slots_kernel(const int64_t* __restrict__ experts,
+                                  const float* __restrict__ gates, int64_t* prev_experts,
+                                  float* prev_gates, SlotTable* table, int k, int inplace,
+                                  float scaling) {
+  const int j = threadIdx.x, slots = inplace ? 2 * k : k;
+  if (j < slots) {
+    if (inplace && j < k) {
+      table->expert[j] = static_cast<int32_t>(prev_experts[j]);
+      table->coef[j] = -scaling * prev_gates[j];
+    } else {
+      const int jj = inplace ? j - k : j;
+      table->expert[j] = static_cast<int32_t>(experts[jj]);
+      table->coef[j] = scaling * gates[jj];
+    }
+  }
+  __syncthreads();
+  if (j < k) {
+    prev_experts[j] = experts[j];
+    prev_gates[j] = gates[j];
+  }
+}
+
+int launch_slots(const int64_t* experts, const float* gates, int64_t* prev_experts,
+                 float* prev_gates, void* table, int k, int inplace, float scaling,
+                 cudaStream_t stream) {
+  if (k < 1 || k > kMaxSlots / 2) return static_cast<int>(cudaErrorInvalidValue);
+  sgmm_slots_kernel<<<1, 32, 0, stream>>>(experts, gates, prev_experts, prev_gates,
+                                          static_cast<SlotTable*>(table), k, inplace, scaling);
   return static_cast<int>(cudaGetLastError());
 }
 
