@@ -14,6 +14,7 @@ bias one configuration (issue #4). Llama-2-7B shapes, bf16.
 
 Usage: python benchmarks/probe_sgmm_gemm.py --out results.json [--gemm] [--sweeps] [--variants 1,3,14,17]
        python benchmarks/probe_sgmm_gemm.py --ncu-one VARIANT,K,MODE,GROUPS   (eager calls for ncu)
+       python benchmarks/probe_sgmm_gemm.py --ncu-switch SET,MODE,VARIANT      (the whole switch, for ncu)
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
         configs = [(None, 0, 1, False), (None, 0, 1, True)] + [c + (False,) for c in variants[mode]]
         for (variant, raster, swizzle, gather) in configs:
             plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=raster,
-                               swizzle=swizzle, gather=gather)
+                               swizzle=swizzle, gather=gather, timing_probe=True)
             tag = (f"{adapted}/{mode}/cutlass_default" + ("_gather" if gather else "")
                    if variant is None else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
             cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
@@ -199,6 +200,9 @@ def main() -> None:
                          "(gathering and packing); 23-25 gather (23 = 14, 24 = 17, 25 = 1)")
     ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
     ap.add_argument("--ncu-one", default=None)
+    ap.add_argument("--ncu-switch", default=None,
+                    help="SET,MODE,VARIANT: three calls of CutlassPlan's whole switch on the real shapes "
+                         "(a gather variant gathers, others pack), for ncu; e.g. qv,pristine,23")
     args = ap.parse_args()
     variants = [int(v) for v in args.variants.split(",")]
     t0 = time.time()
@@ -211,6 +215,18 @@ def main() -> None:
         plan = bufs.plan(ext, int(v), int(k), mode, int(groups))
         for _ in range(3):
             plan.run()
+        torch.cuda.synchronize()
+        return
+
+    if args.ncu_switch:
+        from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+
+        sname, mode, v = args.ncu_switch.split(",")
+        weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes_for(sname), True)
+        plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pristine if mode == "pristine" else None,
+                           variant=int(v), raster=1)
+        for _ in range(3):
+            plan.run(experts, gates, pe, pg, 0.5)
         torch.cuda.synchronize()
         return
 

@@ -193,3 +193,16 @@ def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
     with pytest.raises(RuntimeError, match="every candidate GEMM failed"):
         cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, torch.ones(4), sig[:-1] + (((8, 8),),),
                                  timer=timer)
+
+
+def test_unscaled_probe_variant_is_refused_outside_timing_probes():
+    """Variant 26 leaves the gates out (a timing probe): a plan refuses it before building anything."""
+    import torch
+
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+
+    w, a, b = torch.zeros(8, 8), torch.zeros(2, 64, 8), torch.zeros(2, 8, 64)
+    with pytest.raises(ValueError, match="timing probe"):
+        CutlassPlan([w], [a], [b], 1, None, variant=build.UNSCALED_PROBE_VARIANT)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        CutlassPlan([w], [torch.zeros(2, 16, 8)], [torch.zeros(2, 8, 16)], 1, None, gather=True)

@@ -16,8 +16,9 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 26  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+NUM_VARIANTS = 27  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
 FIRST_GATHER_VARIANT = 23  # ADAFUSE_SGMM_FIRST_GATHER_VARIANT: the experts gathered in the GEMM
+UNSCALED_PROBE_VARIANT = 26  # ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT: a timing probe, wrong results
 # Variants compiled into every build of the extension (one build serves every request for a
 # subset): the candidates a plan times (cutlass_sgmm.GEMM_CANDIDATES: 1, 14, 17) and the previous
 # default (3). The other measured variants, the gathering ones (23-25) among them, are built only

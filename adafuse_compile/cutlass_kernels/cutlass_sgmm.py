@@ -110,7 +110,11 @@ class CutlassPlan:
 
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
-                 sm_count: int = 0, raster: int = 0, swizzle: int = 1, gather: bool = False):
+                 sm_count: int = 0, raster: int = 0, swizzle: int = 1, gather: bool = False,
+                 timing_probe: bool = False):
+        if variant == build.UNSCALED_PROBE_VARIANT and not timing_probe:
+            raise ValueError(f"SGMM CUTLASS: variant {variant} is a timing probe that leaves the gates "
+                             "out (wrong results); pass timing_probe=True only to time it")
         mode = "inplace" if pristine is None else "pristine"
         self.r, self.n_experts = int(lora_A[0].shape[1]), int(lora_A[0].shape[0])
         if variant is not None:

@@ -129,9 +129,15 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(24, gather_coop_128x128x64_e128x128_sepd2, KernelPtrArrayTmaWarpSpecializedCooperative, \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 2)                 \
   X(25, gather_coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,        \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)                  \
+  X(26, gather_coop_128x128x64_e128x64_sepd2_unscaled, KernelPtrArrayTmaWarpSpecializedCooperative, \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 26
+#define ADAFUSE_SGMM_NUM_VARIANTS 27
+// A timing probe, not a kernel to use: 23 with the slots' coefficients left out (every slot
+// accumulated as is, like the packed GEMM's loop), to separate the cost of the per-slot combine
+// from that of the gathered loads. Its results are wrong; cutlass_sgmm.py refuses it outside probes.
+#define ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT 26
 // Variants from this id on gather the experts inside the GEMM (GatherMainloop below): no pack.
 #define ADAFUSE_SGMM_FIRST_GATHER_VARIANT 23
 
@@ -207,7 +213,7 @@ template <> struct EpilogueOverride<22> : EpilogueOverride<14> {};
 //   the problem's K is slots * r, so the kernel's k-block counts stay right;
 // - the consumer applies each slot's coefficient to its fp32 product (mma below), so L is never
 //   rounded after scaling (the pack kernel rounds c * B to 16 bits).
-template <class Base>
+template <class Base, bool kScaleSlots = true>
 struct GatherMainloop : Base {
   using typename Base::TileShape;
   using typename Base::TiledMma;
@@ -293,9 +299,13 @@ struct GatherMainloop : Base {
   // batch is issued; the base's mma_tail releases the last), with the slots' coefficients
   // applied to fp32 products: slot 0 accumulates into `accum`, every later slot into `partial`
   // (both batches of slots 0 and 1 in flight at once), then accum = c_0 accum + c_1 partial,
-  // accum += c_j partial for j >= 2. Scaling the L tile in shared memory instead (as the pack
-  // rounds it) cost a shared-memory pass, a proxy fence and a barrier per k-block: q,v pristine
-  // 1.48 against 1.26 ms packed (H200, first probe of the gather variants).
+  // accum += c_j partial for j >= 2, each fold after every MMA issued so far is done.
+  // Measured on the H200 (q,v, whole switch; docs/kernels.md): scaling the L tile in shared
+  // memory instead (a shared-memory pass, a proxy fence and a barrier per k-block) 1.48 ms
+  // pristine; this loop 1.32-1.36 pristine, 1.87-1.93 in place; the gathered loads with no
+  // coefficients at all (variant 26, a probe) 1.26 / 1.40. Folding a slot while the next one's
+  // MMAs run (two partial accumulators) made ptxas serialize every wgmma (C7514: it cannot tell
+  // which accumulator a runtime-chosen slot's batch writes), so it is not done.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
                           FrgTensorC& accum, int k_tile_count, int thread_idx,
@@ -319,7 +329,9 @@ struct GatherMainloop : Base {
     warpgroup_fence_operand(partial);
     CUTLASS_PRAGMA_NO_UNROLL
     for (int t = 0; t < k_tile_count; ++t) {
-      const int slot = t / blocks_per_slot, kb_in_slot = t - slot * blocks_per_slot;
+      // the unscaled probe (variant 26) accumulates every slot as is, like the packed GEMM
+      const int slot = kScaleSlots ? t / blocks_per_slot : 0;
+      const int kb_in_slot = kScaleSlots ? t - slot * blocks_per_slot : t;
       auto token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, token);
       const int stage = smem_pipe_read.index();
@@ -356,7 +368,7 @@ struct GatherMainloop : Base {
         warpgroup_fence_operand(partial);
       }
     }
-    if (slots == 1) {  // pristine k = 1: the only slot's coefficient
+    if (kScaleSlots && slots == 1) {  // pristine k = 1: the only slot's coefficient
       warpgroup_wait<0>();
       warpgroup_fence_operand(accum);
       const float c0 = coef[0];
@@ -395,7 +407,7 @@ struct GatherMainloop : Base {
 
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
           int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>,
-          bool Gather = false>
+          bool Gather = false, bool UnscaledProbe = false>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -453,7 +465,7 @@ struct GroupedGemm {
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
   using CollectiveMainloop =
-      std::conditional_t<Gather, GatherMainloop<BuilderMainloop>, BuilderMainloop>;
+      std::conditional_t<Gather, GatherMainloop<BuilderMainloop, !UnscaledProbe>, BuilderMainloop>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop,
                                                       CollectiveEpilogue>;
@@ -632,7 +644,8 @@ template <int V> struct VariantCfg;
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
                             CM, CN, EM, EN, SC, EpilogueOverride<ID>,                       \
-                            (ID >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT)>;                     \
+                            (ID >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT),                      \
+                            (ID == ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT)>;                   \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
