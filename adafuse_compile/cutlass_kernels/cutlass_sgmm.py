@@ -7,7 +7,8 @@ Two ways to feed the GEMM the selected experts (L = gate-scaled B's, R = A's, pe
   (variants 23-25: the expert of each k-block picked in its TMA load, each slot's product scaled
   in fp32 registers); a one-block launch before it writes the slot table (experts,
   +-scaling * gates) and publishes this token's experts as the next call's previous ones. Measured
-  slower than pack + GEMM on the H200 (docs/kernels.md), so not the default.
+  on the H200 (docs/kernels.md): slower than pack + GEMM in pristine mode, tied in place, so not
+  the default.
 Either way the plan's addresses never change, so every GEMM argument (device arrays of problem
 shapes, strides and pointers; C = W, beta = 1 for "inplace", C = W0 for "pristine"; D = W) is
 built once, and `run` is two launches: no host sync, no copies, capturable in a CUDA graph.
@@ -33,8 +34,9 @@ from adafuse_compile.cutlass_kernels import build
 GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
 # The same three GEMMs with the experts gathered inside (sgmm_sm90.cu, GatherMainloop): 23 = 14,
 # 24 = 17, 25 = 1. They need the rank to be a whole number of 64-wide k-blocks. Whole switch on
-# the H200 (probe_sgmm_gemm_h200_run7.json, 7B shapes): q,v pristine 1.36 ms against 1.25 packed
-# (v14), in place 1.87 against 1.53; all seven pristine 8.45 against 7.55 (v17).
+# the H200 (probe_sgmm_gemm_h200_run7_gather.json, _run10_four_slots.json, 7B shapes): q,v
+# pristine 1.34-1.36 ms against 1.21-1.25 packed (v14), in place 1.55 against 1.53 (after the
+# four-slot loop; 1.87 before); all seven pristine 8.45 against 7.55 (v17, run 7).
 GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1), (25, 1))}
 GATHER_RANK_MULTIPLE = 64
 _chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process

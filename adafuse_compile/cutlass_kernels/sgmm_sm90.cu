@@ -305,7 +305,8 @@ struct GatherMainloop : Base {
   // pristine; this loop 1.32-1.36 pristine, 1.87-1.93 in place; the gathered loads with no
   // coefficients at all (variant 26, a probe) 1.26 / 1.40. Folding a slot while the next one's
   // MMAs run (two partial accumulators) made ptxas serialize every wgmma (C7514: it cannot tell
-  // which accumulator a runtime-chosen slot's batch writes), so it is not done.
+  // which accumulator a runtime-chosen slot's batch writes), so it is not done here; in place
+  // with four one-k-block slots takes mma_four_slots instead (1.55 ms, run 10).
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
                           FrgTensorC& accum, int k_tile_count, int thread_idx,
@@ -323,6 +324,13 @@ struct GatherMainloop : Base {
     const int blocks_per_slot = params.rank / kTileK;
     const int slots = k_tile_count / blocks_per_slot;
     const float* coef = params.slots->coef;
+    // (c2, c3 far from 0: c0 / c2 and c1 / c3 stay finite for any gate and LoRA scale)
+    if (kScaleSlots && blocks_per_slot == 1 && slots == 4 && fabsf(coef[2]) > 1e-30f &&
+        fabsf(coef[3]) > 1e-30f) {
+      mma_four_slots(pipeline, smem_pipe_read, accum, tiled_mma, tCrA, tCrB, coef[0], coef[1],
+                     coef[2], coef[3]);  // in place, top-2, r = 64
+      return;
+    }
 
     PipelineState smem_pipe_release = smem_pipe_read;
     warpgroup_fence_operand(accum);
@@ -375,6 +383,64 @@ struct GatherMainloop : Base {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(accum); ++i) accum(i) *= c0;
     }
+    warpgroup_fence_operand(accum);
+  }
+
+  // Four one-k-block slots (in place, top-2, r = 64) in two accumulators with no fold that
+  // waits for every MMA: each set is rescaled while the other set's batch runs, and slots 2 and 3
+  // accumulate on top of the rescaled sets,
+  //   accum = (c0 / c2) P0 + P2,  other = (c1 / c3) P1 + P3,  result = c2 accum + c3 other,
+  // which is c0 P0 + c1 P1 + c2 P2 + c3 P3 with one fp32 rounding more per product. Called only
+  // with |c2|, |c3| > 1e-30 (this token's gates); a third accumulator set (folding while the next
+  // batch runs) did not fit the registers (ptxas serialized the wgmma, C7512).
+  template <class FrgTensorC, class FragA, class FragB>
+  CUTLASS_DEVICE void mma_four_slots(MainloopPipeline pipeline, PipelineState smem_pipe_read,
+                                     FrgTensorC& accum, TiledMma& tiled_mma, FragA const& tCrA,
+                                     FragB const& tCrB, float c0, float c1, float c2, float c3) {
+    Tensor other = make_fragment_like(accum);
+    PipelineState smem_pipe_release = smem_pipe_read;
+    warpgroup_fence_operand(accum);
+    warpgroup_fence_operand(other);
+    auto issue = [&](auto& target, bool accumulate) {
+      auto token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, token);
+      const int stage = smem_pipe_read.index();
+      tiled_mma.accumulate_ = accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
+      warpgroup_fence_operand(target);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+        cute::gemm(tiled_mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), target);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      ++smem_pipe_read;
+    };
+    auto release_previous = [&]() {  // every batch but the last one issued is done
+      warpgroup_wait<1>();
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_release;
+    };
+    auto rescale = [&](auto& target, float f) {
+      warpgroup_fence_operand(target);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(target); ++i) target(i) *= f;
+      warpgroup_fence_operand(target);
+    };
+    issue(accum, false);   // P0
+    issue(other, false);   // P1
+    release_previous();    // P0 done
+    rescale(accum, c0 / c2);
+    issue(accum, true);    // + P2
+    release_previous();    // P1 done
+    rescale(other, c1 / c3);
+    issue(other, true);    // + P3
+    release_previous();    // accum done
+    warpgroup_wait<0>();   // other done (its stage is released by the base's mma_tail)
+    warpgroup_fence_operand(accum);
+    warpgroup_fence_operand(other);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accum); ++i) accum(i) = c2 * accum(i) + c3 * other(i);
     warpgroup_fence_operand(accum);
   }
 
