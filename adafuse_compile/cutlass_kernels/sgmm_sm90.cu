@@ -13,6 +13,11 @@
 // buffers (a grid-wide counter decides which block is last), so a graph replay unmerges the
 // right experts next time.
 //
+// The gather variants (23-26, GatherMainloop) read L and R straight from the stacked experts
+// instead; their light launch (`sgmm_slots_kernel`) only writes a 64-byte slot table (experts,
+// coefficients) and the "previous" buffers. Measured slower than the pack in pristine mode and
+// tied in place (docs/kernels.md), so the pack is the default.
+//
 // This file compiles on its own with nvcc (no torch headers):
 //   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I<cutlass>/include
 //        -I<cutlass>/tools/util/include --expt-relaxed-constexpr -c sgmm_sm90.cu
