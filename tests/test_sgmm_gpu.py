@@ -8,7 +8,7 @@ import torch
 
 from adafuse_compile.cutlass_kernels import ops
 from adafuse_compile.cutlass_kernels.reference import (
-    delta_error, gather_factors, make_problem, oracle_switch, reference_switch_,
+    delta_error, gather_factors, make_problem, oracle_switch, oracle_then_poison, reference_switch_,
 )
 
 pytestmark = pytest.mark.gpu
@@ -50,12 +50,7 @@ def test_matches_oracle(impl, dtype, mode, rank, k):
     _need(impl, dtype)
     p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda",
                      pristine=mode == "pristine")
-    before = [w.clone() for w in p["weights"]]
-    expected = oracle_switch(*_args(p), pristine=p["pristine"])
-    e, g = p["experts"].clone(), p["gates"].clone()
-    if mode == "pristine":
-        for w in p["weights"]:
-            w.fill_(float("nan"))
+    before, expected, e, g = oracle_then_poison(p)
     with warnings.catch_warnings():
         # no silent fallback from CUTLASS to Triton here
         warnings.filterwarnings("error", message=".*CUTLASS path not taken")
@@ -211,12 +206,7 @@ def test_cutlass_pack_and_gather_match_oracle(gather, dtype, mode, rank, k):
         if step:  # other experts (each one up: never the same set) and gates for the second switch
             p["experts"].copy_((p["experts"] + 1) % n_experts)
             p["gates"].copy_(p["gates"].flip(0) * 0.75)
-        before = [w.clone() for w in p["weights"]]
-        expected = oracle_switch(*_args(p), pristine=p["pristine"])
-        e, g = p["experts"].clone(), p["gates"].clone()
-        if mode == "pristine":
-            for w in p["weights"]:
-                w.fill_(float("nan"))
+        before, expected, e, g = oracle_then_poison(p)
         plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])
         torch.cuda.synchronize()
         _check(p, expected, p["pristine"] or before, dtype, f"gather={gather} step {step}")

@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 from adafuse_compile.cutlass_kernels import ops
 from adafuse_compile.cutlass_kernels.reference import (
-    delta_error, make_problem, oracle_switch,
+    delta_error, make_problem, oracle_then_poison,
 )
 
 if not torch.cuda.is_available():
@@ -44,12 +44,7 @@ def _args(p):
 def test_triton_matches_oracle(dtype, k, mode, rank):
     p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, n_experts=5,
                      pristine=mode == "pristine")
-    before = [w.clone() for w in p["weights"]]
-    expected = oracle_switch(*_args(p), pristine=p["pristine"])
-    e, g = p["experts"].clone(), p["gates"].clone()
-    if mode == "pristine":
-        for w in p["weights"]:
-            w.fill_(float("nan"))
+    before, expected, e, g = oracle_then_poison(p)
     ops.sgmm_switch_(*_args(p), pristine=p["pristine"], impl="triton")
     bases = p["pristine"] if mode == "pristine" else before
     for i, (w, exp, b) in enumerate(zip(p["weights"], expected, bases)):

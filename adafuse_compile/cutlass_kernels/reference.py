@@ -136,6 +136,20 @@ def make_problem(
     )
 
 
+def oracle_then_poison(p: dict) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """For a `make_problem` dict: the weights before, the float64 oracle's result, this step's
+    experts and gates; then, with pristine copies, every target set to NaN (so a switch that
+    leaves an element unwritten fails the check)."""
+    before = [w.clone() for w in p["weights"]]
+    expected = oracle_switch(p["weights"], p["lora_A"], p["lora_B"], p["experts"], p["gates"],
+                             p["prev_experts"], p["prev_gates"], p["scaling"], pristine=p["pristine"])
+    e, g = p["experts"].clone(), p["gates"].clone()
+    if p["pristine"] is not None:
+        for w in p["weights"]:
+            w.fill_(float("nan"))
+    return before, expected, e, g
+
+
 def delta_error(after: Tensor, before: Tensor, expected64: Tensor) -> float:
     """||(after - before) - (expected - before)|| / ||expected - before||, in float64."""
     b = before.double()
