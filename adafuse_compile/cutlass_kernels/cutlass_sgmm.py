@@ -124,6 +124,9 @@ class CutlassPlan:
         if gather and self.r % GATHER_RANK_MULTIPLE:
             raise ValueError(f"SGMM CUTLASS: the gather GEMM needs a rank that is a multiple of "
                              f"{GATHER_RANK_MULTIPLE}, got {self.r}; use gather=False (pack)")
+        for g in range(len(weights)):  # TMA reads the factors (gather) or the pack does (16-byte loads)
+            if lora_A[g].data_ptr() % 16 or lora_B[g].data_ptr() % 16:
+                raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
         self.gathers = gather
         table = GATHER_CANDIDATES if gather else GEMM_CANDIDATES
         candidates = table[mode] if variant is None else ((variant, raster),)
@@ -133,31 +136,25 @@ class CutlassPlan:
         self.dtype_code = _ELEMENTS[weights[0].dtype]
         self.k, self.inplace = k, pristine is None
         kc = (2 * k if self.inplace else k) * self.r
-        if gather:
-            self._init_gather(weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle)
-        else:
-            self._init_pack(weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle)
+        lhs, rhs, zeroable = (self._gather_operands(lora_A, lora_B) if gather
+                              else self._pack_operands(weights, lora_A, lora_B, kc))
+        c_targets = weights if pristine is None else pristine
+        mnk = [[w.shape[0], w.shape[1], kc] for w in weights]
+        ptrs = [lhs, rhs, [c.data_ptr() for c in c_targets], [w.data_ptr() for w in weights]]
+        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable)
         self.num_weights = len(weights)
 
-    def _init_gather(self, weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle):
+    def _gather_operands(self, lora_A, lora_B):
         """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
         table (SlotTable in sgmm_sm90.cu: 8 int32 experts, 8 float coefficients) is the only
-        per-call state, written by `pack` (the slot launch)."""
-        dev = weights[0].device
-        self.slot_table = torch.zeros(16, dtype=torch.int32, device=dev)
-        mnk, ptrs = [], [[], [], [], []]
-        for g, w in enumerate(weights):
-            out, inn = w.shape
-            c = w if pristine is None else pristine[g]
-            if lora_A[g].data_ptr() % 16 or lora_B[g].data_ptr() % 16:
-                raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
-            mnk.append([out, inn, kc])
-            for lst, p in zip(ptrs, (lora_B[g].data_ptr(), lora_A[g].data_ptr(), c.data_ptr(), w.data_ptr())):
-                lst.append(p)
-        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, self.slot_table)
+        per-call state, written by `pack` (the slot launch). Returns the L and R pointers and
+        the slot table (zeroed for the timing)."""
+        self.slot_table = torch.zeros(16, dtype=torch.int32, device=lora_A[0].device)
+        return [b.data_ptr() for b in lora_B], [a.data_ptr() for a in lora_A], self.slot_table
 
-    def _init_pack(self, weights, lora_A, lora_B, pristine, kc, mode, candidates, sm_count, swizzle):
-        """The pack workspace (L and R per weight), its descriptor table and block table."""
+    def _pack_operands(self, weights, lora_A, lora_B, kc):
+        """The pack workspace (L and R per weight), its descriptor table and block table. Returns
+        the L and R pointers into the workspace and the workspace (zeroed for the timing)."""
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
         offs, total = [], 0
@@ -168,17 +165,12 @@ class CutlassPlan:
             total += -(-kc * inn // _ALIGN_ELEMS) * _ALIGN_ELEMS
         self.workspace = torch.empty(max(total, 1), dtype=dtype, device=dev)
         base, esz = self.workspace.data_ptr(), self.workspace.element_size()
-        desc, mnk, ptrs = [], [], [[], [], [], []]
-        for g, w in enumerate(weights):
-            out, inn = w.shape
-            lhs, rhs = base + offs[g][0] * esz, base + offs[g][1] * esz
-            c = w if pristine is None else pristine[g]
-            desc.append([lora_A[g].data_ptr(), lora_B[g].data_ptr(), lhs, rhs, out, inn])
-            mnk.append([out, inn, kc])
-            for lst, p in zip(ptrs, (lhs, rhs, c.data_ptr(), w.data_ptr())):
-                lst.append(p)
-            if any(p % 16 for p in (lhs, rhs, lora_A[g].data_ptr(), lora_B[g].data_ptr())):
-                raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
+        lhs = [base + lo * esz for lo, _ in offs]
+        rhs = [base + ro * esz for _, ro in offs]
+        if any(p % 16 for p in lhs + rhs):  # 128-byte blocks by construction; a guard for TMA
+            raise ValueError("SGMM CUTLASS: the pack workspace is not 16-byte aligned")
+        desc = [[lora_A[g].data_ptr(), lora_B[g].data_ptr(), lhs[g], rhs[g], *w.shape]
+                for g, w in enumerate(weights)]
         # Built once per weight set: the only host-to-device copies this plan makes.
         self.desc = torch.tensor(desc, dtype=torch.int64).to(dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -189,7 +181,7 @@ class CutlassPlan:
                 [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
                 resident * torch.cuda.get_device_properties(dev).multi_processor_count,
             ).to(dev)
-        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, self.workspace)
+        return lhs, rhs, self.workspace
 
     def _plan_gemm(self, weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable):
         """Create the candidate GEMM plans and keep the fastest (`choose_gemm`, timed with
