@@ -117,9 +117,10 @@ def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
     return dict(per_case=per_case, copy_tb_s_rounds=copy_rounds)
 
 
-def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
+def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True) -> tuple[dict, dict]:
     """The whole switch (pack + GEMM) on the Llama-2-7B shapes through CutlassPlan, per mode and
-    (variant, raster, swizzle); the pack alone; and the simple merge (the 3x target's base)."""
+    (variant, raster, swizzle); the pack alone; and the simple merge (the 3x target's base).
+    `gather_default`: also the plan's timed choice among the gathering GEMMs (builds them)."""
     from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
     from adafuse_compile.cutlass_kernels.reference import simple_merge_switch_
     from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
@@ -135,7 +136,8 @@ def real_switch_cases(adapted: str, variants: dict) -> tuple[dict, dict]:
         cases[name] = (lambda a=args, p=pr: simple_merge_switch_(*a, pristine=p))
         meta[name] = dict(set=adapted, mode=mode, impl="simple_merge", bytes=nbytes)
         # None: the plan's timed choice, packing (the default) or gathering in the GEMM
-        configs = [(None, 0, 1, False), (None, 0, 1, True)] + [c + (False,) for c in variants[mode]]
+        configs = ([(None, 0, 1, False)] + [(None, 0, 1, True)] * gather_default
+                   + [c + (False,) for c in variants.get(mode, [])])
         for (variant, raster, swizzle, gather) in configs:
             plan = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=raster,
                                swizzle=swizzle, gather=gather, timing_probe=True)
@@ -252,7 +254,7 @@ def main() -> None:
     report = {}
     real = {m: [c for c in cs if c[0] in variants] for m, cs in parse_configs(args.switch_configs).items()}
     for sname in [x for x in args.sets.split(",") if x]:
-        rcases, rmeta = real_switch_cases(sname, real)
+        rcases, rmeta = real_switch_cases(sname, real, any(v in build.GATHER_VARIANTS for v in variants))
         report[sname] = interleaved(rcases, args.rounds, 15, seed=1)
         meta.update(rmeta)
         del rcases

@@ -22,8 +22,10 @@ INCLUDES = build.cutlass_include_dirs()
 ALL_VARIANTS = os.environ.get("ADAFUSE_COMPILE_ALL_SGMM_VARIANTS") == "1"
 # Compiled in the default run besides the candidates: the pingpong schedule with the epilogue
 # override covers the template paths the candidates do not (pingpong kernel; D in its own buffers),
-# and one gather variant the main loop that reads the stacked experts itself (GatherMainloop).
-REPRESENTATIVES = ("pingpong_64x256x64_e64x128_sepd2", "gather_coop_128x128x64_e128x64_sepd2")
+# one gather variant the main loop that reads the stacked experts itself (GatherMainloop), and one
+# reduce-add variant the epilogue without C whose store adds into W (ReduceAddEpilogue).
+REPRESENTATIVES = ("pingpong_64x256x64_e64x128_sepd2", "gather_coop_128x128x64_e128x64_sepd2",
+                   "reduce_coop_128x128x64_e128x64")
 # The GEMMs a plan chooses between by default (packed; each compiled once, dtypes alternating).
 CANDIDATES = sorted({v for cands in GEMM_CANDIDATES.values() for v, _ in cands})
 
@@ -67,10 +69,13 @@ def test_variant_registry_matches_build():
     # The measured variants keep their ids when variants are appended.
     assert names[1] == "coop_128x128x64_e128x64" and names[3] == "coop_128x128x64_e128x128"
     assert names[14] == "coop_128x128x64_e128x64_sepd2" and names[17] == "coop_128x128x64_e128x128_sepd2"
-    # The gather variants are the ids from build.FIRST_GATHER_VARIANT on, and only those.
-    assert all(n.startswith("gather_") == (i >= build.FIRST_GATHER_VARIANT) for i, n in VARIANTS)
-    assert all(v >= build.FIRST_GATHER_VARIANT for cands in GATHER_CANDIDATES.values() for v, _ in cands)
-    assert all(v < build.FIRST_GATHER_VARIANT for cands in GEMM_CANDIDATES.values() for v, _ in cands)
+    # The gather and reduce-add variants are the ids build.py names, and only those.
+    assert all(n.startswith("gather_") == (i in build.GATHER_VARIANTS) for i, n in VARIANTS)
+    assert all(n.startswith("reduce_") == (i in build.REDUCE_VARIANTS) for i, n in VARIANTS)
+    assert all(v in build.GATHER_VARIANTS for cands in GATHER_CANDIDATES.values() for v, _ in cands)
+    assert all(v not in build.GATHER_VARIANTS for cands in GEMM_CANDIDATES.values() for v, _ in cands)
+    # reduce-add variants cannot read W0: never a pristine candidate
+    assert all(v not in build.REDUCE_VARIANTS for v, _ in GEMM_CANDIDATES["pristine"])
     assert set(CANDIDATES) <= set(build.BUILD_VARIANTS)  # a plan's candidates need no second build
 
 
@@ -206,3 +211,16 @@ def test_unscaled_probe_variant_is_refused_outside_timing_probes():
         CutlassPlan([w], [a], [b], 1, None, variant=build.UNSCALED_PROBE_VARIANT)
     with pytest.raises(ValueError, match="multiple of 64"):
         CutlassPlan([w], [torch.zeros(2, 16, 8)], [torch.zeros(2, 8, 16)], 1, None, gather=True)
+
+
+def test_reduce_add_variants_are_refused_in_pristine_mode():
+    """27-29 add the update into W through the store: they cannot write W = W0 + delta, and a
+    pristine plan asking for one fails before building anything."""
+    import torch
+
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+
+    w, a, b = torch.zeros(8, 8), torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)
+    for v in build.REDUCE_VARIANTS:
+        with pytest.raises(ValueError, match="only switches in place"):
+            CutlassPlan([w], [a], [b], 1, [w.clone()], variant=v)

@@ -211,3 +211,44 @@ def test_cutlass_pack_and_gather_match_oracle(gather, dtype, mode, rank, k):
         torch.cuda.synchronize()
         _check(p, expected, p["pristine"] or before, dtype, f"gather={gather} step {step}")
         assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", [27, 28, 29])
+@pytest.mark.parametrize("rank,k", [(8, 1), (64, 2), (128, 4)])
+def test_cutlass_reduce_add_variants_match_oracle_in_place(variant, dtype, rank, k):
+    """The reduce-add GEMMs (no C load; the store adds D into W in L2) on every shape, the odd
+    ones included (partial tiles: TMA must not add outside W): two eager switches (the second
+    unmerges the first's experts), then one captured in a CUDA graph and replayed with new
+    experts. The weights after the timing-free plan build are W exactly."""
+    _need("cutlass", dtype)
+    from adafuse_compile.cutlass_kernels import build, cutlass_sgmm
+
+    assert variant in build.REDUCE_VARIANTS
+    p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda")
+    start = [w.clone() for w in p["weights"]]
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], k, None,
+                                    variant=variant, raster=1)
+    torch.cuda.synchronize()
+    assert all(torch.equal(w, b) for w, b in zip(p["weights"], start))
+    n_experts = p["lora_A"][0].shape[0]
+    run = lambda: plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])  # noqa: E731
+    for step in range(2):
+        if step:
+            p["experts"].copy_((p["experts"] + 1) % n_experts)
+            p["gates"].copy_(p["gates"].flip(0) * 0.75)
+        before, expected, e, g = oracle_then_poison(p)
+        run()
+        torch.cuda.synchronize()
+        _check(p, expected, before, dtype, f"variant {variant} step {step}")
+        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    # capture does not execute: W is still the second switch's result
+    p["experts"].copy_((p["experts"] + 3) % n_experts)
+    before, expected, e, g = oracle_then_poison(p)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(p, expected, before, dtype, f"variant {variant} graph replay")
+    assert torch.equal(p["prev_experts"], e)

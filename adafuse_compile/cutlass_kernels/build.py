@@ -16,8 +16,9 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 27  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
-FIRST_GATHER_VARIANT = 23  # ADAFUSE_SGMM_FIRST_GATHER_VARIANT: the experts gathered in the GEMM
+NUM_VARIANTS = 30  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+GATHER_VARIANTS = range(23, 27)  # ADAFUSE_SGMM_IS_GATHER: the experts gathered in the GEMM
+REDUCE_VARIANTS = range(27, 30)  # ADAFUSE_SGMM_IS_REDUCE: in place only, W += D by TMA reduce-add
 UNSCALED_PROBE_VARIANT = 26  # ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT: a timing probe, wrong results
 # Variants compiled into every build of the extension (one build serves every request for a
 # subset): the candidates a plan times (cutlass_sgmm.GEMM_CANDIDATES: 1, 14, 17) and the previous

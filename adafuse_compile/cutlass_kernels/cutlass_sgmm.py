@@ -118,9 +118,13 @@ class CutlassPlan:
             raise ValueError(f"SGMM CUTLASS: variant {variant} is a timing probe that leaves the gates "
                              "out (wrong results); pass timing_probe=True only to time it")
         mode = "inplace" if pristine is None else "pristine"
+        if variant in build.REDUCE_VARIANTS and pristine is not None:
+            raise ValueError(f"SGMM CUTLASS: variant {variant} adds the update into W with a reduce-add "
+                             "store, so it only switches in place; pristine mode (W = W0 + delta) needs "
+                             f"a variant that reads W0, e.g. one of {GEMM_CANDIDATES['pristine']}")
         self.r, self.n_experts = int(lora_A[0].shape[1]), int(lora_A[0].shape[0])
         if variant is not None:
-            gather = variant >= build.FIRST_GATHER_VARIANT
+            gather = variant in build.GATHER_VARIANTS
         if gather and self.r % GATHER_RANK_MULTIPLE:
             raise ValueError(f"SGMM CUTLASS: the gather GEMM needs a rank that is a multiple of "
                              f"{GATHER_RANK_MULTIPLE}, got {self.r}; use gather=False (pack)")

@@ -136,15 +136,24 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(25, gather_coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)                  \
   X(26, gather_coop_128x128x64_e128x64_sepd2_unscaled, KernelPtrArrayTmaWarpSpecializedCooperative, \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 4)                  \
+  X(27, reduce_coop_128x128x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,         \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 64, 0)                  \
+  X(28, reduce_coop_128x128x64_e128x128, KernelPtrArrayTmaWarpSpecializedCooperative,        \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 0)                 \
+  X(29, reduce_coop_128x256x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,         \
+    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 128, 64, 0)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 27
+#define ADAFUSE_SGMM_NUM_VARIANTS 30
 // A timing probe, not a kernel to use: 23 with the slots' coefficients left out (every slot
 // accumulated as is, like the packed GEMM's loop), to separate the cost of the per-slot combine
 // from that of the gathered loads. Its results are wrong; cutlass_sgmm.py refuses it outside probes.
 #define ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT 26
-// Variants from this id on gather the experts inside the GEMM (GatherMainloop below): no pack.
-#define ADAFUSE_SGMM_FIRST_GATHER_VARIANT 23
+// Variants 23-26 gather the experts inside the GEMM (GatherMainloop below): no pack.
+#define ADAFUSE_SGMM_IS_GATHER(ID) ((ID) >= 23 && (ID) <= 26)
+// Variants 27-29 are in place only: no C operand, D stored with a TMA reduce-add into W (the L2
+// adds delta to W), so the epilogue never waits for a C load (ReduceAddEpilogue below).
+#define ADAFUSE_SGMM_IS_REDUCE(ID) ((ID) >= 27 && (ID) <= 29)
 
 // The per-call slot table of the gather variants, written by `sgmm_slots_kernel` into a buffer
 // whose address never changes (so the GEMM's arguments stay fixed): for each K slot j (inplace:
@@ -476,9 +485,65 @@ struct GatherMainloop : Base {
   }
 };
 
+}  // namespace adafuse_sgmm
+
+namespace cute {
+// A TMA reduce-add store whose descriptor the ptr-array epilogue swaps per group: CUTLASS 4.2
+// has `with(descriptor)` for SM90_TMA_STORE only. Same fields as its SM90_TMA_REDUCE_ADD
+// traits (make_tma_copy builds them from {descriptor, aux params}).
+struct ADAFUSE_TMA_REDUCE_ADD : SM90_TMA_REDUCE_ADD {};
+struct ADAFUSE_TMA_REDUCE_ADD_PTR : SM90_TMA_REDUCE_ADD {};
+
+template <class NumBitsPerTMA>
+struct Copy_Traits<ADAFUSE_TMA_REDUCE_ADD_PTR, NumBitsPerTMA> {
+  using ThrID = Layout<_1>;
+  using SrcLayout = Layout<Shape<_1, NumBitsPerTMA>>;
+  using DstLayout = Layout<Shape<_1, NumBitsPerTMA>>;
+  using RefLayout = SrcLayout;
+  TmaDescriptor const* tma_desc_;
+
+  template <class TS, class SLayout, class TD, class DLayout>
+  CUTE_HOST_DEVICE friend constexpr void copy_unpack(Copy_Traits const& traits,
+                                                     Tensor<TS, SLayout> const& src,
+                                                     Tensor<TD, DLayout>& dst) {
+    static_assert(is_smem<TS>::value, "Expected smem src for a TMA reduce-add");
+    return detail::explode_tuple(detail::CallCOPY<SM90_TMA_REDUCE_ADD>{},
+                                 make_tuple(traits.tma_desc_, raw_pointer_cast(src.data())),
+                                 seq<0, 1>{}, dst.data().coord_,
+                                 tuple_seq<decltype(dst.data().coord_)>{});
+  }
+};
+
+template <class NumBitsPerTMA, class AuxParams_>
+struct Copy_Traits<ADAFUSE_TMA_REDUCE_ADD, NumBitsPerTMA, AuxParams_>
+    : Copy_Traits<SM90_TMA_REDUCE_ADD, NumBitsPerTMA, AuxParams_> {
+  CUTE_HOST_DEVICE constexpr Copy_Traits<ADAFUSE_TMA_REDUCE_ADD_PTR, NumBitsPerTMA> with(
+      TmaDescriptor const* new_tma_desc) const {
+    return {new_tma_desc};
+  }
+};
+}  // namespace cute
+
+namespace adafuse_sgmm {
+// The in-place epilogue without C (variants 27-29): the builder's epilogue for a void C operand
+// (no C shared memory, no C load, D = acc), its TMA store replaced by a reduce-add, so W += D
+// happens in L2 and a tile's epilogue only converts and stores. W is rounded twice (delta to 16
+// bits, then W + delta), against once when C is read; W is written by one tile, so the result is
+// deterministic.
+template <class BuilderEpilogue>
+using ReduceAddEpilogue = cutlass::epilogue::collective::CollectiveEpilogue<
+    typename BuilderEpilogue::DispatchPolicy, typename BuilderEpilogue::CtaTileMNK,
+    typename BuilderEpilogue::EpilogueTile, typename BuilderEpilogue::ElementC,
+    typename BuilderEpilogue::StrideC, typename BuilderEpilogue::ElementD,
+    typename BuilderEpilogue::StrideD, typename BuilderEpilogue::FusionCallbacks,
+    typename BuilderEpilogue::CopyOpG2S, typename BuilderEpilogue::SmemLayoutAtomC,
+    typename BuilderEpilogue::CopyOpS2R, cute::ADAFUSE_TMA_REDUCE_ADD,
+    typename BuilderEpilogue::SmemLayoutAtomD, typename BuilderEpilogue::CopyOpR2S,
+    typename BuilderEpilogue::CopyAtomC, typename BuilderEpilogue::CopyOpR2R>;
+
 template <class Element, class KernelSchedule, class EpilogueSchedule, int TM, int TN, int TK,
           int CM, int CN, int EM, int EN, int SC, class Override = EpilogueOverride<-1>,
-          bool Gather = false, bool UnscaledProbe = false>
+          bool Gather = false, bool UnscaledProbe = false, bool Reduce = false>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   // L (LoRA B gathered) [out, Kc] K-major; R (LoRA A gathered) [Kc, in] N-major; W [out, in].
@@ -522,7 +587,16 @@ struct GroupedGemm {
   static_assert(!std::is_same_v<BuilderPolicy, StagedPolicy> ||
                     std::is_same_v<BuilderEpilogue, StagedEpilogue>,
                 "the staged epilogue path must reproduce the builder's epilogue");
-  using CollectiveEpilogue = std::conditional_t<kOverridden, StagedEpilogue, BuilderEpilogue>;
+  // Reduce: the builder's epilogue for C = void, D = acc (alpha = 1), stored with a reduce-add.
+  static constexpr bool kReduce = Reduce;
+  using ReduceBuilderEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      EpilogueTile, float, float, void, LayoutC*, kAlign, Element, LayoutC*, kAlign,
+      EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void>>::CollectiveOp;
+  using CollectiveEpilogue = std::conditional_t<
+      Reduce, ReduceAddEpilogue<ReduceBuilderEpilogue>,
+      std::conditional_t<kOverridden, StagedEpilogue, BuilderEpilogue>>;
 
   // Gather: L is (out, r, expert) with strides (r, 1, out*r), R is (in, r, expert) with strides
   // (1, in, r*in): the stacked B [N, out, r] and A [N, r, in] as they are.
@@ -598,6 +672,14 @@ struct Plan final : PlanBase {
              " (got r = " + std::to_string(gather ? gather->rank : 0) + ") and a slot table";
       return false;
     }
+    if constexpr (Cfg::kReduce) {  // W += delta through the store: C must be W itself
+      for (int g = 0; g < groups; ++g)
+        if (p_c[g] != p_d[g]) {
+          *err = "reduce-add variants (27-29) only switch in place (C == D == W); pristine mode "
+                 "needs a variant that reads C = W0";
+          return false;
+        }
+    }
     shapes_host.resize(groups);
     std::vector<StrideA> sa(groups);
     std::vector<StrideB> sb(groups);
@@ -649,7 +731,7 @@ struct Plan final : PlanBase {
     typename Gemm::Arguments args;
     decltype(args.epilogue.thread) fusion;
     fusion.alpha = 1.0f;  // gate and LoRA scaling are folded into L (pack kernel or main loop)
-    fusion.beta = 1.0f;   // C == D (inplace) or C = W0 (pristine)
+    fusion.beta = Cfg::kReduce ? 0.0f : 1.0f;  // C == D (inplace) or C = W0 (pristine); reduce: no C
     fusion.alpha_ptr = nullptr;
     fusion.beta_ptr = nullptr;
     fusion.alpha_ptr_array = nullptr;
@@ -669,7 +751,7 @@ struct Plan final : PlanBase {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {groups, reinterpret_cast<Shape3*>(at(o_shape)), shapes_host.data()},
         mainloop,
-        {fusion, reinterpret_cast<const ElementC**>(at(o_pc)),
+        {fusion, Cfg::kReduce ? nullptr : reinterpret_cast<const ElementC**>(at(o_pc)),
          reinterpret_cast<StrideC*>(at(o_sc)), reinterpret_cast<ElementD**>(at(o_pd)),
          reinterpret_cast<StrideD*>(at(o_sd))},
         hw};
@@ -715,8 +797,9 @@ template <int V> struct VariantCfg;
   template <> struct VariantCfg<ID> {                                                       \
     using Cfg = GroupedGemm<SgmmElement, cutlass::gemm::KS, cutlass::epilogue::ES, TM, TN, TK, \
                             CM, CN, EM, EN, SC, EpilogueOverride<ID>,                       \
-                            (ID >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT),                      \
-                            (ID == ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT)>;                   \
+                            ADAFUSE_SGMM_IS_GATHER(ID),                                     \
+                            (ID == ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT),                    \
+                            ADAFUSE_SGMM_IS_REDUCE(ID)>;                                    \
   };
 ADAFUSE_SGMM_VARIANTS(ADAFUSE_SGMM_VARIANT_CFG)
 
@@ -769,7 +852,8 @@ const char* variant_name(int v) {
   return (v >= 0 && v < ADAFUSE_SGMM_NUM_VARIANTS) ? kVariantNames[v] : "";
 }
 
-bool is_gather_variant(int v) { return v >= ADAFUSE_SGMM_FIRST_GATHER_VARIANT; }
+bool is_gather_variant(int v) { return ADAFUSE_SGMM_IS_GATHER(v); }
+bool is_reduce_variant(int v) { return ADAFUSE_SGMM_IS_REDUCE(v); }
 
 PlanBase* create_plan(int dtype, int variant, int groups, const int* mnk, const int64_t* p_lhs,
                       const int64_t* p_rhs, const int64_t* p_c, const int64_t* p_d,
