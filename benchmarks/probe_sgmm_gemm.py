@@ -13,6 +13,8 @@ bias one configuration (issue #4). Llama-2-7B shapes, bf16.
   groups (each group change costs a CTA a tensormap update), and K = 64 ... 256.
 
 Usage: python benchmarks/probe_sgmm_gemm.py --out results.json [--gemm] [--sweeps] [--variants 1,3,14,17]
+       python benchmarks/probe_sgmm_gemm.py --power 14.256.inplace,14.128.pristine  (clock and power,
+           random against zero operands)
        python benchmarks/probe_sgmm_gemm.py --ncu-one VARIANT,K,MODE,GROUPS   (eager calls for ncu)
        python benchmarks/probe_sgmm_gemm.py --ncu-switch SET,MODE,VARIANT      (the whole switch, for ncu)
 """
@@ -187,6 +189,74 @@ def sequential_sweeps(ext) -> list[dict]:
     return rows
 
 
+def _sampled(fn, launches: int, interval_ms: int = 20) -> dict:
+    """`fn` `launches` times back to back (no sync between), timed with CUDA events, while
+    nvidia-smi samples the SM clock, the power draw and the active clock-throttle reasons."""
+    import subprocess
+    import tempfile
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    reasons = "clocks_event_reasons.active"  # the newer name of clocks_throttle_reasons.active
+    if subprocess.run(["nvidia-smi", f"--query-gpu={reasons}", "--format=csv"],
+                      capture_output=True).returncode:
+        reasons = "clocks_throttle_reasons.active"
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
+        smi = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu=clocks.sm,power.draw,{reasons}",
+             "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-f", log.name])
+        time.sleep(0.3)  # nvidia-smi's first samples, before the load
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        smi.terminate()
+        smi.wait()
+        lines = [ln.split(",") for ln in log.read().splitlines() if ln.count(",") == 2]
+    samples = [(float(c), float(w), t.strip()) for c, w, t in lines if c.strip().replace(".", "").isdigit()]
+    busy = samples[len(samples) // 4:]  # the later three quarters: under load, past the ramp
+    return dict(ms_per_launch=round(start.elapsed_time(end) / launches, 4),
+                sm_mhz_median=statistics.median(c for c, _, _ in busy) if busy else None,
+                sm_mhz_min=min((c for c, _, _ in busy), default=None),
+                power_w_median=statistics.median(w for _, w, _ in busy) if busy else None,
+                throttle_reasons=sorted({t for _, _, t in busy}), samples=len(samples))
+
+
+def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list[dict]:
+    """Whether the GEMM's speed depends on its operands' values: each (variant, K, mode) on the
+    q,v byte volume with random L / R, then with L = R = 0 (same bytes moved, W + 0), launched
+    back to back while nvidia-smi samples the clock and power. (The plan's timed choice runs on a
+    zeroed workspace: its all-seven in-place GEMM measured 7.9 ms there and about 9.8 ms inside
+    the real switch, probe run 11.)"""
+    bufs = Buffers(256)
+    keep = (bufs.lhs.clone(), bufs.rhs.clone())
+    rows = []
+    for variant, k, mode in configs:
+        plan = bufs.plan(ext, variant, k, mode, 64, raster=1)
+        for data in ("random", "zero", "random"):
+            if data == "zero":
+                bufs.lhs.zero_(), bufs.rhs.zero_()
+            else:
+                bufs.lhs.copy_(keep[0]), bufs.rhs.copy_(keep[1])
+            for lhs in bufs._keep:  # the plans' own contiguous L copies (K < 256)
+                if lhs.data_ptr() != bufs.lhs.data_ptr():
+                    lhs.copy_(bufs.lhs[:, :lhs.shape[1]])
+            row = dict(variant=variant, k=k, mode=mode, data=data, **_sampled(plan.run, launches))
+            row["copy_fraction"] = round(bufs.moved_bytes(k, 64) / (row["ms_per_launch"] * 1e-3) / 1e12
+                                         / 4.23, 4)
+            rows.append(row)
+            print(row, flush=True)
+    copy_src = torch.empty(ROWS * COLS, dtype=DTYPE, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    row = dict(variant=None, k=0, mode="copy", data="random", **_sampled(lambda: copy_dst.copy_(copy_src), launches))
+    rows.append(row)
+    print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_sgmm_gemm.json")
@@ -201,6 +271,10 @@ def main() -> None:
                     help="the whole switch's hand-picked GEMMs besides the plan's own choices "
                          "(gathering and packing); 23-25 gather (23 = 14, 24 = 17, 25 = 1)")
     ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
+    ap.add_argument("--power", default=None,
+                    help="VARIANT.K.MODE,...: each GEMM alone with random then zero operands, "
+                         "launched back to back while nvidia-smi samples clock and power")
+    ap.add_argument("--power-launches", type=int, default=400)
     ap.add_argument("--ncu-one", default=None)
     ap.add_argument("--ncu-switch", default=None,
                     help="SET,MODE,VARIANT: three calls of CutlassPlan's whole switch on the real shapes "
@@ -230,6 +304,17 @@ def main() -> None:
         for _ in range(3):
             plan.run(experts, gates, pe, pg, 0.5)
         torch.cuda.synchronize()
+        return
+
+    if args.power:
+        cfgs = [(int(v), int(k), m) for v, k, m in (c.split(".") for c in args.power.split(","))]
+        rows = power_probe(ext, cfgs, args.power_launches)
+        Path(args.out).write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name(), torch=torch.__version__, power=rows,
+            setup="q,v byte volume (64 x 4096 x 4096), bf16, 64 groups, raster along N; each row "
+                  f"{args.power_launches} launches back to back after 20 untimed; nvidia-smi every "
+                  "20 ms, the later three quarters of its samples; copy_fraction against 4.23 TB/s"),
+            indent=1))
         return
 
     # GEMM alone, q,v byte volume, 64 groups: epilogue variants x raster order (--gemm).
