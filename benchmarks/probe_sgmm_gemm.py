@@ -225,10 +225,33 @@ def _sampled(fn, launches: int, interval_ms: int = 20) -> dict:
                 throttle_reasons=sorted({t for _, _, t in busy}), samples=len(samples))
 
 
+def cancelling_operands(lhs: torch.Tensor, rhs: torch.Tensor, k: int, seed: int = 0) -> None:
+    """Fill L[:, :k] = [X, X] and R[:, :k] = [Y; -Y] in place, with random signs and random
+    mantissas in |x|, |y| in [1, 2) limited to b bits, so that L R = 0 exactly in fp32: every
+    product is a multiple of 2^-2b below 4 and every partial sum of k of them stays within
+    fp32's 24-bit significand (4 k 2^2b < 2^24), in any order of accumulation. So the GEMM runs
+    on operands whose bits toggle like real ones and still adds exactly 0 to W."""
+    g = torch.Generator(device=lhs.device).manual_seed(seed)
+    bits = 7
+    while 4 * k * 2 ** (2 * bits) >= 2 ** 24:
+        bits -= 1
+
+    def draw(*shape):
+        mant = torch.randint(2 ** bits, 2 ** (bits + 1), shape, generator=g, device=lhs.device)
+        sign = torch.randint(0, 2, shape, generator=g, device=lhs.device) * 2 - 1
+        return (sign * mant).to(torch.float32).mul_(2.0 ** -bits).to(lhs.dtype)
+
+    half = k // 2
+    x, y = draw(lhs.shape[0], half), draw(rhs.shape[0], half, rhs.shape[2])
+    lhs[:, :half], lhs[:, half:k] = x, x
+    rhs[:, :half], rhs[:, half:k] = y, -y
+
+
 def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list[dict]:
     """Whether the GEMM's speed depends on its operands' values: each (variant, K, mode) on the
-    q,v byte volume with random L / R, then with L = R = 0 (same bytes moved, W + 0), launched
-    back to back while nvidia-smi samples the clock and power. (The plan's timed choice runs on a
+    q,v byte volume with cancelling L / R (random bits, L R = 0 exactly: `cancelling_operands`),
+    random L / R, L = R = 0 (same bytes moved, W + 0), and random again, each launched back to
+    back while nvidia-smi samples the clock and power. (The plan's timed choice runs on a
     zeroed workspace: its all-seven in-place GEMM measured 7.9 ms there and about 9.8 ms inside
     the real switch, probe run 11.)"""
     bufs = Buffers(256)
@@ -236,15 +259,20 @@ def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list
     rows = []
     for variant, k, mode in configs:
         plan = bufs.plan(ext, variant, k, mode, 64, raster=1)
-        for data in ("random", "zero", "random"):
+        for data in ("cancel", "random", "zero", "random"):
             if data == "zero":
                 bufs.lhs.zero_(), bufs.rhs.zero_()
+            elif data == "cancel":
+                cancelling_operands(bufs.lhs, bufs.rhs, k)
+                bufs.w.copy_(bufs.w0)
             else:
                 bufs.lhs.copy_(keep[0]), bufs.rhs.copy_(keep[1])
             for lhs in bufs._keep:  # the plans' own contiguous L copies (K < 256)
                 if lhs.data_ptr() != bufs.lhs.data_ptr():
                     lhs.copy_(bufs.lhs[:, :lhs.shape[1]])
             row = dict(variant=variant, k=k, mode=mode, data=data, **_sampled(plan.run, launches))
+            if data == "cancel":  # W + 0 (in place) or W0 + 0 (pristine): W must equal W0 bit for bit
+                row["w_unchanged"] = bool(torch.equal(bufs.w, bufs.w0))
             row["copy_fraction"] = round(bufs.moved_bytes(k, 64) / (row["ms_per_launch"] * 1e-3) / 1e12
                                          / 4.23, 4)
             rows.append(row)

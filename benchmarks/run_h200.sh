@@ -22,6 +22,8 @@
 #   probe-gemm  probe_sgmm_gemm.py: the SGMM switch (plan's choice, candidates, old defaults, Triton, simple
 #            merge) interleaved over rounds; PROBE_ARGS="--gemm --sweeps" adds the GEMM-alone experiments,
 #            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
+#   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
+#            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
 #   gather-variants  expand out blocks per program and prefill block sizes, decode then prefill T  ~5 min
 #   tests-backend-gather  the backend's gather GPU tests (side stream on and off)   ~2 min
@@ -154,6 +156,12 @@ run_stage() {
         python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} --ncu-one "$PROBE_NCU" \
         > "$OUT/probe_sgmm_gemm_ncu.txt" 2>&1; tail -80 "$OUT/probe_sgmm_gemm_ncu.txt"
     fi ;;
+  probe-power)
+    # One GEMM at a time with cancelling, random, zero and random operands, launched back to back while
+    # nvidia-smi samples SM clock, power and throttle reasons (POWER_CONFIGS: variant.K.mode,...).
+    timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_sgmm_gemm.py --variants "${PROBE_VARIANTS:-1,3,14,17,21}" \
+      --power "${POWER_CONFIGS:-14.256.inplace,14.128.pristine,21.256.inplace,17.128.pristine}" \
+      --out "$OUT/probe_sgmm_power_h200.json" 2>&1 | grep -v "^\[" | tail -20 ;;
   gather-kernels)
     timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   gather-variants)

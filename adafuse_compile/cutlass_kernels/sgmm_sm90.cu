@@ -82,6 +82,8 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 // 23-25 are 14, 17 and 1 with the experts gathered inside the GEMM instead of packed by a
 // separate launch (GatherMainloop): L and R are read straight from the stacked expert tensors
 // B [N, out, r] and A [N, r, in], which needs r % 64 == 0 (one k-block never spans two experts).
+// 27-29 (in place only) read no C and store D with a TMA reduce-add into W, so no epilogue waits
+// for a C load: measured slower than 14 (q,v GEMM alone 1.73-1.85 against 1.44 ms, probe run 11).
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0, 0)                     \
