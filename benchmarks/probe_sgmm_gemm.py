@@ -189,40 +189,76 @@ def sequential_sweeps(ext) -> list[dict]:
     return rows
 
 
-def _sampled(fn, launches: int, interval_ms: int = 20) -> dict:
-    """`fn` `launches` times back to back (no sync between), timed with CUDA events, while
-    nvidia-smi samples the SM clock, the power draw and the active clock-throttle reasons."""
+def _smi_fields() -> list[str]:
+    """nvidia-smi query fields: timestamp, SM clock, instant power (`power.draw` is a 1 s average
+    on recent GPUs) and the active clock-event (throttle) reasons, each under the name this
+    driver knows."""
+    import subprocess
+
+    def known(field):
+        return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv"],
+                              capture_output=True).returncode == 0
+
+    power = "power.draw.instant" if known("power.draw.instant") else "power.draw"
+    reasons = "clocks_event_reasons.active" if known("clocks_event_reasons.active") else "clocks_throttle_reasons.active"
+    return ["timestamp", "clocks.sm", power, reasons]
+
+
+def _sampled(fn, seconds: float = 3.0, settle_s: float = 0.5, interval_ms: int = 20) -> dict:
+    """`fn` launched back to back (no sync between) for about `seconds`, timed with CUDA events,
+    while nvidia-smi samples the SM clock, the instant power and the clock-event reasons; only the
+    samples taken under load after its first `settle_s` count (nvidia-smi timestamps them)."""
+    import datetime
+    import os
     import subprocess
     import tempfile
 
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    reasons = "clocks_event_reasons.active"  # the newer name of clocks_throttle_reasons.active
-    if subprocess.run(["nvidia-smi", f"--query-gpu={reasons}", "--format=csv"],
-                      capture_output=True).returncode:
-        reasons = "clocks_throttle_reasons.active"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        fn()
+    end.record()
+    end.synchronize()
+    launches = max(20, int(seconds * 1e3 / (start.elapsed_time(end) / 20)))
+    fields = _smi_fields()
+    gpu = [] if os.environ.get("CUDA_VISIBLE_DEVICES") else ["-i", str(torch.cuda.current_device())]
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
-        smi = subprocess.Popen(
-            ["nvidia-smi", f"--query-gpu=clocks.sm,power.draw,{reasons}",
-             "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-f", log.name])
+        smi = subprocess.Popen(["nvidia-smi", *gpu, f"--query-gpu={','.join(fields)}",
+                                "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-f", log.name])
         time.sleep(0.3)  # nvidia-smi's first samples, before the load
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t_load = datetime.datetime.now()
         start.record()
         for _ in range(launches):
             fn()
         end.record()
         end.synchronize()
+        t_done = datetime.datetime.now()
         smi.terminate()
         smi.wait()
-        lines = [ln.split(",") for ln in log.read().splitlines() if ln.count(",") == 2]
-    samples = [(float(c), float(w), t.strip()) for c, w, t in lines if c.strip().replace(".", "").isdigit()]
-    busy = samples[len(samples) // 4:]  # the later three quarters: under load, past the ramp
-    return dict(ms_per_launch=round(start.elapsed_time(end) / launches, 4),
-                sm_mhz_median=statistics.median(c for c, _, _ in busy) if busy else None,
-                sm_mhz_min=min((c for c, _, _ in busy), default=None),
-                power_w_median=statistics.median(w for _, w, _ in busy) if busy else None,
-                throttle_reasons=sorted({t for _, _, t in busy}), samples=len(samples))
+        lines = log.read().splitlines()
+    samples = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
+            clock, power = float(parts[1]), float(parts[2])
+        except ValueError:  # "[N/A]" or a partial line
+            continue
+        if t_load + datetime.timedelta(seconds=settle_s) <= ts <= t_done:
+            samples.append((clock, power, parts[3]))
+    return dict(ms_per_launch=round(start.elapsed_time(end) / launches, 4), launches=launches,
+                load_s=round((t_done - t_load).total_seconds(), 3),
+                sm_mhz_median=statistics.median(c for c, _, _ in samples) if samples else None,
+                sm_mhz_min=min((c for c, _, _ in samples), default=None),
+                power_w_median=statistics.median(w for _, w, _ in samples) if samples else None,
+                power_w_max=max((w for _, w, _ in samples), default=None),
+                clock_event_reasons=sorted({t for _, _, t in samples}), samples=len(samples),
+                smi_fields=fields)
 
 
 def cancelling_operands(lhs: torch.Tensor, rhs: torch.Tensor, k: int, seed: int = 0) -> None:
@@ -241,13 +277,15 @@ def cancelling_operands(lhs: torch.Tensor, rhs: torch.Tensor, k: int, seed: int 
         sign = torch.randint(0, 2, shape, generator=g, device=lhs.device) * 2 - 1
         return (sign * mant).to(torch.float32).mul_(2.0 ** -bits).to(lhs.dtype)
 
+    if k % 2 or k > lhs.shape[1] or k > rhs.shape[1]:
+        raise ValueError(f"cancelling_operands: k = {k} must be even and fit the buffers ({lhs.shape[1]})")
     half = k // 2
     x, y = draw(lhs.shape[0], half), draw(rhs.shape[0], half, rhs.shape[2])
     lhs[:, :half], lhs[:, half:k] = x, x
     rhs[:, :half], rhs[:, half:k] = y, -y
 
 
-def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list[dict]:
+def power_probe(ext, configs: list[tuple[int, int, str]], seconds: float) -> list[dict]:
     """Whether the GEMM's speed depends on its operands' values: each (variant, K, mode) on the
     q,v byte volume with cancelling L / R (random bits, L R = 0 exactly: `cancelling_operands`),
     random L / R, L = R = 0 (same bytes moved, W + 0), and random again, each launched back to
@@ -270,7 +308,7 @@ def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list
             for lhs in bufs._keep:  # the plans' own contiguous L copies (K < 256)
                 if lhs.data_ptr() != bufs.lhs.data_ptr():
                     lhs.copy_(bufs.lhs[:, :lhs.shape[1]])
-            row = dict(variant=variant, k=k, mode=mode, data=data, **_sampled(plan.run, launches))
+            row = dict(variant=variant, k=k, mode=mode, data=data, **_sampled(plan.run, seconds))
             if data == "cancel":  # W + 0 (in place) or W0 + 0 (pristine): W must equal W0 bit for bit
                 row["w_unchanged"] = bool(torch.equal(bufs.w, bufs.w0))
             row["copy_fraction"] = round(bufs.moved_bytes(k, 64) / (row["ms_per_launch"] * 1e-3) / 1e12
@@ -279,7 +317,8 @@ def power_probe(ext, configs: list[tuple[int, int, str]], launches: int) -> list
             print(row, flush=True)
     copy_src = torch.empty(ROWS * COLS, dtype=DTYPE, device="cuda")
     copy_dst = torch.empty_like(copy_src)
-    row = dict(variant=None, k=0, mode="copy", data="random", **_sampled(lambda: copy_dst.copy_(copy_src), launches))
+    copy_src.normal_()  # random bits, like the GEMM's W
+    row = dict(variant=None, k=0, mode="copy", data="random", **_sampled(lambda: copy_dst.copy_(copy_src), seconds))
     rows.append(row)
     print(row, flush=True)
     return rows
@@ -302,7 +341,7 @@ def main() -> None:
     ap.add_argument("--power", default=None,
                     help="VARIANT.K.MODE,...: each GEMM alone with random then zero operands, "
                          "launched back to back while nvidia-smi samples clock and power")
-    ap.add_argument("--power-launches", type=int, default=400)
+    ap.add_argument("--power-seconds", type=float, default=3.0, help="load time per --power row")
     ap.add_argument("--ncu-one", default=None)
     ap.add_argument("--ncu-switch", default=None,
                     help="SET,MODE,VARIANT: three calls of CutlassPlan's whole switch on the real shapes "
@@ -336,12 +375,13 @@ def main() -> None:
 
     if args.power:
         cfgs = [(int(v), int(k), m) for v, k, m in (c.split(".") for c in args.power.split(","))]
-        rows = power_probe(ext, cfgs, args.power_launches)
+        rows = power_probe(ext, cfgs, args.power_seconds)
         Path(args.out).write_text(json.dumps(dict(
             device=torch.cuda.get_device_name(), torch=torch.__version__, power=rows,
             setup="q,v byte volume (64 x 4096 x 4096), bf16, 64 groups, raster along N; each row "
-                  f"{args.power_launches} launches back to back after 20 untimed; nvidia-smi every "
-                  "20 ms, the later three quarters of its samples; copy_fraction against 4.23 TB/s"),
+                  f"about {args.power_seconds} s of launches back to back after 40 untimed; nvidia-smi "
+                  "every 20 ms, the samples from 0.5 s into the load to its end; copy_fraction "
+                  "against 4.23 TB/s"),
             indent=1))
         return
 
@@ -352,8 +392,8 @@ def main() -> None:
     for mode, cfgs in gemm_cfgs.items():
         k = 128 if mode == "pristine" else 256
         for (v, raster, swizzle) in cfgs:
-            if v not in variants:
-                continue
+            if v not in variants or (mode == "pristine" and v in build.REDUCE_VARIANTS):
+                continue  # not built, or a reduce-add variant (in place only)
             plan = bufs.plan(ext, v, k, mode, 64, raster, swizzle)
             plans.append(plan)
             tag = f"gemm/{mode}/v{v}_r{raster}_s{swizzle}"
@@ -365,7 +405,8 @@ def main() -> None:
     del bufs, plans
     torch.cuda.empty_cache()
     report = {}
-    real = {m: [c for c in cs if c[0] in variants] for m, cs in parse_configs(args.switch_configs).items()}
+    real = {m: [c for c in cs if c[0] in variants and not (m == "pristine" and c[0] in build.REDUCE_VARIANTS)]
+            for m, cs in parse_configs(args.switch_configs).items()}
     for sname in [x for x in args.sets.split(",") if x]:
         rcases, rmeta = real_switch_cases(sname, real, any(v in build.GATHER_VARIANTS for v in variants))
         report[sname] = interleaved(rcases, args.rounds, 15, seed=1)

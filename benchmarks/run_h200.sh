@@ -140,7 +140,7 @@ run_stage() {
       ${SKIP_NAIVE:+--skip-naive} --budget-s "${DECODE_BUDGET:-470}" --paths "$paths" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --out "$OUT/decode_llama2-7b_$targets.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
   kernels)
-    # All 23 CUTLASS variants (sequential timing; probe-gemm interleaves): ~3 min build + timing. A variant that hangs
+    # Every CUTLASS variant (30; the reduce-add ones in place only) (sequential timing; probe-gemm interleaves): ~3 min build + timing. A variant that hangs
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
       --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
