@@ -95,11 +95,11 @@ def _adapter_channels(example_inputs: list) -> list:
 def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
     settings = BackendSettings.from_compile_args(options, mode)  # bad options raise here, clearly
     original = gm
+    manager, record = PassManager(PASSES), None
     try:
         work = copy_graph_module(gm)
         placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
         work.meta["adafuse_inputs"] = dict(zip(placeholders, example_inputs))
-        manager = PassManager(PASSES)
         work = manager(work, settings)
         # The passes' analysis (nodes, real tensors) stays out of the graph handed to codegen.
         analysis = {k: work.meta.pop(k) for k in list(work.meta) if k.startswith("adafuse")}
@@ -114,6 +114,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
                                     if "adafuse_path_decision" in analysis else None),
                   "graph": work}
         last_compilations.append(record)
+        for message in analysis.get("adafuse_warnings", []):
+            warnings.warn(f"adafuse: {message}", stacklevel=2)
         reason = analysis.get("adafuse_stop")
         if reason and not analysis.get("adafuse_stop_expected"):
             warnings.warn(f"adafuse: graph not rewritten: {reason}", stacklevel=2)
@@ -145,8 +147,15 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         compiled = _codegen(work, example_inputs, settings, extra)
         return _guarded(compiled, extra, example_inputs, state, rebind=analysis["adafuse_rebind"])
     except Exception as exc:  # a compile failure must never break the user's model
-        warnings.warn(f"adafuse: compilation failed ({type(exc).__name__}: {exc}); running the original graph "
-                      f"unchanged", stacklevel=2)
+        failed = f"compilation failed ({type(exc).__name__}: {exc}); running the original graph unchanged"
+        warnings.warn(f"adafuse: {failed}", stacklevel=2)
+        # The record says so (`adafuse diff` shows its notes): a pass's exception leaves no record yet,
+        # a codegen failure leaves one that describes a rewrite which does not run.
+        if record is None:
+            record = {"records": manager.records, "notes": [], "regions": [], "hoisted": [], "path_decision": None,
+                      "graph": original}
+            last_compilations.append(record)
+        record.update(rewritten=False, path=None, failed=failed, notes=[*record["notes"], failed])
         # Still guarded: another graph of this model may have merged experts into the weights.
         return _guarded(original.forward, [], example_inputs, None)
 
@@ -203,7 +212,20 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, pr
                 channel.restore()
             if refresh is not None:
                 refresh(channel, args)
-            return compiled(*args, *step_extra)
+            try:
+                return compiled(*args, *step_extra)
+            except Exception:
+                # A step that failed after its switch's first launch (a kernel launch error) may have
+                # published experts it never merged, or merged some: restore W (in place) and forget
+                # the previous experts, so a caller that retries switches from the pristine weights.
+                if step_state is not None:
+                    try:
+                        step_state.restore()
+                    except Exception as also:  # e.g. a lost CUDA context: the caller must know the state
+                        warnings.warn(f"adafuse: restoring the weights after the failed step failed too "
+                                      f"({type(also).__name__}: {also}); call adafuse_compile.restore(model) "
+                                      "before using the model again", stacklevel=2)
+                raise
         return run_merged
     if not channels and not extra:
         return compiled

@@ -65,9 +65,11 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"sgmm_impl={self.sgmm_impl!r} is not one of {SGMM_IMPLS}")
         if self.exact not in (None, True, False):
             raise AdaFuseOptionsError(f"exact must be True, False or None (auto), got {self.exact!r}")
-        if not 0.0 < self.pristine_memory_fraction <= 1.0:
-            raise AdaFuseOptionsError(f"pristine_memory_fraction must be in (0, 1], got {self.pristine_memory_fraction!r}")
-        if self.resync_every is not None and (not isinstance(self.resync_every, int) or self.resync_every < 0):
+        fraction = self.pristine_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise AdaFuseOptionsError(f"pristine_memory_fraction must be a number in (0, 1], got {fraction!r}")
+        if self.resync_every is not None and (isinstance(self.resync_every, bool) or not isinstance(self.resync_every, int)
+                                              or self.resync_every < 0):
             raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
         if self.prefill_expand not in PREFILL_EXPANDS:
             raise AdaFuseOptionsError(f"prefill_expand={self.prefill_expand!r} is not one of {PREFILL_EXPANDS}")

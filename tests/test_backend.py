@@ -211,6 +211,108 @@ def test_compile_failure_falls_back_to_the_original_graph(monkeypatch):
     with pytest.warns(UserWarning, match="compilation failed .*boom.*original graph"):
         out = torch.compile(model, backend="adafuse")(torch.tensor([[3]]), torch.tensor([0]))
     torch.testing.assert_close(out, ref)
+    record = backend.last_compilations[-1]  # what `adafuse diff` reads: the failure, not "no graph"
+    assert record["failed"].startswith("compilation failed (RuntimeError: boom)")
+    assert record["path"] is None and not record["rewritten"] and record["failed"] in record["notes"]
+
+
+@pytest.mark.parametrize("options", [{"pristine_memory_fraction": "0.5"}, {"pristine_memory_fraction": None},
+                                     {"pristine_memory_fraction": True}, {"resync_every": True}])
+def test_option_values_of_the_wrong_type_name_the_option(options):
+    with pytest.raises(AdaFuseOptionsError, match=next(iter(options))):
+        BackendSettings.from_compile_args(options)
+
+
+def test_training_step_keeps_every_gradient():
+    """Grad mode on and the adapters requiring grad: a one-token step takes the differentiable dense
+    form (the switch and slot kernels have no autograd formula), says that this is slower than the
+    kernels, and gives the router and both factors the eager model's gradients; path="merge" is
+    refused with the reason. The weights are never written."""
+    model = adapted_tiny()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(step):
+        model.zero_grad(set_to_none=True)
+        model.setup_cache(1)
+        step(torch.tensor([[3]]), torch.tensor([0])).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads(model)
+    assert {"router", "lora_A", "lora_B"} <= {k for n in want for k in ("router", "lora_A", "lora_B") if k in n}
+    with pytest.warns(UserWarning, match="decode step traced with gradients enabled.*torch.no_grad"):
+        got = grads(torch.compile(model, backend="adafuse", options={"codegen": "eager"}))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    record = backend.last_compilations[-1]
+    assert record["path"] == "gather" and not switch_calls(record["graph"])
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="not rewritten: gradients are enabled.*torch.no_grad"):
+        merged = grads(torch.compile(model, backend="adafuse", options={"codegen": "eager", "path": "merge"}))
+    for name in want:
+        torch.testing.assert_close(merged[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+
+
+def test_a_kernel_plan_that_cannot_be_built_falls_back_while_compiling():
+    """sgmm_impl="cutlass" on the CPU: the switch's plan is built while compiling, so the failure
+    is a compile-time fallback that names the reason and the fix, not a failed first step; with
+    path="auto" the step takes another path instead."""
+    model = adapted_tiny()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1)
+    ref = model(torch.tensor([[3]]), torch.tensor([0]))
+    with torch.no_grad():
+        model.setup_cache(1)
+        options = {"codegen": "eager", "path": "merge", "sgmm_impl": "cutlass"}
+        with pytest.warns(UserWarning, match="switching kernel cannot be planned.*needs a CUDA device.*impl='auto'"):
+            out = torch.compile(model, backend="adafuse", options=options)(torch.tensor([[3]]), torch.tensor([0]))
+        torch.testing.assert_close(out, ref)
+        assert not switch_calls(backend.last_compilations[-1]["graph"])
+        torch._dynamo.reset()
+        model.setup_cache(1)
+        options = {"codegen": "eager", "path": "auto", "sgmm_impl": "cutlass", "calibrate": False,
+                   "auto_costs": {"launch_s": 1.0}}  # launches priced so that merge (one launch) wins
+        out = torch.compile(model, backend="adafuse", options=options)(torch.tensor([[3]]), torch.tensor([0]))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    record = backend.last_compilations[-1]
+    assert record["path"] in ("factor", "gather"), record["path"]
+    assert any("switching kernel cannot be planned" in n for n in record["notes"]), record["notes"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+
+
+def test_a_failed_in_place_step_puts_the_weights_back(monkeypatch):
+    """A decode step that fails after its switch wrote the weights (a kernel launch error,
+    simulated after the real switch) restores W and forgets the previous experts, so a retry
+    switches from the pristine weights and matches the eager model."""
+    from adafuse_compile.cutlass_kernels import ops
+
+    model = adapted_tiny()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1)
+    ref = [model(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate((3, 5))]
+    real, calls = ops._switch_impl, []
+
+    def flaky(*args):
+        real(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("SGMM grouped GEMM launch failed (simulated)")
+
+    monkeypatch.setattr(ops, "_switch_impl", flaky)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    with torch.no_grad():
+        model.setup_cache(1)
+        compiled(torch.tensor([[3]]), torch.tensor([0]))
+        with pytest.raises(RuntimeError, match="simulated"):
+            compiled(torch.tensor([[5]]), torch.tensor([1]))
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, w0[k]), k
+        out = compiled(torch.tensor([[5]]), torch.tensor([1]))
+    torch.testing.assert_close(out, ref[1], rtol=1e-4, atol=1e-5)
+    af.restore(model)
 
 
 def test_inductor_does_not_copy_backbone_weights():
@@ -243,8 +345,9 @@ def test_eager_call_after_compiled_decode_sees_backbone_weights():
     model.setup_cache(1)
     # In place: the mode that merges into the model's weights (exact mode never writes them).
     compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
-    for i in range(3):  # a decode loop of the user's own: weights stay merged between steps
-        compiled(torch.tensor([[1 + i]]), torch.tensor([i]))
+    with torch.no_grad():  # inference: with gradients on, a decode step takes the differentiable dense form
+        for i in range(3):  # a decode loop of the user's own: weights stay merged between steps
+            compiled(torch.tensor([[1 + i]]), torch.tensor([i]))
     assert any(not torch.equal(v, w0[k]) for v, k in zip(af.gate_channel(model).adapted_weights, [
         n for n, m in af.adapted_linears(model).items() for n in [n + ".weight"]])), "decode merged nothing"
     model.setup_cache(1)

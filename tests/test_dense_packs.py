@@ -241,4 +241,4 @@ def test_a_graph_that_computes_adapter_gradients_is_not_packed():
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     notes = " ".join(backend.last_compilations[-1]["notes"])
-    assert "dense prefill unpacked (gradients enabled" in notes
+    assert "the dense form (plain matmuls, differentiable), unpacked" in notes

@@ -172,14 +172,16 @@ def test_op_traces_under_torch_compile():
     _check(p, expected, before, torch.float32)
 
 
-def test_auto_falls_back_to_triton_when_the_cutlass_plan_fails(monkeypatch):
-    """impl='auto': a CUTLASS plan that fails to build (every candidate GEMM refused) warns and
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, OSError])
+def test_auto_falls_back_to_triton_when_the_cutlass_plan_fails(monkeypatch, error):
+    """impl='auto': a CUTLASS plan that fails to build (every candidate GEMM refused: RuntimeError; a
+    factor it cannot address: ValueError; a build directory it cannot write: OSError) warns and
     takes the Triton plan; impl='cutlass' raises. (Stand-ins for both plans: no GPU here.)"""
     import adafuse_compile.cutlass_kernels.cutlass_sgmm as cutlass_sgmm
     import adafuse_compile.cutlass_kernels.triton_sgmm as triton_sgmm
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: variant 14: can_implement")
+        raise error("SGMM CUTLASS: no candidate GEMM could be planned: variant 14: can_implement")
 
     class TritonStandIn:
         def __init__(self, weights, *args):
@@ -195,6 +197,41 @@ def test_auto_falls_back_to_triton_when_the_cutlass_plan_fails(monkeypatch):
         plan = ops._get_plan("auto", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
     assert isinstance(plan, TritonStandIn) and plan.weights is p["weights"]
     ops.clear_plan_cache()
-    with pytest.raises(RuntimeError, match="no candidate GEMM"):
+    with pytest.raises(error, match="no candidate GEMM"):
         ops._get_plan("cutlass", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
     ops.clear_plan_cache()
+
+
+def test_impls_that_cannot_run_on_the_cpu_say_what_to_use(monkeypatch):
+    """Off CUDA, 'cutlass' never runs and 'triton' only in Triton's interpreter: both name the
+    device and the fix (impl='auto') instead of failing inside a kernel launch."""
+    from adafuse_compile.cutlass_kernels import gather_lora
+
+    p = make_problem(SHAPES[:1], k=2)
+    a = _args(p)
+    ops.clear_plan_cache()
+    with pytest.raises(ValueError, match="needs a CUDA device.*impl='auto'"):
+        ops._get_plan("cutlass", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl 'triton' needs a CUDA device.*TRITON_INTERPRET=1.*impl='auto'"):
+        ops._get_plan("triton", p["weights"], p["lora_A"], p["lora_B"], *a[3:7], None)
+    with pytest.raises(ValueError, match="impl 'triton' needs a CUDA device.*impl='auto'"):
+        gather_lora.prepare_plan(p["lora_A"], p["lora_B"], "triton")
+    ops.clear_plan_cache()
+
+
+def test_an_unwritable_build_directory_is_a_clear_runtime_error(monkeypatch, tmp_path):
+    """The CUTLASS build's directory set-up fails like the build itself (RuntimeError, remembered,
+    naming ADAFUSE_CACHE), which the auto dispatch turns into the Triton path."""
+    from adafuse_compile.cutlass_kernels import build
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("ADAFUSE_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(build, "cutlass_include_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(build, "_failed", {})
+    monkeypatch.setattr(build, "_loaded", {})
+    for _ in range(2):  # the second call answers from the remembered failure
+        with pytest.raises(RuntimeError, match="not writable.*ADAFUSE_CACHE"):
+            build.load_extension((27,))

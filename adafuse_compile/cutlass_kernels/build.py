@@ -215,21 +215,23 @@ def load_extension(variants: tuple[int, ...] | None = None) -> ModuleType:
 
     name = "adafuse_sgmm_sm90_v" + "_".join(str(v) for v in variants)  # (1, 2) is not (12,)
     build_dir = cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [CU_SOURCE]
-    binding = build_dir / "binding.cpp"
-    _write_if_changed(binding, _BINDING)
-    sources.append(binding)
-    for dname, dcode in DTYPE_CODES.items():
-        for v in variants:
-            tu = build_dir / f"gemm_{dname}_{v}.cu"
-            _write_if_changed(tu, (
-                "#define ADAFUSE_SGMM_GEMM_TU 1\n"
-                f"#define ADAFUSE_SGMM_DTYPE {dcode}\n"
-                f"#define ADAFUSE_SGMM_VARIANT {v}\n"
-                f'#include "{CU_SOURCE}"\n'
-            ))
-            sources.append(tu)
+    sources = [CU_SOURCE, build_dir / "binding.cpp"]
+    units = {build_dir / f"gemm_{dname}_{v}.cu": (
+        "#define ADAFUSE_SGMM_GEMM_TU 1\n"
+        f"#define ADAFUSE_SGMM_DTYPE {dcode}\n"
+        f"#define ADAFUSE_SGMM_VARIANT {v}\n"
+        f'#include "{CU_SOURCE}"\n'
+    ) for dname, dcode in DTYPE_CODES.items() for v in variants}
+    sources += list(units)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(sources[1], _BINDING)
+        for tu, text in units.items():
+            _write_if_changed(tu, text)
+    except OSError as exc:  # remembered like a failed build: auto dispatch falls back to Triton
+        _failed[variants] = (f"SGMM CUTLASS build directory {build_dir} not writable ({exc}); "
+                             "set ADAFUSE_CACHE to a writable directory")
+        raise RuntimeError(_failed[variants]) from exc
     from rich.console import Console
 
     console = Console(stderr=True)

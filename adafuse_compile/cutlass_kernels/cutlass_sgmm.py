@@ -45,7 +45,7 @@ _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
 
 
 def unsupported_reason(weights: list[Tensor], lora_A: list[Tensor],
-                       pristine: list[Tensor] | None) -> str | None:
+                       pristine: list[Tensor] | None, lora_B: list[Tensor] | None = None) -> str | None:
     """Why the CUTLASS path cannot take these inputs (None: it can). Builds on first use."""
     dev = weights[0].device
     if dev.type != "cuda":
@@ -55,23 +55,28 @@ def unsupported_reason(weights: list[Tensor], lora_A: list[Tensor],
         return f"needs an sm_90 (Hopper) GPU, this one is sm_{cap[0]}{cap[1]}"
     if weights[0].dtype not in _ELEMENTS:
         return f"dtype {weights[0].dtype} (CUTLASS path is bf16/fp16)"
-    bad = alignment_problem(weights, lora_A, pristine)
+    bad = alignment_problem(weights, lora_A, pristine, lora_B)
     if bad is not None:
         return "unaligned: " + bad
     if build.cutlass_include_dirs() is None:
         return "CUTLASS headers not found (pip install nvidia-cutlass)"
     try:
         build.load_extension(build.BUILD_VARIANTS)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         return str(exc)
     return None
 
 
-def alignment_problem(weights, lora_A, pristine) -> str | None:
-    """TMA needs 16-byte aligned bases and row strides: in % 8 == 0, r % 8 == 0 (16-bit)."""
+def alignment_problem(weights, lora_A, pristine, lora_B=None) -> str | None:
+    """TMA needs 16-byte aligned bases and row strides: in % 8 == 0, r % 8 == 0 (16-bit); the
+    pack (or the gathering GEMM) reads the factors in 16-byte vectors."""
     r = lora_A[0].shape[1]
     if r % 8:
         return f"rank {r} is not a multiple of 8"
+    for name, factors in (("lora_A", lora_A), ("lora_B", lora_B or [])):
+        for i, f in enumerate(factors):
+            if f.data_ptr() % 16:
+                return f"{name}[{i}] is not 16-byte aligned"
     for i, w in enumerate(weights):
         if w.shape[1] % 8:
             return f"weights[{i}] {tuple(w.shape)}: in_features not a multiple of 8"

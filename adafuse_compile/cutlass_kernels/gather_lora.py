@@ -27,6 +27,7 @@ Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -320,7 +321,11 @@ def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
 def _resolve_impl(impl: str, x: Tensor) -> str:
     if impl == "auto":
         return "triton" if x.device.type == "cuda" else "reference"
-    return impl  # "triton" off CUDA runs only under TRITON_INTERPRET=1 (tests)
+    if impl == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"gather_lora: impl 'triton' needs a CUDA device, the factors are on {x.device} (off CUDA "
+                         "only Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); use impl='auto' "
+                         "(the PyTorch reference off CUDA)")
+    return impl
 
 
 def prepare_plan(lora_A: list[Tensor], lora_B: list[Tensor], impl: str = "auto") -> None:

@@ -17,6 +17,7 @@ Importable on a CPU-only machine with neither Triton nor CUTLASS: those load laz
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -142,7 +143,7 @@ def _plan_key(impl, weights, lora_A, lora_B, pristine, k) -> tuple:
     )
 
 
-def _resolve_impl(impl: str, weights, lora_A, pristine) -> str:
+def _resolve_impl(impl: str, weights, lora_A, lora_B, pristine) -> str:
     dev = weights[0].device
     if impl == "reference":
         return impl
@@ -150,12 +151,17 @@ def _resolve_impl(impl: str, weights, lora_A, pristine) -> str:
         if impl == "auto":
             return "reference"
         if impl == "triton":
-            return "triton"  # works on CPU only under TRITON_INTERPRET=1 (tests)
-        raise ValueError(f"sgmm_switch_: impl 'cutlass' needs a CUDA device, weights are on {dev}")
+            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise ValueError(f"sgmm_switch_: impl 'triton' needs a CUDA device, weights are on {dev} "
+                                 "(off CUDA only Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); "
+                                 "use impl='auto' (the PyTorch reference off CUDA)")
+            return "triton"
+        raise ValueError(f"sgmm_switch_: impl 'cutlass' needs a CUDA device, weights are on {dev}; "
+                         "use impl='auto' (the PyTorch reference off CUDA) or move the model to the GPU")
     if impl in ("auto", "cutlass"):
         from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
-        why = cutlass_sgmm.unsupported_reason(weights, lora_A, pristine)
+        why = cutlass_sgmm.unsupported_reason(weights, lora_A, pristine, lora_B)
         if why is None:
             return "cutlass"
         if impl == "cutlass" or why.startswith("unaligned"):
@@ -176,7 +182,7 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
 
     def build():
         validate_table(weights, lora_A, lora_B, pristine)
-        chosen = _resolve_impl(impl, weights, lora_A, pristine)
+        chosen = _resolve_impl(impl, weights, lora_A, lora_B, pristine)
         k = experts.numel()
         if chosen == "reference":
             return "reference"
@@ -188,7 +194,9 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
 
         try:
             return CutlassPlan(weights, lora_A, lora_B, k, pristine)
-        except RuntimeError as exc:  # e.g. CUTLASS refuses every candidate GEMM for these shapes
+        # e.g. CUTLASS refuses every candidate GEMM for these shapes (RuntimeError), a factor the
+        # plan cannot address (ValueError), a build directory it cannot write (OSError)
+        except (RuntimeError, ValueError, OSError) as exc:
             if impl == "cutlass":
                 raise
             warnings.warn(f"sgmm_switch_: CUTLASS plan failed ({exc}); using Triton", stacklevel=4)

@@ -113,6 +113,13 @@ def note(gm: fx.GraphModule, message: str) -> None:
     gm.meta.setdefault("adafuse_notes", []).append(message)
 
 
+def warn(gm: fx.GraphModule, message: str) -> None:
+    """A pass's note that the user should see even though the graph was rewritten (the backend
+    turns it into a warning): an outcome slower than what the user probably wanted."""
+    note(gm, message)
+    gm.meta.setdefault("adafuse_warnings", []).append(message)
+
+
 def stop(gm: fx.GraphModule, reason: str, *, expected: bool = False) -> fx.GraphModule:
     """End the pipeline here: the graph passes through unchanged, with `reason` reported once.
 

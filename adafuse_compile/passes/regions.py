@@ -108,5 +108,17 @@ def add_static_inputs(gm: fx.GraphModule, names: list[str]) -> list[fx.Node]:
     return placeholders
 
 
+def trains(gm: fx.GraphModule) -> bool:
+    """A training step: grad mode is on and a graph input (the adapters, the router, the backbone)
+    requires grad. Our kernels (switch, factor slots, gather) have no autograd formula, so such a
+    step may only take the dense form, whose plain matmuls carry every gradient. (Dynamo guards on
+    grad mode: a no_grad call of the same model compiles a graph of its own.)"""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in graph_inputs(gm).values())
+
+
+TRAINING_NOTE = "gradients are enabled and inputs require grad (a training step): adafuse's kernels have no autograd formula"
+
+
 def regions_of(gm: fx.GraphModule) -> list[Region]:
     return gm.meta.setdefault("adafuse_regions", [])

@@ -20,7 +20,7 @@ from ..cutlass_kernels import factor_slots
 from ..settings import BackendSettings
 from .manager import clean_up, note
 from .path_policy import decide_path
-from .regions import add_static_inputs, graph_inputs, regions_of
+from .regions import TRAINING_NOTE, add_static_inputs, graph_inputs, regions_of, trains
 
 
 def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, list]:
@@ -35,6 +35,10 @@ def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, li
 
 def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
     if "adafuse_switch" in gm.meta:
+        return gm
+    if trains(gm):
+        if settings.path == "factor":
+            note(gm, f"rewrite_factor: {TRAINING_NOTE}: no factor slots; left to rewrite_gather's dense form")
         return gm
     if settings.path == "auto":
         if decide_path(gm, settings).path != "factor":
@@ -54,6 +58,12 @@ def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     lora_a = [inputs[r.factors["lora_A"]] for r in regions]
     lora_b = [inputs[r.factors["lora_B"]] for r in regions]
     a_slots, b_slots = slots_for(regions[0].factors["channel"], lora_a, lora_b, top_k)
+    try:  # the kernel plan now: one that cannot be built is a compile-time fallback, not a failed step
+        factor_slots.prepare_plan(lora_a, lora_b, top_k, a_slots, b_slots)
+    except (RuntimeError, ValueError, OSError) as exc:
+        note(gm, f"rewrite_factor: the slot-writing kernel cannot be planned ({type(exc).__name__}: {exc}); "
+                 "left to rewrite_gather")
+        return gm
 
     graph = gm.graph
     placeholders = add_static_inputs(gm, [f"adafuse_a_slot_{i}" for i in range(len(regions))]

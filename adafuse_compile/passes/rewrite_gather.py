@@ -39,8 +39,8 @@ from ..cutlass_kernels.gather_lora import (  # also registers the ops
 )
 from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
-from .manager import clean_up, note, stop
-from .regions import add_static_inputs, example_value, graph_inputs, regions_of
+from .manager import clean_up, note, stop, warn
+from .regions import TRAINING_NOTE, add_static_inputs, example_value, graph_inputs, regions_of, trains
 
 
 def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -53,20 +53,38 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     scaling = float(scalings.pop())
     routing = gm.meta["adafuse_routing"]
     top_k = regions[0].factors["top_k"]
-    graph = gm.graph
-    with graph.inserting_after(routing["last"]):
-        experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
-    with graph.inserting_after(experts):
-        gates = graph.call_method("reshape", (routing["weights"], -1, top_k))
     impl = settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto"
-    device = graph_inputs(gm)[regions[0].factors["lora_A"]].device
+    inputs = graph_inputs(gm)
+    device = inputs[regions[0].factors["lora_A"]].device
     tokens = regions[0].tokens
     groups: dict[fx.Node, list] = {}
     for r in regions:
         groups.setdefault(r.x, []).append(r)
     n_experts = regions[0].factors["num_experts"]
-    if _dense(settings.prefill_expand, tokens, regions[0].x, n_experts, top_k):
-        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed)
+    training = trains(gm)
+    prefill_dense = _dense(settings.prefill_expand, tokens, regions[0].x, n_experts, top_k)
+    dense = training or prefill_dense
+    if not dense:  # the kernel plans now: one that cannot be built is a compile-time fallback, not a failed step
+        try:
+            for group in groups.values():
+                gather_lora.prepare_plan([inputs[r.factors["lora_A"]] for r in group],
+                                         [inputs[r.factors["lora_B"]] for r in group], impl)
+        except (RuntimeError, ValueError, OSError) as exc:
+            return stop(gm, f"the gather kernels cannot be planned ({type(exc).__name__}: {exc}); compiled "
+                            "unchanged (exact, unmerged)")
+    graph = gm.graph
+    with graph.inserting_after(routing["last"]):
+        experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
+    with graph.inserting_after(experts):
+        gates = graph.call_method("reshape", (routing["weights"], -1, top_k))
+    if dense:
+        if training:
+            note(gm, f"rewrite_gather: {TRAINING_NOTE}: the dense form (plain matmuls, differentiable), unpacked")
+            if not prefill_dense:  # a decode step: slower than the kernels it would have taken
+                warn(gm, f"a decode step traced with gradients enabled ({TRAINING_NOTE}) takes the differentiable "
+                         "dense form, slower than adafuse's kernels; for inference run the model under "
+                         "torch.no_grad() or torch.inference_mode()")
+        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training)
     prefill_expand = "sets" if settings.prefill_expand in ("auto", "dense") else settings.prefill_expand
     # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
     # segments, set_order, set_work, per_slot (the op's schema). A step with enough rows for the
@@ -208,11 +226,6 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
         packed = False  # one shrink GEMM per group cannot serve modules of different N, r, dtype or device
         note(gm, "rewrite_gather: dense prefill unpacked (modules sharing an input differ in experts, rank, dtype "
                  "or device)")
-    if packed and torch.is_grad_enabled() and any(t.requires_grad for t in example if isinstance(t, torch.Tensor)):
-        # A packed copy is detached: the adapters' gradients must flow through the factors themselves.
-        # Dynamo guards on grad mode, so a no_grad call of the same model compiles a packed graph of its own.
-        packed = False
-        note(gm, "rewrite_gather: dense prefill unpacked (gradients enabled: they flow through the factors)")
     buffers = iter(())
     if packed:
         channel = regions_of(gm)[0].factors["channel"]

@@ -29,7 +29,7 @@ from ..runtime.switch_state import switch_state_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .path_policy import decide_path
-from .regions import add_static_inputs, graph_inputs, regions_of
+from .regions import TRAINING_NOTE, add_static_inputs, graph_inputs, regions_of, trains
 
 
 def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -42,6 +42,12 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         ))
     if settings.path in ("gather", "factor"):
         note(gm, f"rewrite_switch: path={settings.path!r} asked for: no merge")
+        return gm
+    if trains(gm):
+        if settings.path == "merge":
+            return stop(gm, f"{TRAINING_NOTE}; compiled with the exact unmerged adapter path "
+                            "(run the model under torch.no_grad() or torch.inference_mode() to merge)")
+        note(gm, f"rewrite_switch: {TRAINING_NOTE}: no merge; left to rewrite_gather's dense form")
         return gm
     decision = decide_path(gm, settings) if settings.path == "auto" else None
     multi = [r for r in regions if r.tokens != 1]
@@ -65,7 +71,18 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                                    settings.pristine_memory_fraction, settings.resync_every)
     weights = [inputs[r.weight] for r in regions]
     scaling = float(scalings.pop())
-    buffers = state.switch_operands(weights)[0] if state.exact else []
+    targets_now, pristine_now = state.switch_operands(weights)
+    try:  # the kernel plan now, so that one that cannot be built is a compile-time fallback, not a failed step
+        ops.prepare_plan(settings.sgmm_impl, targets_now, [inputs[r.factors["lora_A"]] for r in regions],
+                         [inputs[r.factors["lora_B"]] for r in regions], state.prev_experts, state.prev_gates,
+                         pristine_now)
+    except (RuntimeError, ValueError, OSError) as exc:
+        why = f"the switching kernel cannot be planned for these weights ({type(exc).__name__}: {exc})"
+        if settings.path == "merge":
+            return stop(gm, f"{why}; compiled unchanged (exact, unmerged)")
+        note(gm, f"rewrite_switch: {why}; left to the other paths")
+        return gm
+    buffers = targets_now if state.exact else []
     extra = [state.prev_experts, state.prev_gates] + buffers
 
     graph = gm.graph
