@@ -61,8 +61,10 @@ def in_place_merged_model():
 
 
 def decode_steps(compiled, n, start=0):
-    """A user's own decode loop: compiled one-token steps, weights merged between them."""
-    return [compiled(torch.tensor([[3 + i]]), torch.tensor([start + i])) for i in range(n)]
+    """A user's own inference decode loop: compiled one-token steps, weights merged between them
+    (under no_grad: a step traced with gradients enabled takes the differentiable dense form)."""
+    with torch.no_grad():
+        return [compiled(torch.tensor([[3 + i]]), torch.tensor([start + i])) for i in range(n)]
 
 
 @pytest.mark.parametrize("exact", [True, False])
