@@ -20,6 +20,7 @@ from .passes.prove_pregating import prove_pregating
 from .passes.rewrite_factor import rewrite_factor
 from .passes.rewrite_gather import rewrite_gather
 from .passes.rewrite_switch import rewrite_switch
+from .runtime.switch_state import REPLACED_WEIGHTS, ReplacedWeightsError
 from .settings import BackendSettings
 
 log = logging.getLogger("adafuse_compile")
@@ -145,7 +146,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             log.info("adafuse: in-place switching, exact resync from host memory every %d switches",
                      state.resync_every)
         compiled = _codegen(work, example_inputs, settings, extra)
-        return _guarded(compiled, extra, example_inputs, state, rebind=analysis["adafuse_rebind"])
+        return _guarded(compiled, extra, example_inputs, state, rebind=analysis["adafuse_rebind"],
+                        weights_at=analysis["adafuse_weight_positions"])
     except Exception as exc:  # a compile failure must never break the user's model
         failed = f"compilation failed ({type(exc).__name__}: {exc}); running the original graph unchanged"
         warnings.warn(f"adafuse: {failed}", stacklevel=2)
@@ -169,7 +171,8 @@ def _channel_of(t) -> object | None:
     return tag.channel if tag is not None else None
 
 
-def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, prepare=None, refresh=None):
+def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, prepare=None, refresh=None,
+             weights_at: list[int] = ()):
     """Wrap a compiled graph: merge graphs mark their model merged; others restore it first.
 
     Dynamo reuses a graph for another instance of the same model class (its parameters are graph
@@ -206,6 +209,11 @@ def _guarded(compiled, extra: list, example_inputs: list, state, rebind=None, pr
                 entry = rebind(channel, args)
                 channel.bound_graphs[key] = entry
             step_state, step_extra = entry
+            if step_state is not None and weights_at and not step_state.exact and \
+                    not step_state.holds([args[weights_at[0]], args[weights_at[-1]]]):
+                # in place, the state restores the Parameters it snapshotted, not these (exact mode
+                # reads W from the arguments every step: right either way)
+                raise ReplacedWeightsError(f"adafuse: {REPLACED_WEIGHTS}, or compile with options={{'exact': True}}")
             if step_state is not None:
                 step_state.before_merge_step()  # thread/sharing checks, periodic resync, marks the model merged
             else:  # the factor and gather paths write no weight: only another model's in-place merge to undo

@@ -464,3 +464,104 @@ def test_deep_copy_of_a_part_of_an_in_place_merged_model_copies_the_backbone():
     layers = copy.deepcopy(model.layers)  # reaches the adapted weights before the model's channel
     for k, v in layers.state_dict().items():
         assert torch.equal(v, w0["layers." + k]), k
+
+
+# The user changes the model after compiling ---------------------------------------------------------
+
+def _backbone_of(seed):
+    """Backbone tensors (no adapters, no router) of another model: a new base model to load."""
+    other = adapted(seed)
+    return {k: v.clone() for k, v in other.state_dict().items() if "lora_" not in k and "router" not in k}
+
+
+def _eager_steps(model, n):
+    af.restore(model)
+    model.setup_cache(1)
+    with torch.no_grad():
+        return [model(torch.tensor([[3 + i]]), torch.tensor([i])) for i in range(n)]
+
+
+@pytest.mark.parametrize("when", ["between decodes", "mid-decode"])
+def test_in_place_decode_after_loading_a_new_backbone_uses_it(when):
+    """In place, a backbone loaded with load_state_dict (in place into the same Parameters) is the
+    one later decodes merge into and every restore puts back: the host copy of W0 is taken again
+    (between decodes), and a load in the middle of a decode restores first (so the merged experts
+    are not loaded over, nor later unmerged from the new weights)."""
+    model, _ = in_place_merged_model()
+    if when == "between decodes":
+        af.restore(model)
+    new = _backbone_of(5)
+    model.load_state_dict(new, strict=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    model.setup_cache(1)
+    got = decode_steps(compiled, 3)
+    with torch.no_grad():  # a prefill graph restores the weights first: the new ones
+        prefill = compiled(torch.tensor([[3, 4, 5]]), torch.arange(3))
+    ref = _eager_steps(model, 3)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    model.setup_cache(1)
+    with torch.no_grad():
+        torch.testing.assert_close(prefill, model(torch.tensor([[3, 4, 5]]), torch.arange(3)), rtol=1e-4, atol=1e-5)
+    af.restore(model)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in new.items())
+
+
+def test_new_adapters_loaded_mid_in_place_decode_are_merged_from_the_backbone():
+    """Adapters (and router) loaded while the old experts sit in the weights: the load restores the
+    backbone first, so the next step merges the new experts into W0, not W0 + old - new."""
+    model, w0 = in_place_merged_model()
+    other = adapted(9)
+    new = {k: v.clone() for k, v in other.state_dict().items() if "lora_" in k or "router" in k}
+    model.load_state_dict(new, strict=False)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    model.setup_cache(1)
+    got = decode_steps(compiled, 3)
+    for g, r in zip(got, _eager_steps(model, 3)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], w0[k]) for k in w0 if k not in new)
+
+
+def test_in_place_decode_over_replaced_backbone_parameters_fails_clearly():
+    """load_state_dict(assign=True) puts new Parameters in: the in-place state would restore the old
+    ones, so the step refuses with the reason and the fixes, and the new weights stay as loaded."""
+    from adafuse_compile.runtime.switch_state import ReplacedWeightsError
+
+    model, _ = in_place_merged_model()
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "exact": False})
+    new = _backbone_of(5)
+    model.load_state_dict(new, strict=False, assign=True)
+    model.setup_cache(1)
+    with pytest.raises(ReplacedWeightsError, match="assign=True.*load new weights in place.*exact"):
+        decode_steps(compiled, 1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
+
+
+@pytest.mark.parametrize("path", ["factor", "merge"])
+def test_decode_after_model_to_another_dtype(path):
+    """model.to(dtype) keeps the Parameters (same ids) and converts them: the factor slots and the
+    merge path's buffers follow (a recompile with new ones, not stale fp32 slots or a switch that
+    cannot be planned)."""
+    from adafuse_compile import backend
+
+    model = adapted()
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager", "path": path})
+    model.setup_cache(1)
+    decode_steps(compiled, 2)
+    af.restore(model)
+    model.to(torch.bfloat16)
+    model.setup_cache(1)
+    got = decode_steps(compiled, 3)
+    assert got[0].dtype == torch.bfloat16
+    for g, r in zip(got, _eager_steps(model, 3)):  # bf16: the merged weight rounds W0 + delta once more
+        assert ((g.float() - r.float()).abs().max() / r.float().abs().max()).item() < 3e-2
+    assert backend.last_compilations[-1]["path"] == path
+
+
+def test_a_submodule_state_dict_mid_in_place_decode_holds_the_backbone():
+    model, w0 = in_place_merged_model()
+    part = model.layers.state_dict()
+    for k, v in part.items():
+        assert torch.equal(v, w0["layers." + k]), k

@@ -53,10 +53,17 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
         p.requires_grad_(False)
     channel = GateChannel()
     modules = dict(model.named_modules())
+    restore = functools.partial(_call_channel, channel, "restore")
     for i, (name, linear) in enumerate(targets):
         parent_name, _, leaf = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, leaf, AdaFuseLinear(linear, config, channel, is_router=(i == 0)))
+        adapted = AdaFuseLinear(linear, config, channel, is_router=(i == 0))
+        # Saving or loading any part of the model (model.layers.state_dict(), load_state_dict of new
+        # adapters or a new backbone mid-decode) first puts the backbone weights back: a save sees
+        # W0, and a load is not undone by a later restore nor unmerged with the new factors.
+        adapted.register_state_dict_pre_hook(restore)
+        adapted.register_load_state_dict_pre_hook(restore)
+        setattr(parent, leaf, adapted)
     object.__setattr__(model, _CHANNEL_ATTR, channel)
     object.__setattr__(model, _CONFIG_ATTR, config)
     # The channel is open for exactly one top-level forward: a gate never outlives its step.

@@ -25,7 +25,8 @@ from .regions import TRAINING_NOTE, add_static_inputs, graph_inputs, regions_of,
 
 def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, list]:
     """The model's slot buffers for these factors (made once; they live as long as its channel)."""
-    key = tuple(id(a) for a in lora_a)
+    # dtype, device and shape too: model.to(dtype) keeps the Parameters (same ids) and converts them
+    key = tuple((id(a), a.dtype, a.device, tuple(a.shape)) for a in lora_a + lora_b)
     slots = channel.factor_slots
     if slots is None or slots[0] != key:
         slots = (key, *factor_slots.make_slots(lora_a, lora_b, top_k))

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..cutlass_kernels import ops  # noqa: F401  (registers torch.ops.adafuse.sgmm_switch)
-from ..runtime.switch_state import switch_state_for
+from ..runtime.switch_state import REPLACED_WEIGHTS, switch_state_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .path_policy import decide_path
@@ -70,6 +70,8 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     state, mode = switch_state_for(first["channel"], first["top_k"], settings.exact,
                                    settings.pristine_memory_fraction, settings.resync_every)
     weights = [inputs[r.weight] for r in regions]
+    if not state.holds(weights):
+        return stop(gm, f"{REPLACED_WEIGHTS}; compiled unchanged (exact, unmerged)")
     scaling = float(scalings.pop())
     targets_now, pristine_now = state.switch_operands(weights)
     try:  # the kernel plan now, so that one that cannot be built is a compile-time fallback, not a failed step
@@ -129,6 +131,7 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                          other.prev_gates, pristine)
         return other, [other.prev_experts, other.prev_gates] + (targets if exact else [])
     gm.meta["adafuse_rebind"] = rebind
+    gm.meta["adafuse_weight_positions"] = w_pos
     gm.meta["adafuse_switch"] = switch
     formula = "M = W + delta_t" if state.exact else f"W += delta_t - delta_t-1, exact resync every {state.resync_every}"
     note(gm, f"rewrite_switch: {len(regions)} adapter branches -> 1 switching call, {mode} ({formula})")

@@ -111,6 +111,36 @@ class ConcurrentUseError(RuntimeError):
     """A model whose weights are merged was used from another thread."""
 
 
+class ReplacedWeightsError(RuntimeError):
+    """An in-place compiled decode step was given backbone weights other than the ones it switches."""
+
+
+REPLACED_WEIGHTS = ("the model's backbone weights are not the Parameters it was injected with (replaced since, e.g. "
+                    "by load_state_dict(assign=True)), so its switch state would restore the old ones; load new "
+                    "weights in place (load_state_dict without assign=True) to keep the merge path")
+
+
+# The version counter a weight had when a SwitchState last wrote (or copied) its pristine values:
+# a different counter when a decode starts means the user changed the weight since (an optimizer
+# step, load_state_dict, copy_), so the in-place mode's host copy of W0 is taken again. Kept on the
+# weight, so that two models sharing a backbone do not take each other's restores for changes.
+_PRISTINE_VERSION_ATTR = "_adafuse_pristine_version"
+
+
+def _mark_pristine(weights: list[Tensor]) -> None:
+    for w in weights:
+        setattr(w, _PRISTINE_VERSION_ATTR, w._version)
+
+
+def _host_copy(w: Tensor) -> Tensor:
+    """W0 in (pinned, for CUDA) host memory, for the in-place mode's exact resync and restore."""
+    return w.detach().to("cpu", copy=True).pin_memory() if w.device.type == "cuda" else w.detach().clone()
+
+
+def _layout(weights: list[Tensor]) -> list[tuple]:
+    return [(id(w), w.dtype, w.device, tuple(w.shape)) for w in weights]
+
+
 class SwitchState:
     def __init__(self, weights: list[Tensor], top_k: int, exact: bool, resync_every: int | None = None):
         for other in merged_owners(weights):  # a model sharing these weights: copy W0, not its merge
@@ -135,9 +165,9 @@ class SwitchState:
                 readers.states.add(self)
         else:
             self.merged_buffers = {}
-            pin = device.type == "cuda"
-            self.host_pristine = {id(w): (w.detach().to("cpu", copy=True).pin_memory() if pin
-                                          else w.detach().clone()) for w in weights}
+            self.host_pristine = {id(w): _host_copy(w) for w in weights}
+            _mark_pristine(weights)
+        self.layout = _layout(weights)  # a weight converted since (model.to(dtype)) needs a new state
         self.resync_every = DEFAULT_RESYNC_EVERY if resync_every is None else resync_every
         self.merged = False
         self.switches = 0  # merged steps since the last exact write of the weights
@@ -150,6 +180,12 @@ class SwitchState:
     def buffer_bytes(self) -> int:
         """Device memory of exact mode's separate merged buffers (0 in place)."""
         return sum(t.numel() * t.element_size() for t in self.merged_buffers.values())
+
+    def holds(self, weights: list[Tensor]) -> bool:
+        """Whether these are still the weights this state switches (not Parameters put in their
+        place since, e.g. by load_state_dict(assign=True))."""
+        mine = self.merged_buffers if self.exact else self.host_pristine
+        return all(id(w) in mine for w in weights)
 
     def switch_operands(self, weights: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """(what the switch writes and the linears read, the pristine source or None) for `weights`:
@@ -174,6 +210,8 @@ class SwitchState:
             self._check_thread()
             if not self.owns_weights:  # per-weight work only when another model took them (not per token)
                 self._take_weights()
+            if not self.exact and not self.merged:  # a decode starts: W is W0, unless the user changed it
+                self._retake_changed_pristine()
             if not self.exact and self.resync_every and self.switches >= self.resync_every:
                 self._write_pristine()
             self.merged = True  # set before the step: a failure inside still leaves a restorable state
@@ -210,12 +248,23 @@ class SwitchState:
             self.owns_weights = True
 
     @torch.no_grad()
+    def _retake_changed_pristine(self) -> None:
+        """Take the host copy of W0 again for every weight the user changed since this model (or
+        one sharing the weights) last wrote or copied its pristine values: the next restore must
+        put back the new backbone, not the one seen at compile time."""
+        changed = [w for w in self.weights if w._version != getattr(w, _PRISTINE_VERSION_ATTR, None)]
+        for w in changed:
+            self.host_pristine[id(w)] = _host_copy(w)
+        _mark_pristine(changed)
+
+    @torch.no_grad()
     def _write_pristine(self) -> None:
         """W = W0 exactly, and forget the previous experts (the next switch merges from zero).
         Exact mode never wrote W: nothing to copy."""
         if not self.exact:
             for w in self.weights:  # streamed weight by weight from pinned host memory
                 w.copy_(self.host_pristine[id(w)], non_blocking=True)
+            _mark_pristine(self.weights)
         self.prev_gates.zero_()
         self.switches = 0
 
@@ -257,6 +306,10 @@ def switch_state_for(channel, top_k: int, exact: bool | None, memory_fraction: f
                      resync_every: int | None = None) -> tuple[SwitchState, str]:
     """The model's SwitchState (created on its first merge graph), and how its mode was chosen."""
     state = channel.switch_state
+    if state is not None and state.layout != _layout(list(channel.adapted_weights)):
+        # the weights were converted or moved since (model.to(dtype)): buffers and host copy are stale
+        state.restore()
+        state = None
     if state is None or (exact is not None and state.exact != exact):
         # A recompile with another `exact` gets its own state; graphs compiled earlier keep theirs,
         # and the weight-owner tracking makes the two restore each other before either merges.
