@@ -239,7 +239,7 @@ def test_training_step_keeps_every_gradient():
 
     want = grads(model)
     assert {"router", "lora_A", "lora_B"} <= {k for n in want for k in ("router", "lora_A", "lora_B") if k in n}
-    with pytest.warns(UserWarning, match="decode step traced with gradients enabled.*torch.no_grad"):
+    with pytest.warns(UserWarning, match="decode-sized step traced with gradients enabled.*torch.no_grad"):
         got = grads(torch.compile(model, backend="adafuse", options={"codegen": "eager"}))
     assert got.keys() == want.keys()
     for name in want:
@@ -465,3 +465,28 @@ def test_factor_path_decode_parity_and_untouched_weights(codegen):
     writes = [n for n in gm.graph.nodes if n.op == "call_function" and "write_factor_slots" in str(n.target)]
     assert len(writes) == 1 and not switch_calls(gm) and torch.einsum not in targets_of(gm)
     assert {r["path"] for r in backend.last_compilations} == {"factor", "gather"}  # prefill gathers
+
+
+def test_inject_keeps_the_models_mode_and_active_adapter_dropout_is_never_rewritten_away():
+    """inject() on an eval-mode model (as from_pretrained returns it) leaves the adapters in eval
+    mode (no dropout in generate()); a model in training mode with adapter dropout compiles
+    unchanged, with the reason (every rewrite replaces the branch the dropout is in), and matches
+    the eager model drawing the same dropout masks."""
+    model = af.TinyLlama(TINY).init_weights(std=0.08, seed=3).eval()
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal", dropout=0.5))
+    adapted = list(af.adapted_linears(model).values())
+    assert adapted and not any(m.training for m in adapted)
+    model.train()
+    assert all(m.training for m in adapted)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.setup_cache(2)
+        torch.manual_seed(0)
+        ref = model(tokens, torch.arange(9))
+        compiled = torch.compile(model, backend="adafuse", options={"codegen": "eager"})
+        model.setup_cache(2)
+        with pytest.warns(UserWarning, match="adapter dropout is active .*model.eval"):
+            torch.manual_seed(0)
+            out = compiled(tokens, torch.arange(9))
+    torch.testing.assert_close(out, ref)
+    assert backend.last_compilations[-1]["path"] is None

@@ -312,6 +312,9 @@ def test_a_compiled_model_generating_into_a_growing_cache_is_told_once():
     fresh = injected(static=False)
     fresh.compile(backend="adafuse", options={"codegen": "eager"})
     assert len(warned(fresh, past_key_values=DynamicCache(config=fresh.config))) == 1
+    named = injected(static=False)  # the default's name given explicitly: the same growing cache
+    named.compile(backend="adafuse", options={"codegen": "eager"})
+    assert len(warned(named, cache_implementation="dynamic")) == 1
     torch._dynamo.reset()
 
 

@@ -168,6 +168,15 @@ class StaticCacheReuse:
             self._kept = self._tensors = None
 
 
+def _static_cache_implementations() -> tuple:
+    """transformers' names of the cache implementations that keep a fixed shape ("static", ...)."""
+    try:
+        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+        return tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
+    except ImportError:  # a transformers without the list: the one name every version has
+        return ("static",)
+
+
 def dynamic_cache_warning(model, generate_kwargs: dict) -> str | None:
     """Why a generate() call on a compiled model will not decode at compiled speed, if it will not:
     a KV cache that grows every step (transformers' default DynamicCache)."""
@@ -180,7 +189,8 @@ def dynamic_cache_warning(model, generate_kwargs: dict) -> str | None:
     if given is not None:
         dynamic = not getattr(given, "is_compileable", False)
     else:
-        dynamic = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is None
+        implementation = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        dynamic = implementation is None or implementation not in _static_cache_implementations()
     if not dynamic:
         return None
     return (f"adafuse: {type(model).__name__}.generate() on a compiled model with a dynamic KV cache: the cache "

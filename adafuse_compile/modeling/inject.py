@@ -57,7 +57,9 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     for i, (name, linear) in enumerate(targets):
         parent_name, _, leaf = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        adapted = AdaFuseLinear(linear, config, channel, is_router=(i == 0))
+        # in the mode of the linear it replaces (a from_pretrained model is in eval mode: no
+        # adapter dropout, no load-balancing loss in generate())
+        adapted = AdaFuseLinear(linear, config, channel, is_router=(i == 0)).train(linear.training)
         # Saving or loading any part of the model (model.layers.state_dict(), load_state_dict of new
         # adapters or a new backbone mid-decode) first puts the backbone weights back: a save sees
         # W0, and a load is not undone by a later restore nor unmerged with the new factors.

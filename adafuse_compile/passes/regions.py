@@ -117,6 +117,26 @@ def trains(gm: fx.GraphModule) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in graph_inputs(gm).values())
 
 
+_DROPOUTS = (torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default,
+             torch.ops.aten.native_dropout.default)
+
+
+def active_dropout(gm: fx.GraphModule) -> list[str]:
+    """Regions whose adapter branch applies dropout (a module in training mode, p > 0): every
+    rewrite replaces the whole branch, which would leave the dropout out."""
+    names = []
+    for r in regions_of(gm):
+        for n in r.local_nodes:
+            if not is_call(n, _DROPOUTS):
+                continue
+            p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+            training = n.kwargs.get("training", n.kwargs.get("train", n.args[2] if len(n.args) > 2 else True))
+            if training is not False and p != 0:  # a symbolic p or flag counts as active
+                names.append(r.name)
+                break
+    return names
+
+
 TRAINING_NOTE = "gradients are enabled and inputs require grad (a training step): adafuse's kernels have no autograd formula"
 
 

@@ -81,7 +81,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         if training:
             note(gm, f"rewrite_gather: {TRAINING_NOTE}: the dense form (plain matmuls, differentiable), unpacked")
             if not prefill_dense:  # a decode step: slower than the kernels it would have taken
-                warn(gm, f"a decode step traced with gradients enabled ({TRAINING_NOTE}) takes the differentiable "
+                warn(gm, f"a decode-sized step traced with gradients enabled ({TRAINING_NOTE}) takes the differentiable "
                          "dense form, slower than adafuse's kernels; for inference run the model under "
                          "torch.no_grad() or torch.inference_mode()")
         return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training)

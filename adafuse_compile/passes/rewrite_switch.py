@@ -29,7 +29,7 @@ from ..runtime.switch_state import REPLACED_WEIGHTS, switch_state_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop
 from .path_policy import decide_path
-from .regions import TRAINING_NOTE, add_static_inputs, graph_inputs, regions_of, trains
+from .regions import TRAINING_NOTE, active_dropout, add_static_inputs, graph_inputs, regions_of, trains
 
 
 def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -40,6 +40,11 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             f"regions {unknown[:3]}{'...' if len(unknown) > 3 else ''} are detected but their expert factor layout "
             f"is not known (hand-written layer, not an AdaFuseLinear); compiled unchanged (exact, unmerged)"
         ))
+    dropped = active_dropout(gm)
+    if dropped:  # before any path: gather and factor would drop it too
+        return stop(gm, f"adapter dropout is active in {dropped[:3]}{'...' if len(dropped) > 3 else ''} (modules in "
+                        "training mode): every rewrite would leave it out, so the graph is compiled unchanged "
+                        "(exact); call model.eval() for inference")
     if settings.path in ("gather", "factor"):
         note(gm, f"rewrite_switch: path={settings.path!r} asked for: no merge")
         return gm
