@@ -80,11 +80,11 @@ class BackendSettings:
         if self.calibrate not in (True, False):
             raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
         if self.auto_costs is not None:
-            costs = dict(self.auto_costs) if isinstance(self.auto_costs, tuple) else self.auto_costs
             try:
+                costs = dict(self.auto_costs) if isinstance(self.auto_costs, tuple) else self.auto_costs
                 validate_overrides(costs)
-            except ValueError as exc:
-                raise AdaFuseOptionsError(str(exc)) from None
+            except (TypeError, ValueError) as exc:
+                raise AdaFuseOptionsError(f"auto_costs: {exc}" if "auto_costs" not in str(exc) else str(exc)) from None
             object.__setattr__(self, "auto_costs", tuple(sorted(costs.items())))  # frozen and hashable
         if self.cudagraphs not in (None, True, False):
             raise AdaFuseOptionsError(f"cudagraphs must be True, False or None, got {self.cudagraphs!r}")

@@ -171,6 +171,51 @@ def test_no_calibration_on_cpu_when_disabled_capturing_or_failing(fake_gpu, monk
         assert "calibration failed (RuntimeError: no graphs here)" in caplog.text
 
 
+def test_calibrates_inside_a_backend_where_torch_says_it_is_compiling(fake_gpu, monkeypatch):
+    """From torch 2.13 torch.compiler.is_compiling() is True inside every backend, where the auto
+    policy calibrates: that must not stop the measurement (it runs on a thread of its own)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    costs = cm.calibrate(torch.device("cuda", 0))
+    assert len(fake_gpu) == 1 and costs.launch_s == 3e-6
+    assert cm.load_cached("Fake GPU|torch t|cuda c") is not None  # and written to the cache
+
+
+def test_unusable_calibrations_are_never_used_or_kept(fake_gpu, monkeypatch, caplog):
+    """A cached entry with a zero or NaN parameter is ignored with a warning naming the file and
+    measured again; a measurement with one is a failed calibration (defaults), not cached; a cache
+    file that is JSON but not a table is replaced; ADAFUSE_CALIBRATE also takes false/no/off."""
+    gpu, key = torch.device("cuda", 0), "Fake GPU|torch t|cuda c"
+    for bad in (0.0, float("nan")):
+        cm.cache_path().parent.mkdir(parents=True, exist_ok=True)
+        cm.cache_path().write_text(json.dumps({key: {"copy_bytes_per_s": bad, "launch_s": 1e-6, "sgmm_fraction": 0.5}}))
+        monkeypatch.setattr(cm, "_process_costs", {})
+        with caplog.at_level(logging.WARNING, logger="adafuse_compile"):
+            costs = cm.calibrate(gpu)
+        assert costs.copy_bytes_per_s == 2e12 and "ignoring the cached calibration" in caplog.text
+        assert str(cm.cache_path()) in caplog.text
+    calls = len(fake_gpu)
+    monkeypatch.setattr(cm, "measure", lambda device: cm.Costs(copy_bytes_per_s=0.0, launch_s=1e-6))
+    cm.cache_path().write_text("[1, 2]")
+    monkeypatch.setattr(cm, "_process_costs", {})
+    with caplog.at_level(logging.WARNING, logger="adafuse_compile"):
+        assert cm.calibrate(gpu) is cm.DEFAULT_COSTS
+    assert "calibration failed (ValueError: copy_bytes_per_s = 0.0 is not a positive finite number)" in caplog.text
+    assert json.loads(cm.cache_path().read_text()) == [1, 2]  # nothing unusable written
+    cm.save_cached(key, cm.DEFAULT_COSTS)
+    assert set(json.loads(cm.cache_path().read_text())) == {key}  # the non-table file replaced
+    assert not list(cm.cache_path().parent.glob("*.tmp"))
+    for off in ("false", "No", "OFF"):
+        monkeypatch.setenv(cm.CALIBRATE_ENV, off)
+        monkeypatch.setattr(cm, "_process_costs", {})
+        assert cm.calibrate(gpu) is cm.DEFAULT_COSTS
+    assert len(fake_gpu) == calls
+
+
+def test_the_cache_follows_adafuse_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAFUSE_CACHE", str(tmp_path / "mine"))
+    assert cm.cache_path() == tmp_path / "mine" / "costs.json"
+
+
 def test_nothing_is_measured_at_import():
     import subprocess
     import sys
@@ -195,6 +240,13 @@ def test_options_are_validated_with_the_valid_ones_listed():
         BackendSettings.from_compile_args({"auto_costs": 3})
     with pytest.raises(AdaFuseOptionsError, match="calibrate must be True or False"):
         BackendSettings.from_compile_args({"calibrate": "no"})
+    with pytest.raises(AdaFuseOptionsError, match="auto_costs"):  # not a sequence of pairs
+        BackendSettings.from_compile_args({"auto_costs": (("launch_s",),)})
+    with pytest.raises(AdaFuseOptionsError, match=r"auto_costs\['launch_s'\] must be a positive finite number"):
+        BackendSettings.from_compile_args({"auto_costs": {"launch_s": 10**400}})  # beyond a float
+    import numpy as np
+
+    assert BackendSettings.from_compile_args({"auto_costs": {"launch_s": np.float32(3e-6)}}).auto_costs
     settings = BackendSettings.from_compile_args({"auto_costs": {"launch_s": 2e-6, "copy_bytes_per_s": 1e12}})
     assert settings.auto_costs == (("copy_bytes_per_s", 1e12), ("launch_s", 2e-6))
     hash(settings)  # still a frozen, hashable value

@@ -49,6 +49,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,18 @@ class Costs:
 DEFAULT_COSTS = Costs()
 
 
+def _bad_value(key: str, value) -> str | None:
+    """Why `value` cannot be cost parameter `key` (None: it can)."""
+    try:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)) \
+            and float(value) > 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok or (key == "sgmm_fraction" and float(value) > 1):
+        return "in (0, 1]" if key == "sgmm_fraction" else "a positive finite number"
+    return None
+
+
 def validate_overrides(overrides) -> None:
     """Raise ValueError (listing the valid keys) unless `overrides` maps cost parameters to positive numbers."""
     if not isinstance(overrides, dict):
@@ -97,10 +110,18 @@ def validate_overrides(overrides) -> None:
     if unknown:
         raise ValueError(f"unknown auto_costs key(s) {unknown}; valid keys: {list(COST_PARAMETERS)}")
     for key, value in overrides.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-        if not ok or (key == "sgmm_fraction" and value > 1):
-            bound = "in (0, 1]" if key == "sgmm_fraction" else "a positive finite number"
+        bound = _bad_value(key, value)
+        if bound is not None:
             raise ValueError(f"auto_costs[{key!r}] must be {bound}, got {value!r}")
+
+
+def checked(costs: "Costs") -> "Costs":
+    """`costs` if every parameter is usable (positive, finite; sgmm_fraction at most 1), else ValueError."""
+    for key in COST_PARAMETERS:
+        bound = _bad_value(key, getattr(costs, key))
+        if bound is not None:
+            raise ValueError(f"{key} = {getattr(costs, key)!r} is not {bound}")
+    return costs
 
 
 # The step ---------------------------------------------------------------------------------------
@@ -197,6 +218,10 @@ _process_costs: dict[str, Costs] = {}  # device key -> Costs, so a process measu
 
 
 def cache_path() -> Path:
+    """ADAFUSE_CACHE (the kernels' build cache too), else XDG_CACHE_HOME or ~/.cache, /adafuse_compile."""
+    root = os.environ.get("ADAFUSE_CACHE")
+    if root:
+        return Path(root) / "costs.json"
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "adafuse_compile" / "costs.json"
 
@@ -206,10 +231,17 @@ def device_key(device: torch.device) -> str:
 
 
 def load_cached(key: str) -> Costs | None:
+    """This device's entry of the cache file, if there is a usable one (a broken file or entry is
+    measured again and overwritten; an entry with unusable values says so)."""
     try:
         entry = json.loads(cache_path().read_text())[key]
-        return Costs(**{p: float(entry[p]) for p in COST_PARAMETERS}, source=f"cached calibration ({cache_path()})")
-    except (OSError, ValueError, KeyError, TypeError):
+        costs = Costs(**{p: float(entry[p]) for p in COST_PARAMETERS}, source=f"cached calibration ({cache_path()})")
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return None
+    try:
+        return checked(costs)
+    except ValueError as exc:
+        log.warning("adafuse: ignoring the cached calibration for %s in %s (%s); measuring again", key, cache_path(), exc)
         return None
 
 
@@ -221,10 +253,15 @@ def save_cached(key: str, costs: Costs) -> None:
             table = json.loads(path.read_text())
         except (OSError, ValueError):
             table = {}
+        if not isinstance(table, dict):  # valid JSON but not ours: start over
+            table = {}
         table[key] = {p: getattr(costs, p) for p in COST_PARAMETERS} | {"measured_at": time.time()}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError as exc:
         log.info("adafuse: could not cache the calibration at %s: %s", path, exc)
 
@@ -263,7 +300,8 @@ def measure(device: torch.device) -> Costs:
             y = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls during this capture neither fail it nor fail
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             y = x
             for _ in range(pairs):
                 y = torch.nn.functional.linear(torch.nn.functional.linear(y, a), b)
@@ -305,7 +343,7 @@ def calibrate(device: torch.device, enabled: bool = True) -> Costs:
     if device.type != "cuda":
         log.info("adafuse: auto policy on %s: no CUDA device to calibrate; documented H200 defaults", device)
         return DEFAULT_COSTS
-    if not enabled or os.environ.get(CALIBRATE_ENV, "1") == "0":
+    if not enabled or os.environ.get(CALIBRATE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         log.info("adafuse: auto policy calibration disabled (calibrate=False or %s=0); documented H200 defaults",
                  CALIBRATE_ENV)
         return DEFAULT_COSTS
@@ -316,14 +354,15 @@ def calibrate(device: torch.device, enabled: bool = True) -> Costs:
         return _process_costs[key]
     costs = load_cached(key)
     if costs is None:
-        if _capturing() or torch.compiler.is_compiling():
-            log.info("adafuse: auto policy inside a CUDA-graph capture or a trace: not calibrating; "
-                     "documented H200 defaults")
+        # (Not torch.compiler.is_compiling(): from torch 2.13 it is True inside every backend, where
+        # this runs, and the measurement runs on a thread of its own anyway.)
+        if _capturing():
+            log.info("adafuse: auto policy inside a CUDA-graph capture: not calibrating; documented H200 defaults")
             return DEFAULT_COSTS
         try:
             t0 = time.perf_counter()
             with gpu_lock.timing():  # a measurement: alone on the GPU when benchmarks share it
-                costs = _on_helper_thread(measure, device)
+                costs = checked(_on_helper_thread(measure, device))
             log.info("adafuse: auto policy calibrated %s in %.2f s: %.0f GB/s copy, %.2f us per small kernel",
                      key, time.perf_counter() - t0, costs.copy_bytes_per_s / 1e9, costs.launch_s * 1e6)
             save_cached(key, costs)
