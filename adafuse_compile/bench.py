@@ -310,7 +310,17 @@ def resolve(cfg: BenchConfig) -> Spec:
     preset = PRESETS[cfg.preset]
     family, model = preset.family, dict(preset.model)
     if cfg.hf_config:
-        d = json.loads(Path(cfg.hf_config).read_text())
+        try:
+            d = json.loads(Path(cfg.hf_config).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--hf-config {cfg.hf_config}: not a readable JSON file ({exc})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"--hf-config {cfg.hf_config}: a Hugging Face config.json is a JSON object, "
+                             f"got {type(d).__name__}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"--hf-config {cfg.hf_config}: missing {missing} (a model's config.json)")
         family = d.get("model_type", "llama")
         if family not in FAMILY_CLASSES:
             raise ValueError(f"{cfg.hf_config}: model_type={family!r} is not supported; "
@@ -320,6 +330,8 @@ def resolve(cfg: BenchConfig) -> Spec:
         model = {k: v for k, v in d.items() if k not in keep}
     device = torch.device(cfg.device or preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
+        if cfg.device:
+            raise RuntimeError(f"--device {cfg.device}: no CUDA device is available; use --device cpu")
         raise RuntimeError(f"preset {cfg.preset!r} runs on CUDA and no CUDA device is available; "
                            f"use --preset tiny or --device cpu")
     dtype = _DTYPES[cfg.dtype or preset.dtype]
@@ -1229,8 +1241,11 @@ def write_outputs(result: dict, json_path: str | Path, png: bool = True) -> dict
     paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
     for key, text in (("json", json.dumps(result, indent=1)), ("md", markdown_table(result))):
         tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+        try:
+            tmp.write_text(text)
+            tmp.replace(paths[key])
+        finally:
+            tmp.unlink(missing_ok=True)
     if png:
         plot(result, paths["png"])
     return paths

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .bench import HF_CACHES, HF_STOP_CHECKS, LOOPS, METHODS, PREFILLS, PRESETS, RUN_ORDER, TARGETS, BenchConfig, default_output, run_bench, \
@@ -57,6 +58,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    if args.methods is not None and not any(m.strip() for m in args.methods.split(",")):
+        raise ValueError("--methods names no method; leave it out for every method")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     return BenchConfig(preset=args.preset, hf_config=args.hf_config, targets=args.targets, loop=args.loop,
                        prompts=args.prompts, new_tokens=args.new_tokens, methods=methods, device=args.device,
@@ -67,11 +70,24 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    """`adafuse bench`: a bad value or an output it cannot write is one line and exit status 2."""
+    try:
+        return _bench(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"adafuse bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_output(cfg)
+    if out.suffix != ".json":  # the table (.md) and the plot (.png) are written beside it
+        raise ValueError(f"--out {out}: give a .json path (the .md table and .png plot take its name)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a .json file path")
 
     def checkpoint(partial: dict) -> None:
         write_outputs(partial, out, png=False)

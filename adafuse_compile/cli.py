@@ -53,6 +53,11 @@ def demo(args: argparse.Namespace) -> int:
     from . import backend
     from .runtime.switch_state import restore
 
+    capacity = DEMO_MODEL.max_seq_len
+    if args.tokens < 2 or args.prompt_len < 1 or args.prompt_len + args.tokens > capacity:
+        print(f"adafuse demo: need --tokens >= 2, --prompt-len >= 1 and --prompt-len + --tokens <= {capacity} "
+              f"(the demo model's positions), got {args.prompt_len} + {args.tokens}", file=sys.stderr)
+        return 2
     console = Console()
     model = build_demo_model(args.seed)
     cfg, acfg = model.config, model.adafuse_config

@@ -61,6 +61,11 @@ def test_not_an_adapter_file(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(AdapterCheckpointError, match="not an AdaFuse adapter file"):
         load_adapters(TinyLlama(TINY), tmp_path / "x.safetensors")
+    (tmp_path / "step.onnx").write_bytes(b"\x08\x07" + bytes(64))  # another format altogether
+    with pytest.raises(AdapterCheckpointError, match="not a safetensors file.*save_adapters"):
+        load_adapters(TinyLlama(TINY), tmp_path / "step.onnx")
+    with pytest.raises(AdapterCheckpointError, match="no such adapter file"):
+        load_adapters(TinyLlama(TINY), tmp_path / "missing.safetensors")
 
 
 def test_config_mismatch_with_already_injected_model(tmp_path):

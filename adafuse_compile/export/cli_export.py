@@ -63,7 +63,7 @@ def run_export(args: argparse.Namespace) -> int:
         model = load_model(args.module).eval()
         result = to_onnx(model, args.out, capacity=args.capacity, opset=args.opset or OPSET,
                          external_data=args.external_data)
-    except (ImportError, ValueError) as exc:  # ExportError is a ValueError
+    except (ImportError, ValueError, OSError) as exc:  # ExportError is a ValueError; OSError: --out not writable
         print(f"adafuse export: {exc}", file=sys.stderr)
         return 2
     total = sum(result.bytes.values())

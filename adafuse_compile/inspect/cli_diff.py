@@ -44,6 +44,12 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"--options is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"--options must be a JSON object, got {type(value).__name__}")
+    from ..settings import AdaFuseOptionsError, BackendSettings
+
+    try:  # checked here, so a bad option is argparse's one line, not a compile failure
+        BackendSettings.from_compile_args(value)
+    except AdaFuseOptionsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
@@ -89,6 +95,9 @@ def run_diff(args: argparse.Namespace) -> int:
     if fmt is None:
         suffix = Path(args.out).suffix.lower() if args.out else ""
         fmt = {".json": "json", ".html": "html", ".htm": "html"}.get(suffix, "text")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        print(f"adafuse diff: --out {args.out}: not a file in an existing directory", file=sys.stderr)
+        return 2
     try:
         model, example_args, name = load_target(args.module)
     except (ImportError, ValueError) as exc:
@@ -98,7 +107,11 @@ def run_diff(args: argparse.Namespace) -> int:
     report = diff_report(capture_step(model, example_args, args.options, name=name))
     text = {"text": render_text, "json": render_json, "html": render_html}[fmt](report)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"adafuse diff: --out {args.out}: {exc}", file=sys.stderr)
+            return 2
         print(f"adafuse diff: wrote {fmt} to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

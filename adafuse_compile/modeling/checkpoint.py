@@ -29,8 +29,14 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
 
 def read_adapter_config(path: str | Path) -> AdaFuseConfig:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise AdapterCheckpointError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' own error type (e.g. "header too large" for another format)
+        raise AdapterCheckpointError(f"{path} is not a safetensors file ({exc}); adapters are saved with "
+                                     "save_adapters") from None
     if meta.get("format") != FORMAT:
         raise AdapterCheckpointError(f"{path} is not an AdaFuse adapter file (metadata format={meta.get('format')!r})")
     return AdaFuseConfig.from_json(meta["adafuse_config"])
