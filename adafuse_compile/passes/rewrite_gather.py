@@ -23,6 +23,9 @@ side stream, sgmm_impl does not apply. Measured faster than the gather kernels a
 default (setting prefill_packed) those GEMMs read packed copies of the factors, kept in sync with
 the model's by the runtime (runtime/dense_packs.py): all seven linears 0.664x -> 0.723x of the
 backbone's prefill tokens/s on the H200.
+
+A training step (grad mode on, inputs requiring grad) takes the dense form, unpacked, whatever
+its size: the gather, switch and slot kernels have no autograd formula, the dense matmuls do.
 """
 from __future__ import annotations
 
