@@ -258,7 +258,30 @@ def test_refuses_models_without_pregated_adapters(tmp_path):
         to_onnx(mlp_only, tmp_path)
     with pytest.raises(ExportError, match="training mode"):
         to_onnx(_small_tiny_llama().train(), tmp_path)
+    # Qwen2 with sliding attention on some layers only: one mask for all would window the others
+    mixed = tiny_hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    af.inject(mixed, af.AdaFuseConfig(**ADAPTERS))
+    with pytest.raises(ExportError, match="different attention kinds.*not supported"):
+        to_onnx(mixed.eval(), tmp_path)
     assert not (tmp_path / "step.onnx").exists()
+
+
+def test_an_export_that_fails_half_way_leaves_no_loadable_directory(small_model, tmp_path, monkeypatch):
+    """The manifest goes first and comes back last: a second export into the same directory that
+    fails after writing some files leaves a directory the decoder refuses, not one mixing models."""
+    from adafuse_compile.export import onnx as onnx_export
+
+    to_onnx(small_model, tmp_path)
+    OnnxDecoder(tmp_path)
+
+    def broken(path):
+        raise ExportError("checker says no (simulated)")
+
+    monkeypatch.setattr(onnx_export, "check_exported", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        to_onnx(small_model, tmp_path)
+    with pytest.raises(ExportError, match="no manifest.json: not a finished export"):
+        OnnxDecoder(tmp_path)
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

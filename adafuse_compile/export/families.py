@@ -123,6 +123,13 @@ def sliding_window(model: nn.Module) -> int | None:
         return None
     if getattr(cfg, "use_sliding_window", True) is False:
         return None
+    if layer_types is not None and len(set(layer_types)) > 1:
+        # The exported step applies one attention mask to every layer: windowing the full-attention
+        # layers too would change the model's results (Qwen2's max_window_layers makes such models).
+        kinds = {k: layer_types.count(k) for k in dict.fromkeys(layer_types)}
+        raise ExportError(f"layers of different attention kinds ({kinds}): the exported decode step uses one "
+                          "attention window for every layer; models mixing sliding and full attention are not "
+                          "supported")
     return int(window)
 
 

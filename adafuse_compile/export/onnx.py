@@ -187,6 +187,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
     fixed = {n: t for n, t in tensors.items() if n not in switched}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest is what makes a directory an export (OnnxDecoder reads it first): removed before
+    # anything is written and written last, after the checks, so an export that fails half-way
+    # leaves no directory that loads one model's graphs with another's adapters.
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     device = tensors["embed_tokens.weight"].device
 
     # (a) routing prologue
@@ -233,12 +237,12 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, capacity: int | None = Non
         step=dict(file=STEP_FILE, inputs=in_names, outputs=out_names, external_data=external),
         adapters=ADAPTERS_FILE,
     )
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     if check:
         t1 = time.perf_counter()
         check_exported(out / PROLOGUE_FILE)
         check_exported(out / STEP_FILE)
         timings["check"] = round(time.perf_counter() - t1, 3)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     return ExportResult(out, out / PROLOGUE_FILE, out / STEP_FILE, out / ADAPTERS_FILE, manifest,
                         time.perf_counter() - t0, external, sizes, timings)

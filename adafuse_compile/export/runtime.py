@@ -90,6 +90,9 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
+        if not (self.dir / "manifest.json").is_file():
+            raise ExportError(f"{self.dir} holds no manifest.json: not a finished export (to_onnx writes it last, "
+                              "after its checks); export again")
         self.manifest = m = json.loads((self.dir / "manifest.json").read_text())
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
