@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..settings import BackendSettings
 from .manager import clean_up, is_mutation, note, stop
-from .regions import is_call, to_networkx
+from .regions import is_call, regions_of, to_networkx
 
 
 def routing_outputs(gate: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -33,14 +33,27 @@ def hoist_routing(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModu
     gate = gm.meta["adafuse_gate"]
     outputs = routing_outputs(gate)
     if outputs is None:
-        return stop(gm, f"gate '{gate.name}': expected softmax over the top-k values and the top-k indices")
+        return stop(gm, f"gate '{gate.name}': the gates are not a softmax over the top-k values (e.g. a softmax "
+                        "before top-k, renormalised): the switch cannot reproduce them; compiled unchanged (exact, "
+                        "unmerged)")
     weights, experts = outputs
     g = to_networkx(gm.graph)
     needed = (nx.ancestors(g, weights) | nx.ancestors(g, experts) | {weights, experts})
     moving = [n for n in gm.graph.nodes if n in needed and n.op != "placeholder"]
     mutating = [n.name for n in moving if is_mutation(n)]
     if mutating:
-        return stop(gm, f"routing depends on mutating node(s) {mutating}; not hoisted, graph unchanged")
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        ready = max(weights, experts, key=order.__getitem__)
+        first_linear = min((r.linear for r in regions_of(gm)), key=order.__getitem__)
+        if order[ready] < order[first_linear]:
+            # The routing cannot move past those writes, but it already runs before every adapted
+            # linear (adapters on o_proj only: the router reads an input after the KV-cache write).
+            gm.meta["adafuse_routing"] = {"weights": weights, "experts": experts, "last": ready, "hoisted": []}
+            note(gm, f"hoist_routing: the routing depends on in-place writes {mutating} but already runs before "
+                     "every adapted linear; nothing moved")
+            return gm
+        return stop(gm, f"the routing depends on in-place writes {mutating} (e.g. a KV-cache update) and an adapted "
+                        f"linear ({first_linear.name}) runs before it; not hoisted, compiled unchanged (exact, unmerged)")
     anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for node in moving:
         anchor.append(node)
