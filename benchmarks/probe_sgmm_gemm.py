@@ -21,6 +21,7 @@ Usage: python benchmarks/probe_sgmm_gemm.py --out results.json [--gemm] [--sweep
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -189,7 +190,8 @@ def sequential_sweeps(ext) -> list[dict]:
     return rows
 
 
-def _smi_fields() -> list[str]:
+@functools.lru_cache(maxsize=None)  # asked once per process, not per sampled row
+def _smi_fields() -> tuple[str, ...]:
     """nvidia-smi query fields: timestamp, SM clock, instant power (`power.draw` is a 1 s average
     on recent GPUs) and the active clock-event (throttle) reasons, each under the name this
     driver knows."""
@@ -201,7 +203,7 @@ def _smi_fields() -> list[str]:
 
     power = "power.draw.instant" if known("power.draw.instant") else "power.draw"
     reasons = "clocks_event_reasons.active" if known("clocks_event_reasons.active") else "clocks_throttle_reasons.active"
-    return ["timestamp", "clocks.sm", power, reasons]
+    return ("timestamp", "clocks.sm", power, reasons)
 
 
 def _sampled(fn, seconds: float = 3.0, settle_s: float = 0.5, interval_ms: int = 20) -> dict:
@@ -258,7 +260,7 @@ def _sampled(fn, seconds: float = 3.0, settle_s: float = 0.5, interval_ms: int =
                 power_w_median=statistics.median(w for _, w, _ in samples) if samples else None,
                 power_w_max=max((w for _, w, _ in samples), default=None),
                 clock_event_reasons=sorted({t for _, _, t in samples}), samples=len(samples),
-                smi_fields=fields)
+                smi_fields=list(fields))
 
 
 def cancelling_operands(lhs: torch.Tensor, rhs: torch.Tensor, k: int, seed: int = 0) -> None:

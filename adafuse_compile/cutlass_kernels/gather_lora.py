@@ -27,13 +27,12 @@ Importable on a CPU-only machine without Triton: it loads lazily.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 from torch import Tensor
 
-from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache, check_triton_runs_on
 
 __all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS", "dense_gates", "dense_lora",
@@ -321,10 +320,8 @@ def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
 def _resolve_impl(impl: str, x: Tensor) -> str:
     if impl == "auto":
         return "triton" if x.device.type == "cuda" else "reference"
-    if impl == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError(f"gather_lora: impl 'triton' needs a CUDA device, the factors are on {x.device} (off CUDA "
-                         "only Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); use impl='auto' "
-                         "(the PyTorch reference off CUDA)")
+    if impl == "triton":
+        check_triton_runs_on(x.device, "gather_lora")
     return impl
 
 

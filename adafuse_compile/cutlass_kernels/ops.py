@@ -17,14 +17,13 @@ Importable on a CPU-only machine with neither Triton nor CUTLASS: those load laz
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from adafuse_compile.cutlass_kernels.plan_cache import PlanCache
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache, check_triton_runs_on
 from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
 
 __all__ = ["sgmm_switch_", "simple_merge_switch_", "IMPLS", "clear_plan_cache"]
@@ -151,10 +150,7 @@ def _resolve_impl(impl: str, weights, lora_A, lora_B, pristine) -> str:
         if impl == "auto":
             return "reference"
         if impl == "triton":
-            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-                raise ValueError(f"sgmm_switch_: impl 'triton' needs a CUDA device, weights are on {dev} "
-                                 "(off CUDA only Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); "
-                                 "use impl='auto' (the PyTorch reference off CUDA)")
+            check_triton_runs_on(dev, "sgmm_switch_")
             return "triton"
         raise ValueError(f"sgmm_switch_: impl 'cutlass' needs a CUDA device, weights are on {dev}; "
                          "use impl='auto' (the PyTorch reference off CUDA) or move the model to the GPU")

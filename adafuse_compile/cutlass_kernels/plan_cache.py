@@ -10,6 +10,7 @@ allocations go to the ordinary caching allocator, and synchronized before use.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
@@ -17,6 +18,15 @@ from typing import Any, Callable, TypeVar
 import torch
 
 T = TypeVar("T")
+
+
+def check_triton_runs_on(device: torch.device, what: str) -> None:
+    """Raise a ValueError naming the fix where an explicit impl='triton' cannot run: off CUDA only
+    Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs its kernels."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"{what}: impl 'triton' needs a CUDA device, the tensors are on {device} (off CUDA only "
+                         "Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); use impl='auto' (the "
+                         "PyTorch reference off CUDA)")
 
 # Plenty for every adapted linear group of a 70B model; an evicted plan is rebuilt, never wrong.
 PLAN_CACHE_SIZE = 4096
