@@ -55,6 +55,11 @@ class BackendSettings:
     # changes (runtime/dense_packs.py), instead of permuting every B on every prefill step. Costs one
     # more copy of the adapters in device memory (logged); False: no copy, slower prefill.
     prefill_packed: bool = True
+    # gather path, dense prefill over packed factors: compute each adapted linear and its adapter
+    # term in one GEMM (x W^T + gated h B^T over K = in + N r, a Triton kernel on CUDA), so no delta
+    # is written and read back. Opt-in: not yet timed against the unfused form on a GPU
+    # (benchmarks/bench_prefill_forms.py, form "fused").
+    prefill_fused: bool = False
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -77,6 +82,8 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"side_stream must be True, False or None (CUDA only), got {self.side_stream!r}")
         if self.prefill_packed not in (True, False):
             raise AdaFuseOptionsError(f"prefill_packed must be True or False, got {self.prefill_packed!r}")
+        if self.prefill_fused not in (True, False):
+            raise AdaFuseOptionsError(f"prefill_fused must be True or False, got {self.prefill_fused!r}")
         if self.calibrate not in (True, False):
             raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
         if self.auto_costs is not None:

@@ -139,6 +139,7 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "gather-sets": {"path": "gather", "prefill_expand": "sets"},
     "auto": {"path": "auto"},
     "auto-unpacked": {"path": "auto", "prefill_packed": False},  # the dense prefill without packed factors
+    "auto-fused": {"path": "auto", "prefill_fused": True},  # each adapted linear and its expand in one GEMM
 }
 
 

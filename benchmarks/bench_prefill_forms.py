@@ -14,6 +14,10 @@ Forms (all but `gather` compiled with torch.compile, default Inductor, one funct
                 (one shrink GEMM per group): the dense form's best case
   triton_dense  as dense, the expand a Triton GEMM that reads B [N, out, r] where it lies (no copy,
                 no extra memory)
+  fused         as dense_cat, each linear and its expand one Triton GEMM over K = in + N r
+                (linear_lora: the backend's prefill_fused), gate applied in the kernel, no delta
+  triton_linear the seven linears alone in the same Triton GEMM (N r = 0): its speed against
+                cuBLAS's, the part of any difference in `fused` that is not the adapters'
   grouped       gathered: rows sorted by expert, torch._grouped_mm shrink and expand (CUTLASS on
                 sm90), each token's k rows summed back; FLOPs k / N of the dense forms
   gather        the backend's gather kernels (Triton shrink by expert, expand by expert set)
@@ -39,12 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sgmm import FFN, HIDDEN, LAYERS, N_EXPERTS, RANK, TOP_K, run_header, time_graph  # noqa: E402
 
 from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
+from adafuse_compile.cutlass_kernels.linear_lora import linear_lora  # noqa: E402
 
 SCALING = 0.5
 DEVICE = "cuda"  # a CPU smoke test sets "cpu" (and small shapes)
 # group -> (input, modules); the input is "h" (hidden) or "f" (ffn)
 GROUPS = {"qkv": ("h", [HIDDEN] * 3), "o": ("h", [HIDDEN]), "gate_up": ("h", [FFN] * 2), "down": ("f", [HIDDEN])}
-FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "grouped", "gather")
+FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "fused", "triton_linear", "grouped", "gather")
 
 
 @triton.autotune(
@@ -150,6 +155,24 @@ def forms(step):
                 ys.append(x @ w.t() + gated(h, N_EXPERTS) @ bp.t())
         return ys
 
+    impl = "triton" if DEVICE == "cuda" else "reference"
+
+    def fused(xs, layer):
+        ys = []
+        for g, grp in layer.items():
+            x = xs[GROUPS[g][0]]
+            hs = (x @ grp["a_cat"].t()).split(N_EXPERTS * RANK, 1)
+            ys += [linear_lora(x, w, None, h, step["G"], SCALING, bp, impl) for w, h, bp in zip(grp["w"], hs, grp["b_pre"])]
+        return ys
+
+    def triton_linear(xs, layer):
+        ys = []
+        for g, grp in layer.items():
+            x = xs[GROUPS[g][0]]
+            none_g = step["G"][:, :1]
+            ys += [linear_lora(x, w, None, x[:, :0], none_g, 1.0, w[:, :0], impl) for w in grp["w"]]
+        return ys
+
     rows, offs, inv, g_sorted = step["rows"], step["offs"], step["inv"], step["g_sorted"]
     tok = rows // TOP_K
 
@@ -176,7 +199,8 @@ def forms(step):
         return ys
 
     return {"backbone": backbone, "dense": dense, "dense_preB": dense_preB, "dense_cat": dense_cat,
-            "triton_dense": triton_dense, "grouped": grouped, "gather": gather}
+            "triton_dense": triton_dense, "fused": fused, "triton_linear": triton_linear, "grouped": grouped,
+            "gather": gather}
 
 
 def make_step(T: int, gen: torch.Generator):

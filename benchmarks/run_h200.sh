@@ -35,6 +35,10 @@
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
 #            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
+#   prefill-fused  the fused prefill (linear_lora, setting prefill_fused): its GPU tests (kernel against
+#            the oracle, CUDA graph, the backend's 128-token prefill), then prefill-forms' backbone, dense_cat,
+#            fused and triton_linear at T = 128, 512, 2048. End to end after it, two calls side by side:
+#            MULTI_PATHS=auto,auto-fused bash benchmarks/run_h200.sh -p decode:qv:prefill decode:all:prefill  ~4 min
 #   tests-generate-stop  the deferred stop check's GPU test (needs HF_WHEELS with transformers 5.18+)  ~1 min
 #   generate-host  generate()'s time per token and a cProfile of one generate(), backbone and auto, each with
 #            the KV cache reused and made per call (HOST_CACHES)  ~6 min
@@ -86,7 +90,7 @@ if [ -n "${HF_WHEELS:-}" ]; then
 fi
 
 # The GPU tests split in two halves that together are `tests`, to run side by side: -p tests-kernels tests-models
-KERNEL_TESTS="tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py"
+KERNEL_TESTS="tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py tests/test_linear_lora_gpu.py"
 
 run_stage() {
   local stage=$1
@@ -180,6 +184,11 @@ run_stage() {
       timeout "${PROFILE_TIMEOUT:-280}" python3 benchmarks/profile_paths.py --targets "$t" --out "$OUT/profile_$t.json" 2>&1 \
         | grep -v -i -e warn -e USDT | tail -12
     done ;;
+  prefill-fused)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_linear_lora_gpu.py tests/test_backend_gpu.py \
+      -k "test_linear_lora_gpu or auto-fused" 2>&1 | tee "$OUT/gpu_prefill_fused_tests.log" | grep -v -i warn | tail -15
+    timeout "${PREFILL_FORMS_TIMEOUT:-330}" python3 benchmarks/bench_prefill_forms.py --tokens "${PREFILL_FORMS_TOKENS:-128,512,2048}" \
+      --forms backbone,dense_cat,fused,triton_linear --out "$OUT/prefill_forms_fused_h200.json" 2>&1 | grep -v -i warn | tail -20 ;;
   prefill-forms)
     timeout "${PREFILL_FORMS_TIMEOUT:-330}" python3 benchmarks/bench_prefill_forms.py --tokens "${PREFILL_FORMS_TOKENS:-128,512,2048}" \
       --out "$OUT/prefill_forms_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;

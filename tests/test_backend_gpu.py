@@ -135,7 +135,7 @@ def test_batch4_and_prefill17_match_eager(path):
     assert "gather" in [r["path"] for r in backend.last_compilations]
 
 
-@pytest.mark.parametrize("prefill_expand", ["auto", "auto-unpacked", "sets", "slots"])
+@pytest.mark.parametrize("prefill_expand", ["auto", "auto-unpacked", "auto-fused", "sets", "slots"])
 def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
     """A prefill of DENSE_MIN_TOKENS tokens under CUDA graphs: dense matmuls by default ("auto"),
     the Triton gather kernels with "sets" / "slots". Tolerance calibrated as in bench_decode.py:
@@ -159,8 +159,9 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
         model.setup_cache(1)
         ref32 = model(prompt, pos)[:, -8:].float()
         model.to(torch.bfloat16)
-        options = ({"prefill_expand": "auto", "prefill_packed": False} if prefill_expand == "auto-unpacked"
-                   else {"prefill_expand": prefill_expand})
+        options = {"auto-unpacked": {"prefill_expand": "auto", "prefill_packed": False},
+                   "auto-fused": {"prefill_expand": "auto", "prefill_fused": True}}.get(
+                       prefill_expand, {"prefill_expand": prefill_expand})
         compiled = torch.compile(model, backend="adafuse", options={**options, "cudagraphs": True})
         got = []
         for _ in range(2):  # the second call replays the CUDA graph
@@ -177,7 +178,8 @@ def test_dense_prefill_and_gather_prefill_match_eager(prefill_expand):
         assert rel(g, ref32) <= 1.5 * own + 1e-3
     notes = " ".join(str(r.get("notes", "")) for r in backend.last_compilations)
     assert ("dense call" in notes) == prefill_expand.startswith("auto"), notes
-    assert ("reads packed factors" in notes) == (prefill_expand == "auto"), notes
+    assert ("reads packed factors" in notes) == (prefill_expand in ("auto", "auto-fused")), notes
+    assert ("fused with their expand" in notes) == (prefill_expand == "auto-fused"), notes
 
 
 def test_packed_dense_prefill_under_cuda_graphs_follows_adapters_changed_in_place():

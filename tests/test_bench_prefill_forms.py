@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill_forms.py"
-TORCH_FORMS = ("dense", "dense_preB", "dense_cat", "grouped")
+TORCH_FORMS = ("dense", "dense_preB", "dense_cat", "fused", "grouped")  # fused: linear_lora's reference on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,11 @@ def test_triton_dense_expand_reads_b_in_place(bpf, dtype, tol, tokens, experts, 
                                       y.stride(0), R=rank, BLOCK_T=16, BLOCK_O=32, BLOCK_K=block_k)
     ref = h.double() @ b.double().permute(0, 2, 1).reshape(experts * rank, out)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_triton_linear_control_is_the_backbone(bpf, small):
+    """The `triton_linear` control computes the plain linears (no adapter term), like `backbone`."""
+    layer, xs, step, _ = small
+    forms = bpf.forms(step)
+    for got, want in zip(forms["triton_linear"](xs, layer), forms["backbone"](xs, layer)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

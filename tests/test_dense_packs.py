@@ -242,3 +242,59 @@ def test_a_graph_that_computes_adapter_gradients_is_not_packed():
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     notes = " ".join(backend.last_compilations[-1]["notes"])
     assert "the dense form (plain matmuls, differentiable), unpacked" in notes
+
+
+def linear_lora_nodes(gm):
+    from adafuse_compile.cutlass_kernels.linear_lora import linear_lora
+    return [n for n in gm.graph.nodes if n.target is linear_lora]
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_fused_prefill_matches_eager_with_one_call_per_adapted_linear(codegen):
+    """prefill_fused: every adapted linear and its expand are one linear_lora call (the linears and
+    the dense deltas are gone from the graph), the group's shrink stays one GEMM over the packed A;
+    the logits equal the eager model's and the weights are untouched."""
+    model = adapted()
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(4))
+    ref = prefill(model, model, tokens)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = torch.compile(model, backend="adafuse", options={
+        "codegen": codegen, "prefill_expand": "dense", "prefill_fused": True})
+    torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
+    record = backend.last_compilations[0]
+    gm = record["graph"]
+    assert len(linear_lora_nodes(gm)) == 7 * CFG.num_hidden_layers
+    assert not dense_nodes(gm)
+    fused_weights = {n.args[1] for n in linear_lora_nodes(gm)}
+    assert len(fused_weights) == 7 * CFG.num_hidden_layers
+    assert not [n for n in gm.graph.nodes if n.target is torch._C._nn.linear and n.args[1] in fused_weights]
+    assert any("14 adapted linear(s) fused with their expand" in n for n in record["notes"]), record["notes"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_prefill_without_packed_factors_says_why_and_stays_exact():
+    model = adapted()
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(5))
+    ref = prefill(model, model, tokens)
+    step = torch.compile(model, backend="adafuse", options={
+        "codegen": "eager", "prefill_expand": "dense", "prefill_fused": True, "prefill_packed": False})
+    torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
+    record = backend.last_compilations[0]
+    assert not linear_lora_nodes(record["graph"])
+    assert any("prefill_fused needs the packed factors" in n for n in record["notes"]), record["notes"]
+
+
+def test_fused_prefill_follows_adapters_loaded_in_place():
+    """The fused graph reads the same packed buffers: new adapters loaded in place are re-packed and
+    the next fused prefill equals the eager model with them, without recompiling."""
+    model, other = adapted(seed=1), adapted(seed=7)
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(6))
+    step = torch.compile(model, backend="adafuse", options={
+        "codegen": "eager", "prefill_expand": "dense", "prefill_fused": True})
+    first = prefill(step, model, tokens)
+    model.load_state_dict({k: v for k, v in other.state_dict().items() if "lora_" in k}, strict=False)
+    ref = prefill(model, model, tokens)
+    assert (ref - first).abs().max() > 1e-2
+    torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
+    assert len(backend.last_compilations) == 1

@@ -40,6 +40,7 @@ from ..cutlass_kernels.gather_lora import (  # also registers the ops
     DENSE_MAX_EXPANSION, DENSE_MIN_TOKENS, MAX_TUPLE_KEYS, SORTED_MIN_ROWS, dense_gates, dense_lora, dense_lora_packed,
     expert_segments, tuple_blocks, tuple_keys,
 )
+from ..cutlass_kernels.linear_lora import linear_lora
 from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop, warn
@@ -87,7 +88,8 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                 warn(gm, f"a decode-sized step traced with gradients enabled ({TRAINING_NOTE}) takes the differentiable "
                          "dense form, slower than adafuse's kernels; for inference run the model under "
                          "torch.no_grad() or torch.inference_mode()")
-        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training)
+        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training,
+                              _fused_impl(settings) if settings.prefill_fused and not training else None)
     prefill_expand = "sets" if settings.prefill_expand in ("auto", "dense") else settings.prefill_expand
     # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
     # segments, set_order, set_work, per_slot (the op's schema). A step with enough rows for the
@@ -191,6 +193,31 @@ def _dense(prefill_expand: str, tokens: int | None, x: fx.Node, n_experts: int, 
     return prefill_sized and n_experts <= DENSE_MAX_EXPANSION * top_k
 
 
+def _fused_impl(settings: BackendSettings) -> str:
+    """linear_lora's impl: Triton on CUDA unless the user asked for the reference."""
+    return settings.sgmm_impl if settings.sgmm_impl in ("reference", "triton") else "auto"
+
+
+def _bias(linear: fx.Node):
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
+def _unfusable(r, inputs: dict) -> str | None:
+    """Why this region's linear and expand cannot be one linear_lora call, or None."""
+    if len(r.linear.users) != 1:
+        return f"{r.name}: the linear's output is read outside the adapter add"
+    x, bias = example_value(r.x), _bias(r.linear)
+    dtypes = {getattr(x, "dtype", None), inputs[r.weight].dtype, inputs[r.factors["lora_A"]].dtype,
+              inputs[r.factors["lora_B"]].dtype}
+    if isinstance(bias, fx.Node):
+        dtypes.add(getattr(example_value(bias), "dtype", None))
+    if len(dtypes) != 1:
+        return f"{r.name}: the input, weight and factors differ in dtype ({sorted(map(str, dtypes))})"
+    if inputs[r.weight].dim() != 2 or inputs[r.weight].stride(-1) != 1:
+        return f"{r.name}: the weight is not a row-major matrix"
+    return None
+
+
 def _add_deltas(gm: fx.GraphModule, group: list, deltas: fx.Node, per_slot: bool = False) -> None:
     """Each region's adapter branch becomes linear + its delta (deltas[i], [T, out], or [T, k, out]
     per slot)."""
@@ -206,12 +233,32 @@ def _add_deltas(gm: fx.GraphModule, group: list, deltas: fx.Node, per_slot: bool
         gm.meta["adafuse_replaced"][r.add.name] = summed.name
 
 
+def _fuse_linears(gm: fx.GraphModule, group: list, h_all: fx.Node, b_packed: list, gate_matrix: fx.Node,
+                  scaling: float, impl: str) -> None:
+    """Each region's `linear(x, W, b) + delta` becomes linear_lora(x, W, b, h_m, G, s, B_m): h_m is
+    the module's columns of the group's shrink output (the packed A stacks the group's modules in
+    order), B_m its packed B. The replaced linear and branch are left for clean_up."""
+    graph = gm.graph
+    start = 0
+    for r, b in zip(group, b_packed):
+        width = r.factors["num_experts"] * r.factors["rank"]
+        with graph.inserting_before(r.add):
+            h = graph.call_method("narrow", (h_all, 1, start, width))
+            y = graph.call_function(linear_lora, (r.x, r.weight, _bias(r.linear), h, gate_matrix, scaling, b, impl))
+        start += width
+        r.add.replace_all_uses_with(y)
+        gm.meta["adafuse_replaced"][r.add.name] = y.name
+
+
 def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx.Node, scaling: float,
-                   tokens: int | None, packed: bool) -> fx.GraphModule:
+                   tokens: int | None, packed: bool, fused: str | None = None) -> fx.GraphModule:
     """A prefill-sized step: every group's deltas in dense matmuls over all experts, weighted by one
     gate matrix for the step (dense_gates); Inductor compiles them. Packed (setting prefill_packed):
     the GEMMs read the model's packed copies of the factors (runtime/dense_packs.py), static graph
-    inputs re-packed before any call whose factors changed; else dense_lora permutes B per call."""
+    inputs re-packed before any call whose factors changed; else dense_lora permutes B per call.
+    Fused (setting prefill_fused, packed only; `fused` is linear_lora's impl): the group's shrink
+    stays one GEMM, and each adapted linear with its expand becomes one linear_lora call, which
+    replaces the linear and the add."""
     graph = gm.graph
     n_experts = regions_of(gm)[0].factors["num_experts"]
     with graph.inserting_after(gates):
@@ -229,28 +276,42 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
         packed = False  # one shrink GEMM per group cannot serve modules of different N, r, dtype or device
         note(gm, "rewrite_gather: dense prefill unpacked (modules sharing an input differ in experts, rank, dtype "
                  "or device)")
+    if fused is not None and not packed:
+        note(gm, "rewrite_gather: prefill_fused needs the packed factors (prefill_packed, not a training step): "
+                 "the expand stays apart from the linears")
+        fused = None
     buffers = iter(())
     if packed:
         channel = regions_of(gm)[0].factors["channel"]
         packs = packs_for(channel, sources(example))
         buffers = iter(add_static_inputs(gm, [f"adafuse_dense_pack_{i}" for i in range(len(packs.buffers))]))
+    n_fused, unfused = 0, []
     for x, group in group_list:
         order = {n: i for i, n in enumerate(graph.nodes)}
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
+        why_not = [w for w in (_unfusable(r, inputs) for r in group) if w] if fused is not None else []
+        unfused += why_not
         with graph.inserting_before(first_add):
             x2d = graph.call_method("reshape", (x, -1, in_features))
             if packed:
                 a_cat = (next(buffers) if len(group) > 1
                          else graph.call_method("reshape", (group[0].factors["lora_A"], -1, in_features)))
                 b_packed = [next(buffers) for _ in group]
-                deltas = graph.call_function(dense_lora_packed, (x2d, a_cat, b_packed, n_experts, gate_matrix,
-                                                                 scaling))
+                if fused is not None and not why_not:
+                    h_all = graph.call_function(torch.matmul, (x2d, graph.call_method("t", (a_cat,))))
+                else:
+                    deltas = graph.call_function(dense_lora_packed, (x2d, a_cat, b_packed, n_experts, gate_matrix,
+                                                                     scaling))
             else:
                 deltas = graph.call_function(dense_lora, (x2d, [r.factors["lora_A"] for r in group],
                                                           [r.factors["lora_B"] for r in group], gate_matrix,
                                                           scaling))
-        _add_deltas(gm, group, deltas)
+        if packed and fused is not None and not why_not:
+            _fuse_linears(gm, group, h_all, b_packed, gate_matrix, scaling, fused)
+            n_fused += len(group)
+        else:
+            _add_deltas(gm, group, deltas)
     gm.meta["adafuse_gather_groups"] = len(groups)
     if packed:
         gm.meta["adafuse_extra_inputs"] = packs.buffers
@@ -279,6 +340,10 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
     count = "a dynamic number of" if tokens is None else tokens
     how = (f"; reads packed factors ({packs.nbytes / 2**20:.1f} MiB, re-packed when a factor changes)" if packed
            else "; permutes each B per call")
+    if n_fused:
+        how += f"; {n_fused} adapted linear(s) fused with their expand (one linear_lora GEMM each)"
+    if unfused:
+        how += f"; not fused: {'; '.join(unfused)}"
     note(gm, f"rewrite_gather: {sum(len(g) for g in groups.values())} adapter branches -> {len(groups)} dense "
              f"call(s) over every expert ({count} tokens per step, prefill_expand: dense from {DENSE_MIN_TOKENS} "
              f"tokens; zero gates outside each token's top-k){how}")

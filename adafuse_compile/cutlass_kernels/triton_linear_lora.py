@@ -1,0 +1,144 @@
+"""Triton linear with the dense adapter expand in its K loop (prefill, `prefill_expand="fused"`).
+
+    y[t, o] = sum_i x[t, i] W[o, i]  +  sum_j hg[t, j] Bp[o, j]  (+ bias[o])
+    hg[t, j] = round(h[t, j] * s * G[t, j // r])      (rounded to h's dtype, as the dense form does)
+
+x [T, in], W [out, in] (the backbone's own weight, read where it lies), h [T, N r] every expert's
+A x for this module (a column slice of the group's shrink output), G [T, N] fp32 the step's gate
+matrix (zero outside each token's top-k), Bp [out, N r] the packed B (runtime/dense_packs.py).
+
+One GEMM over K = in + N r: the main loop runs over (x, W) and then over (hg, Bp), into one fp32
+accumulator, rounded once. The dense prefill in separate kernels writes the delta [T, out] and
+reads it back where it is added (Inductor fuses the add into RoPE, the KV-cache copy or SiLU-mul,
+but the bytes stay): 87 MB per layer for the seven linears of a 7B layer at 512 tokens, while the
+backbone's compute-bound GEMMs leave HBM mostly idle (docs/paths.md, "Prefill forms"). Here the
+factors' bytes stream in under the GEMM's compute and no delta exists.
+
+Tiles: (BLOCK_T x BLOCK_O) per program, grouped along T (GROUP_T) so that neighbouring programs
+share W tiles in L2, as in the Triton matmul tutorial. Loads wrap their row indices (t % T,
+o % OUT) instead of masking them and only the K tail is masked, when in or N r is not a multiple
+of BLOCK_K; the store is masked.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _linear_lora_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, g_ptr, b_ptr, y_ptr,
+    T, OUT, IN, NR, scaling,
+    stride_xt, stride_wo, stride_ht, stride_gt, stride_bo, stride_yt,
+    T_BUCKET,  # autotuning key only: the token count rounded up to a power of two
+    R: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_IN: tl.constexpr, EVEN_NR: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BLOCK_T)
+    n_o = tl.cdiv(OUT, BLOCK_O)
+    per_group = GROUP_T * n_o
+    first_t = (pid // per_group) * GROUP_T
+    group_t = min(n_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_t
+    pid_o = (pid % per_group) // group_t
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    rows_t = (offs_t % T).to(tl.int64)  # wrapped: every load in bounds, the store is masked
+    rows_o = (offs_o % OUT).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+
+    # The backbone: x @ W^T.
+    x_ptrs = x_ptr + rows_t[:, None] * stride_xt + offs_k[None, :]
+    w_ptrs = w_ptr + rows_o[None, :] * stride_wo + offs_k[:, None]
+    for k0 in range(0, IN, BLOCK_K):
+        if EVEN_IN:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k + k0 < IN
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(xt, wt, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # The adapters: every expert's gate-scaled A x against the packed B, same accumulator.
+    h_ptrs = h_ptr + rows_t[:, None] * stride_ht + offs_k[None, :]
+    b_ptrs = b_ptr + rows_o[None, :] * stride_bo + offs_k[:, None]
+    for k0 in range(0, NR, BLOCK_K):
+        if EVEN_NR:
+            ht = tl.load(h_ptrs)
+            bt = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k + k0 < NR
+            ht = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if R % BLOCK_K == 0:  # the tile lies in one expert: one gate per token
+            gate = tl.load(g_ptr + rows_t * stride_gt + k0 // R) * scaling
+            hg = (ht.to(tl.float32) * gate[:, None]).to(ht.dtype)
+        else:  # the tile spans experts: a gate per (token, column)
+            expert = tl.minimum(offs_k + k0, NR - 1) // R
+            gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
+            hg = (ht.to(tl.float32) * gate).to(ht.dtype)
+        acc = tl.dot(hg, bt, acc)
+        h_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_o).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_o[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_o[None, :] < OUT))
+
+
+# Hopper-sized tiles (the Triton matmul tutorial's and a few around them); timed once per
+# (out, in, N r, token bucket) on the first call of that shape. Not tuned on the H200 yet.
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_K": 64, "GROUP_T": 8}, num_warps=w, num_stages=s)
+    for bt, bo, w, s in [(128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 256, 4, 4), (128, 64, 4, 4),
+                         (64, 128, 4, 4)]
+]
+_autotuned = triton.autotune(configs=_CONFIGS, key=["OUT", "IN", "NR", "T_BUCKET"])(_linear_lora_kernel)
+# Under the interpreter (CPU tests) one small fixed tile, and no timing.
+INTERPRETED_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 32, "BLOCK_K": 16, "GROUP_T": 2}
+
+
+def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_matrix: Tensor,
+                       scaling: float, b_packed: Tensor, config: dict | None = None) -> Tensor:
+    """y = x W^T + bias + round(h * s G) @ Bp^T in one kernel (module doc); arguments checked by
+    linear_lora.validate. `config`: a fixed tile (tests); default the autotuned one (the
+    interpreter's small tile when TRITON_INTERPRET is set)."""
+    t, n_in = x.shape
+    out = weight.shape[0]
+    nr = b_packed.shape[1]
+    r = nr // gate_matrix.shape[1] if nr else 1
+    y = torch.empty(t, out, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
+    if config is None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        config = INTERPRETED_CONFIG
+    kernel = _linear_lora_kernel if config is not None else _autotuned
+    launch = dict(config or {})
+
+    def grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(out, meta["BLOCK_O"]),)
+    if config is not None:
+        block_k = config["BLOCK_K"]
+        launch.update(EVEN_IN=n_in % block_k == 0, EVEN_NR=nr % block_k == 0)
+    else:  # every config has BLOCK_K 64
+        launch.update(EVEN_IN=n_in % 64 == 0, EVEN_NR=nr % 64 == 0)
+    kernel[grid](
+        x, weight, bias if bias is not None else y, h, gate_matrix, b_packed, y,
+        t, out, n_in, nr, float(scaling),
+        x.stride(0), weight.stride(0), h.stride(0), gate_matrix.stride(0), b_packed.stride(0), y.stride(0),
+        triton.next_power_of_2(t),
+        R=r, HAS_BIAS=bias is not None, **launch,
+    )
+    return y

@@ -1,0 +1,111 @@
+"""linear_lora (the fused prefill's adapted linear) on the CPU: the reference and the Triton kernel
+(under Triton's interpreter, fp32 and fp16) against a float64 oracle, with K tails, spans of
+experts inside one K tile, a bias, a column slice of the group's shrink output as h, and bad
+arguments named."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, reference_linear_lora
+
+
+def _problem(t, n_in, out, n, r, dtype, bias=False, modules=1, seed=0):
+    """x, W, bias, and h as the m-th column block of a [T, modules * N r] shrink output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n_in, generator=g).to(dtype)
+    w = (torch.randn(out, n_in, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(out, generator=g) * 0.1).to(dtype) if bias else None
+    h_all = (torch.randn(t, modules * n * r, generator=g)).to(dtype)
+    h = h_all[:, (modules - 1) * n * r:]  # the last module's slice: row stride modules * N r
+    experts = torch.rand(t, n, generator=g).topk(min(2, n), dim=1).indices
+    gates = torch.softmax(torch.randn(t, min(2, n), generator=g), 1)
+    gate_matrix = gl.dense_gates(experts, gates, n)
+    b_packed = (torch.randn(out, n * r, generator=g) * 0.1).to(dtype)
+    return x, w, b, h, gate_matrix, b_packed
+
+
+def _oracle(x, w, b, h, gate_matrix, scaling, b_packed):
+    """float64, with h * s G rounded to h's dtype as both implementations do (the dense form's numerics)."""
+    t, nr = h.shape
+    n = gate_matrix.shape[1]
+    hg = (h.view(t, n, nr // n).float() * (gate_matrix * scaling)[:, :, None]).to(h.dtype).view(t, nr)
+    y = x.double() @ w.double().t() + hg.double() @ b_packed.double().t()
+    return y + b.double() if b is not None else y
+
+
+def _rel(got, want):
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_reference_matches_the_oracle_and_the_unfused_dense_form(dtype, tol):
+    x, w, b, h, g, bp = _problem(37, 48, 40, 4, 8, dtype, bias=True, modules=2)
+    y = linear_lora(x, w, b, h, g, 0.5, bp)
+    assert y.dtype == dtype and y.shape == (37, 40)
+    assert _rel(y, _oracle(x, w, b, h, g, 0.5, bp)) < tol
+    # the backend's unfused graph: the group's shrink, dense_lora_packed's delta, added to the linear
+    a_cat = (torch.randn(4 * 8, 48, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
+    (delta,) = gl.dense_lora_packed(x, a_cat, [bp], 4, g, 0.5)
+    h = torch.matmul(x, a_cat.t())
+    torch.testing.assert_close(linear_lora(x, w, b, h, g, 0.5, bp), torch.nn.functional.linear(x, w, b) + delta,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("t,n_in,out,n,r,bias", [
+    (5, 32, 32, 4, 16, False),   # even K, one expert per K tile
+    (37, 40, 50, 3, 8, True),    # K tails (40, 24), tiles spanning experts, partial row and column tiles
+    (20, 64, 33, 8, 4, False),   # rank below the K tile: 4 experts per tile
+])
+def test_triton_kernel_matches_the_oracle(dtype, tol, t, n_in, out, n, r, bias):
+    from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton
+
+    x, w, b, h, g, bp = _problem(t, n_in, out, n, r, dtype, bias=bias, modules=2, seed=t)
+    y = linear_lora_triton(x, w, b, h, g, 0.7, bp)
+    assert y.dtype == dtype and y.shape == (t, out)
+    assert torch.isfinite(y).all()
+    assert _rel(y, _oracle(x, w, b, h, g, 0.7, bp)) < tol
+    # the adapter term is in it: the backbone alone is far off
+    assert _rel(y, _oracle(x, w, b, h, torch.zeros_like(g), 0.7, bp)) > 0.05
+
+
+@pytest.mark.triton_interpreter
+def test_triton_kernel_without_an_adapter_term_is_the_linear():
+    """N r = 0: the plain Triton linear (the benchmark's control against cuBLAS)."""
+    from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton
+
+    x, w, _, _, _, _ = _problem(9, 32, 24, 1, 1, torch.float32)
+    y = linear_lora_triton(x, w, None, x.new_empty(9, 0), torch.zeros(9, 1), 1.0, w.new_empty(24, 0))
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_under_torch_compile_is_the_eager_result():
+    x, w, b, h, g, bp = _problem(16, 32, 24, 4, 8, torch.float32, bias=True)
+    fn = torch.compile(lambda *a: linear_lora(*a, 0.5, bp), backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(x, w, b, h, g), reference_linear_lora(x, w, b, h, g, 0.5, bp))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(w=a["w"][:, :-1]), r"expected weight \[24, 32\]"),
+    (lambda a: a.update(g=a["g"].double()), "gate_matrix must be float32"),
+    (lambda a: a.update(bp=a["bp"].half()), "share one dtype"),
+    (lambda a: a.update(w=a["w"].t().contiguous().t()), r"\['weight'\] must have a unit stride"),
+    (lambda a: a.update(b=a["b"][:-1]), r"bias must be \[24\]"),
+    (lambda a: a.update(g=a["g"][:, :3]), "N dividing 32"),
+])
+def test_bad_arguments_are_named(change, match):
+    x, w, b, h, g, bp = _problem(16, 32, 24, 4, 8, torch.float32, bias=True)
+    a = dict(x=x, w=w, b=b, h=h, g=g, bp=bp)
+    change(a)
+    with pytest.raises(ValueError, match=match):
+        linear_lora(a["x"], a["w"], a["b"], a["h"], a["g"], 0.5, a["bp"])
+
+
+def test_impl_triton_off_cuda_says_use_auto(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as for a user: the interpreter is the tests' own
+    x, w, b, h, g, bp = _problem(4, 16, 8, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="needs a CUDA device.*impl='auto'"):
+        linear_lora(x, w, b, h, g, 0.5, bp, impl="triton")

@@ -1,0 +1,95 @@
+"""linear_lora's Triton kernel on a CUDA GPU: Llama-2-7B prefill shapes in bf16 and fp16 against a
+float64 oracle, odd shapes (K and row tails, rank below the K tile, a
+bias), replay inside a CUDA graph with new inputs, and a timing print against the unfused form
+(the benchmark proper: benchmarks/bench_prefill_forms.py, forms "fused" and "triton_linear").
+
+Not run on a GPU yet (written in a session without one)."""
+import pytest
+import torch
+
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, reference_linear_lora
+
+pytestmark = pytest.mark.gpu
+
+# One rounding of the output (the kernel) against the oracle's exact sum; fp16 and bf16 unit roundoff.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _problem(t, n_in, out, n, r, dtype, bias=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * std).to(dtype)
+    x = rnd(t, n_in)
+    w = rnd(out, n_in, std=n_in ** -0.5)
+    b = rnd(out, std=0.1) if bias else None
+    h_all = rnd(t, 2 * n * r, std=4.0)  # two modules' shrink output; this module's is the second half
+    experts = torch.rand(t, n, generator=g, device="cuda").topk(2, dim=1).indices
+    gates = torch.softmax(torch.randn(t, 2, generator=g, device="cuda"), 1)
+    return dict(x=x, weight=w, bias=b, h=h_all[:, n * r:], gate_matrix=gl.dense_gates(experts, gates, n),
+                b_packed=rnd(out, n * r, std=(n * r) ** -0.5))
+
+
+def _oracle(p, scaling):
+    t, nr = p["h"].shape
+    n = p["gate_matrix"].shape[1]
+    hg = (p["h"].view(t, n, nr // n).float() * (p["gate_matrix"] * scaling)[:, :, None]).to(p["h"].dtype).view(t, nr)
+    y = p["x"].double() @ p["weight"].double().t() + hg.double() @ p["b_packed"].double().t()
+    return y + p["bias"].double() if p["bias"] is not None else y
+
+
+def _rel_per_token(y, want):
+    return ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,n_in,out,n,r,bias", [
+    (512, 4096, 4096, 8, 64, False), (512, 4096, 11008, 8, 64, False), (512, 11008, 4096, 8, 64, False),
+    (130, 4096, 1000, 8, 16, True), (77, 200, 96, 3, 8, True),
+])
+def test_triton_matches_the_oracle(dtype, t, n_in, out, n, r, bias):
+    p = _problem(t, n_in, out, n, r, dtype, bias)
+    want = _oracle(p, 0.5)
+    y = linear_lora(**p, scaling=0.5, impl="triton")
+    assert y.dtype == dtype and y.shape == (t, out) and torch.isfinite(y).all()
+    err = _rel_per_token(y, want)
+    assert err < TOL[dtype], err
+    # the adapter term is in it: with zero gates the result is far off
+    assert _rel_per_token(linear_lora(**{**p, "gate_matrix": torch.zeros_like(p["gate_matrix"])}, scaling=0.5,
+                                      impl="triton"), want) > 10 * TOL[dtype]
+
+
+def test_cuda_graph_replay_with_new_inputs():
+    p = _problem(512, 4096, 4096, 8, 64, torch.bfloat16)
+    static = {k: v.clone() if v is not None else None for k, v in p.items()}
+    linear_lora(**static, scaling=0.5, impl="triton")  # autotuning happens outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear_lora(**static, scaling=0.5, impl="triton")
+    for seed in (1, 2):
+        q = _problem(512, 4096, 4096, 8, 64, torch.bfloat16, seed=seed)
+        for k in ("x", "h", "gate_matrix", "b_packed"):
+            static[k].copy_(q[k])
+        y.fill_(float("nan"))
+        graph.replay()
+        assert _rel_per_token(y, _oracle(static, 0.5)) < TOL[torch.bfloat16]
+
+
+def test_timing_against_the_unfused_form():
+    p = _problem(512, 4096, 4096, 8, 64, torch.bfloat16)
+    runs = {"fused (Triton)": lambda: linear_lora(**p, scaling=0.5, impl="triton"),
+            "unfused (cuBLAS linear + dense delta)": lambda: reference_linear_lora(**p, scaling=0.5),
+            "cuBLAS linear alone": lambda: torch.nn.functional.linear(p["x"], p["weight"])}
+    for fn in runs.values():
+        fn()
+    torch.cuda.synchronize()
+    for name, fn in runs.items():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"linear_lora 512x4096 -> 4096, N r = 512, bf16: {name}: {start.elapsed_time(end) / 50 * 1e3:.1f} us")
