@@ -15,7 +15,9 @@ Forms (all but `gather` compiled with torch.compile, default Inductor, one funct
   triton_dense  as dense, the expand a Triton GEMM that reads B [N, out, r] where it lies (no copy,
                 no extra memory)
   fused         as dense_cat, each linear and its expand one Triton GEMM over K = in + N r
-                (linear_lora: the backend's prefill_fused), gate applied in the kernel, no delta
+                (linear_lora: the backend's prefill_fused), gate applied in the kernel, no delta;
+                operands loaded by TMA (the kernel linear_lora picks on Hopper)
+  fused_pointer the same with pointer loads (linear_lora's other kernel)
   triton_linear the seven linears alone in the same Triton GEMM (N r = 0): its speed against
                 cuBLAS's, the part of any difference in `fused` that is not the adapters'
   grouped       gathered: rows sorted by expert, torch._grouped_mm shrink and expand (CUTLASS on
@@ -43,13 +45,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sgmm import FFN, HIDDEN, LAYERS, N_EXPERTS, RANK, TOP_K, run_header, time_graph  # noqa: E402
 
 from adafuse_compile.cutlass_kernels import gather_lora as gl  # noqa: E402
+from adafuse_compile.cutlass_kernels import triton_linear_lora as tll  # noqa: E402
 from adafuse_compile.cutlass_kernels.linear_lora import linear_lora  # noqa: E402
 
 SCALING = 0.5
 DEVICE = "cuda"  # a CPU smoke test sets "cpu" (and small shapes)
 # group -> (input, modules); the input is "h" (hidden) or "f" (ffn)
 GROUPS = {"qkv": ("h", [HIDDEN] * 3), "o": ("h", [HIDDEN]), "gate_up": ("h", [FFN] * 2), "down": ("f", [HIDDEN])}
-FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "fused", "triton_linear", "grouped", "gather")
+FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "fused", "fused_pointer", "triton_linear", "grouped",
+         "gather")
 
 
 @triton.autotune(
@@ -199,7 +203,8 @@ def forms(step):
         return ys
 
     return {"backbone": backbone, "dense": dense, "dense_preB": dense_preB, "dense_cat": dense_cat,
-            "triton_dense": triton_dense, "fused": fused, "triton_linear": triton_linear, "grouped": grouped,
+            "triton_dense": triton_dense, "fused": fused, "fused_pointer": fused, "triton_linear": triton_linear,
+            "grouped": grouped,
             "gather": gather}
 
 
@@ -257,6 +262,7 @@ def main(argv=None):
         base_ms = None
         for name in args.forms.split(","):
             fn = forms(step)[name]
+            tll.KERNEL = "pointer" if name == "fused_pointer" else "auto"  # linear_lora's kernel, read per call
             e = {"tokens": T, "form": name}
             try:
                 run = fn if name == "gather" else torch.compile(fn, dynamic=False)

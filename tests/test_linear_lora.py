@@ -54,22 +54,35 @@ def test_reference_matches_the_oracle_and_the_unfused_dense_form(dtype, tol):
 
 
 @pytest.mark.triton_interpreter
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("kernel,dtype,tol", [("pointer", torch.float32, 1e-5), ("pointer", torch.float16, 2e-3),
+                                              ("tma", torch.float16, 2e-3)])
 @pytest.mark.parametrize("t,n_in,out,n,r,bias", [
     (5, 32, 32, 4, 16, False),   # even K, one expert per K tile
-    (37, 40, 50, 3, 8, True),    # K tails (40, 24), tiles spanning experts, partial row and column tiles
-    (20, 64, 33, 8, 4, False),   # rank below the K tile: 4 experts per tile
+    (37, 40, 48, 3, 8, True),    # K tails (40, 24), tiles spanning experts, partial row and column tiles
+    (20, 64, 24, 8, 4, False),   # rank below the K tile: 4 experts per tile
 ])
-def test_triton_kernel_matches_the_oracle(dtype, tol, t, n_in, out, n, r, bias):
+def test_triton_kernel_matches_the_oracle(kernel, dtype, tol, t, n_in, out, n, r, bias):
     from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton
 
     x, w, b, h, g, bp = _problem(t, n_in, out, n, r, dtype, bias=bias, modules=2, seed=t)
-    y = linear_lora_triton(x, w, b, h, g, 0.7, bp)
+    y = linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel=kernel)
     assert y.dtype == dtype and y.shape == (t, out)
     assert torch.isfinite(y).all()
     assert _rel(y, _oracle(x, w, b, h, g, 0.7, bp)) < tol
     # the adapter term is in it: the backbone alone is far off
     assert _rel(y, _oracle(x, w, b, h, torch.zeros_like(g), 0.7, bp)) > 0.05
+
+
+@pytest.mark.triton_interpreter
+def test_tma_kernel_is_refused_where_it_cannot_apply():
+    from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton, tma_applies
+
+    x, w, b, h, g, bp = _problem(8, 33, 16, 2, 8, torch.float16)  # 66-byte rows: not 16-byte aligned
+    assert not tma_applies(x, w, h, bp)
+    with pytest.raises(ValueError, match="kernel='tma' needs.*16-byte aligned"):
+        linear_lora_triton(x, w, b, h, g, 0.5, bp, kernel="tma")
+    y = linear_lora_triton(x, w, b, h, g, 0.5, bp)  # auto: the pointer kernel
+    assert _rel(y, _oracle(x, w, b, h, g, 0.5, bp)) < 2e-3
 
 
 @pytest.mark.triton_interpreter

@@ -9,6 +9,7 @@ import torch
 
 from adafuse_compile.cutlass_kernels import gather_lora as gl
 from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, reference_linear_lora
+from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -43,21 +44,22 @@ def _rel_per_token(y, want):
     return ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max().item()
 
 
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t,n_in,out,n,r,bias", [
     (512, 4096, 4096, 8, 64, False), (512, 4096, 11008, 8, 64, False), (512, 11008, 4096, 8, 64, False),
     (130, 4096, 1000, 8, 16, True), (77, 200, 96, 3, 8, True),
 ])
-def test_triton_matches_the_oracle(dtype, t, n_in, out, n, r, bias):
+def test_triton_matches_the_oracle(kernel, dtype, t, n_in, out, n, r, bias):
     p = _problem(t, n_in, out, n, r, dtype, bias)
     want = _oracle(p, 0.5)
-    y = linear_lora(**p, scaling=0.5, impl="triton")
+    y = linear_lora_triton(**p, scaling=0.5, kernel=kernel)
     assert y.dtype == dtype and y.shape == (t, out) and torch.isfinite(y).all()
     err = _rel_per_token(y, want)
     assert err < TOL[dtype], err
     # the adapter term is in it: with zero gates the result is far off
-    assert _rel_per_token(linear_lora(**{**p, "gate_matrix": torch.zeros_like(p["gate_matrix"])}, scaling=0.5,
-                                      impl="triton"), want) > 10 * TOL[dtype]
+    assert _rel_per_token(linear_lora_triton(**{**p, "gate_matrix": torch.zeros_like(p["gate_matrix"])}, scaling=0.5,
+                                             kernel=kernel), want) > 10 * TOL[dtype]
 
 
 def test_cuda_graph_replay_with_new_inputs():
@@ -79,7 +81,8 @@ def test_cuda_graph_replay_with_new_inputs():
 
 def test_timing_against_the_unfused_form():
     p = _problem(512, 4096, 4096, 8, 64, torch.bfloat16)
-    runs = {"fused (Triton)": lambda: linear_lora(**p, scaling=0.5, impl="triton"),
+    runs = {"fused (Triton, TMA)": lambda: linear_lora_triton(**p, scaling=0.5, kernel="tma"),
+            "fused (Triton, pointer loads)": lambda: linear_lora_triton(**p, scaling=0.5, kernel="pointer"),
             "unfused (cuBLAS linear + dense delta)": lambda: reference_linear_lora(**p, scaling=0.5),
             "cuBLAS linear alone": lambda: torch.nn.functional.linear(p["x"], p["weight"])}
     for fn in runs.values():

@@ -98,23 +98,100 @@ def _linear_lora_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_o[None, :] < OUT))
 
 
+@triton.jit
+def _linear_lora_tma_kernel(
+    x_desc, w_desc, bias_ptr, h_desc, g_ptr, b_desc, y_ptr,
+    T, OUT, IN, NR, scaling,
+    stride_gt, stride_yt,
+    T_BUCKET,
+    R: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):
+    """_linear_lora_kernel with the four operands loaded by TMA (host tensor descriptors): tiles past
+    T, OUT or a K tail arrive zero-filled, so no load is masked or wrapped."""
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BLOCK_T)
+    n_o = tl.cdiv(OUT, BLOCK_O)
+    per_group = GROUP_T * n_o
+    first_t = (pid // per_group) * GROUP_T
+    group_t = min(n_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_t
+    pid_o = (pid % per_group) // group_t
+    off_t = pid_t * BLOCK_T
+    off_o = pid_o * BLOCK_O
+    offs_t = off_t + tl.arange(0, BLOCK_T)
+    rows_t = (offs_t % T).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        acc = tl.dot(x_desc.load([off_t, k0]), w_desc.load([off_o, k0]).T, acc)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, NR, BLOCK_K):
+        ht = h_desc.load([off_t, k0])
+        if R % BLOCK_K == 0:
+            gate = tl.load(g_ptr + rows_t * stride_gt + k0 // R) * scaling
+            hg = (ht.to(tl.float32) * gate[:, None]).to(ht.dtype)
+        else:
+            expert = tl.minimum(offs_k + k0, NR - 1) // R
+            gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
+            hg = (ht.to(tl.float32) * gate).to(ht.dtype)
+        acc = tl.dot(hg, b_desc.load([off_o, k0]).T, acc)
+    offs_o = off_o + tl.arange(0, BLOCK_O)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o % OUT).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_o[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_o[None, :] < OUT))
+
+
 # Hopper-sized tiles (the Triton matmul tutorial's and a few around them); timed once per
 # (out, in, N r, token bucket) on the first call of that shape. Not tuned on the H200 yet.
-_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_K": 64, "GROUP_T": 8}, num_warps=w, num_stages=s)
-    for bt, bo, w, s in [(128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 256, 4, 4), (128, 64, 4, 4),
-                         (64, 128, 4, 4)]
-]
-_autotuned = triton.autotune(configs=_CONFIGS, key=["OUT", "IN", "NR", "T_BUCKET"])(_linear_lora_kernel)
+_TILES = [(128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4)]
+
+
+def _set_block_shapes(nargs):
+    """TMA descriptors carry their box: set it to the config's tiles before each launch."""
+    bt, bo, bk = nargs["BLOCK_T"], nargs["BLOCK_O"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bt, bk]
+    nargs["w_desc"].block_shape = [bo, bk]
+    nargs["h_desc"].block_shape = [bt, bk]
+    nargs["b_desc"].block_shape = [bo, bk]
+
+
+def _configs(pre_hook=None):
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_K": 64, "GROUP_T": 8}, num_warps=w, num_stages=s,
+                          pre_hook=pre_hook) for bt, bo, w, s in _TILES]
+
+
+_KEY = ["OUT", "IN", "NR", "T_BUCKET"]
+_autotuned = triton.autotune(configs=_configs(), key=_KEY)(_linear_lora_kernel)
+_autotuned_tma = triton.autotune(configs=_configs(_set_block_shapes), key=_KEY)(_linear_lora_tma_kernel)
 # Under the interpreter (CPU tests) one small fixed tile, and no timing.
 INTERPRETED_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 32, "BLOCK_K": 16, "GROUP_T": 2}
+# "auto": TMA where it applies (16-bit dtypes, 16-byte aligned rows and bases; Hopper or newer, or the
+# interpreter), else pointer loads; "tma" / "pointer" force one (the benchmark times both).
+KERNEL = os.environ.get("ADAFUSE_LINEAR_LORA_KERNEL", "auto")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tma_applies(*tensors: Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides; our tiles are sized for 16-bit types."""
+    if any(t.dtype not in (torch.float16, torch.bfloat16) for t in tensors):
+        return False
+    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in tensors):
+        return False
+    device = tensors[0].device
+    return _interpreted() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_matrix: Tensor,
-                       scaling: float, b_packed: Tensor, config: dict | None = None) -> Tensor:
+                       scaling: float, b_packed: Tensor, config: dict | None = None,
+                       kernel: str | None = None) -> Tensor:
     """y = x W^T + bias + round(h * s G) @ Bp^T in one kernel (module doc); arguments checked by
     linear_lora.validate. `config`: a fixed tile (tests); default the autotuned one (the
-    interpreter's small tile when TRITON_INTERPRET is set)."""
+    interpreter's small tile when TRITON_INTERPRET is set). `kernel`: "tma", "pointer" or "auto"
+    (default: the module's KERNEL)."""
     t, n_in = x.shape
     out = weight.shape[0]
     nr = b_packed.shape[1]
@@ -122,23 +199,39 @@ def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor
     y = torch.empty(t, out, dtype=x.dtype, device=x.device)
     if t == 0:
         return y
-    if config is None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if config is None and _interpreted():
         config = INTERPRETED_CONFIG
-    kernel = _linear_lora_kernel if config is not None else _autotuned
-    launch = dict(config or {})
+    kernel = kernel or KERNEL
+    operands = (x, weight) + ((h, b_packed) if nr else ())
+    use_tma = kernel == "tma" or (kernel == "auto" and tma_applies(*operands))
+    if use_tma and not tma_applies(*operands):
+        raise ValueError("linear_lora: kernel='tma' needs fp16/bf16 operands with 16-byte aligned bases and row "
+                         "strides on a Hopper GPU; use kernel='auto'")
 
     def grid(meta):
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(out, meta["BLOCK_O"]),)
-    if config is not None:
-        block_k = config["BLOCK_K"]
-        launch.update(EVEN_IN=n_in % block_k == 0, EVEN_NR=nr % block_k == 0)
-    else:  # every config has BLOCK_K 64
-        launch.update(EVEN_IN=n_in % 64 == 0, EVEN_NR=nr % 64 == 0)
-    kernel[grid](
-        x, weight, bias if bias is not None else y, h, gate_matrix, b_packed, y,
+    common = dict(R=r, HAS_BIAS=bias is not None, **(config or {}))
+    bias_arg = bias if bias is not None else y
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bt, bo, bk = (config["BLOCK_T"], config["BLOCK_O"], config["BLOCK_K"]) if config else (1, 1, 1)
+        if not nr:  # no adapter term: descriptors over x and W that the (empty) loop never reads
+            h, b_packed = x, weight
+        descs = (TensorDescriptor.from_tensor(x, [bt, bk]), TensorDescriptor.from_tensor(weight, [bo, bk]),
+                 TensorDescriptor.from_tensor(h, [bt, bk]), TensorDescriptor.from_tensor(b_packed, [bo, bk]))
+        launch = _linear_lora_tma_kernel if config else _autotuned_tma
+        launch[grid](descs[0], descs[1], bias_arg, descs[2], gate_matrix, descs[3], y,
+                     t, out, n_in, nr, float(scaling), gate_matrix.stride(0), y.stride(0),
+                     triton.next_power_of_2(t), **common)
+        return y
+    block_k = config["BLOCK_K"] if config else 64  # every autotuned config has BLOCK_K 64
+    launch = _linear_lora_kernel if config else _autotuned
+    launch[grid](
+        x, weight, bias_arg, h, gate_matrix, b_packed, y,
         t, out, n_in, nr, float(scaling),
         x.stride(0), weight.stride(0), h.stride(0), gate_matrix.stride(0), b_packed.stride(0), y.stride(0),
         triton.next_power_of_2(t),
-        R=r, HAS_BIAS=bias is not None, **launch,
+        EVEN_IN=n_in % block_k == 0, EVEN_NR=nr % block_k == 0, **common,
     )
     return y
