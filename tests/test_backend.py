@@ -186,6 +186,59 @@ def test_layerwise_routed_model_is_reported_not_pregated_and_matches():
     assert any("not pre-gated" in m and "layer-wise" in m for m in messages), messages
 
 
+class _FullSizeExperts(torch.nn.Module):
+    """An MoE layer added to a linear: top-2 of 4 full-size [D, D] experts, routed on the layer's input."""
+
+    def __init__(self, d=32, n=4):
+        super().__init__()
+        self.base = torch.nn.Linear(d, d)
+        self.router = torch.nn.Linear(d, n, bias=False)
+        self.experts = torch.nn.Parameter(torch.randn(n, d, d) * 0.1)
+
+    def forward(self, x):
+        top, experts = torch.topk(self.router(x), 2, dim=-1)
+        y = torch.einsum("td,tkod->tko", x, self.experts[experts])
+        return self.base(x) + (y * torch.softmax(top, -1)[..., None]).sum(1)
+
+
+def test_full_size_gated_experts_are_not_called_adapters(caplog):
+    """Full-size experts (an MoE layer, each router on its own layer) are not LoRA-MoE regions: the
+    notes say so, not "not pre-gated"; the graph is compiled unchanged and exact."""
+    model = torch.nn.Sequential(_FullSizeExperts(), torch.nn.Tanh(), _FullSizeExperts()).eval()
+    x = torch.randn(3, 32)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO", logger="adafuse_compile"):
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="adafuse")(x)
+    torch.testing.assert_close(out, model(x))
+    assert not [w for w in caught if "adafuse" in str(w.message)]
+    notes = " ".join(backend.last_compilations[-1]["notes"])
+    assert "full-size experts on" in notes and "0.base (" in notes and "2.base (" in notes
+    assert "not low-rank adapters" in notes
+    assert "not pre-gated" not in notes and "no LoRA-MoE adapters" in notes
+
+
+def test_two_pregated_models_in_one_graph_are_named_as_such():
+    """Two models, each pre-gated by its own router, called in one graph: the message says that each
+    router gates several regions and to compile each model on its own (not "layer-wise routing")."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = PreGatedHandModel(STYLES["einsum"]), PreGatedHandModel(STYLES["einsum"])
+
+        def forward(self, tokens):
+            return self.a(tokens) + self.b(tokens)
+    torch.manual_seed(0)
+    model = Two().eval()
+    tokens = torch.tensor([5])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="adafuse", options={"codegen": "eager"})(tokens)
+    torch.testing.assert_close(out, model(tokens), rtol=1e-5, atol=1e-6)
+    (message,) = [str(w.message) for w in caught if "not pre-gated" in str(w.message)]
+    assert "each router gates several regions, [3, 3]" in message and "compile each model on its own" in message
+    assert "layer-wise" not in message
+
+
 def test_model_without_adapters_compiles_plainly(caplog):
     model = af.TinyLlama(TINY).init_weights().eval()
     tokens = torch.randint(0, TINY.vocab_size, (1, 4))

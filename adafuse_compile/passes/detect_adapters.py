@@ -8,6 +8,7 @@ Mixtral-style loops over experts with masks, because it looks at data flow, not 
 from __future__ import annotations
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from ..settings import BackendSettings
@@ -19,10 +20,29 @@ def _branch(g: nx.DiGraph, delta: fx.Node, x: fx.Node) -> set[fx.Node]:
     return (nx.ancestors(g, delta) | {delta}) - nx.ancestors(g, x) - {x}
 
 
+def _full_size(inputs: dict, weight: fx.Node, params: list[fx.Node], topk: fx.Node) -> str | None:
+    """Why an untagged gated term is an MoE layer's full-size experts rather than low-rank adapters,
+    or None: its parameters hold at least the linear's own size per expert (a LoRA expert of rank r
+    holds r (in + out), below in x out for r < in out / (in + out)). Unknown sizes count as adapters."""
+    w = inputs.get(weight)
+    scores = example_value(topk.args[0]) if topk.args and isinstance(topk.args[0], fx.Node) else None
+    n_experts = getattr(scores, "shape", (None,))[-1] if getattr(scores, "shape", ()) else None
+    if w is None or w.dim() != 2 or not isinstance(n_experts, int) or n_experts < 1:
+        return None
+    sizes = [inputs[p].numel() for p in params if isinstance(inputs.get(p), torch.Tensor)]
+    if len(sizes) != len(params):
+        return None
+    per_expert = sum(sizes) / n_experts
+    if per_expert < w.numel():
+        return None
+    return f"{per_expert:.0f} parameters per expert of {n_experts}, the linear has {w.numel()}"
+
+
 def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
     g = to_networkx(gm.graph)
     inputs = graph_inputs(gm)
     regions = regions_of(gm)
+    full_size: list[str] = []
     for linear in gm.graph.nodes:
         if not is_call(linear, LINEAR_TARGETS) or len(linear.args) < 2:
             continue
@@ -47,13 +67,17 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
                                   key=lambda n: n.name)
             if not params or not gate_sources:
                 continue  # a residual or bias add, not a gated expert sum
+            tagged = {getattr(inputs.get(p), "_adafuse_tag", None): p for p in params}
+            size = None if any(t is not None for t in tagged) else _full_size(inputs, weight, params, gate_sources[0])
+            if size is not None:
+                full_size.append(f"{module_path(weight)} ({size})")
+                continue
             region = Region(module_path(weight), linear, add, x, weight, params, branch, gate_sources)
             xv = example_value(x)
             if xv is not None and hasattr(xv, "shape"):
                 tokens = xv.numel() // xv.shape[-1]
                 # A symbolic count (dynamic shapes) stays None: never specialise the user's graph here.
                 region.tokens = tokens if isinstance(tokens, int) else None
-            tagged = {getattr(inputs.get(p), "_adafuse_tag", None): p for p in params}
             roles = {t.role: (t, p) for t, p in tagged.items() if t is not None}
             if {"lora_A", "lora_B"} <= set(roles):
                 tag, a = roles["lora_A"]
@@ -62,6 +86,9 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
                                       num_experts=int(n_exp), rank=int(rank), in_features=int(in_features),
                                       channel=tag.channel)
             regions.append(region)
+    if full_size:
+        note(gm, f"detect_adapters: top-k gated expert terms with full-size experts on {', '.join(full_size)}: an MoE "
+                 "layer, not low-rank adapters; left to Inductor (exact)")
     if regions:
         note(gm, f"detect_adapters: {len(regions)} LoRA-MoE region(s): " + ", ".join(r.name for r in regions))
     else:

@@ -22,7 +22,15 @@ def prove_pregating(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
     if len(sources) != 1:
         own = sum(1 for r in regions if len(r.gate_sources) == 1 and
                   sum(s in other.gate_sources for other in regions for s in r.gate_sources) == 1)
-        kind = " (layer-wise routing, MoLA style: each region routes on its own input)" if own == len(regions) else ""
+        shared_by = {s: sum(s in r.gate_sources for r in regions) for s in sources}
+        if own == len(regions):
+            kind = " (layer-wise routing, MoLA style: each region routes on its own input)"
+        elif all(len(r.gate_sources) == 1 for r in regions) and min(shared_by.values()) > 1:
+            kind = (f" (each router gates several regions, {sorted(shared_by.values(), reverse=True)}: like "
+                    f"{len(sources)} pre-gated models in one graph, where adafuse rewrites one router's regions per "
+                    "graph; compile each model on its own)")
+        else:
+            kind = ""
         return stop(gm, (
             f"not pre-gated: the {len(regions)} regions' gates come from {len(sources)} different routers{kind}, "
             f"e.g. {regions[0].name} from top-k node '{regions[0].gate_sources[0].name}'; the graph is compiled "
