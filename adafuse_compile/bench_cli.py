@@ -48,7 +48,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="no method starts after S seconds of the run; the rest are recorded as skipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's); 1 gives steadier CPU timings")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1 on the CPU, for steadier timings; torch's own on a GPU run)")
     p.add_argument("--out", metavar="PATH.json", help="JSON output; the .md table and .png plot go next to it "
                    "(default bench_<preset>_<targets>_<device>.json); JSON and table are rewritten after each "
                    "method, so a killed run keeps what finished")

@@ -298,3 +298,35 @@ def test_fused_prefill_follows_adapters_loaded_in_place():
     assert (ref - first).abs().max() > 1e-2
     torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
     assert len(backend.last_compilations) == 1
+
+
+def test_fused_prefill_under_autocast_stays_unfused_and_matches_eager():
+    """An fp32 model under autocast (bf16): the linears' outputs differ in dtype from their inputs, so
+    linear_lora (no autocast rule) is not used; the notes name the reason and the result is eager's."""
+    model = adapted()
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = prefill(model, model, tokens)
+        step = torch.compile(model, backend="adafuse", options={
+            "codegen": "eager", "prefill_expand": "dense", "prefill_fused": True})
+        got = prefill(step, model, tokens)
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    record = backend.last_compilations[0]
+    assert not linear_lora_nodes(record["graph"]) and dense_nodes(record["graph"])
+    assert any("not fused:" in n and "autocast" in n for n in record["notes"]), record["notes"]
+
+
+def test_fused_prefill_with_sgmm_impl_triton_off_cuda_uses_the_reference(monkeypatch):
+    """sgmm_impl="triton" on a CPU model (no interpreter): checked while compiling, the fused calls
+    take the reference with a note, and the prefill runs (before: every call raised)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = adapted()
+    tokens = torch.randint(0, CFG.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(9))
+    ref = prefill(model, model, tokens)
+    step = torch.compile(model, backend="adafuse", options={
+        "codegen": "eager", "prefill_expand": "dense", "prefill_fused": True, "sgmm_impl": "triton"})
+    torch.testing.assert_close(prefill(step, model, tokens), ref, rtol=1e-4, atol=1e-4)
+    record = backend.last_compilations[0]
+    assert {n.args[-1] for n in linear_lora_nodes(record["graph"])} == {"auto"}
+    assert any("needs a CUDA device" in n and "use the reference" in n for n in record["notes"]), record["notes"]

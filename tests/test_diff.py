@@ -11,12 +11,12 @@ import torch
 from adafuse_compile.cli import DEMO_MODEL, build_demo_model
 from adafuse_compile.inspect import capture_step, diff_report, render_html, render_json, render_text
 from adafuse_compile.inspect.cli_diff import add_diff_parser
-from adafuse_compile.inspect.diff import NO_LAUNCH, SCHEMA
+from adafuse_compile.inspect.diff import NO_LAUNCH, SCHEMA, status_line
 from adafuse_compile.modeling import TinyLlama
 
 LAYERS = DEMO_MODEL.num_hidden_layers
 ADAPTED = {f"layers.{i}.self_attn.{p}" for i in range(LAYERS) for p in ("q_proj", "v_proj")}
-SCHEMA_KEYS = {"schema", "model", "options", "graphs", "rewritten", "stop_reason", "notes", "passes", "regions",
+SCHEMA_KEYS = {"schema", "model", "options", "graphs", "rewritten", "path", "stop_reason", "fallbacks", "notes", "passes", "regions",
                "gate_source", "hoisted", "changes", "launches", "graph"}
 CHROMIUM = shutil.which("chromium")
 
@@ -257,6 +257,13 @@ def with_args():
 
 def plain():
     return TinyLlama(DEMO_MODEL).init_weights(seed=0)
+
+def hf_llama():
+    import adafuse_compile as af
+    from adafuse_compile.presets import tiny_hf_model
+    model = tiny_hf_model("llama")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    return model.eval()
 '''
 
 
@@ -295,3 +302,29 @@ def test_launches_measured_with_the_profiler_on_gpu():
     assert 0 < measured["compiled_kernels"] < measured["eager_kernels"]
     assert 0 < measured["compiled_launch_calls"] < measured["eager_launch_calls"]
     assert "measured on" in render_text(report)
+
+
+def test_cli_hugging_face_model_gets_input_ids_alone(tmp_path, monkeypatch, capsys):
+    """A Hugging Face model from --module: its second positional argument is the attention mask, so
+    the one-token step passes input_ids alone (before: input_pos landed in attention_mask and Dynamo
+    failed with a 400-line traceback). Its q,v adapters of both layers are found and merged."""
+    (tmp_path / "user_models_for_diff.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = diff_parser().parse_args(["diff", "--module", "user_models_for_diff:hf_llama", "--format", "json"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rewritten"] and report["path"] == "merge" and len(report["regions"]) == 4
+
+
+def test_a_fallback_path_is_reported_with_its_reason():
+    """sgmm_impl="cutlass" on the CPU: the switch cannot be planned, auto takes gather. The report
+    says which path rewrote the step and why merge was not taken (before: "NOT rewritten: " and the
+    gather pass's success note)."""
+    model = build_demo_model()
+    model.setup_cache(1)
+    report = diff_report(capture_step(model, decode_args(), options={"sgmm_impl": "cutlass"}))
+    assert report["rewritten"] and report["path"] == "gather" and report["stop_reason"] is None
+    assert any("cannot be planned" in f and "needs a CUDA device" in f for f in report["fallbacks"])
+    line = status_line(report)
+    assert line.startswith("rewritten: gather path") and "cannot be planned" in line
+    assert render_text(report).splitlines()[0].startswith("adafuse diff: model: 1 graph(s), rewritten: gather path")

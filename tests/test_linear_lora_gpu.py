@@ -62,6 +62,14 @@ def test_triton_matches_the_oracle(kernel, dtype, t, n_in, out, n, r, bias):
                                              kernel=kernel), want) > 10 * TOL[dtype]
 
 
+def test_fp32_is_ieee_not_tf32():
+    """fp32 operands (the pointer kernel; TMA is for 16-bit types) multiply in IEEE fp32, as torch's
+    matmul does by default: TF32 would give about 3e-4 here (a review's emulation)."""
+    p = _problem(128, 4096, 1024, 8, 64, torch.float32)
+    y = linear_lora_triton(**p, scaling=0.5, kernel="auto")
+    assert _rel_per_token(y, _oracle(p, 0.5)) < 1e-5
+
+
 def test_cuda_graph_replay_with_new_inputs():
     p = _problem(512, 4096, 4096, 8, 64, torch.bfloat16)
     static = {k: v.clone() if v is not None else None for k, v in p.items()}

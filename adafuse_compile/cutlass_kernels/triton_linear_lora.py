@@ -14,7 +14,8 @@ but the bytes stay): 87 MB per layer for the seven linears of a 7B layer at 512 
 backbone's compute-bound GEMMs leave HBM mostly idle (docs/paths.md, "Prefill forms"). Here the
 factors' bytes stream in under the GEMM's compute and no delta exists.
 
-Tiles: (BLOCK_T x BLOCK_O) per program, grouped along T (GROUP_T) so that neighbouring programs
+fp32 operands multiply in IEEE fp32 (input_precision="ieee"), as torch's matmul does by default,
+not in TF32, Triton's default on CUDA. Tiles: (BLOCK_T x BLOCK_O) per program, grouped along T (GROUP_T) so that neighbouring programs
 share W tiles in L2, as in the Triton matmul tutorial. Loads wrap their row indices (t % T,
 o % OUT) instead of masking them and only the K tail is masked, when in or N r is not a multiple
 of BLOCK_K; the store is masked.
@@ -66,7 +67,7 @@ def _linear_lora_kernel(
             k_ok = offs_k + k0 < IN
             xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(xt, wt, acc)
+        acc = tl.dot(xt, wt, acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -88,7 +89,7 @@ def _linear_lora_kernel(
             expert = tl.minimum(offs_k + k0, NR - 1) // R
             gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
             hg = (ht.to(tl.float32) * gate).to(ht.dtype)
-        acc = tl.dot(hg, bt, acc)
+        acc = tl.dot(hg, bt, acc, input_precision="ieee")
         h_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -123,7 +124,7 @@ def _linear_lora_tma_kernel(
     rows_t = (offs_t % T).to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for k0 in range(0, IN, BLOCK_K):
-        acc = tl.dot(x_desc.load([off_t, k0]), w_desc.load([off_o, k0]).T, acc)
+        acc = tl.dot(x_desc.load([off_t, k0]), w_desc.load([off_o, k0]).T, acc, input_precision="ieee")
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, NR, BLOCK_K):
         ht = h_desc.load([off_t, k0])
@@ -134,7 +135,7 @@ def _linear_lora_tma_kernel(
             expert = tl.minimum(offs_k + k0, NR - 1) // R
             gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
             hg = (ht.to(tl.float32) * gate).to(ht.dtype)
-        acc = tl.dot(hg, b_desc.load([off_o, k0]).T, acc)
+        acc = tl.dot(hg, b_desc.load([off_o, k0]).T, acc, input_precision="ieee")
     offs_o = off_o + tl.arange(0, BLOCK_O)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o % OUT).to(tl.float32)[None, :]

@@ -4,14 +4,16 @@
     adafuse diff --format html --out diff.html     # the self-contained page
     adafuse diff --module my_pkg.models:build --options '{"exact": false}' --format json
 
-`--module pkg.mod:function` imports `pkg.mod` and calls `function()`, which returns a model (a decode
-step of tokens [[1]] at input_pos [0] is run, after `model.setup_cache(1)` where the model has it) or
-a tuple `(model, example_args)`.
+`--module pkg.mod:function` imports `pkg.mod` and calls `function()`, which returns a model (a one-token
+step of tokens [[1]] is run, at input_pos [0] where the forward takes input_pos, after
+`model.setup_cache(1)` where the model has it; a Hugging Face model gets input_ids alone) or a tuple
+`(model, example_args)`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -79,12 +81,19 @@ def load_target(spec: str | None) -> tuple[torch.nn.Module, tuple, str]:
 
 
 def _decode_step(model: torch.nn.Module) -> tuple[torch.nn.Module, tuple]:
-    """A one-token decode step: tokens [[1]] at input_pos [0], on the model's device."""
+    """A one-token step on the model's device: tokens [[1]], and input_pos [0] for a forward that
+    takes it (the project's TinyLlama); a Hugging Face model gets input_ids alone (its second
+    positional argument is the attention mask)."""
     if hasattr(model, "setup_cache"):
         model.setup_cache(1)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    return model, (torch.tensor([[1]], device=device), torch.tensor([0], device=device))
+    tokens = torch.tensor([[1]], device=device)
+    try:
+        takes_pos = "input_pos" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: the project's convention
+        takes_pos = True
+    return model, ((tokens, torch.tensor([0], device=device)) if takes_pos else (tokens,))
 
 
 def run_diff(args: argparse.Namespace) -> int:

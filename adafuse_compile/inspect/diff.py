@@ -117,7 +117,8 @@ def capture_step(model, example_args, options: dict | None = None, *, name: str 
     records = backend.last_compilations[first:]
     if not records:
         raise RuntimeError("the adafuse backend compiled no graph for this step (did Dynamo skip the model?)")
-    chosen = next((r for r in reversed(records) if r["rewritten"]), records[-1])
+    # the step's graph whose adapter branches some path rewrote (merge, factor or gather), else the last
+    chosen = next((r for r in reversed(records) if r.get("path")), records[-1])
     measured = None
     if measure:
         measured = {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
@@ -272,10 +273,12 @@ def diff_report(record) -> dict:
     before_n, before_by = estimate_launches(first_graph)
     after_n, after_by = estimate_launches(last_graph)
     notes = list(rec.get("notes", []))
-    stop_reason = None if rec.get("rewritten") else (notes[-1] if notes else "no pass ran")
+    path = rec.get("path")
+    stop_reason = None if path else (rec.get("failed") or _stop_note(notes) or "no pass ran")
     return {
         "schema": SCHEMA, "model": comp.model, "options": dict(comp.options), "graphs": comp.graphs,
-        "rewritten": bool(rec.get("rewritten")), "stop_reason": stop_reason, "notes": notes,
+        "rewritten": bool(path), "path": path, "stop_reason": stop_reason,
+        "fallbacks": [n for n in notes if any(m in n for m in _FALLBACK_MARKS)], "notes": notes,
         "passes": passes, "regions": regions, "gate_source": gate_source, "hoisted": hoisted,
         "changes": changes,
         "launches": {"estimated": {"before": before_n, "after": after_n, "rule": ESTIMATE_RULE,
@@ -439,6 +442,30 @@ def render_json(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=False)
 
 
+# Notes of a path the step did not take although asked or preferred (a kernel plan that could not be
+# built, a policy's second choice): shown next to the path that was taken.
+_FALLBACK_MARKS = ("cannot be planned", "left to the other paths", "not rewritten:", "not fused:",
+                   "the expand stays apart")
+_PATH_WORDS = {"merge": "one switching call, no adapter branch", "factor": "expert factors in fixed slots, W untouched",
+               "gather": "per-token experts through fused gather calls, unmerged"}
+
+
+def _stop_note(notes: list[str]) -> str | None:
+    """Why nothing was rewritten: the last note that is not a pass's success report."""
+    return next((n for n in reversed(notes) if not n.startswith(("detect_adapters:", "prove_pregating:",
+                                                                  "hoist_routing:"))), notes[-1] if notes else None)
+
+
+def status_line(report: dict) -> str:
+    """'rewritten: <path> path (...)' or 'NOT rewritten: <reason>', with any fallback's reason."""
+    if not report.get("rewritten"):
+        return f"NOT rewritten: {report['stop_reason']}"
+    path = report.get("path")
+    line = f"rewritten: {path} path ({_PATH_WORDS.get(path, path)})" if path else "rewritten"
+    fallbacks = report.get("fallbacks") or []
+    return line + "".join(f"; {f}" for f in fallbacks)
+
+
 def _node_list(changes: list[dict], limit: int | None = None) -> str:
     items = [c["name"] if c["op"] == "placeholder" else f"{c['name']}({c['target']})" for c in changes]
     if limit is not None and len(items) > limit:
@@ -452,7 +479,7 @@ def render_text(report: dict, width: int = 110) -> str:
     from rich.table import Table
 
     console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
-    status = "rewritten" if report["rewritten"] else f"NOT rewritten: {report['stop_reason']}"
+    status = status_line(report)
     console.print(f"adafuse diff: {report['model'] or 'model'}: {report['graphs']} graph(s), {status}")
     console.print(f"options: {json.dumps(report['options'])}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from html import escape
 
-from .diff import SCHEMA
+from .diff import SCHEMA, status_line
 
 ROW_H = 34  # px per row of the picture
 BOX_H = 24
@@ -190,7 +190,7 @@ def render_html(report: dict) -> str:
     """The report as one self-contained HTML page."""
     if report.get("schema") != SCHEMA:
         raise ValueError(f"not an adafuse diff report (schema {report.get('schema')!r}, expected {SCHEMA!r})")
-    status = ('<span class="ok">rewritten: one switching call, no adapter branch</span>' if report["rewritten"]
+    status = (f'<span class="ok">{escape(status_line(report))}</span>' if report["rewritten"]
               else f'<span class="bad">not rewritten</span>: {escape(str(report["stop_reason"]))}')
     est, measured = report["launches"]["estimated"], report["launches"]["measured"]
     launch_rows = [["estimated from the graph", est["before"], est["after"]]]

@@ -41,6 +41,7 @@ from ..cutlass_kernels.gather_lora import (  # also registers the ops
     expert_segments, tuple_blocks, tuple_keys,
 )
 from ..cutlass_kernels.linear_lora import linear_lora
+from ..cutlass_kernels.plan_cache import check_triton_runs_on
 from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop, warn
@@ -88,8 +89,9 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                 warn(gm, f"a decode-sized step traced with gradients enabled ({TRAINING_NOTE}) takes the differentiable "
                          "dense form, slower than adafuse's kernels; for inference run the model under "
                          "torch.no_grad() or torch.inference_mode()")
+        fused = _fused_impl(gm, settings, device) if settings.prefill_fused and not training else None
         return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training,
-                              _fused_impl(settings) if settings.prefill_fused and not training else None)
+                              fused)
     prefill_expand = "sets" if settings.prefill_expand in ("auto", "dense") else settings.prefill_expand
     # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
     # segments, set_order, set_work, per_slot (the op's schema). A step with enough rows for the
@@ -193,9 +195,18 @@ def _dense(prefill_expand: str, tokens: int | None, x: fx.Node, n_experts: int, 
     return prefill_sized and n_experts <= DENSE_MAX_EXPANSION * top_k
 
 
-def _fused_impl(settings: BackendSettings) -> str:
-    """linear_lora's impl: Triton on CUDA unless the user asked for the reference."""
-    return settings.sgmm_impl if settings.sgmm_impl in ("reference", "triton") else "auto"
+def _fused_impl(gm: fx.GraphModule, settings: BackendSettings, device: torch.device) -> str:
+    """linear_lora's impl: Triton on CUDA unless the user asked for the reference. An explicit
+    sgmm_impl="triton" where Triton cannot run (off CUDA) is checked now, not on the first call: the
+    fused calls then take the reference (the dense form's own numbers), with a note."""
+    if settings.sgmm_impl == "triton":
+        try:
+            check_triton_runs_on(device, "prefill_fused")
+        except ValueError as exc:
+            note(gm, f"rewrite_gather: {exc}; the fused calls use the reference")
+            return "auto"
+        return "triton"
+    return "reference" if settings.sgmm_impl == "reference" else "auto"
 
 
 def _bias(linear: fx.Node):
@@ -207,12 +218,15 @@ def _unfusable(r, inputs: dict) -> str | None:
     if len(r.linear.users) != 1:
         return f"{r.name}: the linear's output is read outside the adapter add"
     x, bias = example_value(r.x), _bias(r.linear)
-    dtypes = {getattr(x, "dtype", None), inputs[r.weight].dtype, inputs[r.factors["lora_A"]].dtype,
-              inputs[r.factors["lora_B"]].dtype}
+    # The linear's own output dtype too: under autocast it differs from its inputs' (linear_lora has
+    # no autocast rule, and the group's shrink would run in the autocast dtype).
+    dtypes = {getattr(x, "dtype", None), getattr(example_value(r.linear), "dtype", None), inputs[r.weight].dtype,
+              inputs[r.factors["lora_A"]].dtype, inputs[r.factors["lora_B"]].dtype}
     if isinstance(bias, fx.Node):
         dtypes.add(getattr(example_value(bias), "dtype", None))
     if len(dtypes) != 1:
-        return f"{r.name}: the input, weight and factors differ in dtype ({sorted(map(str, dtypes))})"
+        return (f"{r.name}: the input, weight, output and factors differ in dtype ({sorted(map(str, dtypes))}; "
+                "autocast, or factors in another dtype than the backbone)")
     if inputs[r.weight].dim() != 2 or inputs[r.weight].stride(-1) != 1:
         return f"{r.name}: the weight is not a row-major matrix"
     return None
