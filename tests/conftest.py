@@ -19,6 +19,28 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def pytest_configure(config):
+    """Triton 3.6 and older (torch 2.11's) cannot interpret with numpy 2.4 or newer: every
+    interpreted kernel fails with "only 0-dimensional arrays can be converted to Python scalars"
+    (its scalar arguments are 1-element arrays; seen with Triton 3.6.0 and numpy 2.4.6 / 2.5.5, fine
+    with numpy 2.3.5; Triton 3.9 is fine with either). Say so once, with the fix, instead of ~400
+    failures that do not name it."""
+    if not _interpreted():
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    from packaging.version import Version
+
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (the CPU tests of the Triton kernels) fails with numpy "
+            f"{numpy.__version__}: install numpy<2.4 (pip install 'numpy<2.4'), or a torch whose Triton is 3.7 "
+            "or newer")
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")

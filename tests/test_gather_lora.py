@@ -615,9 +615,25 @@ _AOT = textwrap.dedent("""
     from adafuse_compile.cutlass_kernels import triton_gather as tg
     target = GPUTarget("cuda", 90, 32)
     C = "constexpr"
+
+    def attrs(fn, sig):
+        # what the JIT specializes at run time: 16-byte aligned tensors and ints that are multiples
+        # of 16 (n_in = 4096 or 11008; the outputs' element offsets y0..y7)
+        return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                if t.startswith("*") or re.fullmatch(r"y[0-7]|n_in", n)}
+
+    def loads_16b(k, what):
+        # every 16-bit tile load of the kernel (x, A, B) 8 elements per thread at a time: Triton 3.6
+        # loaded B 2 bytes at a time when its pointer came from an integer (int_to_ptr)
+        ttg = k.asm["ttgir"]
+        layouts = dict(re.findall(r"^(#blocked[0-9]*) = #ttg[.]blocked<[{]sizePerThread = ([^]]*[]])", ttg, re.M))
+        narrow = [line.strip()[:160] for line in ttg.splitlines()
+                  if re.search(r"= tt[.]load .*x!tt[.]ptr<(bf16|f16)>", line)
+                  and layouts.get(re.search(r"(#blocked[0-9]*)>", line).group(1)) in ("[1, 1]", "[1]")]
+        assert not narrow, (what, narrow)
     for dt, ieee in (("*bf16", False), ("*fp16", False), ("*fp32", True)):
         for srt in (False, True):
-            sig = dict(x_ptr=dt, desc_ptr="*i64", experts_ptr="*i64", gates_ptr="*fp32",
+            sig = dict(x_ptr=dt, desc_ptr="*i64", ref_ptr=dt, experts_ptr="*i64", gates_ptr="*fp32",
                        rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
                        n_in="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
                        SORTED=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
@@ -626,9 +642,10 @@ _AOT = textwrap.dedent("""
             for r, block_k in ((64, 64), (64, 128), (256, 64)):
                 cst = dict(K_SEL=2, R=r, R_P2=r, SPLIT_K=4, SORTED=srt,
                            BLOCK_M=64 if srt else 16, BLOCK_K=block_k, ALIGNED=True, IEEE=ieee)
-                k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst), target=target)
+                k = triton.compile(ASTSource(tg._shrink_kernel, sig, cst, attrs=attrs(tg._shrink_kernel, sig)), target=target)
                 assert "cubin" in k.asm
                 assert ieee or re.search(r"mma", k.asm["ptx"]), "shrink: no tensor-core MMA"
+                loads_16b(k, "shrink")
                 assert k.metadata.shared <= 227 * 1024, (r, block_k, k.metadata.shared)
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", experts_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_tokens="i32", n_rows="i32",
@@ -637,9 +654,10 @@ _AOT = textwrap.dedent("""
         for unroll, o_iters in ((False, 1), (True, 1), (True, 4)):
             cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=4, BLOCK_T=32, BLOCK_O=64, ALIGNED=True,
                        IEEE=ieee, N_EXP=8, UNROLL=unroll, O_ITERS=o_iters)
-            k = triton.compile(ASTSource(tg._expand_kernel, sig, cst), target=target)
+            k = triton.compile(ASTSource(tg._expand_kernel, sig, cst, attrs=attrs(tg._expand_kernel, sig)), target=target)
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand: no tensor-core MMA"
+            loads_16b(k, "expand")
             # 16-B loads: ld.global.v4, or with several out blocks per program Triton's pipelined
             # 16-B cp.async copies to shared memory
             assert ieee or re.search(r"ld\\.global\\.v4|cp\\.async\\.cg\\.shared\\.global .*0x10", k.asm["ptx"]), \
@@ -651,10 +669,11 @@ _AOT = textwrap.dedent("""
         for block_t, block_o, warps, o_iters in ((32, 64, 4, 1), (32, 64, 4, 8), (16, 128, 4, 2), (64, 256, 8, 1)):
             cst = dict(K_SEL=2, K_P2=2, R=64, R_P2=64, SPLIT_K=2, BLOCK_T=block_t, BLOCK_O=block_o,
                        ALIGNED=True, IEEE=ieee, O_ITERS=o_iters)
-            k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst), target=target,
+            k = triton.compile(ASTSource(tg._expand_sets_kernel, sig, cst, attrs=attrs(tg._expand_sets_kernel, sig)), target=target,
                                options=dict(num_warps=warps))
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by sets: no tensor-core MMA"
+            loads_16b(k, "expand by sets")
             assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by sets: no 16-B stores"
         sig = dict(h_ptr="*fp32", desc_ptr="*i64", rows_ptr="*i64", seg_ptr="*i64", dtype_ref=dt,
                    **{f"y{i}": "i64" for i in range(8)}, n_rows="i32", n_experts="i32", m_first="i32",
@@ -662,9 +681,10 @@ _AOT = textwrap.dedent("""
                    ALIGNED=C, IEEE=C, O_ITERS=C)
         for o_iters in (1, 4):
             cst = dict(R=64, R_P2=64, SPLIT_K=2, BLOCK_M=64, BLOCK_O=64, ALIGNED=True, IEEE=ieee, O_ITERS=o_iters)
-            k = triton.compile(ASTSource(tg._expand_experts_kernel, sig, cst), target=target)
+            k = triton.compile(ASTSource(tg._expand_experts_kernel, sig, cst, attrs=attrs(tg._expand_experts_kernel, sig)), target=target)
             assert "cubin" in k.asm
             assert ieee or re.search(r"mma", k.asm["ptx"]), "expand by expert: no tensor-core MMA"
+            loads_16b(k, "expand by expert")
             assert ieee or re.search(r"st\\.global\\.v4", k.asm["ptx"]), "expand by expert: no 16-B stores"
     print("AOT-OK")
 """)

@@ -28,10 +28,12 @@ stays in registers, so y_m is written once, in x's dtype, with no atomics. The c
 compute: a dense block runs one dot per expert present (up to N) instead of k; decode is
 bandwidth-bound so it is free there, prefill pays (docs/gather.md).
 
-Pointer tables (int64 [M, 3]: A_m, B_m, out_m) are built once per adapter set by the
-launcher (`GatherPlan`), cached by the caller on data_ptrs, and read in the kernels. The
-outputs are new tensors on every call, so their addresses are passed as scalar arguments
-(up to MAX_MODULES_PER_LAUNCH per expand launch; more modules take more launches).
+Tables (int64 [M, 3]: A_m and B_m as element offsets from the plan's reference tensor, and out_m)
+are built once per adapter set by the launcher (`GatherPlan`), cached by the caller on data_ptrs,
+and read in the kernels. The outputs are new tensors on every call, so their offsets from the same
+reference are passed as scalar arguments (up to MAX_MODULES_PER_LAUNCH per expand launch; more
+modules take more launches). Offsets from a kernel argument, not raw addresses: see
+_module_pointers.
 """
 from __future__ import annotations
 
@@ -56,13 +58,12 @@ MASKED_MAX_ROWS = SORTED_MIN_ROWS - 1
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, desc_ptr, experts_ptr, gates_ptr, rows_ptr, seg_ptr, h_ptr,
+    x_ptr, desc_ptr, ref_ptr, experts_ptr, gates_ptr, rows_ptr, seg_ptr, h_ptr,
     n_rows, n_in, n_modules, scaling,
     K_SEL: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
-    elem = x_ptr.dtype.element_ty
     rb = tl.program_id(0)
     e = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -83,13 +84,13 @@ def _shrink_kernel(
         n_valid = tl.sum(valid.to(tl.int32))
 
     if n_valid > 0:
-        a_ptr = tl.load(desc_ptr + m * 3).to(tl.pointer_type(elem))
+        a_off = tl.load(desc_ptr + m * 3)
         if ALIGNED:
-            # Table-loaded pointers carry no alignment: without the hint Triton does not
+            # Table-loaded offsets carry no alignment: without the hint Triton does not
             # vectorise (SGMM on H200: 24% -> 50% of copy bandwidth, DESIGN.md section 5).
-            a_ptr = tl.multiple_of(a_ptr, 16)
+            a_off = tl.multiple_of(a_off, 8)
             n_in = tl.multiple_of(n_in, 8)
-        a_ptr += e.to(tl.int64) * R * n_in  # A_m[e]: [R, in]
+        a_ptr = ref_ptr + a_off + e.to(tl.int64) * R * n_in  # A_m[e]: [R, in]
         tok = rows // K_SEL
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
@@ -132,14 +133,21 @@ def _add_expert(acc, sel, h3, b_ptr, e, n_out, offs_o, offs_r, b_mask, R: tl.con
 
 
 @triton.jit
-def _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem: tl.constexpr):
-    """Module m's B_m and its output (this launch's ml-th address). The caller adds the alignment
-    hints: applied here they do not survive the return (no vectorized stores in the PTX)."""
-    b_ptr = tl.load(desc_ptr + m * 3 + 1).to(tl.pointer_type(elem))
-    y_addr = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
+def _module_pointers(ref_ptr, desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, ALIGNED: tl.constexpr):
+    """Module m's B_m and its output (this launch's ml-th one), as the reference tensor's pointer
+    plus element offsets (the table's, and y0..y7). This helper used to return pointers made from
+    addresses (int_to_ptr), which the caller hinted 16-byte aligned: Triton 3.6 (the H200's) drops
+    a hint on a helper's result, and its expand kernels loaded B and stored y 2 bytes at a time
+    (Triton 3.9 kept the hint). Offsets hinted here, added to a kernel argument that the JIT
+    specializes as aligned, vectorize in both (test_kernels_compile_for_sm90 checks the layouts)."""
+    b_off = tl.load(desc_ptr + m * 3 + 1)
+    y_off = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
         ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
             ml == 6, y6, y7)))))))
-    return b_ptr, y_addr.to(tl.pointer_type(elem))
+    if ALIGNED:
+        b_off = tl.multiple_of(b_off, 8)
+        y_off = tl.multiple_of(y_off, 8)
+    return ref_ptr + b_off, ref_ptr + y_off
 
 
 @triton.jit
@@ -163,7 +171,7 @@ def _load_h(h_ptr, experts_ptr, toks, mask_t, m, n_rows, n_modules, K_SEL: tl.co
 @triton.jit
 def _expand_kernel(
     h_ptr, desc_ptr, experts_ptr, dtype_ref,
-    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
+    y0, y1, y2, y3, y4, y5, y6, y7,  # this launch's outputs, element offsets from dtype_ref (0 unused)
     n_tokens, n_rows, n_experts, n_modules, m_first,
     K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
@@ -176,10 +184,8 @@ def _expand_kernel(
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
     if ob0 * BLOCK_O < n_out:
-        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
+        b_ptr, y_ptr = _module_pointers(dtype_ref, desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, ALIGNED)
         if ALIGNED:
-            b_ptr = tl.multiple_of(b_ptr, 16)
-            y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
         toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = toks < n_tokens
@@ -211,7 +217,7 @@ def _expand_kernel(
 @triton.jit
 def _expand_sets_kernel(
     h_ptr, desc_ptr, experts_ptr, order_ptr, work_ptr, dtype_ref,
-    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's outputs (0 unused)
+    y0, y1, y2, y3, y4, y5, y6, y7,  # this launch's outputs, element offsets from dtype_ref (0 unused)
     n_rows, n_work, n_experts, n_modules, m_first,
     K_SEL: tl.constexpr, K_P2: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
@@ -229,10 +235,8 @@ def _expand_sets_kernel(
     start = tl.load(work_ptr + n_work + w)
     end = tl.load(work_ptr + 2 * n_work + w)
     if (ob0 * BLOCK_O < n_out) & (end > start):
-        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
+        b_ptr, y_ptr = _module_pointers(dtype_ref, desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, ALIGNED)
         if ALIGNED:
-            b_ptr = tl.multiple_of(b_ptr, 16)
-            y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
@@ -267,7 +271,7 @@ def _expand_sets_kernel(
 @triton.jit
 def _expand_experts_kernel(
     h_ptr, desc_ptr, rows_ptr, seg_ptr, dtype_ref,
-    y0, y1, y2, y3, y4, y5, y6, y7,  # int64 addresses of this launch's [T, k, out] outputs
+    y0, y1, y2, y3, y4, y5, y6, y7,  # this launch's [T, k, out] outputs, element offsets from dtype_ref
     n_rows, n_experts, m_first, n_modules, n_out_groups,
     R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, O_ITERS: tl.constexpr,
@@ -287,10 +291,8 @@ def _expand_experts_kernel(
     m = m_first + ml
     n_out = tl.load(desc_ptr + m * 3 + 2)
     if ob0 * BLOCK_O < n_out:
-        b_ptr, y_ptr = _module_pointers(desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, elem)
+        b_ptr, y_ptr = _module_pointers(dtype_ref, desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, ALIGNED)
         if ALIGNED:
-            b_ptr = tl.multiple_of(b_ptr, 16)
-            y_ptr = tl.multiple_of(y_ptr, 16)
             n_out = tl.multiple_of(n_out, 8)
         offs_r = tl.arange(0, R_P2)
         mask_r = offs_r < R
@@ -412,21 +414,32 @@ class GatherPlan:
         self.dtype = lora_A[0].dtype
         self.n_experts, self.r, self.n_in = (int(s) for s in lora_A[0].shape)
         self.outs = [int(b.shape[1]) for b in lora_B]
-        rows = [[a.data_ptr(), b.data_ptr(), o] for a, b, o in zip(lora_A, lora_B, self.outs)]
+        # The kernels address A_m, B_m and the outputs as element offsets from this tensor's
+        # pointer (_module_pointers says why); it is also the kernels' dtype.
+        self.dtype_ref = torch.empty(1, dtype=self.dtype, device=dev)
+        rows = [[self.offset(a), self.offset(b), o] for a, b, o in zip(lora_A, lora_B, self.outs)]
         # Built once per adapter set: the only host-to-device copy this plan makes.
         self.desc = torch.tensor(rows, dtype=torch.int64).to(dev)
         self.expert_ids = torch.arange(self.n_experts + 1, device=dev)
         self.aligned = (
-            all(p % 16 == 0 for row in rows for p in row[:2])
+            self.dtype_ref.data_ptr() % 16 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (*lora_A, *lora_B))
             and self.n_in % 8 == 0 and self.r % 8 == 0 and all(o % 8 == 0 for o in self.outs)
         )
-        self.dtype_ref = torch.empty(1, dtype=self.dtype, device=dev)
         self.ieee = self.dtype == torch.float32
         self.r_p2 = _pow2_at_least(self.r, 16)
         if dev.type == "cuda":
             self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
         else:
             self.sms = 2  # interpreter: a few programs exercise the split-K path
+
+    def offset(self, t: Tensor) -> int:
+        """t's address as an element offset from dtype_ref's (both of the plan's dtype)."""
+        delta = t.data_ptr() - self.dtype_ref.data_ptr()
+        if t.dtype != self.dtype or delta % t.element_size():
+            raise ValueError(f"gather_lora: a {t.dtype} tensor at {t.data_ptr():#x} is not addressable in "
+                             f"{self.dtype} elements from the plan's reference")
+        return delta // t.element_size()
 
     def new_outputs(self, x: Tensor, k: int | None = None) -> list[Tensor]:
         """[T, out_m] deltas, or with `k` the per-slot terms [T, k, out_m]."""
@@ -522,7 +535,7 @@ class GatherPlan:
             seg = segments
         row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
         _shrink_kernel[(row_blocks, self.n_experts, m_total * cfg["SPLIT_K"])](
-            x, self.desc, ids, g, rows, seg, h, n_rows, self.n_in, m_total, float(scaling),
+            x, self.desc, self.dtype_ref, ids, g, rows, seg, h, n_rows, self.n_in, m_total, float(scaling),
             K_SEL=k, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], SORTED=cfg["SORTED"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], ALIGNED=aligned,
             IEEE=self.ieee,
@@ -534,7 +547,7 @@ class GatherPlan:
         common = dict(R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], ALIGNED=aligned, IEEE=self.ieee)
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):  # one expand launch per 8 modules
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
-            addrs = [y.data_ptr() for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+            addrs = [self.offset(y) for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
             if per_slot:
                 n_out_groups = triton.cdiv(triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"]), cfg["SLOTS_O_ITERS"])
                 _expand_experts_kernel[(row_blocks, self.n_experts + 1, len(chunk) * n_out_groups)](
