@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_generate_host.py"
@@ -66,4 +67,7 @@ def test_tiny_preset_profiles_backbone_auto_and_hf_default_compile(tmp_path):
         assert e["cudagraphs_recorded_per_call"] == [None]  # CPU: no CUDA graphs to count
         assert e["kernel_timeline"] is None  # CPU: no GPU timeline to split
         assert any("generation/utils.py" in line and "(generate)" in line for line in e["top_cumulative"])
-        assert any("(_hf_generate)" in line for line in e["top_cumulative"])
+        # Python 3.12's cProfile (sys.monitoring) under Dynamo's frame hook loses the frames above a
+        # compiled step for adafuse's entries (seen with torch 2.11: eval_frame on top, no caller)
+        if e["method"] != "adafuse_auto" or sys.version_info < (3, 12):
+            assert any("(_hf_generate)" in line for line in e["top_cumulative"])
