@@ -4,6 +4,11 @@ experts inside one K tile, a bias, a column slice of the group's shrink output a
 arguments named."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -122,3 +127,56 @@ def test_impl_triton_off_cuda_says_use_auto(monkeypatch):
     x, w, b, h, g, bp = _problem(4, 16, 8, 2, 4, torch.float32)
     with pytest.raises(ValueError, match="needs a CUDA device.*impl='auto'"):
         linear_lora(x, w, b, h, g, 0.5, bp, impl="triton")
+
+
+_AOT = textwrap.dedent("""
+    import re, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adafuse_compile.cutlass_kernels import triton_linear_lora as tll
+    target = GPUTarget("cuda", 90, 32)
+    C = "constexpr"
+    SPECIALIZED = ("OUT", "IN", "NR", "stride_xt", "stride_wo", "stride_ht", "stride_bo", "stride_yt")
+    for dt in ("bf16", "fp16"):
+        tiles = tll._TILES if dt == "bf16" else tll._TILES[:1]
+        for bt, bo, warps, stages in tiles:
+            options = dict(num_warps=warps, num_stages=stages)
+            common = dict(R=64, HAS_BIAS=True, BLOCK_T=bt, BLOCK_O=bo, BLOCK_K=64, GROUP_T=8)
+            p = "*" + dt
+            sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, h_ptr=p, g_ptr="*fp32", b_ptr=p, y_ptr=p, T="i32",
+                       OUT="i32", IN="i32", NR="i32", scaling="fp32", stride_xt="i32", stride_wo="i32",
+                       stride_ht="i32", stride_gt="i32", stride_bo="i32", stride_yt="i32", T_BUCKET="i32",
+                       R=C, HAS_BIAS=C, EVEN_IN=C, EVEN_NR=C, BLOCK_T=C, BLOCK_O=C, BLOCK_K=C, GROUP_T=C)
+            fn = tll._linear_lora_kernel
+            # as the JIT specializes them at run time: aligned tensors, ints that are multiples of 16
+            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                     if t.startswith("*") or n in SPECIALIZED}
+            k = triton.compile(ASTSource(fn, sig, dict(EVEN_IN=True, EVEN_NR=True, **common), attrs=attrs),
+                               target=target, options=options)
+            ptx = k.asm["ptx"]
+            assert re.search(r"mma", ptx), (dt, bt, bo, "pointer kernel: no tensor-core MMA")
+            assert re.search(r"cp[.]async[.]cg[.]shared[.]global .*0x10|ld[.]global[.]v4", ptx), (dt, bt, bo, "no 16-B loads")
+            assert k.metadata.shared <= 227 * 1024, (dt, bt, bo, k.metadata.shared)
+            desc = lambda rows: f"tensordesc<{dt}[{rows}, 64]>"
+            sig = dict(x_desc=desc(bt), w_desc=desc(bo), bias_ptr=p, h_desc=desc(bt), g_ptr="*fp32", b_desc=desc(bo),
+                       y_ptr=p, T="i32", OUT="i32", IN="i32", NR="i32", scaling="fp32", stride_gt="i32",
+                       stride_yt="i32", T_BUCKET="i32", R=C, HAS_BIAS=C, BLOCK_T=C, BLOCK_O=C, BLOCK_K=C, GROUP_T=C)
+            k = triton.compile(ASTSource(tll._linear_lora_tma_kernel, sig, common), target=target, options=options)
+            ptx = k.asm["ptx"]
+            assert re.search(r"wgmma", ptx), (dt, bt, bo, "TMA kernel: no wgmma")
+            assert re.search(r"cp[.]async[.]bulk[.]tensor", ptx), (dt, bt, bo, "TMA kernel: no TMA loads")
+            assert k.metadata.shared <= 227 * 1024, (dt, bt, bo, k.metadata.shared)
+    print("AOT-OK")
+""")
+
+
+def test_kernels_compile_for_sm90_with_every_autotuned_tile():
+    """Both kernels, every autotuned tile (bf16; fp16 one tile), compile to sm_90 on this CPU machine
+    (Triton's ptxas): tensor-core MMA (wgmma for the TMA kernel), 16-byte or TMA loads, shared memory
+    within the H200's 227 KB per block. Checked under Triton 3.9 and 3.6."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert res.returncode == 0 and "AOT-OK" in res.stdout, res.stderr[-4000:]

@@ -32,7 +32,7 @@ import threading
 import torch
 from torch import Tensor
 
-from adafuse_compile.cutlass_kernels.plan_cache import PlanCache, check_triton_runs_on
+from adafuse_compile.cutlass_kernels.plan_cache import PlanCache, resolve_triton_or_reference
 
 __all__ = ["gather_lora", "expert_segments", "tuple_blocks", "reference_gather_lora", "oracle_gather_lora", "validate",
            "make_gather_problem", "clear_plan_cache", "IMPLS", "SORTED_MIN_ROWS", "dense_gates", "dense_lora",
@@ -318,11 +318,7 @@ def _get_triton_plan(lora_A: list[Tensor], lora_B: list[Tensor]):
 
 
 def _resolve_impl(impl: str, x: Tensor) -> str:
-    if impl == "auto":
-        return "triton" if x.device.type == "cuda" else "reference"
-    if impl == "triton":
-        check_triton_runs_on(x.device, "gather_lora")
-    return impl
+    return resolve_triton_or_reference(impl, x.device, "gather_lora")
 
 
 def prepare_plan(lora_A: list[Tensor], lora_B: list[Tensor], impl: str = "auto") -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adafuse_compile.cutlass_kernels.plan_cache import check_triton_runs_on
+from adafuse_compile.cutlass_kernels.plan_cache import resolve_triton_or_reference
 
 __all__ = ["linear_lora", "reference_linear_lora", "validate", "IMPLS"]
 
@@ -77,11 +77,7 @@ def reference_linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, h: Ten
 
 
 def _resolve_impl(impl: str, x: Tensor) -> str:
-    if impl == "auto":
-        return "triton" if x.device.type == "cuda" else "reference"
-    if impl == "triton":
-        check_triton_runs_on(x.device, "linear_lora")
-    return impl
+    return resolve_triton_or_reference(impl, x.device, "linear_lora")
 
 
 @torch.library.custom_op("adafuse::linear_lora", mutates_args=())

@@ -28,6 +28,16 @@ def check_triton_runs_on(device: torch.device, what: str) -> None:
                          "Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); use impl='auto' (the "
                          "PyTorch reference off CUDA)")
 
+def resolve_triton_or_reference(impl: str, device: torch.device, what: str) -> str:
+    """impl "auto": Triton on CUDA, the PyTorch reference elsewhere; an explicit "triton" is checked
+    (check_triton_runs_on); any other value is returned as is."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if impl == "triton":
+        check_triton_runs_on(device, what)
+    return impl
+
+
 # Plenty for every adapted linear group of a 70B model; an evicted plan is rebuilt, never wrong.
 PLAN_CACHE_SIZE = 4096
 

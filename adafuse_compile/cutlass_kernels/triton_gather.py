@@ -52,6 +52,11 @@ from adafuse_compile.cutlass_kernels.gather_lora import (
 )
 
 MAX_MODULES_PER_LAUNCH = 8
+# Added to the outputs' offsets (y0..y7) and taken off in the kernels: Triton compiles a kernel per
+# integer argument type, i32 or i64 by the value, so offsets on both sides of 2^31 elements (4 GiB of
+# bf16 away from the reference) would compile the expands again in the middle of a run, per
+# combination. Biased, every offset on a real GPU is an i64; 2^40 keeps the multiples of 16.
+OFFSET_BIAS = tl.constexpr(1 << 40)
 # Rows (T*k) up to which the shrink uses the masked form (one row block, no sort).
 MASKED_MAX_ROWS = SORTED_MIN_ROWS - 1
 
@@ -88,7 +93,7 @@ def _shrink_kernel(
         if ALIGNED:
             # Table-loaded offsets carry no alignment: without the hint Triton does not
             # vectorise (SGMM on H200: 24% -> 50% of copy bandwidth, DESIGN.md section 5).
-            a_off = tl.multiple_of(a_off, 8)
+            a_off = tl.multiple_of(a_off, 128 // ref_ptr.dtype.element_ty.primitive_bitwidth)  # 16 bytes
             n_in = tl.multiple_of(n_in, 8)
         a_ptr = ref_ptr + a_off + e.to(tl.int64) * R * n_in  # A_m[e]: [R, in]
         tok = rows // K_SEL
@@ -143,10 +148,10 @@ def _module_pointers(ref_ptr, desc_ptr, m, ml, y0, y1, y2, y3, y4, y5, y6, y7, A
     b_off = tl.load(desc_ptr + m * 3 + 1)
     y_off = tl.where(ml == 0, y0, tl.where(ml == 1, y1, tl.where(ml == 2, y2, tl.where(
         ml == 3, y3, tl.where(ml == 4, y4, tl.where(ml == 5, y5, tl.where(
-            ml == 6, y6, y7)))))))
-    if ALIGNED:
-        b_off = tl.multiple_of(b_off, 8)
-        y_off = tl.multiple_of(y_off, 8)
+            ml == 6, y6, y7))))))) - OFFSET_BIAS
+    if ALIGNED:  # 16 bytes: 8 elements of 16 bits, 4 of fp32
+        b_off = tl.multiple_of(b_off, 128 // ref_ptr.dtype.element_ty.primitive_bitwidth)
+        y_off = tl.multiple_of(y_off, 128 // ref_ptr.dtype.element_ty.primitive_bitwidth)
     return ref_ptr + b_off, ref_ptr + y_off
 
 
@@ -406,7 +411,8 @@ def _out_iters(programs: int, out_blocks: int, sms: int, per_sm: int = EXPAND_PR
 
 
 class GatherPlan:
-    """Device pointer table for one adapter set (lora_A/lora_B of the M modules)."""
+    """Device table for one adapter set (lora_A/lora_B of the M modules): their element offsets
+    from `dtype_ref`, and each module's out size."""
 
     def __init__(self, lora_A: list[Tensor], lora_B: list[Tensor]):
         dev = lora_A[0].device
@@ -523,7 +529,8 @@ class GatherPlan:
         x = x.contiguous()
         ids = experts.contiguous()
         g = gates.to(torch.float32).contiguous()
-        aligned = self.aligned and x.data_ptr() % 16 == 0
+        # the outputs too: a caller's (outs=) may be views at any offset
+        aligned = self.aligned and all(t.data_ptr() % 16 == 0 for t in (x, *outs))
         # Every slice and row the expand reads is stored by the shrink: empty, not zeros (no memset).
         h = torch.empty(cfg["SPLIT_K"], m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
 
@@ -547,7 +554,8 @@ class GatherPlan:
         common = dict(R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], ALIGNED=aligned, IEEE=self.ieee)
         for m0 in range(0, m_total, MAX_MODULES_PER_LAUNCH):  # one expand launch per 8 modules
             chunk = outs[m0:m0 + MAX_MODULES_PER_LAUNCH]
-            addrs = [self.offset(y) for y in chunk] + [0] * (MAX_MODULES_PER_LAUNCH - len(chunk))
+            addrs = [self.offset(y) + OFFSET_BIAS.value for y in chunk] + \
+                [OFFSET_BIAS.value] * (MAX_MODULES_PER_LAUNCH - len(chunk))
             if per_slot:
                 n_out_groups = triton.cdiv(triton.cdiv(max_out, cfg["SLOTS_BLOCK_O"]), cfg["SLOTS_O_ITERS"])
                 _expand_experts_kernel[(row_blocks, self.n_experts + 1, len(chunk) * n_out_groups)](

@@ -32,6 +32,37 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(T, OUT, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_T: tl.constexpr):
+    """This program's (token block, out block), grouped along T so that neighbours share W tiles."""
+    pid = tl.program_id(0)
+    n_o = tl.cdiv(OUT, BLOCK_O)
+    per_group = GROUP_T * n_o
+    first_t = (pid // per_group) * GROUP_T
+    group_t = min(tl.cdiv(T, BLOCK_T) - first_t, GROUP_T)
+    return first_t + (pid % per_group) % group_t, (pid % per_group) // group_t
+
+
+@triton.jit
+def _k_tiles(a_ptrs, b_ptrs, offs_k, k0, K, EVEN: tl.constexpr):
+    """The K tile at k0 of a [rows, K] operand and of a [K, cols] one, zero past K unless EVEN."""
+    if EVEN:
+        return tl.load(a_ptrs), tl.load(b_ptrs)
+    k_ok = offs_k + k0 < K
+    return tl.load(a_ptrs, mask=k_ok[None, :], other=0.0), tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _gated(ht, g_ptr, rows_t, stride_gt, offs_k, k0, NR, scaling, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h's tile times s G[t, expert of the column], rounded to h's dtype (the dense form's numerics)."""
+    if R % BLOCK_K == 0:  # the tile lies in one expert: one gate per token
+        gate = tl.load(g_ptr + rows_t * stride_gt + k0 // R) * scaling
+        return (ht.to(tl.float32) * gate[:, None]).to(ht.dtype)
+    expert = tl.minimum(offs_k + k0, NR - 1) // R  # the tile spans experts: a gate per (token, column)
+    gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
+    return (ht.to(tl.float32) * gate).to(ht.dtype)
+
+
+@triton.jit
 def _linear_lora_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, g_ptr, b_ptr, y_ptr,
     T, OUT, IN, NR, scaling,
@@ -40,15 +71,7 @@ def _linear_lora_kernel(
     R: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_IN: tl.constexpr, EVEN_NR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(T, BLOCK_T)
-    n_o = tl.cdiv(OUT, BLOCK_O)
-    per_group = GROUP_T * n_o
-    first_t = (pid // per_group) * GROUP_T
-    group_t = min(n_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % group_t
-    pid_o = (pid % per_group) // group_t
-
+    pid_t, pid_o = _tile(T, OUT, BLOCK_T, BLOCK_O, GROUP_T)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     rows_t = (offs_t % T).to(tl.int64)  # wrapped: every load in bounds, the store is masked
@@ -60,13 +83,7 @@ def _linear_lora_kernel(
     x_ptrs = x_ptr + rows_t[:, None] * stride_xt + offs_k[None, :]
     w_ptrs = w_ptr + rows_o[None, :] * stride_wo + offs_k[:, None]
     for k0 in range(0, IN, BLOCK_K):
-        if EVEN_IN:
-            xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
-        else:
-            k_ok = offs_k + k0 < IN
-            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        xt, wt = _k_tiles(x_ptrs, w_ptrs, offs_k, k0, IN, EVEN_IN)
         acc = tl.dot(xt, wt, acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -75,20 +92,8 @@ def _linear_lora_kernel(
     h_ptrs = h_ptr + rows_t[:, None] * stride_ht + offs_k[None, :]
     b_ptrs = b_ptr + rows_o[None, :] * stride_bo + offs_k[:, None]
     for k0 in range(0, NR, BLOCK_K):
-        if EVEN_NR:
-            ht = tl.load(h_ptrs)
-            bt = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k + k0 < NR
-            ht = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-            bt = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if R % BLOCK_K == 0:  # the tile lies in one expert: one gate per token
-            gate = tl.load(g_ptr + rows_t * stride_gt + k0 // R) * scaling
-            hg = (ht.to(tl.float32) * gate[:, None]).to(ht.dtype)
-        else:  # the tile spans experts: a gate per (token, column)
-            expert = tl.minimum(offs_k + k0, NR - 1) // R
-            gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
-            hg = (ht.to(tl.float32) * gate).to(ht.dtype)
+        ht, bt = _k_tiles(h_ptrs, b_ptrs, offs_k, k0, NR, EVEN_NR)
+        hg = _gated(ht, g_ptr, rows_t, stride_gt, offs_k, k0, NR, scaling, R, BLOCK_K)
         acc = tl.dot(hg, bt, acc, input_precision="ieee")
         h_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -110,14 +115,7 @@ def _linear_lora_tma_kernel(
 ):
     """_linear_lora_kernel with the four operands loaded by TMA (host tensor descriptors): tiles past
     T, OUT or a K tail arrive zero-filled, so no load is masked or wrapped."""
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(T, BLOCK_T)
-    n_o = tl.cdiv(OUT, BLOCK_O)
-    per_group = GROUP_T * n_o
-    first_t = (pid // per_group) * GROUP_T
-    group_t = min(n_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % group_t
-    pid_o = (pid % per_group) // group_t
+    pid_t, pid_o = _tile(T, OUT, BLOCK_T, BLOCK_O, GROUP_T)
     off_t = pid_t * BLOCK_T
     off_o = pid_o * BLOCK_O
     offs_t = off_t + tl.arange(0, BLOCK_T)
@@ -127,14 +125,7 @@ def _linear_lora_tma_kernel(
         acc = tl.dot(x_desc.load([off_t, k0]), w_desc.load([off_o, k0]).T, acc, input_precision="ieee")
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, NR, BLOCK_K):
-        ht = h_desc.load([off_t, k0])
-        if R % BLOCK_K == 0:
-            gate = tl.load(g_ptr + rows_t * stride_gt + k0 // R) * scaling
-            hg = (ht.to(tl.float32) * gate[:, None]).to(ht.dtype)
-        else:
-            expert = tl.minimum(offs_k + k0, NR - 1) // R
-            gate = tl.load(g_ptr + rows_t[:, None] * stride_gt + expert[None, :]) * scaling
-            hg = (ht.to(tl.float32) * gate).to(ht.dtype)
+        hg = _gated(h_desc.load([off_t, k0]), g_ptr, rows_t, stride_gt, offs_k, k0, NR, scaling, R, BLOCK_K)
         acc = tl.dot(hg, b_desc.load([off_o, k0]).T, acc, input_precision="ieee")
     offs_o = off_o + tl.arange(0, BLOCK_O)
     if HAS_BIAS:
