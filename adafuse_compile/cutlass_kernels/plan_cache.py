@@ -20,13 +20,19 @@ import torch
 T = TypeVar("T")
 
 
+def triton_interpreted() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1: the CPU tests run the kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def check_triton_runs_on(device: torch.device, what: str) -> None:
     """Raise a ValueError naming the fix where an explicit impl='triton' cannot run: off CUDA only
     Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs its kernels."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"{what}: impl 'triton' needs a CUDA device, the tensors are on {device} (off CUDA only "
                          "Triton's interpreter runs it: TRITON_INTERPRET=1, for tests); use impl='auto' (the "
                          "PyTorch reference off CUDA)")
+
 
 def resolve_triton_or_reference(impl: str, device: torch.device, what: str) -> str:
     """impl "auto": Triton on CUDA, the PyTorch reference elsewhere; an explicit "triton" is checked

@@ -30,6 +30,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from adafuse_compile.cutlass_kernels.plan_cache import triton_interpreted
+
 
 @triton.jit
 def _tile(T, OUT, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_T: tl.constexpr):
@@ -163,10 +165,6 @@ INTERPRETED_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 32, "BLOCK_K": 16, "GROUP_T": 2}
 KERNEL = os.environ.get("ADAFUSE_LINEAR_LORA_KERNEL", "auto")
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def tma_applies(*tensors: Tensor) -> bool:
     """TMA descriptors need 16-byte aligned bases and row strides; our tiles are sized for 16-bit types."""
     if any(t.dtype not in (torch.float16, torch.bfloat16) for t in tensors):
@@ -174,7 +172,7 @@ def tma_applies(*tensors: Tensor) -> bool:
     if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in tensors):
         return False
     device = tensors[0].device
-    return _interpreted() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+    return triton_interpreted() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_matrix: Tensor,
@@ -191,14 +189,14 @@ def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor
     y = torch.empty(t, out, dtype=x.dtype, device=x.device)
     if t == 0:
         return y
-    if config is None and _interpreted():
+    if config is None and triton_interpreted():
         config = INTERPRETED_CONFIG
     kernel = kernel or KERNEL
-    operands = (x, weight) + ((h, b_packed) if nr else ())
-    use_tma = kernel == "tma" or (kernel == "auto" and tma_applies(*operands))
-    if use_tma and not tma_applies(*operands):
+    tma_ok = tma_applies(x, weight, *((h, b_packed) if nr else ()))
+    if kernel == "tma" and not tma_ok:
         raise ValueError("linear_lora: kernel='tma' needs fp16/bf16 operands with 16-byte aligned bases and row "
                          "strides on a Hopper GPU; use kernel='auto'")
+    use_tma = tma_ok and kernel != "pointer"
 
     def grid(meta):
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(out, meta["BLOCK_O"]),)

@@ -460,10 +460,8 @@ def status_line(report: dict) -> str:
     """'rewritten: <path> path (...)' or 'NOT rewritten: <reason>', with any fallback's reason."""
     if not report.get("rewritten"):
         return f"NOT rewritten: {report['stop_reason']}"
-    path = report.get("path")
-    line = f"rewritten: {path} path ({_PATH_WORDS.get(path, path)})" if path else "rewritten"
-    fallbacks = report.get("fallbacks") or []
-    return line + "".join(f"; {f}" for f in fallbacks)
+    path = report["path"]
+    return f"rewritten: {path} path ({_PATH_WORDS.get(path, path)})" + "".join(f"; {f}" for f in report["fallbacks"])
 
 
 def _node_list(changes: list[dict], limit: int | None = None) -> str:

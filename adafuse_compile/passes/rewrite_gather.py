@@ -41,7 +41,7 @@ from ..cutlass_kernels.gather_lora import (  # also registers the ops
     expert_segments, tuple_blocks, tuple_keys,
 )
 from ..cutlass_kernels.linear_lora import linear_lora
-from ..cutlass_kernels.plan_cache import check_triton_runs_on
+from ..cutlass_kernels.plan_cache import resolve_triton_or_reference
 from ..runtime.dense_packs import packs_for
 from ..settings import BackendSettings
 from .manager import clean_up, note, stop, warn
@@ -199,14 +199,13 @@ def _fused_impl(gm: fx.GraphModule, settings: BackendSettings, device: torch.dev
     """linear_lora's impl: Triton on CUDA unless the user asked for the reference. An explicit
     sgmm_impl="triton" where Triton cannot run (off CUDA) is checked now, not on the first call: the
     fused calls then take the reference (the dense form's own numbers), with a note."""
-    if settings.sgmm_impl == "triton":
-        try:
-            check_triton_runs_on(device, "prefill_fused")
-        except ValueError as exc:
-            note(gm, f"rewrite_gather: {exc}; the fused calls use the reference")
-            return "auto"
-        return "triton"
-    return "reference" if settings.sgmm_impl == "reference" else "auto"
+    impl = settings.sgmm_impl if settings.sgmm_impl in ("reference", "triton") else "auto"
+    try:
+        resolve_triton_or_reference(impl, device, "prefill_fused")
+    except ValueError as exc:
+        note(gm, f"rewrite_gather: {exc}; the fused calls use the reference")
+        return "auto"
+    return impl
 
 
 def _bias(linear: fx.Node):
@@ -306,13 +305,14 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
         in_features = group[0].factors["in_features"]
         why_not = [w for w in (_unfusable(r, inputs) for r in group) if w] if fused is not None else []
         unfused += why_not
+        fuse = fused is not None and not why_not  # fused is None unless packed
         with graph.inserting_before(first_add):
             x2d = graph.call_method("reshape", (x, -1, in_features))
             if packed:
                 a_cat = (next(buffers) if len(group) > 1
                          else graph.call_method("reshape", (group[0].factors["lora_A"], -1, in_features)))
                 b_packed = [next(buffers) for _ in group]
-                if fused is not None and not why_not:
+                if fuse:
                     h_all = graph.call_function(torch.matmul, (x2d, graph.call_method("t", (a_cat,))))
                 else:
                     deltas = graph.call_function(dense_lora_packed, (x2d, a_cat, b_packed, n_experts, gate_matrix,
@@ -321,7 +321,7 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
                 deltas = graph.call_function(dense_lora, (x2d, [r.factors["lora_A"] for r in group],
                                                           [r.factors["lora_B"] for r in group], gate_matrix,
                                                           scaling))
-        if packed and fused is not None and not why_not:
+        if fuse:
             _fuse_linears(gm, group, h_all, b_packed, gate_matrix, scaling, fused)
             n_fused += len(group)
         else:
