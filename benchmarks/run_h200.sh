@@ -90,7 +90,7 @@ if [ -n "${HF_WHEELS:-}" ]; then
 fi
 
 # The GPU tests split in two halves that together are `tests`, to run side by side: -p tests-kernels tests-models
-KERNEL_TESTS="tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py tests/test_linear_lora_gpu.py"
+KERNEL_TESTS=${KERNEL_TESTS:-"tests/test_sgmm_gpu.py tests/test_gather_lora_gpu.py tests/test_factor_slots_gpu.py tests/test_linear_lora_gpu.py"}
 
 run_stage() {
   local stage=$1
