@@ -16,9 +16,12 @@ Forms (all but `gather` compiled with torch.compile, default Inductor, one funct
                 no extra memory)
   fused         as dense_cat, each linear and its expand one Triton GEMM over K = in + N r
                 (linear_lora: the backend's prefill_fused), gate applied in the kernel, no delta;
-                operands loaded by TMA (the kernel linear_lora picks on Hopper)
-  fused_pointer the same with pointer loads (linear_lora's other kernel)
-  triton_linear the seven linears alone in the same Triton GEMM (N r = 0): its speed against
+                linear_lora's kernel ("auto": pointer loads). In the run of 2026-12-05
+                (prefill_forms_fused_h200_run1.json) `fused` was the TMA kernel, then auto's choice,
+                and `fused_pointer` this one
+  fused_tma     the same with the operands loaded by TMA (benchmarks only: wrong rows at 2048 tokens
+                on the H200 with Triton 3.6, docs/paths.md)
+  triton_linear the seven linears alone in linear_lora's kernel (N r = 0): its speed against
                 cuBLAS's, the part of any difference in `fused` that is not the adapters'
   grouped       gathered: rows sorted by expert, torch._grouped_mm shrink and expand (CUTLASS on
                 sm90), each token's k rows summed back; FLOPs k / N of the dense forms
@@ -52,7 +55,7 @@ SCALING = 0.5
 DEVICE = "cuda"  # a CPU smoke test sets "cpu" (and small shapes)
 # group -> (input, modules); the input is "h" (hidden) or "f" (ffn)
 GROUPS = {"qkv": ("h", [HIDDEN] * 3), "o": ("h", [HIDDEN]), "gate_up": ("h", [FFN] * 2), "down": ("f", [HIDDEN])}
-FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "fused", "fused_pointer", "triton_linear", "grouped",
+FORMS = ("backbone", "dense", "dense_preB", "dense_cat", "triton_dense", "fused", "fused_tma", "triton_linear", "grouped",
          "gather")
 
 
@@ -203,7 +206,7 @@ def forms(step):
         return ys
 
     return {"backbone": backbone, "dense": dense, "dense_preB": dense_preB, "dense_cat": dense_cat,
-            "triton_dense": triton_dense, "fused": fused, "fused_pointer": fused, "triton_linear": triton_linear,
+            "triton_dense": triton_dense, "fused": fused, "fused_tma": fused, "triton_linear": triton_linear,
             "grouped": grouped,
             "gather": gather}
 
@@ -262,7 +265,7 @@ def main(argv=None):
         base_ms = None
         for name in args.forms.split(","):
             fn = forms(step)[name]
-            tll.KERNEL = "pointer" if name == "fused_pointer" else "auto"  # linear_lora's kernel, read per call
+            tll.KERNEL = "tma" if name == "fused_tma" else "auto"  # linear_lora's kernel, read per call
             e = {"tokens": T, "form": name}
             try:
                 run = fn if name == "gather" else torch.compile(fn, dynamic=False)

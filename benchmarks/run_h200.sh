@@ -37,7 +37,7 @@
 #            one 7B layer's seven linears at T = 128, 512, 2048  ~5 min
 #   prefill-fused  the fused prefill (linear_lora, setting prefill_fused): its GPU tests (kernel against
 #            the oracle, CUDA graph, the backend's 128-token prefill), then prefill-forms' backbone, dense_cat,
-#            fused (TMA), fused_pointer and triton_linear at T = 128, 512, 2048. End to end after it, two calls side by side:
+#            fused (pointer loads), fused_tma and triton_linear at T = 128, 512, 2048. End to end after it, two calls side by side:
 #            MULTI_PATHS=auto,auto-fused bash benchmarks/run_h200.sh -p decode:qv:prefill decode:all:prefill  ~4 min
 #   probe-linear-lora  linear_lora's every tile, both kernels, 7B prefill shapes, against the oracle  ~3 min
 #   tests-generate-stop  the deferred stop check's GPU test (needs HF_WHEELS with transformers 5.18+)  ~1 min
@@ -189,7 +189,7 @@ run_stage() {
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s tests/test_linear_lora_gpu.py tests/test_backend_gpu.py \
       -k "test_linear_lora_gpu or auto-fused" 2>&1 | tee "$OUT/gpu_prefill_fused_tests.log" | grep -v -i warn | tail -15
     timeout "${PREFILL_FORMS_TIMEOUT:-330}" python3 benchmarks/bench_prefill_forms.py --tokens "${PREFILL_FORMS_TOKENS:-128,512,2048}" \
-      --forms backbone,dense_cat,fused,fused_pointer,triton_linear --out "$OUT/prefill_forms_fused_h200.json" 2>&1 | grep -v -i warn | tail -20 ;;
+      --forms backbone,dense_cat,fused,fused_tma,triton_linear --out "$OUT/prefill_forms_fused_h200.json" 2>&1 | grep -v -i warn | tail -20 ;;
   probe-linear-lora)
     # Every fixed tile of linear_lora's autotuner, TMA and pointer kernels, 7B prefill shapes, against the oracle
     timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_linear_lora.py --out "$OUT/probe_linear_lora_h200.json" 2>&1 \

@@ -79,6 +79,25 @@ def test_triton_kernel_matches_the_oracle(kernel, dtype, tol, t, n_in, out, n, r
 
 
 @pytest.mark.triton_interpreter
+def test_auto_takes_the_pointer_kernel_and_bad_names_are_refused(monkeypatch):
+    """The TMA kernel gave wrong rows on the H200 (Triton 3.6, docs/paths.md "Fused prefill"): "auto"
+    must never launch it, only an explicit kernel="tma" does."""
+    from adafuse_compile.cutlass_kernels import triton_linear_lora as tll
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the TMA kernel was launched")
+    monkeypatch.setattr(tll, "_linear_lora_tma_kernel", Refuse())
+    monkeypatch.setattr(tll, "_autotuned_tma", Refuse())
+    x, w, b, h, g, bp = _problem(5, 32, 32, 4, 16, torch.float16, bias=False, modules=1, seed=0)
+    assert tll.tma_applies(x, w, h, bp)  # TMA would apply: auto still does not take it
+    y = tll.linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel="auto", config=tll.INTERPRETED_CONFIG)
+    assert _rel(y, _oracle(x, w, b, h, g, 0.7, bp)) < 2e-3
+    with pytest.raises(ValueError, match="kernel='tpu'.*use 'auto'"):
+        tll.linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel="tpu")
+
+
+@pytest.mark.triton_interpreter
 def test_tma_kernel_is_refused_where_it_cannot_apply():
     from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton, tma_applies
 

@@ -23,6 +23,7 @@ of BLOCK_K; the store is masked.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -160,9 +161,13 @@ _autotuned = triton.autotune(configs=_configs(), key=_KEY)(_linear_lora_kernel)
 _autotuned_tma = triton.autotune(configs=_configs(_set_block_shapes), key=_KEY)(_linear_lora_tma_kernel)
 # Under the interpreter (CPU tests) one small fixed tile, and no timing.
 INTERPRETED_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 32, "BLOCK_K": 16, "GROUP_T": 2}
-# "auto": TMA where it applies (16-bit dtypes, 16-byte aligned rows and bases; Hopper or newer, or the
-# interpreter), else pointer loads; "tma" / "pointer" force one (the benchmark times both).
+# "auto" and "pointer": the pointer-load kernel. "tma": the TMA kernel where it applies (16-bit dtypes,
+# 16-byte aligned rows and bases; Hopper or newer, or the interpreter), for benchmarks only: on an H200
+# with Triton 3.6 it returned wrong rows at 2048 tokens and in one fp16 test at 512 x 4096 -> 11008
+# (2026-12-05, docs/paths.md "Fused prefill"), while the pointer kernel was right everywhere.
 KERNEL = os.environ.get("ADAFUSE_LINEAR_LORA_KERNEL", "auto")
+TMA_WARNING = ("linear_lora: the TMA kernel gave wrong results on an H200 (Triton 3.6) at some shapes "
+               "(docs/paths.md, 'Fused prefill'); use it to benchmark only, kernel='auto' is the pointer kernel")
 
 
 def tma_applies(*tensors: Tensor) -> bool:
@@ -180,8 +185,8 @@ def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor
                        kernel: str | None = None) -> Tensor:
     """y = x W^T + bias + round(h * s G) @ Bp^T in one kernel (module doc); arguments checked by
     linear_lora.validate. `config`: a fixed tile (tests); default the autotuned one (the
-    interpreter's small tile when TRITON_INTERPRET is set). `kernel`: "tma", "pointer" or "auto"
-    (default: the module's KERNEL)."""
+    interpreter's small tile when TRITON_INTERPRET is set). `kernel`: "auto" or "pointer" (the
+    pointer-load kernel), or "tma" (benchmarks only, see KERNEL; default: the module's KERNEL)."""
     t, n_in = x.shape
     out = weight.shape[0]
     nr = b_packed.shape[1]
@@ -192,11 +197,15 @@ def linear_lora_triton(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor
     if config is None and triton_interpreted():
         config = INTERPRETED_CONFIG
     kernel = kernel or KERNEL
-    tma_ok = tma_applies(x, weight, *((h, b_packed) if nr else ()))
-    if kernel == "tma" and not tma_ok:
-        raise ValueError("linear_lora: kernel='tma' needs fp16/bf16 operands with 16-byte aligned bases and row "
-                         "strides on a Hopper GPU; use kernel='auto'")
-    use_tma = tma_ok and kernel != "pointer"
+    if kernel not in ("auto", "pointer", "tma"):
+        raise ValueError(f"linear_lora: kernel={kernel!r}; use 'auto' (the pointer kernel), 'pointer' or 'tma'")
+    use_tma = kernel == "tma"
+    if use_tma:
+        if not tma_applies(x, weight, *((h, b_packed) if nr else ())):
+            raise ValueError("linear_lora: kernel='tma' needs fp16/bf16 operands with 16-byte aligned bases and "
+                             "row strides on a Hopper GPU; use kernel='auto'")
+        if not triton_interpreted():
+            warnings.warn(TMA_WARNING, RuntimeWarning, stacklevel=2)
 
     def grid(meta):
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(out, meta["BLOCK_O"]),)
