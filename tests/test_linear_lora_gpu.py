@@ -46,8 +46,9 @@ def _rel_per_token(y, want):
 
 
 # The TMA kernel (benchmarks only) returned wrong rows on the H200 with Triton 3.6 in the fp16
-# 512 x 4096 -> 11008 case here and at 2048 tokens in bench_prefill_forms (2026-12-05): kept as a known
-# failure until probe_linear_lora.py finds the tile; kernel="auto" is the pointer kernel.
+# 512 x 4096 -> 11008 case here and at 2048 tokens in bench_prefill_forms (2026-12-05); probe_linear_lora.py
+# found three of its six tiles wrong, one only in a few rows (docs/paths.md "Fused prefill"): a known
+# failure, the kernel is benchmark-only; kernel="auto" is the pointer kernel.
 TMA_KNOWN_WRONG = pytest.mark.xfail(reason="TMA kernel wrong at some shapes on Triton 3.6 (docs/paths.md)",
                                     strict=False)
 

@@ -163,8 +163,9 @@ _autotuned_tma = triton.autotune(configs=_configs(_set_block_shapes), key=_KEY)(
 INTERPRETED_CONFIG = {"BLOCK_T": 16, "BLOCK_O": 32, "BLOCK_K": 16, "GROUP_T": 2}
 # "auto" and "pointer": the pointer-load kernel. "tma": the TMA kernel where it applies (16-bit dtypes,
 # 16-byte aligned rows and bases; Hopper or newer, or the interpreter), for benchmarks only: on an H200
-# with Triton 3.6 it returned wrong rows at 2048 tokens and in one fp16 test at 512 x 4096 -> 11008
-# (2026-12-05, docs/paths.md "Fused prefill"), while the pointer kernel was right everywhere.
+# with Triton 3.6 three of its six tiles returned wrong rows at the 7B prefill shapes, one only in a few
+# rows of 2048 (2026-12-05, benchmarks/probe_linear_lora.py, docs/paths.md "Fused prefill"), while the
+# pointer kernel was right with every tile.
 KERNEL = os.environ.get("ADAFUSE_LINEAR_LORA_KERNEL", "auto")
 TMA_WARNING = ("linear_lora: the TMA kernel gave wrong results on an H200 (Triton 3.6) at some shapes "
                "(docs/paths.md, 'Fused prefill'); use it to benchmark only, kernel='auto' is the pointer kernel")
