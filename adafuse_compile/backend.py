@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .passes.detect_adapters import detect_adapters
 from .passes.hoist_routing import hoist_routing
@@ -148,6 +149,8 @@ def adafuse_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         compiled = _codegen(work, example_inputs, settings, extra)
         return _guarded(compiled, extra, example_inputs, state, rebind=analysis["adafuse_rebind"],
                         weights_at=analysis["adafuse_weight_positions"])
+    except RestartAnalysis:
+        raise  # Dynamo's own signal to trace again (e.g. dynamic=True's scalar analysis), not a failure
     except Exception as exc:  # a compile failure must never break the user's model
         failed = f"compilation failed ({type(exc).__name__}: {exc}); running the original graph unchanged"
         warnings.warn(f"adafuse: {failed}", stacklevel=2)

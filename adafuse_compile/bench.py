@@ -731,7 +731,7 @@ def run_method(method: Method, spec: Spec, loop: str, prompts: list[torch.Tensor
 
     entry = _entry(method, loop, len(prompts))
     if method.compiler and spec.codegen != "inductor":
-        entry["label"] += f" [codegen {spec.codegen}]"
+        entry["label"] = entry["label"].replace(" (Inductor)", "") + f" [codegen {spec.codegen}]"
     reason = unavailable_reason(method, spec)
     if reason is None and loop == "own":
         try:

@@ -35,7 +35,8 @@ class AdaFuseConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     router_placement: str = "first_adapted"
     dropout: float = 0.0
-    dtype: str | None = None  # adapter parameter dtype; None follows the backbone weight
+    dtype: str | torch.dtype | None = None  # adapter parameter dtype ("bfloat16" or torch.bfloat16, kept by
+    # name); None follows the backbone weight, which the fused paths need (the backend leaves mixed dtypes alone)
     init_lora_b: str = "zeros"  # "zeros" (the adapted model starts equal to the backbone) or "normal"
 
     def __post_init__(self) -> None:
@@ -72,6 +73,11 @@ class AdaFuseConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise AdaFuseConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 as well as "bfloat16"; stored by name (JSON)
+            names = {v: k for k, v in _DTYPES.items()}
+            if self.dtype not in names:
+                raise AdaFuseConfigError(f"dtype={self.dtype} is not one of {sorted(_DTYPES)} (or None)")
+            object.__setattr__(self, "dtype", names[self.dtype])
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise AdaFuseConfigError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)} (or None)")
         if self.init_lora_b not in ("zeros", "normal"):

@@ -57,8 +57,8 @@ class BackendSettings:
     prefill_packed: bool = True
     # gather path, dense prefill over packed factors: compute each adapted linear and its adapter
     # term in one GEMM (x W^T + gated h B^T over K = in + N r, a Triton kernel on CUDA), so no delta
-    # is written and read back. Opt-in: not yet timed against the unfused form on a GPU
-    # (benchmarks/bench_prefill_forms.py, form "fused").
+    # is written and read back. Opt-in: measured slower than the unfused form on the H200, its Triton
+    # GEMM behind cuBLAS (docs/paths.md "Fused prefill").
     prefill_fused: bool = False
 
     def __post_init__(self) -> None:
@@ -68,7 +68,7 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"codegen={self.codegen!r} is not one of {CODEGENS}")
         if self.sgmm_impl not in SGMM_IMPLS:
             raise AdaFuseOptionsError(f"sgmm_impl={self.sgmm_impl!r} is not one of {SGMM_IMPLS}")
-        if self.exact not in (None, True, False):
+        if not (self.exact is None or isinstance(self.exact, bool)):
             raise AdaFuseOptionsError(f"exact must be True, False or None (auto), got {self.exact!r}")
         fraction = self.pristine_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
@@ -78,13 +78,13 @@ class BackendSettings:
             raise AdaFuseOptionsError(f"resync_every must be a non-negative int (0: never) or None, got {self.resync_every!r}")
         if self.prefill_expand not in PREFILL_EXPANDS:
             raise AdaFuseOptionsError(f"prefill_expand={self.prefill_expand!r} is not one of {PREFILL_EXPANDS}")
-        if self.side_stream not in (None, True, False):
+        if not (self.side_stream is None or isinstance(self.side_stream, bool)):
             raise AdaFuseOptionsError(f"side_stream must be True, False or None (CUDA only), got {self.side_stream!r}")
-        if self.prefill_packed not in (True, False):
+        if not isinstance(self.prefill_packed, bool):
             raise AdaFuseOptionsError(f"prefill_packed must be True or False, got {self.prefill_packed!r}")
-        if self.prefill_fused not in (True, False):
+        if not isinstance(self.prefill_fused, bool):
             raise AdaFuseOptionsError(f"prefill_fused must be True or False, got {self.prefill_fused!r}")
-        if self.calibrate not in (True, False):
+        if not isinstance(self.calibrate, bool):
             raise AdaFuseOptionsError(f"calibrate must be True or False, got {self.calibrate!r}")
         if self.auto_costs is not None:
             try:
@@ -93,7 +93,7 @@ class BackendSettings:
             except (TypeError, ValueError) as exc:
                 raise AdaFuseOptionsError(f"auto_costs: {exc}" if "auto_costs" not in str(exc) else str(exc)) from None
             object.__setattr__(self, "auto_costs", tuple(sorted(costs.items())))  # frozen and hashable
-        if self.cudagraphs not in (None, True, False):
+        if not (self.cudagraphs is None or isinstance(self.cudagraphs, bool)):
             raise AdaFuseOptionsError(f"cudagraphs must be True, False or None, got {self.cudagraphs!r}")
 
     @classmethod

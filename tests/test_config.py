@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from adafuse_compile import LLAMA_LINEARS, AdaFuseConfig, AdaFuseConfigError, TinyLlama, TinyLlamaConfig, inject
 
@@ -22,6 +23,7 @@ def test_defaults_and_all_linear():
         (dict(target_modules=("q_proj", "q_proj")), "duplicates"),
         (dict(dropout=1.5), "dropout"),
         (dict(dtype="float8"), "dtype"),
+        (dict(dtype=torch.int8), r"dtype=torch.int8 is not one of"),
         (dict(router_placement="every_layer"), "router_placement"),
         (dict(alpha=0.0), "alpha"),
     ],
@@ -29,6 +31,12 @@ def test_defaults_and_all_linear():
 def test_invalid_config_names_the_problem(kwargs, fragment):
     with pytest.raises(AdaFuseConfigError, match=fragment):
         AdaFuseConfig(**kwargs)
+
+
+def test_dtype_as_a_torch_dtype_is_kept_by_name():
+    cfg = AdaFuseConfig(dtype=torch.bfloat16)
+    assert cfg.dtype == "bfloat16" and cfg.torch_dtype is torch.bfloat16
+    assert cfg == AdaFuseConfig(dtype="bfloat16") and AdaFuseConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_json_round_trip(tmp_path):

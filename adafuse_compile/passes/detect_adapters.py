@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..settings import BackendSettings
-from .manager import note
+from .manager import note, stop
 from .regions import ADD_TARGETS, LINEAR_TARGETS, TOPK_TARGETS, Region, example_value, graph_inputs, is_call, module_path, regions_of, to_networkx
 
 
@@ -36,6 +36,21 @@ def _full_size(inputs: dict, weight: fx.Node, params: list[fx.Node], topk: fx.No
     if per_expert < w.numel():
         return None
     return f"{per_expert:.0f} parameters per expert of {n_experts}, the linear has {w.numel()}"
+
+
+def _mixed_dtypes(regions: list[Region], inputs: dict) -> str | None:
+    """The first region whose expert factors are of another dtype than its backbone weight, described:
+    AdaFuseConfig(dtype=...) unlike the model's. The eager layer casts x to the factors' dtype and the
+    delta back; the fused ops take one dtype. (Under autocast the inputs' dtypes vary by op while
+    weights and factors agree: not this case.)"""
+    for r in regions:
+        a = r.factors.get("lora_A")
+        if a is None or a not in inputs or r.weight not in inputs:
+            continue
+        if inputs[a].dtype != inputs[r.weight].dtype:
+            return f"{r.name}: factors {str(inputs[a].dtype).removeprefix('torch.')}, " \
+                   f"weight {str(inputs[r.weight].dtype).removeprefix('torch.')}"
+    return None
 
 
 def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
@@ -86,6 +101,12 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
                                       num_experts=int(n_exp), rank=int(rank), in_features=int(in_features),
                                       channel=tag.channel)
             regions.append(region)
+    mixed = _mixed_dtypes(regions, inputs)
+    if mixed:
+        return stop(gm, f"detect_adapters: the adapter factors and the backbone differ in dtype ({mixed}): the fused "
+                        "kernels take one dtype for the input and the factors, so the graph is left to Inductor as "
+                        "it is (exact, not faster). Fix: inject with AdaFuseConfig(dtype=None) (the backbone's "
+                        "dtype) or cast the model to one dtype (model.to(torch.bfloat16))")
     if full_size:
         note(gm, f"detect_adapters: top-k gated expert terms with full-size experts on {', '.join(full_size)}: an MoE "
                  "layer, not low-rank adapters; left to Inductor (exact)")

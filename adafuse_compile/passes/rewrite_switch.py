@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..cutlass_kernels import ops  # noqa: F401  (registers torch.ops.adafuse.sgmm_switch)
 from ..runtime.switch_state import REPLACED_WEIGHTS, switch_state_for
 from ..settings import BackendSettings
-from .manager import clean_up, note, stop
+from .manager import clean_up, note, stop, warn
 from .path_policy import decide_path
 from .regions import TRAINING_NOTE, active_dropout, add_static_inputs, graph_inputs, regions_of, trains
 
@@ -87,7 +87,11 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         why = f"the switching kernel cannot be planned for these weights ({type(exc).__name__}: {exc})"
         if settings.path == "merge":
             return stop(gm, f"{why}; compiled unchanged (exact, unmerged)")
-        note(gm, f"rewrite_switch: {why}; left to the other paths")
+        # An sgmm_impl the user named and that cannot run here is a warning, as under path="merge";
+        # with sgmm_impl="auto" the other paths taking over is the designed outcome.
+        (note if settings.sgmm_impl == "auto" else warn)(
+            gm, f"rewrite_switch: {why}; left to the other paths (sgmm_impl={settings.sgmm_impl!r} applies to "
+                "the merge path only)")
         return gm
     buffers = targets_now if state.exact else []
     extra = [state.prev_experts, state.prev_gates] + buffers
