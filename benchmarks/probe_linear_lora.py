@@ -14,27 +14,8 @@ import traceback
 import torch
 
 from adafuse_compile import gpu_lock
-from adafuse_compile.cutlass_kernels import gather_lora as gl
 from adafuse_compile.cutlass_kernels import triton_linear_lora as tll
-
-
-def _problem(t, n_in, out, n, r, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * std).to(dtype)
-    h_all = rnd(t, 2 * n * r, std=4.0)
-    experts = torch.rand(t, n, generator=g, device="cuda").topk(2, dim=1).indices
-    gates = torch.softmax(torch.randn(t, 2, generator=g, device="cuda"), 1)
-    return dict(x=rnd(t, n_in), weight=rnd(out, n_in, std=n_in ** -0.5), bias=None, h=h_all[:, n * r:],
-                gate_matrix=gl.dense_gates(experts, gates, n), b_packed=rnd(out, n * r, std=(n * r) ** -0.5))
-
-
-def _oracle(p, s):
-    t, nr = p["h"].shape
-    n = p["gate_matrix"].shape[1]
-    hg = (p["h"].view(t, n, nr // n).float() * (p["gate_matrix"] * s)[:, :, None]).to(p["h"].dtype).view(t, nr)
-    return p["x"].double() @ p["weight"].double().t() + hg.double() @ p["b_packed"].double().t()
+from adafuse_compile.cutlass_kernels.linear_lora import make_linear_lora_problem, oracle_linear_lora
 
 
 def main() -> None:
@@ -46,8 +27,8 @@ def main() -> None:
     with gpu_lock.held_except_compiles():
         for t in map(int, args.tokens.split(",")):
             for n_in, out in ((4096, 4096), (4096, 11008), (11008, 4096)):
-                p = _problem(t, n_in, out, 8, 64, torch.bfloat16)
-                want = _oracle(p, 0.5)
+                p = make_linear_lora_problem(t, n_in, out, 8, 64, torch.bfloat16, device="cuda")
+                want = oracle_linear_lora(**p, scaling=0.5)
                 configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tll._configs()]
                 for kernel in ("tma", "pointer"):
                     for cfg in [None] + configs:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adafuse_compile.cutlass_kernels import gather_lora as gl
-from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, reference_linear_lora
+from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, oracle_linear_lora, reference_linear_lora
 
 
 def _problem(t, n_in, out, n, r, dtype, bias=False, modules=1, seed=0):
@@ -31,15 +31,6 @@ def _problem(t, n_in, out, n, r, dtype, bias=False, modules=1, seed=0):
     return x, w, b, h, gate_matrix, b_packed
 
 
-def _oracle(x, w, b, h, gate_matrix, scaling, b_packed):
-    """float64, with h * s G rounded to h's dtype as both implementations do (the dense form's numerics)."""
-    t, nr = h.shape
-    n = gate_matrix.shape[1]
-    hg = (h.view(t, n, nr // n).float() * (gate_matrix * scaling)[:, :, None]).to(h.dtype).view(t, nr)
-    y = x.double() @ w.double().t() + hg.double() @ b_packed.double().t()
-    return y + b.double() if b is not None else y
-
-
 def _rel(got, want):
     return float((got.double() - want).abs().max() / want.abs().max())
 
@@ -49,7 +40,7 @@ def test_reference_matches_the_oracle_and_the_unfused_dense_form(dtype, tol):
     x, w, b, h, g, bp = _problem(37, 48, 40, 4, 8, dtype, bias=True, modules=2)
     y = linear_lora(x, w, b, h, g, 0.5, bp)
     assert y.dtype == dtype and y.shape == (37, 40)
-    assert _rel(y, _oracle(x, w, b, h, g, 0.5, bp)) < tol
+    assert _rel(y, oracle_linear_lora(x, w, b, h, g, 0.5, bp)) < tol
     # the backend's unfused graph: the group's shrink, dense_lora_packed's delta, added to the linear
     a_cat = (torch.randn(4 * 8, 48, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
     (delta,) = gl.dense_lora_packed(x, a_cat, [bp], 4, g, 0.5)
@@ -73,9 +64,9 @@ def test_triton_kernel_matches_the_oracle(kernel, dtype, tol, t, n_in, out, n, r
     y = linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel=kernel)
     assert y.dtype == dtype and y.shape == (t, out)
     assert torch.isfinite(y).all()
-    assert _rel(y, _oracle(x, w, b, h, g, 0.7, bp)) < tol
+    assert _rel(y, oracle_linear_lora(x, w, b, h, g, 0.7, bp)) < tol
     # the adapter term is in it: the backbone alone is far off
-    assert _rel(y, _oracle(x, w, b, h, torch.zeros_like(g), 0.7, bp)) > 0.05
+    assert _rel(y, oracle_linear_lora(x, w, b, h, torch.zeros_like(g), 0.7, bp)) > 0.05
 
 
 @pytest.mark.triton_interpreter
@@ -92,7 +83,7 @@ def test_auto_takes_the_pointer_kernel_and_bad_names_are_refused(monkeypatch):
     x, w, b, h, g, bp = _problem(5, 32, 32, 4, 16, torch.float16, bias=False, modules=1, seed=0)
     assert tll.tma_applies(x, w, h, bp)  # TMA would apply: auto still does not take it
     y = tll.linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel="auto", config=tll.INTERPRETED_CONFIG)
-    assert _rel(y, _oracle(x, w, b, h, g, 0.7, bp)) < 2e-3
+    assert _rel(y, oracle_linear_lora(x, w, b, h, g, 0.7, bp)) < 2e-3
     with pytest.raises(ValueError, match="kernel='tpu'.*use 'auto'"):
         tll.linear_lora_triton(x, w, b, h, g, 0.7, bp, kernel="tpu")
 
@@ -106,7 +97,7 @@ def test_tma_kernel_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="kernel='tma' needs.*16-byte aligned"):
         linear_lora_triton(x, w, b, h, g, 0.5, bp, kernel="tma")
     y = linear_lora_triton(x, w, b, h, g, 0.5, bp)  # auto: the pointer kernel
-    assert _rel(y, _oracle(x, w, b, h, g, 0.5, bp)) < 2e-3
+    assert _rel(y, oracle_linear_lora(x, w, b, h, g, 0.5, bp)) < 2e-3
 
 
 @pytest.mark.triton_interpreter

@@ -8,8 +8,9 @@ kernel wrong in one (see TMA_KNOWN_WRONG)."""
 import pytest
 import torch
 
-from adafuse_compile.cutlass_kernels import gather_lora as gl
-from adafuse_compile.cutlass_kernels.linear_lora import linear_lora, reference_linear_lora
+from adafuse_compile.cutlass_kernels.linear_lora import (
+    linear_lora, make_linear_lora_problem, oracle_linear_lora, reference_linear_lora,
+)
 from adafuse_compile.cutlass_kernels.triton_linear_lora import linear_lora_triton
 
 pytestmark = pytest.mark.gpu
@@ -19,26 +20,11 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _problem(t, n_in, out, n, r, dtype, bias=False, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * std).to(dtype)
-    x = rnd(t, n_in)
-    w = rnd(out, n_in, std=n_in ** -0.5)
-    b = rnd(out, std=0.1) if bias else None
-    h_all = rnd(t, 2 * n * r, std=4.0)  # two modules' shrink output; this module's is the second half
-    experts = torch.rand(t, n, generator=g, device="cuda").topk(2, dim=1).indices
-    gates = torch.softmax(torch.randn(t, 2, generator=g, device="cuda"), 1)
-    return dict(x=x, weight=w, bias=b, h=h_all[:, n * r:], gate_matrix=gl.dense_gates(experts, gates, n),
-                b_packed=rnd(out, n * r, std=(n * r) ** -0.5))
+    return make_linear_lora_problem(t, n_in, out, n, r, dtype, bias, seed, device="cuda")
 
 
 def _oracle(p, scaling):
-    t, nr = p["h"].shape
-    n = p["gate_matrix"].shape[1]
-    hg = (p["h"].view(t, n, nr // n).float() * (p["gate_matrix"] * scaling)[:, :, None]).to(p["h"].dtype).view(t, nr)
-    y = p["x"].double() @ p["weight"].double().t() + hg.double() @ p["b_packed"].double().t()
-    return y + p["bias"].double() if p["bias"] is not None else y
+    return oracle_linear_lora(**p, scaling=scaling)
 
 
 def _rel_per_token(y, want):

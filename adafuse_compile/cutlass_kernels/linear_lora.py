@@ -24,7 +24,8 @@ from torch import Tensor
 
 from adafuse_compile.cutlass_kernels.plan_cache import resolve_triton_or_reference
 
-__all__ = ["linear_lora", "reference_linear_lora", "validate", "IMPLS"]
+__all__ = ["linear_lora", "reference_linear_lora", "oracle_linear_lora", "make_linear_lora_problem", "validate",
+           "IMPLS"]
 
 IMPLS = ("auto", "reference", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,13 +68,45 @@ def validate(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_mat
                          "(call .contiguous())")
 
 
+def _gated_h(h: Tensor, gate_matrix: Tensor, scaling: float) -> Tensor:
+    """h * s G[t, expert of the column], rounded to h's dtype (the dense form's numerics)."""
+    t, nr = h.shape
+    n = gate_matrix.shape[1]
+    return (h.view(t, n, nr // n).float() * (gate_matrix * scaling)[:, :, None]).to(h.dtype).view(t, nr)
+
+
 def reference_linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_matrix: Tensor,
                           scaling: float, b_packed: Tensor) -> Tensor:
     """The backbone linear plus the dense prefill's delta, as the unfused graph computes them."""
-    t, nr = h.shape
-    n = gate_matrix.shape[1]
-    hg = (h.view(t, n, nr // n).float() * (gate_matrix * scaling)[:, :, None]).to(h.dtype).view(t, nr)
-    return F.linear(x, weight, bias) + torch.matmul(hg, b_packed.t()).to(x.dtype)
+    return F.linear(x, weight, bias) + torch.matmul(_gated_h(h, gate_matrix, scaling), b_packed.t()).to(x.dtype)
+
+
+def oracle_linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, gate_matrix: Tensor,
+                       scaling: float, b_packed: Tensor) -> Tensor:
+    """The test oracle: the same sum in float64, with h's gated copy rounded as both implementations
+    round it."""
+    y = x.double() @ weight.double().t() + _gated_h(h, gate_matrix, scaling).double() @ b_packed.double().t()
+    return y + bias.double() if bias is not None else y
+
+
+def make_linear_lora_problem(t: int, n_in: int, out: int, n: int, r: int, dtype: torch.dtype, bias: bool = False,
+                             seed: int = 0, device: str = "cpu") -> dict:
+    """Random linear_lora arguments (without scaling) at unit-scale outputs, top-2 gates; h is the
+    second module's column slice of a two-module shrink output (row stride 2 N r), as in the backend."""
+    from adafuse_compile.cutlass_kernels.gather_lora import dense_gates
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+    x = rnd(t, n_in)
+    w = rnd(out, n_in, std=n_in ** -0.5)
+    b = rnd(out, std=0.1) if bias else None
+    h_all = rnd(t, 2 * n * r, std=4.0)
+    experts = torch.rand(t, n, generator=g, device=device).topk(2, dim=1).indices
+    gates = torch.softmax(torch.randn(t, 2, generator=g, device=device), 1)
+    return dict(x=x, weight=w, bias=b, h=h_all[:, n * r:], gate_matrix=dense_gates(experts, gates, n),
+                b_packed=rnd(out, n * r, std=(n * r) ** -0.5))
 
 
 def _resolve_impl(impl: str, x: Tensor) -> str:
