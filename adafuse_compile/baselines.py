@@ -79,6 +79,9 @@ class SimpleMerge:
 
     def __init__(self, model: nn.Module):
         self.linears = list(adapted_linears(model).values())
+        if any(lin.routes_alone for lin in self.linears):
+            raise ValueError("SimpleMerge merges one router's experts for the whole step: this model routes in every "
+                             "adapted linear (router_placement='every_adapted'), so there is nothing to merge ahead")
         self.channel = gate_channel(model)
         self.merged: Routing | None = None
 

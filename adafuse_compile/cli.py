@@ -15,6 +15,7 @@ from .config import AdaFuseConfig
 from .export.cli_export import add_export_parser
 from .inspect.cli_diff import add_diff_parser
 from .modeling import TinyLlama, TinyLlamaConfig, adapted_linears, greedy_decode, inject
+from .modeling.inject import router_linear
 
 # The embedded default: a small Llama-architecture model, random weights, no download.
 DEMO_MODEL = TinyLlamaConfig(
@@ -74,7 +75,7 @@ def demo(args: argparse.Namespace) -> int:
         f"{adapter / 1e6:.3f} M adapter parameters (+{100 * adapter / backbone:.1f}%)"
     )
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
-    router = next(iter(adapted_linears(model).values())).router
+    router = router_linear(model)[1].router
     router_calls = []
     hook = router.register_forward_hook(lambda *_: router_calls.append(1))
     with torch.no_grad():

@@ -11,7 +11,10 @@ import torch
 # The seven linears of a Llama-family decoder block, in execution order.
 LLAMA_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
-ROUTER_PLACEMENTS = ("first_adapted",)
+# "first_adapted": ONE router at the first adapted linear, its gates shared by every adapted linear
+# (pre-gated, the paper's model). "every_adapted": a router in every adapted linear, each deciding
+# from its own input (layer-wise routing, MoLA style); the backend can only gather such a model.
+ROUTER_PLACEMENTS = ("first_adapted", "every_adapted")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,6 +29,9 @@ class AdaFuseConfig:
     The router sits at the first adapted linear in execution order (paper: "the first expanded
     linear layer"); its gates, computed once per token from that linear's input x^1, are used by
     every adapted linear of every layer: y = W x + sum_i g_i * scaling * B_i A_i x (paper eq. 2).
+    `router_placement="every_adapted"` gives every adapted linear a router of its own instead
+    (layer-wise routing, MoLA style): nothing can be merged ahead of such a layer, and the backend
+    computes its experts unmerged with the gather kernels.
     """
 
     num_experts: int = 8
@@ -33,7 +39,7 @@ class AdaFuseConfig:
     alpha: float | None = None  # scaling = alpha / rank; None means alpha = rank (scaling 1)
     top_k: int = 2
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
-    router_placement: str = "first_adapted"
+    router_placement: str = "first_adapted"  # or "every_adapted" (layer-wise): see ROUTER_PLACEMENTS
     dropout: float = 0.0
     dtype: str | torch.dtype | None = None  # adapter parameter dtype ("bfloat16" or torch.bfloat16, kept by
     # name); None follows the backbone weight, which the fused paths need (the backend leaves mixed dtypes alone)

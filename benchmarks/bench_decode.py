@@ -12,6 +12,10 @@ top-2), then measures, phase by phase (JSON saved after each, so a timeout keeps
           recorded)
   prefill tokens/s of a --prefill-len prompt through the compiled graph: backbone and auto
 
+--routing layerwise injects a router in every adapted linear instead of one for the step (MoLA
+style, router_placement="every_adapted"); the naive figures are then that layer-wise model under
+plain torch.compile, and only the gather and auto paths apply (nothing can be merged ahead).
+
     python benchmarks/bench_decode.py --preset llama2-7b --targets qv --out results.json
     python benchmarks/bench_decode.py --device cpu --preset tiny --out /tmp/smoke.json   # CPU smoke
 """
@@ -161,7 +165,10 @@ def main() -> None:
                     help="the phases that time the naive model's torch.compile (default: every phase run; none: no phase)")
     ap.add_argument("--multi-paths", default="auto", help="adafuse paths timed at batch > 1 and prefill (auto; "
                     "gather-inline / gather-sets / gather-slots to compare the gather variants)")
-    ap.add_argument("--paths", default="merge-exact,factor,gather,auto", help=f"adafuse paths to time: {list(PATHS)}")
+    ap.add_argument("--paths", default=None, help=f"adafuse paths to time: {list(PATHS)} (default: merge-exact, "
+                    "factor, gather, auto; gather, auto with --routing layerwise)")
+    ap.add_argument("--routing", default="pregated", choices=("pregated", "layerwise"),
+                    help="one router for the step (the paper's pre-gated model) or one in every adapted linear")
     ap.add_argument("--batches", default="8,32", help="decode batch sizes of the batch phase")
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--skip-profile", action="store_true")
@@ -179,12 +186,21 @@ def main() -> None:
         ap.error(f"--prefill-len {args.prefill_len} exceeds the {args.preset} preset's KV cache ({cfg.max_seq_len}); "
                  f"pass --prefill-len {cfg.max_seq_len} or less")
     prompt_len = args.prompt_len or cfg.max_seq_len - args.steps
+    layerwise = args.routing == "layerwise"
+    if args.paths is None:
+        args.paths = "gather,auto" if layerwise else "merge-exact,factor,gather,auto"
     paths = args.paths.split(",") if args.paths else []
+    unknown = [p for p in paths + (args.multi_paths.split(",") if args.multi_paths else []) if p not in PATHS]
+    if unknown:
+        ap.error(f"unknown path(s) {unknown}; valid: {list(PATHS)}")
+    merging = [p for p in paths if PATHS[p]["path"] in ("merge", "factor")]
+    if layerwise and merging:
+        ap.error(f"--routing layerwise: {merging} need one router for the step; time gather and auto")
     batches = [int(b) for b in args.batches.split(",")] if args.batches else []
     phases = args.phases.split(",")
     naive_phases = set() if args.skip_naive else set(args.naive_phases.split(",") if args.naive_phases else phases)
     res = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__, "preset": args.preset,
-           "targets": args.targets, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2,
+           "targets": args.targets, "routing": args.routing, "impl": args.impl, "config": cfg.to_dict(), "experts": 8, "rank": 64, "top_k": 2,
            "steps": args.steps, "prompt_len": prompt_len, "kv_cache_len": cfg.max_seq_len,
            "method": f"decode: wall clock (synchronized) over `steps` greedy decode steps after a {prompt_len}-token "
            "prompt (run by the eager model), median of 3 repeats after one warm-up repeat; attention runs over the "
@@ -262,7 +278,8 @@ def main() -> None:
                                                                             args.prefill_len)
             phase("backbone_prefill", backbone_prefill)
 
-        af.inject(model, af.AdaFuseConfig(num_experts=8, rank=64, top_k=2, target_modules=TARGETS[args.targets]))
+        af.inject(model, af.AdaFuseConfig(num_experts=8, rank=64, top_k=2, target_modules=TARGETS[args.targets],
+                                          router_placement="every_adapted" if layerwise else "first_adapted"))
         for lin in af.adapted_linears(model).values():
             lin.lora_B.normal_(std=0.002)
         model.setup_cache(1)
@@ -344,7 +361,7 @@ def main() -> None:
                         torch.compile(model, mode="reduce-overhead"), args.prefill_len)
                     ratio("naive_torch_compile_prefill_tokens_per_s")
                 phase("naive_torch_compile_prefill", naive_prefill)
-        if "b1" in phases and not args.skip_profile and DEV == "cuda":
+        if "b1" in phases and not args.skip_profile and DEV == "cuda" and not layerwise:  # the merge's launches
             def profile():
                 # Launch count without CUDA graphs (graph replay hides kernels from the profiler);
                 # codegen="eager": the rewritten graph run as is, kernel by kernel (no Inductor compile).

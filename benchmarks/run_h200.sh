@@ -16,7 +16,8 @@
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
 #   decode:<qv|all>:<phases>[:<batches>[:<naive phases>]]  one slice of decode / decode-all, so
-#            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch)
+#            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch); ROUTING=layerwise
+#            times a router in every adapted linear instead (MoLA style: gather and auto only)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
 #   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
 #   probe-gemm  probe_sgmm_gemm.py: the SGMM switch (plan's choice, candidates, old defaults, Triton, simple
@@ -127,12 +128,15 @@ run_stage() {
   decode:*)
     # One slice of a decode benchmark, so that slices run side by side (-p):
     # decode:<qv|all>:<phases>[:<batches>[:<naive phases>]], e.g. decode:all:batch,prefill:32:batch.
-    # Paths from PATHS_<targets> (default auto), MULTI_PATHS (default auto).
+    # Paths from PATHS_<targets> (default auto), MULTI_PATHS (default auto). ROUTING=layerwise: a router
+    # in every adapted linear (MoLA style; naive = that model under plain torch.compile; gather/auto only).
     local targets phases batches naive paths_var tag
     IFS=: read -r _ targets phases batches naive <<< "$stage"
     paths_var=PATHS_$targets
     tag="${phases//,/-}${batches:+_b${batches//,/-}}${naive:+_naive-${naive//,/-}}"
+    [ "${ROUTING:-pregated}" = layerwise ] && tag="layerwise_$tag"
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
+      --routing "${ROUTING:-pregated}" \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${!paths_var:-auto}" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --batches "${batches:-8,32}" ${naive:+--naive-phases "$naive"} \
       --out "$OUT/decode_llama2-7b_${targets}_$tag.json" 2>&1 | grep -v -i "warn" | tail -12 ;;

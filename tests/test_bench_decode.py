@@ -61,3 +61,24 @@ def test_bench_decode_naive_phases_limits_the_naive_compiles(tmp_path):
     res = json.loads(out.read_text())
     assert res["backbone_b2_compiled_ms"] > 0
     assert not [k for k in res if k.startswith("naive_torch_compile")], res
+
+
+def test_bench_decode_layerwise_routing_cpu_smoke(tmp_path):
+    """--routing layerwise: a router in every adapted linear; gather and auto compile the gather
+    path at every shape and match eager; the merging paths are refused up front."""
+    out = tmp_path / "decode.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--preset", "tiny",
+              "--routing", "layerwise", "--out", str(out)]
+    subprocess.run([*script, "--steps", "2", "--prefill-len", "16", "--batches", "2", "--targets", "all"],
+                   check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert not [k for k in res if k.endswith("_error")], res
+    assert res["routing"] == "layerwise"
+    bf16_own_err = res["eager_bf16_vs_fp32_max_rel_logit_err"]
+    for path in ("gather", "auto"):
+        assert res[f"adafuse_{path}_paths_compiled"] == ["gather"]
+        assert res[f"adafuse_{path}_vs_fp32_max_rel_logit_err"] <= 1.5 * bf16_own_err + 1e-3
+    assert res["adafuse_auto_b2_paths_compiled"] == ["gather"] and res["adafuse_auto_prefill_paths_compiled"] == ["gather"]
+    assert res["naive_torch_compile_ms"] > 0 and res["naive_torch_compile_b2_ms"] > 0
+    refused = subprocess.run([*script, "--prefill-len", "16", "--paths", "merge-exact,gather"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "merge-exact" in refused.stderr and "one router" in refused.stderr

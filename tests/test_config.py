@@ -50,8 +50,20 @@ def test_json_round_trip(tmp_path):
 
 def test_unknown_target_module_lists_available():
     model = TinyLlama(TinyLlamaConfig(num_hidden_layers=1))
-    with pytest.raises(AdaFuseConfigError, match=r"\['query'\] match no nn.Linear.*available: \['down_proj'"):
+    with pytest.raises(AdaFuseConfigError, match=r"\['query'\] match no nn.Linear.*the linears of this model are "
+                                                 r"\['down_proj'.*e\.g\. target_modules=\('down_proj'"):
         inject(model, AdaFuseConfig(target_modules=("q_proj", "query")))
+
+
+def test_all_linear_on_another_family_says_what_it_means_and_what_to_name():
+    from adafuse_compile.presets import tiny_hf_model
+
+    model = tiny_hf_model("phi3")
+    with pytest.raises(AdaFuseConfigError, match=r"'all-linear' names the seven linears of a Llama block.*not every "
+                                                 r"linear.*e\.g\. target_modules=\('down_proj', 'gate_up_proj', "
+                                                 r"'o_proj', 'qkv_proj'\)"):
+        inject(model, AdaFuseConfig(target_modules="all-linear"))
+    assert not any(hasattr(p, "_adafuse_tag") for p in model.parameters())  # nothing changed
 
 
 def test_double_injection_is_refused():

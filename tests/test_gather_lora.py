@@ -355,6 +355,37 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     af.restore(model)
 
 
+def test_layerwise_prefill_sorts_once_per_router(triton_gather):
+    """Layer-wise routing (a router in every adapted linear): the same 40-token prefill sorts its
+    rows once per router, each gather call reading its own router's order and sets; matches eager."""
+    import adafuse_compile as af
+    from adafuse_compile import backend
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=1)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj", "o_proj"), router_placement="every_adapted"))
+    model.eval().setup_cache(1)
+    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
+    with torch.no_grad():
+        ref = model(tokens, pos)
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model.setup_cache(1)
+        got = torch.compile(model, backend="adafuse", options={
+            "codegen": "eager", "sgmm_impl": "triton", "prefill_expand": "sets"})(tokens, pos)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    gm = backend.last_compilations[0]["graph"]
+    sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
+    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
+    assert len(sorts) == len(sets) == len(calls) == 6  # q, v and o of two layers, each its own router
+    assert {n.args[7].args[0] for n in calls} == set(sorts) and {n.args[9].args[0] for n in calls} == set(sets)
+    for call in calls:  # the order and the experts of a call come from the same router
+        assert call.args[7].args[0].args[0] is call.args[3]
+
+
 def _tiny_qv_model(max_seq_len: int, seed: int):
     """A 2-layer model with q,v adapters (4 experts, r = 8, top-2), in eval mode."""
     import adafuse_compile as af

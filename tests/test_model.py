@@ -122,8 +122,44 @@ def test_init_with_zero_b_equals_backbone():
 def test_adapted_linear_called_outside_the_model_fails_clearly():
     model = adapted_tiny()
     second = list(adapted_linears(model).values())[1]
-    with pytest.raises(RouterPlacementError, match="router must sit at the first adapted linear"):
+    # names the linear that ran and where the router is, and the fixes
+    with pytest.raises(RouterPlacementError, match=r"layers\.0\.self_attn\.v_proj ran before the router \(at "
+                                                   r"layers\.0\.self_attn\.q_proj\).*router must sit at the first "
+                                                   r"adapted linear.*target_modules.*every_adapted"):
         second(torch.randn(1, TINY.hidden_size))
+
+
+def test_router_sits_at_the_first_linear_called_not_the_first_registered():
+    """Phi-3 registers o_proj before qkv_proj but calls qkv_proj first: the router goes to qkv_proj
+    (a probe forward of the model's dummy inputs, stopped at the first target, RNG untouched), so
+    every adapted linear finds the step's gates; compiled decode matches eager with one switch."""
+    from adafuse_compile import backend
+    from adafuse_compile.modeling.inject import first_called, router_linear, target_linears
+
+    model = tiny_hf_model("phi3")
+    config = AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal",
+                           target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    targets = target_linears(model, config)
+    assert targets[0][0] == "model.layers.0.self_attn.o_proj"  # registration order
+    rng = torch.get_rng_state()
+    assert first_called(model, targets) == "model.layers.0.self_attn.qkv_proj"
+    assert torch.equal(rng, torch.get_rng_state())
+    inject(model, config)
+    assert router_linear(model)[0] == "model.layers.0.self_attn.qkv_proj"
+    assert sum(m.router is not None for m in adapted_linears(model).values()) == 1
+    model.generation_config.cache_implementation = "static"
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        model.compile(backend="adafuse", options={"codegen": "eager"})
+        out = model.generate(prompt, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    assert [r["path"] for r in backend.last_compilations].count("merge") == 1
+    torch._dynamo.reset()
 
 
 def test_decode_step_has_zero_graph_breaks_and_one_router():

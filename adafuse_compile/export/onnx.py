@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling.inject import adafuse_config, adapted_linears, is_injected
+from ..modeling.inject import adafuse_config, adapted_linears, is_injected, router_linear
 from .families import (
     ExportError, backbone_tensors, canonical_name, describe, family_of, rope_tables, sliding_window,
 )
@@ -98,10 +98,13 @@ def _check_exportable(model: nn.Module, batch: int, dynamic: bool, path: str) ->
 
 
 def _router_linear(model: nn.Module):
-    name, first = next(iter(adapted_linears(model).items()))
+    try:
+        name, first = router_linear(model)
+    except (ValueError, StopIteration):
+        raise ExportError("the exported decode step merges one router's experts for the step: this model has no "
+                          "single router (layer-wise, router_placement='every_adapted', or inconsistent adapters)"
+                          ) from None
     canon = canonical_name(model, name)
-    if first.router is None:
-        raise ExportError(f"the first adapted linear {name} has no router; the model's adapters are inconsistent")
     if canon not in tuple(f"layers.0.{n}" for n in _ROUTER_INPUTS):
         raise ExportError(
             f"the router sits at {canon}: the exported prologue computes the router input as layer 0's input norm "

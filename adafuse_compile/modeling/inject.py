@@ -5,9 +5,10 @@ import contextlib
 import functools
 import warnings
 
+import torch
 from torch import nn
 
-from ..config import AdaFuseConfig, AdaFuseConfigError
+from ..config import LLAMA_LINEARS, AdaFuseConfig, AdaFuseConfigError
 from .generate_cache import StaticCacheReuse, dynamic_cache_warning, makes_a_cache_per_call
 from .generate_stop import deferred_stop_check
 from .layers import AdaFuseLinear, GateChannel
@@ -33,15 +34,49 @@ def target_linears(model: nn.Module, config: AdaFuseConfig) -> list[tuple[str, n
                 found.append((name, module))
     missing = sorted(targets - available)
     if missing:
+        named = ("'all-linear' names the seven linears of a Llama block, " + ", ".join(LLAMA_LINEARS) + " (not every "
+                 "linear, as in PEFT), and " if tuple(config.target_modules) == LLAMA_LINEARS else "")
         raise AdaFuseConfigError(
-            f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
-            f"linears available: {sorted(available)}"
+            f"target_modules {missing} match no nn.Linear in {type(model).__name__}: {named}the linears of this "
+            f"model are {sorted(available)}; name those to adapt, e.g. target_modules={tuple(sorted(available))}"
         )
     return found
 
 
+class _FirstCalled(Exception):
+    """Ends the probe forward of `first_called` at the first target linear it reaches."""
+
+
+def first_called(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> str | None:
+    """The name of the target linear a forward of `model` calls first, or None where that cannot be
+    seen. Registration order is not always execution order: Phi-3's attention registers o_proj
+    before qkv_proj. A Hugging Face model's `dummy_inputs` are run until the first target is
+    reached (the embedding and a norm, then the forward is stopped), with the RNG state kept."""
+    dummy = getattr(model, "dummy_inputs", None)
+    if len(targets) < 2 or not isinstance(dummy, dict) or not isinstance(dummy.get("input_ids"), torch.Tensor):
+        return None
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+    def stop_at(name, *_):
+        raise _FirstCalled(name)
+    hooks = [linear.register_forward_pre_hook(functools.partial(stop_at, name)) for name, linear in targets]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model(input_ids=dummy["input_ids"][:1, :2].to(device), use_cache=False)
+    except _FirstCalled as found:
+        return found.args[0]
+    except Exception:  # a model whose forward needs more than input_ids: keep registration order
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
 def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
-    """Freeze the backbone, wrap the target linears, and add ONE router at the first adapted linear.
+    """Freeze the backbone, wrap the target linears, and add ONE router at the first adapted linear
+    (config.router_placement="every_adapted": a router in every adapted linear, layer-wise).
 
     Works in place and returns `model`. The backbone weights are not copied: each AdaFuseLinear
     holds the original Parameters, so the backbone state_dict is unchanged.
@@ -49,17 +84,20 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     if not isinstance(config, AdaFuseConfig):
         raise TypeError(f"config must be an AdaFuseConfig, got {type(config).__name__}")
     targets = target_linears(model, config)
+    router_at = first_called(model, targets) or targets[0][0]
     for p in model.parameters():
         p.requires_grad_(False)
     channel = GateChannel()
+    channel.router_at = router_at
     modules = dict(model.named_modules())
     restore = functools.partial(_call_channel, channel, "restore")
-    for i, (name, linear) in enumerate(targets):
+    for name, linear in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         # in the mode of the linear it replaces (a from_pretrained model is in eval mode: no
         # adapter dropout, no load-balancing loss in generate())
-        adapted = AdaFuseLinear(linear, config, channel, is_router=(i == 0)).train(linear.training)
+        adapted = AdaFuseLinear(linear, config, channel, is_router=(name == router_at)).train(linear.training)
+        object.__setattr__(adapted, "_adafuse_name", name)  # for error messages
         # Saving or loading any part of the model (model.layers.state_dict(), load_state_dict of new
         # adapters or a new backbone mid-decode) first puts the backbone weights back: a save sees
         # W0, and a load is not undone by a later restore nor unmerged with the new factors.
@@ -227,8 +265,19 @@ def adafuse_config(model: nn.Module) -> AdaFuseConfig:
 
 
 def adapted_linears(model: nn.Module) -> dict[str, AdaFuseLinear]:
-    """Every AdaFuseLinear by qualified name, in execution order; the first holds the router."""
+    """Every AdaFuseLinear by qualified name, in registration order (execution order for most
+    families; `router_linear` finds the one holding a pre-gated model's router)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaFuseLinear)}
+
+
+def router_linear(model: nn.Module) -> tuple[str, AdaFuseLinear]:
+    """(name, module) of the adapted linear holding a pre-gated model's router: the first one a
+    forward calls. A layer-wise model (a router in each) has none: ValueError."""
+    linears = adapted_linears(model)
+    if any(m.routes_alone for m in linears.values()):
+        raise ValueError("this model routes in every adapted linear (router_placement='every_adapted'): "
+                         "there is no single router")
+    return next((name, m) for name, m in linears.items() if m.router is not None)
 
 
 def adapter_state_dict(model: nn.Module) -> dict:

@@ -59,12 +59,16 @@ class GateChannel:
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
-        self.aux_loss: Tensor | None = None  # load-balancing loss of the last training forward
+        # load-balancing loss of the last training forward (layer-wise routing: the mean of every
+        # router's, aux_terms holding the forward's terms so far)
+        self.aux_loss: Tensor | None = None
+        self.aux_terms: list[Tensor] = []
         # Optional callback(routing) -> bool run right after routing; True means it merged this token's
         # experts into the backbone weights, so adapted linears skip their adapter term (simple merge).
         self.on_route = None
         self.merged = False
-        self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, execution order
+        self.adapted_weights: list[Tensor] = []  # backbone weights of every adapted linear, registration order
+        self.router_at: str | None = None  # the name of the adapted linear holding the router (pre-gated)
         self.switch_state = None  # the compiler's runtime state for this model (adafuse_compile.runtime)
         self.switch_states: list = []  # every one made for this model (one per `exact` it was compiled with)
         # What each compiled graph that ran this model bound for it (adafuse_compile.backend._guarded).
@@ -79,12 +83,13 @@ class GateChannel:
         # exact mode never wrote them, so nothing is touched (and no other thread is disturbed).
         self.restore_in_place()
         state = dict(self.__dict__)
-        state.update(routing=None, aux_loss=None, on_route=None, merged=False, switch_state=None, switch_states=[],
+        state.update(routing=None, aux_loss=None, aux_terms=[], on_route=None, merged=False, switch_state=None, switch_states=[],
                      factor_slots=None, dense_packs={}, bound_graphs={})
         return state
 
     def open(self) -> None:
         self.routing = None
+        self.aux_terms = []
         # An eager call after compiled decoding must see the backbone weights, not merged ones.
         # Checked first so that Dynamo, tracing this hook, folds the branch away without guards.
         if not torch.compiler.is_compiling():
@@ -113,6 +118,7 @@ class GateChannel:
 
     def close(self) -> None:
         self.routing = None
+        self.aux_terms = []
 
 
 class Router(nn.Module):
@@ -147,6 +153,10 @@ class AdaFuseLinear(nn.Linear):
     The backbone `weight` and `bias` are the original module's Parameters (not copies), so the
     backbone's state_dict keys and values are unchanged. Experts are stacked for kernels:
     lora_A [N, r, in], lora_B [N, out, r].
+
+    Routing: with `router_placement="first_adapted"` the model's first adapted linear routes and
+    publishes its gates on the channel for the others; with "every_adapted" each linear routes on
+    its own input and keeps its gates to itself (layer-wise, MoLA style: `routes_alone`).
     """
 
     def __init__(self, base: nn.Linear, config: AdaFuseConfig, channel: GateChannel, *, is_router: bool):
@@ -166,7 +176,9 @@ class AdaFuseLinear(nn.Linear):
         if config.init_lora_b == "normal":
             nn.init.normal_(self.lora_B, std=0.02)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.router = Router(self.in_features, n, config.top_k, dtype=dtype).to(device) if is_router else None
+        self.routes_alone = config.router_placement == "every_adapted"
+        self.router = (Router(self.in_features, n, config.top_k, dtype=dtype).to(device)
+                       if is_router or self.routes_alone else None)
         # A plain attribute (not a submodule): the channel is shared by every adapted linear.
         object.__setattr__(self, "_channel", channel)
         # Tags on the Parameters themselves: the compiler sees them as graph inputs and reads the
@@ -183,6 +195,7 @@ class AdaFuseLinear(nn.Linear):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("routes_alone", False)  # pickled before layer-wise routing existed
         # copy.deepcopy copies Parameters without their Python attributes: tag the copies again.
         channel = self.__dict__.get("_channel")
         for role in ("weight", "lora_A", "lora_B"):
@@ -192,6 +205,12 @@ class AdaFuseLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         channel: GateChannel = self._channel
+        if self.routes_alone:  # layer-wise: this linear's gates are its own, nothing is merged
+            routing = self.router(x)
+            if self.training:
+                channel.aux_terms = [*channel.aux_terms, load_balancing_loss(routing)]
+                channel.aux_loss = torch.stack(channel.aux_terms).mean()
+            return F.linear(x, self.weight, self.bias) + self.adapter_delta(x, routing)
         if self.router is not None:
             routing = self.router(x)
             channel.routing = routing
@@ -201,9 +220,14 @@ class AdaFuseLinear(nn.Linear):
         else:
             routing = channel.routing
             if routing is None:
+                name = getattr(self, "_adafuse_name", "an adapted linear")
+                router_at = getattr(channel, "router_at", None)
                 raise RouterPlacementError(
-                    "an adapted linear ran before the router computed this step's gates: the router must sit "
-                    "at the first adapted linear in execution order; call this module only through the model"
+                    f"{name} ran before the router{f' (at {router_at})' if router_at else ''} computed this step's "
+                    "gates: the router must sit at the first adapted linear in execution order. Called through "
+                    "the model, this means its forward calls the linears in another order than inject() saw "
+                    f"(leave {name} out of target_modules, or inject with router_placement='every_adapted'); "
+                    "called on its own, call the model instead"
                 )
         y = F.linear(x, self.weight, self.bias)
         if channel.merged:
@@ -232,5 +256,5 @@ class AdaFuseLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
-            f"top_k={self.top_k}, router={self.router is not None}"
+            f"top_k={self.top_k}, router={'own (layer-wise)' if self.routes_alone else self.router is not None}"
         )

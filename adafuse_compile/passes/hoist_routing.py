@@ -4,6 +4,8 @@
     after:   placeholders, embed, norm, router, topk, softmax, <everything else in its order>
 
 Only nodes the gate needs move, and only if none of them mutates state, so the move is exact.
+A layer-wise routed graph (prove_pregating's "adafuse_layerwise") moves nothing: each router reads
+its own linear's input. Its routers' outputs are recorded for rewrite_gather instead.
 """
 from __future__ import annotations
 
@@ -29,7 +31,26 @@ def routing_outputs(gate: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return softmaxes[0], indices[0]
 
 
+def _layerwise(gm: fx.GraphModule, gates: list[fx.Node]) -> fx.GraphModule:
+    """Record each router's (gate weights, expert indices) where they are, keyed by its top-k node."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    routings = {}
+    for gate in gates:
+        outputs = routing_outputs(gate)
+        if outputs is None:
+            return stop(gm, f"layer-wise gate '{gate.name}': the gates are not a softmax over the top-k values: the "
+                            "gather kernels cannot reproduce them; compiled unchanged (exact, unmerged)")
+        weights, experts = outputs
+        routings[gate] = {"weights": weights, "experts": experts, "last": max(weights, experts, key=order.__getitem__)}
+    gm.meta["adafuse_layerwise_routing"] = routings
+    note(gm, f"hoist_routing: layer-wise routing: {len(routings)} routers stay where they are (each reads its own "
+             "linear's input); nothing moved")
+    return gm
+
+
 def hoist_routing(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
+    if "adafuse_layerwise" in gm.meta:
+        return _layerwise(gm, gm.meta["adafuse_layerwise"])
     gate = gm.meta["adafuse_gate"]
     outputs = routing_outputs(gate)
     if outputs is None:

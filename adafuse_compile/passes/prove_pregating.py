@@ -3,6 +3,12 @@
 Traces each region's gate back to its top-k. Pre-gated means: one top-k node feeds every region,
 it lies outside every adapter branch, and it does not depend on any region's output (so it can
 run before all adapted linears). Otherwise the graph stays exact and unmerged, with the reason.
+
+One exception goes on: layer-wise routing (MoLA style) in AdaFuseLinear layers
+(router_placement="every_adapted"), where every region has a router of its own and the factor
+layout is known. Nothing can be merged ahead of such a model, but each region's experts can be
+gathered where its router computed them: gm.meta["adafuse_layerwise"] lists the routers, and
+only rewrite_gather acts on the graph.
 """
 from __future__ import annotations
 
@@ -24,7 +30,15 @@ def prove_pregating(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
                   sum(s in other.gate_sources for other in regions for s in r.gate_sources) == 1)
         shared_by = {s: sum(s in r.gate_sources for r in regions) for s in sources}
         if own == len(regions):
-            kind = " (layer-wise routing, MoLA style: each region routes on its own input)"
+            unknown = [r.name for r in regions if not r.factors]
+            if not unknown:
+                gm.meta["adafuse_layerwise"] = sorted(sources, key=lambda n: n.name)
+                note(gm, f"prove_pregating: layer-wise routing (MoLA style): {len(sources)} routers, one per region; "
+                         "nothing can be merged ahead, each region's experts will be gathered after its own router")
+                return gm
+            kind = (" (layer-wise routing, MoLA style: each region routes on its own input; the expert factor "
+                    f"layout of {unknown[0]} is not known (not an AdaFuseLinear), so the gather kernels cannot "
+                    "take it either)")
         elif all(len(r.gate_sources) == 1 for r in regions) and min(shared_by.values()) > 1:
             kind = (f" (each router gates several regions, {sorted(shared_by.values(), reverse=True)}: like "
                     f"{len(sources)} pre-gated models in one graph, where adafuse rewrites one router's regions per "

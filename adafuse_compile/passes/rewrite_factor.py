@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..cutlass_kernels import factor_slots
 from ..settings import BackendSettings
-from .manager import clean_up, note
+from .manager import clean_up, note, warn
 from .path_policy import decide_path
 from .regions import TRAINING_NOTE, add_static_inputs, graph_inputs, regions_of, trains
 
@@ -36,6 +36,11 @@ def slots_for(channel, lora_a: list, lora_b: list, top_k: int) -> tuple[list, li
 
 def rewrite_factor(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphModule:
     if "adafuse_switch" in gm.meta:
+        return gm
+    if "adafuse_layerwise" in gm.meta:
+        if settings.path == "factor":  # the slots are written once per step, from one router's gates
+            warn(gm, "path='factor' needs one router for the step (pre-gated), and this model routes in every adapted "
+                     "linear (layer-wise): its steps take the gather path instead")
         return gm
     if trains(gm):
         if settings.path == "factor":

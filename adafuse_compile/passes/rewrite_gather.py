@@ -26,6 +26,11 @@ backbone's prefill tokens/s on the H200.
 
 A training step (grad mode on, inputs requiring grad) takes the dense form, unpacked, whatever
 its size: the gather, switch and slot kernels have no autograd formula, the dense matmuls do.
+
+Layer-wise routing (MoLA style, prove_pregating's "adafuse_layerwise"): the same rewrite, with
+each group's experts and gates taken from its own router where that router computed them (a group
+is then the regions sharing an input AND a router), and the sort, sets or gate matrix computed
+once per router instead of once per step.
 """
 from __future__ import annotations
 
@@ -56,15 +61,18 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     if len(scalings) != 1:
         return stop(gm, f"regions have different scalings {sorted(scalings)}; one gather call per group needs one")
     scaling = float(scalings.pop())
-    routing = gm.meta["adafuse_routing"]
     top_k = regions[0].factors["top_k"]
     impl = settings.sgmm_impl if settings.sgmm_impl != "cutlass" else "auto"
     inputs = graph_inputs(gm)
     device = inputs[regions[0].factors["lora_A"]].device
     tokens = regions[0].tokens
-    groups: dict[fx.Node, list] = {}
+    layerwise = gm.meta.get("adafuse_layerwise_routing")
+
+    def router_of(r):  # the key of a region's routing: None for the step's one router (pre-gated)
+        return r.gate_sources[0] if layerwise is not None else None
+    groups: dict[tuple, list] = {}  # (input, router) -> the regions that share both, in order
     for r in regions:
-        groups.setdefault(r.x, []).append(r)
+        groups.setdefault((r.x, router_of(r)), []).append(r)
     n_experts = regions[0].factors["num_experts"]
     training = trains(gm)
     prefill_dense = _dense(settings.prefill_expand, tokens, regions[0].x, n_experts, top_k)
@@ -78,10 +86,12 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
             return stop(gm, f"the gather kernels cannot be planned ({type(exc).__name__}: {exc}); compiled "
                             "unchanged (exact, unmerged)")
     graph = gm.graph
-    with graph.inserting_after(routing["last"]):
-        experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
-    with graph.inserting_after(experts):
-        gates = graph.call_method("reshape", (routing["weights"], -1, top_k))
+    routes = {}  # router key -> (experts, gates) as [T, k] nodes, right after that router's outputs
+    for key, routing in (layerwise or {None: gm.meta["adafuse_routing"]}).items():
+        with graph.inserting_after(routing["last"]):
+            experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
+        with graph.inserting_after(experts):
+            routes[key] = (experts, graph.call_method("reshape", (routing["weights"], -1, top_k)))
     if dense:
         if training:
             note(gm, f"rewrite_gather: {TRAINING_NOTE}: the dense form (plain matmuls, differentiable), unpacked")
@@ -90,42 +100,25 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
                          "dense form, slower than adafuse's kernels; for inference run the model under "
                          "torch.no_grad() or torch.inference_mode()")
         fused = _fused_impl(gm, settings, device) if settings.prefill_fused and not training else None
-        return _rewrite_dense(gm, groups, experts, gates, scaling, tokens, settings.prefill_packed and not training,
-                              fused)
+        return _rewrite_dense(gm, groups, routes, scaling, tokens, settings.prefill_packed and not training, fused)
     prefill_expand = "sets" if settings.prefill_expand in ("auto", "dense") else settings.prefill_expand
-    # The step's shared arguments after (x, factors, experts, gates, scaling, impl): rows,
-    # segments, set_order, set_work, per_slot (the op's schema). A step with enough rows for the
-    # sorted shrink (or a dynamic token count: a decode batch, or a prefill with prefill_expand
-    # "sets" / "slots") computes the expert order once for every call, and the sets of experts or
-    # the per-slot form for its expand.
-    step_args: tuple = (None, None)
-    per_slot = False
-    if (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
-            tokens is None or tokens * top_k >= SORTED_MIN_ROWS):
-        with graph.inserting_after(gates):
-            both = graph.call_function(expert_segments, (experts, n_experts))
-        with graph.inserting_after(both):
-            rows = graph.call_function(operator.getitem, (both, 0))
-        with graph.inserting_after(rows):
-            step_args = (rows, graph.call_function(operator.getitem, (both, 1)))
-        if prefill_expand == "slots":  # the expand by expert, each slot's term apart
-            per_slot = True
-            step_args = (*step_args, None, None, True)
-        elif tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
-            with graph.inserting_after(step_args[1]):
-                sets = graph.call_function(tuple_blocks, (experts, n_experts))
-            with graph.inserting_after(sets):
-                order_node = graph.call_function(operator.getitem, (sets, 0))
-            with graph.inserting_after(order_node):
-                step_args = (*step_args, order_node, graph.call_function(operator.getitem, (sets, 1)))
-    step_nodes = [n for n in step_args if isinstance(n, fx.Node)]
+    # A step with enough rows for the sorted shrink (or a dynamic token count: a decode batch, or a
+    # prefill with prefill_expand "sets" / "slots") sorts its rows by expert once per routing
+    # (_step_args): once for the step when pre-gated.
+    sorted_rows = (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
+        tokens is None or tokens * top_k >= SORTED_MIN_ROWS)
+    per_slot = sorted_rows and prefill_expand == "slots"
+    step_args = {key: _step_args(graph, experts, gates, n_experts, top_k, sorted_rows, prefill_expand)
+                 for key, (experts, gates) in routes.items()}
     side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
-    for x, group in groups.items():
+    for (x, key), group in groups.items():
+        experts, gates = routes[key]
+        step_nodes = [n for n in step_args[key] if isinstance(n, fx.Node)]
         order = {n: i for i, n in enumerate(graph.nodes)}  # earlier groups added nodes
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
         args = ([r.factors["lora_A"] for r in group], [r.factors["lora_B"] for r in group],
-                experts, gates, scaling, impl, *step_args)
+                experts, gates, scaling, impl, *step_args[key])
         if side:
             # Fork as soon as x and the step's routing exist, join just before the first add: the
             # group's backbone linears run in between, concurrently with the adapter kernels.
@@ -165,7 +158,11 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         for a_pos, b_pos in group_pos:
             gather_lora.prepare_plan([args[i] for i in a_pos], [args[i] for i in b_pos], impl)
     gm.meta["adafuse_prepare"] = prepare
-    shared = "; experts sorted once for the step, shared by every call" if step_nodes else ""
+    if layerwise is not None:
+        shared = (f"; layer-wise routing: each call takes its own router's experts ({len(routes)} routers)"
+                  + ("; experts sorted once per router" if sorted_rows else ""))
+    else:
+        shared = "; experts sorted once for the step, shared by every call" if sorted_rows else ""
     if per_slot:
         shared += "; expand by expert, per-slot terms summed in the add"
     if side:
@@ -173,6 +170,33 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")
     return clean_up(gm)
+
+
+def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int, top_k: int, sorted_rows: bool,
+               prefill_expand: str) -> tuple:
+    """The gather op's arguments after (x, factors, experts, gates, scaling, impl) for one router's
+    routing: rows, segments, set_order, set_work, per_slot (the op's schema). With enough rows for the
+    sorted shrink (`sorted_rows`: or a dynamic token count) the expert order is computed once here,
+    after the gates, for every call of that routing, with the sets of experts or the per-slot form
+    for its expand."""
+    if not sorted_rows:
+        return (None, None)
+    with graph.inserting_after(gates):
+        both = graph.call_function(expert_segments, (experts, n_experts))
+    with graph.inserting_after(both):
+        rows = graph.call_function(operator.getitem, (both, 0))
+    with graph.inserting_after(rows):
+        args = (rows, graph.call_function(operator.getitem, (both, 1)))
+    if prefill_expand == "slots":  # the expand by expert, each slot's term apart
+        return (*args, None, None, True)
+    if tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
+        with graph.inserting_after(args[1]):
+            sets = graph.call_function(tuple_blocks, (experts, n_experts))
+        with graph.inserting_after(sets):
+            order_node = graph.call_function(operator.getitem, (sets, 0))
+        with graph.inserting_after(order_node):
+            args = (*args, order_node, graph.call_function(operator.getitem, (sets, 1)))
+    return args
 
 
 def _one_token_per_sequence(x: fx.Node) -> bool:
@@ -263,10 +287,10 @@ def _fuse_linears(gm: fx.GraphModule, group: list, h_all: fx.Node, b_packed: lis
         gm.meta["adafuse_replaced"][r.add.name] = y.name
 
 
-def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx.Node, scaling: float,
-                   tokens: int | None, packed: bool, fused: str | None = None) -> fx.GraphModule:
+def _rewrite_dense(gm: fx.GraphModule, groups: dict, routes: dict, scaling: float, tokens: int | None, packed: bool,
+                   fused: str | None = None) -> fx.GraphModule:
     """A prefill-sized step: every group's deltas in dense matmuls over all experts, weighted by one
-    gate matrix for the step (dense_gates); Inductor compiles them. Packed (setting prefill_packed):
+    gate matrix for the step (dense_gates; one per router when layer-wise); Inductor compiles them. Packed (setting prefill_packed):
     the GEMMs read the model's packed copies of the factors (runtime/dense_packs.py), static graph
     inputs re-packed before any call whose factors changed; else dense_lora permutes B per call.
     Fused (setting prefill_fused, packed only; `fused` is linear_lora's impl): the group's shrink
@@ -274,8 +298,10 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
     replaces the linear and the add."""
     graph = gm.graph
     n_experts = regions_of(gm)[0].factors["num_experts"]
-    with graph.inserting_after(gates):
-        gate_matrix = graph.call_function(dense_gates, (experts, gates, n_experts))
+    gate_matrices = {}
+    for key, (experts, gates) in routes.items():
+        with graph.inserting_after(gates):
+            gate_matrices[key] = graph.call_function(dense_gates, (experts, gates, n_experts))
     inputs = graph_inputs(gm)
     names = list(inputs)
     group_list = list(groups.items())
@@ -299,7 +325,8 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
         packs = packs_for(channel, sources(example))
         buffers = iter(add_static_inputs(gm, [f"adafuse_dense_pack_{i}" for i in range(len(packs.buffers))]))
     n_fused, unfused = 0, []
-    for x, group in group_list:
+    for (x, key), group in group_list:
+        gate_matrix = gate_matrices[key]
         order = {n: i for i, n in enumerate(graph.nodes)}
         first_add = min((r.add for r in group), key=order.__getitem__)
         in_features = group[0].factors["in_features"]
@@ -358,6 +385,8 @@ def _rewrite_dense(gm: fx.GraphModule, groups: dict, experts: fx.Node, gates: fx
         how += f"; {n_fused} adapted linear(s) fused with their expand (one linear_lora GEMM each)"
     if unfused:
         how += f"; not fused: {'; '.join(unfused)}"
+    if None not in routes:
+        how += f"; layer-wise routing: one gate matrix per router ({len(routes)})"
     note(gm, f"rewrite_gather: {sum(len(g) for g in groups.values())} adapter branches -> {len(groups)} dense "
              f"call(s) over every expert ({count} tokens per step, prefill_expand: dense from {DENSE_MIN_TOKENS} "
              f"tokens; zero gates outside each token's top-k){how}")

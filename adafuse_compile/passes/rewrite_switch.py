@@ -45,6 +45,13 @@ def rewrite_switch(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
         return stop(gm, f"adapter dropout is active in {dropped[:3]}{'...' if len(dropped) > 3 else ''} (modules in "
                         "training mode): every rewrite would leave it out, so the graph is compiled unchanged "
                         "(exact); call model.eval() for inference")
+    if "adafuse_layerwise" in gm.meta:
+        if settings.path == "merge":
+            return stop(gm, "path='merge' needs one router for the step (pre-gated), and this model routes in every "
+                            "adapted linear (layer-wise): nothing can be merged ahead of its linears; compiled "
+                            "unchanged (exact, unmerged). Use path='auto' or 'gather' for the gather kernels")
+        note(gm, "rewrite_switch: layer-wise routing: no merge; left to rewrite_gather")
+        return gm
     if settings.path in ("gather", "factor"):
         note(gm, f"rewrite_switch: path={settings.path!r} asked for: no merge")
         return gm

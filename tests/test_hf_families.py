@@ -1,0 +1,26 @@
+"""More Hugging Face families on the CPU (benchmarks/check_hf_families.py): each with adapters on its
+own linear names, compiled generate() equal to eager, the weights unchanged, no fallback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from adafuse_compile.presets import OTHER_HF_FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_other_family_compiles_and_matches_eager(tmp_path):
+    out = tmp_path / "families.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_hf_families.py"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)
+    rows = {r["family"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(OTHER_HF_FAMILIES)
+    failed = {f: {k: r.get(k) for k in ("error", "tokens_equal", "max_rel_logit_err", "adafuse_warnings", "graphs")}
+              for f, r in rows.items() if not r["ok"]}
+    assert not failed, failed
+    for family, row in rows.items():
+        # prefill gathers, the one-token decode step merges (a sliding-window family compiles it twice)
+        assert [g["path"] for g in row["graphs"]][:2] == ["gather", "merge"], (family, row["graphs"])
+    # Phi-3 registers o_proj first but calls qkv_proj first: the router goes where the forward starts
+    assert rows["phi3"]["router_at"] == "model.layers.0.self_attn.qkv_proj"

@@ -1,0 +1,218 @@
+"""Layer-wise routing (MoLA style, router_placement="every_adapted"): the model, and the backend's
+gather rewrite with each region's own router."""
+import warnings
+
+import pytest
+import torch
+
+import adafuse_compile as af
+from adafuse_compile import backend
+from adafuse_compile.baselines import MoLALinear, SimpleMerge
+from adafuse_compile.config import AdaFuseConfigError
+from adafuse_compile.cutlass_kernels import gather_lora as gl
+from adafuse_compile.inspect import capture_step, diff_report, render_text
+from adafuse_compile.modeling.inject import adafuse_config
+from adafuse_compile.modeling.layers import load_balancing_loss
+from adafuse_compile.presets import tiny_hf_model
+
+TINY = af.TinyLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_seq_len=160)
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def layerwise_tiny(targets=("q_proj", "v_proj"), seed=3, **kw):
+    model = af.TinyLlama(TINY).init_weights(std=0.08, seed=seed)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal", target_modules=targets,
+                                      router_placement="every_adapted", **kw))
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def gather_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "gather_lora" in str(n.target)
+            and "join" not in str(n.target)]
+
+
+def topk_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.topk]
+
+
+# The model ----------------------------------------------------------------------------------------
+
+def test_every_adapted_linear_routes_on_its_own_like_mola():
+    """Each adapted linear has a router of its own and computes exactly what a MoLA layer with the
+    same router and experts computes (top-k of its own logits, softmax over the top-k, scaled)."""
+    model = layerwise_tiny(targets="all-linear")
+    linears = af.adapted_linears(model)
+    assert len(linears) == 7 * TINY.num_hidden_layers
+    routers = [lin.router for lin in linears.values()]
+    assert all(r is not None for r in routers) and len({id(r.weight) for r in routers}) == len(routers)
+    config = adafuse_config(model)
+    x = torch.randn(2, 5, TINY.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"):
+        ours = linears[name]
+        mola = MoLALinear(torch.nn.Linear(ours.in_features, ours.out_features, bias=False), config)
+        with torch.no_grad():
+            mola.weight = ours.weight
+            mola.router.weight.copy_(ours.router.weight)
+            for e in range(config.num_experts):
+                mola.lora_A[e].weight.copy_(ours.lora_A[e])
+                mola.lora_B[e].weight.copy_(ours.lora_B[e])
+            if name.endswith("up_proj"):  # the MLP input's width
+                x = torch.randn(2, 5, ours.in_features, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(ours(x), mola(x), rtol=1e-5, atol=1e-6)
+            assert not torch.equal(ours(x), torch.nn.functional.linear(x, ours.weight))  # the adapters act
+    # Two routers of one layer pick different experts for some token of the same input.
+    x = torch.randn(16, TINY.hidden_size, generator=torch.Generator().manual_seed(2))
+    q, k = linears["layers.0.self_attn.q_proj"].router(x), linears["layers.0.self_attn.k_proj"].router(x)
+    assert not torch.equal(q.experts, k.experts)
+    assert af.gate_channel(model).routing is None  # nothing published on the channel
+
+
+def test_aux_loss_is_the_mean_of_every_routers_loss_of_the_forward():
+    model = layerwise_tiny(targets=("q_proj", "v_proj")).train()
+    seen = []
+    for lin in af.adapted_linears(model).values():
+        lin.router.register_forward_hook(lambda _m, _i, routing: seen.append(load_balancing_loss(routing)))
+    model.setup_cache(1)
+    model(torch.randint(0, TINY.vocab_size, (1, 6)), torch.arange(6))
+    channel = af.gate_channel(model)
+    assert len(seen) == 2 * TINY.num_hidden_layers
+    torch.testing.assert_close(channel.aux_loss, torch.stack(seen).mean())
+    seen.clear()
+    model(torch.randint(0, TINY.vocab_size, (1, 3)), torch.arange(3))  # a second forward starts afresh
+    torch.testing.assert_close(channel.aux_loss, torch.stack(seen).mean())
+
+
+def test_config_and_checkpoint_keep_every_router(tmp_path):
+    config = af.AdaFuseConfig(router_placement="every_adapted")
+    assert af.AdaFuseConfig.from_json(config.to_json()) == config
+    with pytest.raises(AdaFuseConfigError, match="every_adapted"):
+        af.AdaFuseConfig(router_placement="every_layer")
+    model = layerwise_tiny()
+    path = af.save_adapters(model, tmp_path / "adapters.safetensors")
+    fresh = af.TinyLlama(TINY).init_weights(std=0.08, seed=3)
+    af.load_adapters(fresh, path)
+    assert adafuse_config(fresh).router_placement == "every_adapted"
+    for (name, a), b in zip(af.adapted_linears(model).items(), af.adapted_linears(fresh).values()):
+        assert b.router is not None and torch.equal(a.router.weight, b.router.weight), name
+    tokens = torch.randint(0, TINY.vocab_size, (1, 5))
+    model.setup_cache(1), fresh.eval().setup_cache(1)
+    torch.testing.assert_close(fresh(tokens, torch.arange(5)), model(tokens, torch.arange(5)))
+
+
+def test_simple_merge_refuses_a_layerwise_model():
+    with pytest.raises(ValueError, match="routes in every adapted linear"):
+        SimpleMerge(layerwise_tiny())
+
+
+# The backend --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codegen, side_stream", [("eager", False), ("inductor", False), ("inductor", True)])
+def test_decode_batch_and_prefill_gather_with_each_regions_own_router(codegen, side_stream):
+    """Batch 2 (each sequence its own experts), a 17-token prefill and 5 decode steps: every adapter
+    branch becomes one gather call fed by its own router's top-k, which stays where it was (nothing
+    hoisted, nothing merged); tokens and logits match eager; the weights are never written."""
+    model = layerwise_tiny(targets="all-linear")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(2)
+    ref_tokens, ref_logits = af.greedy_decode(model, prompt, 6)
+    model.setup_cache(2)
+    compiled = torch.compile(model, backend="adafuse", options={"codegen": codegen, "side_stream": side_stream})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no adafuse warning: nothing fell back
+        warnings.filterwarnings("ignore", message=".*(deprecated|TF32).*")
+        tokens, logits = af.greedy_decode(compiled, prompt, 6)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    records = backend.last_compilations
+    assert [r["path"] for r in records] == ["gather", "gather"], [r["notes"][-1] for r in records]  # prefill, decode
+    n_regions = 7 * TINY.num_hidden_layers
+    for record in records:
+        gm = record["graph"]
+        assert len(record["regions"]) == n_regions and record["hoisted"] == []
+        assert any("layer-wise routing" in n and f"{n_regions} routers" in n for n in record["notes"])
+        calls = gather_calls(gm)
+        assert len(calls) == n_regions  # one per region: no two regions share a router
+        assert len(topk_nodes(gm)) == n_regions
+        # each call's experts come from its own top-k (its indices, reshaped), all different
+        sources = {n.args[3].args[0].args[0] for n in calls}
+        assert len(sources) == n_regions and sources <= set(topk_nodes(gm))
+        if side_stream:
+            assert all("gather_lora_start" in str(n.target) for n in calls)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_long_prefill_takes_the_dense_form_with_one_gate_matrix_per_router():
+    model = layerwise_tiny(targets=("q_proj", "k_proj", "v_proj", "down_proj"))
+    n = gl.DENSE_MIN_TOKENS + 3
+    prompt = torch.randint(0, TINY.vocab_size, (1, n), generator=torch.Generator().manual_seed(6))
+    model.setup_cache(1)
+    with torch.no_grad():
+        ref = model(prompt, torch.arange(n))
+        model.setup_cache(1)
+        got = torch.compile(model, backend="adafuse", options={"codegen": "eager"})(prompt, torch.arange(n))
+    assert rel_err(got, ref) <= 1e-4
+    (record,) = backend.last_compilations
+    gm = record["graph"]
+    assert record["path"] == "gather" and not gather_calls(gm)
+    assert len([n for n in gm.graph.nodes if n.target is gl.dense_gates]) == 4 * TINY.num_hidden_layers
+    assert any("one gate matrix per router (8)" in n for n in record["notes"]), record["notes"]
+
+
+def test_merge_path_is_refused_with_the_reason_and_factor_falls_to_gather():
+    prompt = torch.randint(0, TINY.vocab_size, (1, 7), generator=torch.Generator().manual_seed(7))
+    for path, expected, says in (("merge", {None}, "path='merge' needs one router"),
+                                 ("factor", {"gather"}, "path='factor' needs one router"),
+                                 ("auto", {"gather"}, None)):
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model = layerwise_tiny()
+        model.setup_cache(1)
+        ref_tokens, ref_logits = af.greedy_decode(model, prompt, 4)
+        model.setup_cache(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens, logits = af.greedy_decode(
+                torch.compile(model, backend="adafuse", options={"path": path, "codegen": "eager"}), prompt, 4)
+        assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+        assert {r["path"] for r in backend.last_compilations} == expected, path
+        messages = [str(w.message) for w in caught if "adafuse" in str(w.message)]
+        if says:
+            assert messages and all(says in m for m in messages), messages
+        else:
+            assert not messages, messages
+
+
+def test_hf_generate_parity_with_layerwise_adapters():
+    model = tiny_hf_model("llama")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal",
+                                      router_placement="every_adapted"))
+    model.generation_config.cache_implementation = "static"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        model.compile(backend="adafuse", options={"codegen": "eager"})
+        out = model.generate(prompt, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= 1e-4
+    assert {r["path"] for r in backend.last_compilations} == {"gather"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_diff_shows_one_router_per_region_and_nothing_hoisted():
+    model = layerwise_tiny()
+    model.setup_cache(1)
+    model(torch.tensor([[3, 4]]), torch.arange(2))
+    report = diff_report(capture_step(model, (torch.tensor([[5]]), torch.tensor([2])), name="layerwise"))
+    assert report["gate_source"]["shared"] is False and len(report["gate_source"]["nodes"]) == 4
+    assert report["hoisted"] == []
+    text = render_text(report)
+    assert "layer-wise routing" in text
