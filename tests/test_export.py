@@ -252,6 +252,10 @@ def test_refuses_models_without_pregated_adapters(tmp_path):
                                  af.AdaFuseConfig(**ADAPTERS)).eval()
     with pytest.raises(ExportError, match="layer-wise routed"):
         to_onnx(layerwise, tmp_path)
+    every_adapted = af.inject(af.TinyLlama(af.TinyLlamaConfig(max_seq_len=32)),
+                              af.AdaFuseConfig(**ADAPTERS, router_placement="every_adapted")).eval()
+    with pytest.raises(ExportError, match="layer-wise routed.*layers.0.self_attn.q_proj"):
+        to_onnx(every_adapted, tmp_path)
     mlp_only = af.inject(af.TinyLlama(af.TinyLlamaConfig(max_seq_len=32)),
                          af.AdaFuseConfig(**ADAPTERS, target_modules=("gate_proj",))).eval()
     with pytest.raises(ExportError, match="router sits at layers.0.mlp.gate_proj"):

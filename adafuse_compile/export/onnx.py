@@ -80,7 +80,8 @@ def _check_exportable(model: nn.Module, batch: int, dynamic: bool, path: str) ->
             "dynamic shapes are not supported: the decode step is exported with static shapes (batch 1, one "
             "token, a fixed KV capacity); choose the capacity with `capacity=`"
         )
-    layerwise = [n for n, m in model.named_modules() if isinstance(m, MoLALinear)]
+    layerwise = [n for n, m in model.named_modules()
+                 if isinstance(m, MoLALinear) or getattr(m, "routes_alone", False)]  # every_adapted AdaFuseLinear
     if layerwise:
         raise ExportError(
             f"{type(model).__name__} is layer-wise routed (a router in every adapted linear, e.g. {layerwise[0]}): "
