@@ -9,6 +9,10 @@ One JSON row per family:
 
     python benchmarks/check_hf_families.py --out benchmarks/results/hf_families_cpu.json
     python benchmarks/check_hf_families.py --families phi3,gemma2 --codegen inductor --out /tmp/f.json
+    python benchmarks/check_hf_families.py --routing layerwise --out benchmarks/results/hf_families_cpu_layerwise.json
+
+--routing layerwise puts a router in every adapted linear (router_placement="every_adapted"):
+every compiled graph must then take the gather path.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def check(family: str, codegen: str) -> dict:
-    row: dict = {"family": family, "codegen": codegen, "targets": list(OTHER_HF_FAMILIES[family]["targets"])}
+def check(family: str, codegen: str, routing: str = "pregated") -> dict:
+    row: dict = {"family": family, "codegen": codegen, "routing": routing,
+                 "targets": list(OTHER_HF_FAMILIES[family]["targets"])}
     t0 = time.time()
     model = tiny_hf_model(family)
     model.generation_config.eos_token_id = None  # fixed-length greedy outputs
@@ -42,8 +47,9 @@ def check(family: str, codegen: str) -> dict:
         warnings.simplefilter("always")
         try:
             backbone = model.generate(prompt, **kw)
-            af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal",
-                                              target_modules=OTHER_HF_FAMILIES[family]["targets"]))
+            af.inject(model, af.AdaFuseConfig(
+                num_experts=4, rank=4, alpha=16, init_lora_b="normal", target_modules=OTHER_HF_FAMILIES[family]["targets"],
+                router_placement="every_adapted" if routing == "layerwise" else "first_adapted"))
             row["adapted_linears"] = len(af.adapted_linears(model))
             row["router_at"] = af.gate_channel(model).router_at
             eager = model.generate(prompt, **kw)
@@ -78,6 +84,7 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(OTHER_HF_FAMILIES), help="comma-separated, of "
                     f"{sorted(OTHER_HF_FAMILIES)}")
     ap.add_argument("--codegen", default="eager", choices=("eager", "inductor"))
+    ap.add_argument("--routing", default="pregated", choices=("pregated", "layerwise"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     families = args.families.split(",")
@@ -88,7 +95,7 @@ def main() -> None:
 
     rows = []
     for family in families:
-        rows.append(check(family, args.codegen))
+        rows.append(check(family, args.codegen, args.routing))
         print(json.dumps({k: rows[-1].get(k) for k in ("family", "ok", "error", "max_rel_logit_err", "seconds")}),
               flush=True)
         with open(args.out, "w") as f:
