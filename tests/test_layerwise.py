@@ -216,3 +216,43 @@ def test_diff_shows_one_router_per_region_and_nothing_hoisted():
     assert report["hoisted"] == []
     text = render_text(report)
     assert "layer-wise routing" in text
+
+
+def test_gradient_checkpointing_works_layerwise_and_keeps_one_aux_loss():
+    model = tiny_hf_model("llama").train()
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal", router_placement="every_adapted"))
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss + af.gate_channel(model).aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    channel = af.gate_channel(model)
+    loss2 = model(input_ids=ids, labels=ids).loss + channel.aux_loss
+    loss2.backward()  # the recompute routes again on the same inputs; adds no aux term
+    assert channel.aux_terms == []
+    torch.testing.assert_close(loss2, loss)
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-7)
+                         for n, p in model.named_parameters() if n in grads)
+
+
+def test_a_block_compiled_on_its_own_is_not_merged():
+    """Adapters on q_proj only and each block compiled on its own: every block's graph holds one
+    region and its own router, which the routes_alone tag keeps off the merge (one graph serves every
+    block); auto gathers, exact in place; path='merge' is refused."""
+    prompt = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    for path, expected in (("auto", {"gather"}), ("merge", {None})):
+        torch._dynamo.reset()
+        backend.last_compilations.clear()
+        model = layerwise_tiny(targets=("q_proj",))
+        model.setup_cache(1)
+        ref_tokens, ref_logits = af.greedy_decode(model, prompt, 6)
+        for layer in model.layers:
+            layer.compile(backend="adafuse", options={"codegen": "eager", "path": path, "exact": False})
+        model.setup_cache(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokens, logits = af.greedy_decode(model, prompt, 6)
+        assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-5, path
+        assert {r["path"] for r in backend.last_compilations} == expected, path
+        assert all(len(r["regions"]) == 1 for r in backend.last_compilations)

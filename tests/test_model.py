@@ -125,7 +125,7 @@ def test_adapted_linear_called_outside_the_model_fails_clearly():
     # names the linear that ran and where the router is, and the fixes
     with pytest.raises(RouterPlacementError, match=r"layers\.0\.self_attn\.v_proj ran before the router \(at "
                                                    r"layers\.0\.self_attn\.q_proj\).*router must sit at the first "
-                                                   r"adapted linear.*target_modules.*every_adapted"):
+                                                   r"adapted linear.*router_at=.layers.0.self_attn.v_proj.*leave .v_proj. out of target_modules.*every_adapted"):
         second(torch.randn(1, TINY.hidden_size))
 
 
@@ -142,7 +142,7 @@ def test_router_sits_at_the_first_linear_called_not_the_first_registered():
     targets = target_linears(model, config)
     assert targets[0][0] == "model.layers.0.self_attn.o_proj"  # registration order
     rng = torch.get_rng_state()
-    assert first_called(model, targets) == "model.layers.0.self_attn.qkv_proj"
+    assert first_called(model, targets) == ("model.layers.0.self_attn.qkv_proj", None)
     assert torch.equal(rng, torch.get_rng_state())
     inject(model, config)
     assert router_linear(model)[0] == "model.layers.0.self_attn.qkv_proj"
@@ -204,3 +204,59 @@ def test_qwen2_bias_is_kept():
     bias = q.bias
     inject(model, AdaFuseConfig(num_experts=4, rank=4))
     assert model.model.layers[0].self_attn.q_proj.bias is bias and bias.abs().sum() > 0
+
+
+def test_router_placement_on_a_compiled_model_on_meta_and_from_a_file(tmp_path):
+    """The probe runs the plain forward even where the model was compiled first (its compiled
+    decode is then still rewritten); where it cannot run (parameters on the meta device) a warning
+    says where the router went and how to choose; `router_at` chooses; load_adapters puts the
+    router where the file's model had it."""
+    import warnings
+
+    from adafuse_compile import backend, load_adapters, save_adapters
+    from adafuse_compile.config import AdaFuseConfigError
+    from adafuse_compile.modeling.inject import router_linear
+
+    targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    config = AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal", target_modules=targets)
+    qkv, o = "model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"
+    torch._dynamo.reset()
+    backend.last_compilations.clear()
+    model = tiny_hf_model("phi3")
+    model.compile(backend="adafuse", options={"codegen": "eager"})
+    inject(model, config)  # after compile: the probe must not run (and break) the compiled forward
+    assert router_linear(model)[0] == qkv
+    model.generation_config.cache_implementation = "static"
+    with torch.no_grad():
+        model.generate(torch.randint(3, 256, (1, 7)), max_new_tokens=4, do_sample=False)
+    assert sorted(r["path"] for r in backend.last_compilations) == ["gather", "merge"]
+    torch._dynamo.reset()
+    path = save_adapters(model, tmp_path / "phi3.safetensors")
+
+    with torch.device("meta"):
+        on_meta = tiny_hf_model("phi3")
+    with pytest.warns(UserWarning, match=r"router goes to .*o_proj.*could not be checked: its parameters are on "
+                                         r"the meta device.*router_at="):
+        inject(on_meta, config)
+    assert router_linear(on_meta)[0] == o
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: no probe, no warning
+        inject(tiny_hf_model("phi3"), config, router_at=qkv)
+    with pytest.raises(AdaFuseConfigError, match="router_at='q_proj' is not one of the adapted linears"):
+        inject(tiny_hf_model("phi3"), config, router_at="q_proj")
+    with pytest.raises(AdaFuseConfigError, match="every_adapted"):
+        inject(tiny_hf_model("phi3"), AdaFuseConfig(target_modules=targets, router_placement="every_adapted"),
+               router_at=qkv)
+    fresh = load_adapters(tiny_hf_model("phi3"), path)  # the file's router: qkv_proj
+    assert router_linear(fresh)[0] == qkv
+
+
+def test_gradient_checkpointing_says_why_a_pregated_model_cannot_recompute():
+    model = tiny_hf_model("llama").train()
+    inject(model, AdaFuseConfig(num_experts=4, rank=4, init_lora_b="normal"))
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 256, (2, 6))
+    loss = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(RouterPlacementError, match="recomputed during backward.*gradient_checkpointing_disable.*"
+                                                   "every_adapted"):
+        loss.backward()

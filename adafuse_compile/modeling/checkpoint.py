@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import AdaFuseConfig
+from ..config import AdaFuseConfig, AdaFuseConfigError
 from .inject import adafuse_config, adapter_state_dict, inject, is_injected
 
 FORMAT = "adafuse-adapters-v1"
@@ -56,7 +56,14 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
     if not is_injected(model):
-        inject(model, config)
+        # The router where the saving model had it (found by its forward then, or named by the user):
+        # not found again, which could differ (e.g. a model loaded on the meta device cannot be probed).
+        routers = [k.removesuffix(".router.weight") for k in saved if k.endswith(".router.weight")]
+        router_at = routers[0] if config.router_placement == "first_adapted" and len(routers) == 1 else None
+        try:
+            inject(model, config, router_at=router_at)
+        except AdaFuseConfigError as exc:
+            raise AdapterCheckpointError(f"{path} does not fit {type(model).__name__}: {exc}") from None
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

@@ -1,4 +1,5 @@
-"""inject(model, config): turn a causal LM's target linears into pre-gated LoRA-MoE linears."""
+"""inject(model, config): turn a causal LM's target linears into LoRA-MoE linears, pre-gated (one
+router, at the first target the forward calls) or layer-wise (a router in each)."""
 from __future__ import annotations
 
 import contextlib
@@ -47,36 +48,66 @@ class _FirstCalled(Exception):
     """Ends the probe forward of `first_called` at the first target linear it reaches."""
 
 
-def first_called(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> str | None:
-    """The name of the target linear a forward of `model` calls first, or None where that cannot be
-    seen. Registration order is not always execution order: Phi-3's attention registers o_proj
-    before qkv_proj. A Hugging Face model's `dummy_inputs` are run until the first target is
-    reached (the embedding and a norm, then the forward is stopped), with the RNG state kept."""
+def first_called(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> tuple[str | None, str | None]:
+    """(the name of the target linear a forward of `model` calls first, or None; why not, or None
+    where nothing was tried: a model without `dummy_inputs`, like TinyLlama, whose forward calls its
+    linears in the order it registers them). Registration order is not always execution order: Phi-3's attention registers
+    o_proj before qkv_proj. A Hugging Face model's `dummy_inputs` run through its plain forward
+    (no module hooks of the model itself, no compiled code: force_eager) until the first target is
+    reached, where a pre-hook stops it; the RNG state is kept, and nothing else is left behind."""
     dummy = getattr(model, "dummy_inputs", None)
-    if len(targets) < 2 or not isinstance(dummy, dict) or not isinstance(dummy.get("input_ids"), torch.Tensor):
-        return None
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    if not isinstance(dummy, dict) or not isinstance(dummy.get("input_ids"), torch.Tensor):
+        return None, None
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+    if device is None:
+        return None, "its parameters are on the meta device (not loaded)"
 
     def stop_at(name, *_):
         raise _FirstCalled(name)
     hooks = [linear.register_forward_pre_hook(functools.partial(stop_at, name)) for name, linear in targets]
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            model(input_ids=dummy["input_ids"][:1, :2].to(device), use_cache=False)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
+            model.forward(input_ids=dummy["input_ids"][:1, :2].to(device), use_cache=False)
     except _FirstCalled as found:
-        return found.args[0]
-    except Exception:  # a model whose forward needs more than input_ids: keep registration order
-        return None
+        return found.args[0], None
+    except Exception as exc:  # a forward that needs more than input_ids, or parameters on several devices
+        return None, f"its forward on dummy inputs failed ({type(exc).__name__}: {str(exc)[:200]})"
     finally:
         for h in hooks:
             h.remove()
-    return None
+    return None, "its forward called no target linear"
 
 
-def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
+def _router_place(model: nn.Module, config: AdaFuseConfig, targets: list, router_at: str | None) -> str | None:
+    """Where the pre-gated router goes: `router_at` if given (checked), else the first target the
+    forward calls, else the first registered one, with a warning when that could not be checked."""
+    names = [name for name, _ in targets]
+    if config.router_placement == "every_adapted":
+        if router_at is not None:
+            raise AdaFuseConfigError("router_at names the one router of a pre-gated model; with "
+                                     "router_placement='every_adapted' every adapted linear has its own")
+        return None
+    if router_at is not None:
+        if router_at not in names:
+            raise AdaFuseConfigError(f"router_at={router_at!r} is not one of the adapted linears: {names[:4]}"
+                                     f"{'...' if len(names) > 4 else ''}")
+        return router_at
+    if len(targets) == 1:
+        return names[0]
+    found, how = first_called(model, targets)
+    if found is None and how is not None:
+        warnings.warn(
+            f"adafuse: the router goes to {names[0]}, the first target linear registered, because which one the "
+            f"forward calls first could not be checked: {how}. If the forward calls another target first, the model "
+            "raises RouterPlacementError; then pass inject(model, config, router_at='<that linear>')", stacklevel=3)
+    return found or names[0]
+
+
+def inject(model: nn.Module, config: AdaFuseConfig, *, router_at: str | None = None) -> nn.Module:
     """Freeze the backbone, wrap the target linears, and add ONE router at the first adapted linear
-    (config.router_placement="every_adapted": a router in every adapted linear, layer-wise).
+    the forward calls (`router_at`: the qualified name of another; config.router_placement=
+    "every_adapted": a router in every adapted linear, layer-wise).
 
     Works in place and returns `model`. The backbone weights are not copied: each AdaFuseLinear
     holds the original Parameters, so the backbone state_dict is unchanged.
@@ -84,7 +115,7 @@ def inject(model: nn.Module, config: AdaFuseConfig) -> nn.Module:
     if not isinstance(config, AdaFuseConfig):
         raise TypeError(f"config must be an AdaFuseConfig, got {type(config).__name__}")
     targets = target_linears(model, config)
-    router_at = first_called(model, targets) or targets[0][0]
+    router_at = _router_place(model, config, targets, router_at)
     for p in model.parameters():
         p.requires_grad_(False)
     channel = GateChannel()

@@ -12,6 +12,11 @@ Why a channel rather than an extra forward argument: in Hugging Face models the 
 `self.q_proj(hidden_states)` sits inside the library's attention and MLP code, which forwards
 no extra argument to its linears; threading the gate through as an argument would mean
 re-implementing those modules for every model family and version.
+
+Layer-wise routing (router_placement="every_adapted", MoLA style) is the other layout: every
+adapted linear has a router of its own, routes on its own input and publishes nothing on the
+channel (`routes_alone`, also on its parameters' tags, so that the compiler never merges it).
+The channel then only collects the routers' load-balancing terms of a training forward.
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ class AdapterTag:
     scaling: float
     top_k: int
     channel: "GateChannel"
+    # the layer routes on its own input (router_placement="every_adapted"): never merged, even
+    # where a graph holds only this layer's region and router (a block compiled on its own)
+    routes_alone: bool = False
 
 
 class RouterPlacementError(RuntimeError):
@@ -60,7 +68,7 @@ class GateChannel:
     def __init__(self) -> None:
         self.routing: Routing | None = None
         # load-balancing loss of the last training forward (layer-wise routing: the mean of every
-        # router's, aux_terms holding the forward's terms so far)
+        # router's, taken when the forward ends from aux_terms, the forward's terms so far)
         self.aux_loss: Tensor | None = None
         self.aux_terms: list[Tensor] = []
         # Optional callback(routing) -> bool run right after routing; True means it merged this token's
@@ -118,6 +126,8 @@ class GateChannel:
 
     def close(self) -> None:
         self.routing = None
+        if self.aux_terms:  # layer-wise: the forward's loss is the mean of its routers' (one stack, at the end)
+            self.aux_loss = torch.stack(self.aux_terms).mean()
         self.aux_terms = []
 
 
@@ -185,7 +195,7 @@ class AdaFuseLinear(nn.Linear):
         # factor layout and scaling from here instead of guessing it from shapes.
         channel.adapted_weights.append(self.weight)
         for role, p in (("weight", self.weight), ("lora_A", self.lora_A), ("lora_B", self.lora_B)):
-            p._adafuse_tag = AdapterTag(role, self.scaling, config.top_k, channel)
+            p._adafuse_tag = AdapterTag(role, self.scaling, config.top_k, channel, self.routes_alone)
 
     def __getstate__(self) -> dict:
         # Copying or pickling a part of the model (deepcopy(model.layers)) reaches this module's
@@ -201,15 +211,18 @@ class AdaFuseLinear(nn.Linear):
         for role in ("weight", "lora_A", "lora_B"):
             p = getattr(self, role, None)
             if channel is not None and p is not None and getattr(p, "_adafuse_tag", None) is None:
-                p._adafuse_tag = AdapterTag(role, self.scaling, self.top_k, channel)
+                p._adafuse_tag = AdapterTag(role, self.scaling, self.top_k, channel, self.routes_alone)
 
     def forward(self, x: Tensor) -> Tensor:
         channel: GateChannel = self._channel
         if self.routes_alone:  # layer-wise: this linear's gates are its own, nothing is merged
             routing = self.router(x)
             if self.training:
-                channel.aux_terms = [*channel.aux_terms, load_balancing_loss(routing)]
-                channel.aux_loss = torch.stack(channel.aux_terms).mean()
+                # computed in a checkpointed layer's recompute too (the recompute must run the forward's
+                # ops), but kept only in the forward: that loss is already taken
+                aux = load_balancing_loss(routing)
+                if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+                    channel.aux_terms.append(aux)
             return F.linear(x, self.weight, self.bias) + self.adapter_delta(x, routing)
         if self.router is not None:
             routing = self.router(x)
@@ -222,12 +235,19 @@ class AdaFuseLinear(nn.Linear):
             if routing is None:
                 name = getattr(self, "_adafuse_name", "an adapted linear")
                 router_at = getattr(channel, "router_at", None)
+                if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpointed layer's recompute
+                    raise RouterPlacementError(
+                        f"{name} is recomputed during backward (gradient checkpointing), after the forward that "
+                        "computed its gates ended: a pre-gated model's gates live for one forward of the whole "
+                        "model, so a recomputed layer cannot read them. Train without gradient checkpointing "
+                        "(model.gradient_checkpointing_disable()), or use router_placement='every_adapted', whose "
+                        "linears route on their own inputs")
                 raise RouterPlacementError(
                     f"{name} ran before the router{f' (at {router_at})' if router_at else ''} computed this step's "
                     "gates: the router must sit at the first adapted linear in execution order. Called through "
-                    "the model, this means its forward calls the linears in another order than inject() saw "
-                    f"(leave {name} out of target_modules, or inject with router_placement='every_adapted'); "
-                    "called on its own, call the model instead"
+                    "the model's forward, this means it calls the linears in another order than inject() assumed: "
+                    f"inject with router_at='{name}' (or leave '{name.rsplit('.', 1)[-1]}' out of target_modules, or "
+                    "use router_placement='every_adapted'). Called on its own: call the model instead"
                 )
         y = F.linear(x, self.weight, self.bias)
         if channel.merged:

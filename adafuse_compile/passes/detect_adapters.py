@@ -99,7 +99,7 @@ def detect_adapters(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
                 n_exp, rank, in_features = inputs[a].shape
                 region.factors = dict(lora_A=a, lora_B=roles["lora_B"][1], scaling=tag.scaling, top_k=tag.top_k,
                                       num_experts=int(n_exp), rank=int(rank), in_features=int(in_features),
-                                      channel=tag.channel)
+                                      channel=tag.channel, routes_alone=tag.routes_alone)
             regions.append(region)
     mixed = _mixed_dtypes(regions, inputs)
     if mixed:

@@ -5,10 +5,12 @@ it lies outside every adapter branch, and it does not depend on any region's out
 run before all adapted linears). Otherwise the graph stays exact and unmerged, with the reason.
 
 One exception goes on: layer-wise routing (MoLA style) in AdaFuseLinear layers
-(router_placement="every_adapted"), where every region has a router of its own and the factor
-layout is known. Nothing can be merged ahead of such a model, but each region's experts can be
-gathered where its router computed them: gm.meta["adafuse_layerwise"] lists the routers, and
-only rewrite_gather acts on the graph.
+(router_placement="every_adapted", tagged `routes_alone` on their parameters), where every region
+has a router of its own. Nothing can be merged ahead of such a model, but each region's experts
+can be gathered where its router computed them: gm.meta["adafuse_layerwise"] lists the routers,
+and only rewrite_gather acts on the graph. Decided by the tag, not by counting routers: a block
+compiled on its own holds one region and its router, which must not be merged either (the same
+graph serves every block, and a merge's state would carry one block's experts into the next).
 """
 from __future__ import annotations
 
@@ -25,20 +27,25 @@ def prove_pregating(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMo
     if not regions:
         return stop(gm, "no LoRA-MoE adapters in this graph: compiled as plain Inductor would", expected=True)
     sources = {s for r in regions for s in r.gate_sources}
+    own = sum(1 for r in regions if len(r.gate_sources) == 1 and
+              sum(s in other.gate_sources for other in regions for s in r.gate_sources) == 1)
+    alone = [r.name for r in regions if r.factors.get("routes_alone")]
+    if alone:
+        if len(alone) == len(regions) and own == len(regions):
+            gm.meta["adafuse_layerwise"] = sorted(sources, key=lambda n: n.name)
+            note(gm, f"prove_pregating: layer-wise routing (MoLA style): {len(sources)} router(s), one per region; "
+                     "nothing can be merged ahead, each region's experts will be gathered after its own router")
+            return gm
+        return stop(gm, f"layer-wise regions ({alone[0]}, ...: router_placement='every_adapted') are mixed with "
+                        f"regions of another routing in this graph ({len(regions)} regions, {len(sources)} routers); "
+                        "compiled unchanged (exact, unmerged): compile each model on its own")
     if len(sources) != 1:
-        own = sum(1 for r in regions if len(r.gate_sources) == 1 and
-                  sum(s in other.gate_sources for other in regions for s in r.gate_sources) == 1)
         shared_by = {s: sum(s in r.gate_sources for r in regions) for s in sources}
         if own == len(regions):
             unknown = [r.name for r in regions if not r.factors]
-            if not unknown:
-                gm.meta["adafuse_layerwise"] = sorted(sources, key=lambda n: n.name)
-                note(gm, f"prove_pregating: layer-wise routing (MoLA style): {len(sources)} routers, one per region; "
-                         "nothing can be merged ahead, each region's experts will be gathered after its own router")
-                return gm
-            kind = (" (layer-wise routing, MoLA style: each region routes on its own input; the expert factor "
-                    f"layout of {unknown[0]} is not known (not an AdaFuseLinear), so the gather kernels cannot "
-                    "take it either)")
+            kind = " (layer-wise routing, MoLA style: each region routes on its own input" + (
+                f"; the expert factor layout of {unknown[0]} is not known (not an AdaFuseLinear), so the gather "
+                "kernels cannot take it either)" if unknown else ")")
         elif all(len(r.gate_sources) == 1 for r in regions) and min(shared_by.values()) > 1:
             kind = (f" (each router gates several regions, {sorted(shared_by.values(), reverse=True)}: like "
                     f"{len(sources)} pre-gated models in one graph, where adafuse rewrites one router's regions per "

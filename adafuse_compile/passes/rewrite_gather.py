@@ -9,7 +9,8 @@ On CUDA (setting side_stream, default on) the call is split in two, gather_lora_
 after x and the routing exist and gather_lora_join before the first add, so the adapter kernels
 run on a second stream while the group's backbone linears run on the first (gather_lora.py).
 
-Each token keeps its own experts (per-token indices from the one hoisted router): exact, like the
+Each token keeps its own experts (per-token indices from the one hoisted router, or, layer-wise,
+from each region's own router, see below): exact, like the
 eager layer, but one shrink and one expand launch per group instead of a gather, two einsums and
 the gate arithmetic per module. For steps long enough that the Triton shrink sorts its rows by
 expert (prefill), the sort and the experts' segments are computed ONCE per step and shared by
