@@ -131,11 +131,16 @@ def test_batch2_decode_is_not_merged_and_matches():
     assert not any(r["rewritten"] for r in backend.last_compilations)
 
 
+@pytest.mark.parametrize("routing", ["first_adapted", "every_adapted"])
 @pytest.mark.parametrize("family", sorted(HF_FAMILIES))
-def test_hf_generate_parity_and_one_switch(family):
+def test_hf_generate_parity_and_one_switch(family, routing):
+    """Pre-gated: one switch in the decode graph. Layer-wise (a router in every adapted linear):
+    every graph gathers, nothing merged, the weights never written."""
     model = tiny_hf_model(family)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal"))
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=4, alpha=16, init_lora_b="normal",
+                                      router_placement=routing))
     model.generation_config.cache_implementation = "static"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     prompt = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(4))
     kw = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -144,6 +149,10 @@ def test_hf_generate_parity_and_one_switch(family):
         out = model.generate(prompt, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     assert rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= 1e-4
+    if routing == "every_adapted":
+        assert {r["path"] for r in backend.last_compilations} == {"gather"}
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return
     rewritten = [r for r in backend.last_compilations if r["rewritten"]]
     assert len(rewritten) == 1 and len(switch_calls(rewritten[0]["graph"])) == 1
     assert {r["module"] for r in rewritten[0]["regions"]} == {

@@ -315,21 +315,18 @@ def test_triton_with_segments_computed_once(triton_gather, T, k):
         gather_lora(**p, impl="triton", rows=rows)
 
 
-def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
-    """A 40-token prefill of a 3-layer model (80 rows: the sorted shrink): one expert_segments node
-    and one tuple_blocks node in the step's graph, feeding all six gather calls; the step matches
-    the eager model."""
-    import operator
-
+def _compiled_40_token_prefill(num_layers: int, seed: int, **adapters):
+    """A 40-token prefill (80 rows: the sorted shrink) of a TinyLlama with q, v, o adapters, through
+    the backend with the Triton kernels and the sets expand; checked against eager. -> its graph."""
     import adafuse_compile as af
     from adafuse_compile import backend
 
-    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
                              num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
     torch.manual_seed(0)
-    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=0)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=seed)
     af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
-                                      target_modules=("q_proj", "v_proj", "o_proj")))
+                                      target_modules=("q_proj", "v_proj", "o_proj"), **adapters))
     model.eval().setup_cache(1)
     tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
     with torch.no_grad():
@@ -340,7 +337,17 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
         got = torch.compile(model, backend="adafuse", options={
             "codegen": "eager", "sgmm_impl": "triton", "prefill_expand": "sets"})(tokens, pos)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    gm = backend.last_compilations[0]["graph"]
+    af.restore(model)
+    return backend.last_compilations[0]["graph"]
+
+
+def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
+    """A 40-token prefill of a 3-layer model (80 rows: the sorted shrink): one expert_segments node
+    and one tuple_blocks node in the step's graph, feeding all six gather calls; the step matches
+    the eager model."""
+    import operator
+
+    gm = _compiled_40_token_prefill(num_layers=3, seed=0)
     sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
     assert len(sorts) == 1 and len(calls) == 6  # q,v share x (one call), o alone: 2 per layer
@@ -352,31 +359,12 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     # and the tokens' sets of experts for the prefill expand, also once for the step
     sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
     assert len(sets) == 1 and {tuple(a.args for a in n.args[9:11]) for n in calls} == {((sets[0], 0), (sets[0], 1))}
-    af.restore(model)
 
 
 def test_layerwise_prefill_sorts_once_per_router(triton_gather):
     """Layer-wise routing (a router in every adapted linear): the same 40-token prefill sorts its
     rows once per router, each gather call reading its own router's order and sets; matches eager."""
-    import adafuse_compile as af
-    from adafuse_compile import backend
-
-    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
-    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=1)
-    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
-                                      target_modules=("q_proj", "v_proj", "o_proj"), router_placement="every_adapted"))
-    model.eval().setup_cache(1)
-    tokens, pos = torch.randint(0, 64, (1, 40)), torch.arange(40)
-    with torch.no_grad():
-        ref = model(tokens, pos)
-        torch._dynamo.reset()
-        backend.last_compilations.clear()
-        model.setup_cache(1)
-        got = torch.compile(model, backend="adafuse", options={
-            "codegen": "eager", "sgmm_impl": "triton", "prefill_expand": "sets"})(tokens, pos)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    gm = backend.last_compilations[0]["graph"]
+    gm = _compiled_40_token_prefill(num_layers=2, seed=1, router_placement="every_adapted")
     sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
     sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
