@@ -15,7 +15,7 @@
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
 #   decode-all  the same for all seven linears                            ~9 min
-#   decode:<qv|all>:<phases>[:<batches>[:<naive phases>]]  one slice of decode / decode-all, so
+#   decode:<qv|all>:<phases>[:<batches>[:<naive phases>[:<routing>]]]  one slice of decode / decode-all, so
 #            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch); ROUTING=layerwise
 #            times a router in every adapted linear instead (MoLA style: gather and auto only)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
@@ -130,13 +130,16 @@ run_stage() {
     # decode:<qv|all>:<phases>[:<batches>[:<naive phases>]], e.g. decode:all:batch,prefill:32:batch.
     # Paths from PATHS_<targets> (default auto), MULTI_PATHS (default auto). ROUTING=layerwise: a router
     # in every adapted linear (MoLA style; naive = that model under plain torch.compile; gather/auto only).
-    local targets phases batches naive paths_var tag
-    IFS=: read -r _ targets phases batches naive <<< "$stage"
+    # A sixth field names the routing of this slice alone (decode:all:b1:8::layerwise), so pre-gated and
+    # layer-wise slices can run side by side; ROUTING sets it for every slice that names none.
+    local targets phases batches naive routing paths_var tag
+    IFS=: read -r _ targets phases batches naive routing <<< "$stage"
+    routing=${routing:-${ROUTING:-pregated}}
     paths_var=PATHS_$targets
     tag="${phases//,/-}${batches:+_b${batches//,/-}}${naive:+_naive-${naive//,/-}}"
-    [ "${ROUTING:-pregated}" = layerwise ] && tag="layerwise_$tag"
+    [ "$routing" = layerwise ] && tag="layerwise_$tag"
     timeout "${DECODE_TIMEOUT:-570}" python3 benchmarks/bench_decode.py --preset llama2-7b --targets "$targets" --skip-profile \
-      --routing "${ROUTING:-pregated}" \
+      --routing "$routing" \
       --budget-s "${DECODE_BUDGET:-470}" --paths "${!paths_var:-auto}" --multi-paths "${MULTI_PATHS:-auto}" \
       --phases "$phases" --batches "${batches:-8,32}" ${naive:+--naive-phases "$naive"} \
       --out "$OUT/decode_llama2-7b_${targets}_$tag.json" 2>&1 | grep -v -i "warn" | tail -12 ;;
