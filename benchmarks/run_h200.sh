@@ -31,7 +31,7 @@
 #   tests-generate  generate() under CUDA graphs: prompts after the warm-up record nothing (cache kept), and
 #            the deferred stop check's tokens (skipped without HF_WHEELS: the machine has transformers 5.17)  ~3 min
 #   tests-backend-prefill  the backend's prefill GPU tests (dense packed and unpacked, sets, slots)  ~2 min
-#   profile-side  profile_paths.py: gather with and without the side stream  ~5 min
+#   profile-side  profile_paths.py: gather with and without the side stream  ~5 min (PROFILE_LAYERS: layers, default 4)
 #            (PROFILE_PATHS=gather-sets,gather-slots,gather PROFILE_SHAPES=p512: the prefill forms)
 #   profile  per-kernel time of each path vs the backbone, b1/b8/b32/p512, 4 layers, q,v then all  ~8 min
 #   prefill-forms  prefill adapter forms (dense, its layouts, Triton dense expand, grouped_mm, gather),
@@ -111,8 +111,8 @@ run_stage() {
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k gather tests/test_backend_gpu.py 2>&1 | tee "$OUT/gpu_backend_gather_tests.log" | grep -v -i warn | tail -15 ;;
   profile-side)
     # The gather path with and without the side stream, all seven then q,v, every step shape.
-    for t in all qv; do
-      timeout "${PROFILE_TIMEOUT:-200}" python3 benchmarks/profile_paths.py --targets "$t" --paths "${PROFILE_PATHS:-gather,gather-inline}" \
+    for t in ${PROFILE_TARGETS:-all qv}; do
+      timeout "${PROFILE_TIMEOUT:-200}" python3 benchmarks/profile_paths.py --layers "${PROFILE_LAYERS:-4}" --targets "$t" --paths "${PROFILE_PATHS:-gather,gather-inline}" \
         --shapes "${PROFILE_SHAPES:-b1,b8,b32,p512}" --out "$OUT/profile_side_$t.json" 2>&1 | grep -v -i -e warn -e USDT -e softmax -e "split the" -e "important use" | tail -12
     done ;;
   tests)
@@ -188,8 +188,8 @@ run_stage() {
       --variants "${GATHER_PREFILL_VARIANTS:-$prefill_variants}" --out "$OUT/gather_h200_variants_prefill.json" 2>&1 | tail -60 ;;
   profile)
     # Per-kernel time of each path against the backbone, 4 layers of the 7B shape (profile_paths.py).
-    for t in qv all; do
-      timeout "${PROFILE_TIMEOUT:-280}" python3 benchmarks/profile_paths.py --targets "$t" --out "$OUT/profile_$t.json" 2>&1 \
+    for t in ${PROFILE_TARGETS:-qv all}; do
+      timeout "${PROFILE_TIMEOUT:-280}" python3 benchmarks/profile_paths.py --layers "${PROFILE_LAYERS:-4}" --targets "$t" --out "$OUT/profile_$t.json" 2>&1 \
         | grep -v -i -e warn -e USDT | tail -12
     done ;;
   prefill-fused)
