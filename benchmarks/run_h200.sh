@@ -10,7 +10,10 @@
 #            kernels 169 passed in 220 s; models cut by its 560 s timeout after 29 of 31 passed, in the
 #            generate() tests, which it now leaves to tests-generate: -p tests-kernels tests-models, then
 #            tests-generate)
-#   tests-backend  the backend and factor-slot GPU tests (252 s on 2026-11-29, before the
+#   tests-k:<expr>  the GPU tests that pytest -k <expr> selects from every file (quote the stage:
+#            'tests-k:layerwise or side_stream'); the way to run a few tests after a fix
+#   tests-backend  the backend and factor-slot GPU tests (63 tests: 19 passed in its 520 s beside a
+#            32-layer profile on 2026-12-05; split it with tests-k) (252 s on 2026-11-29, before the
 #            two-instance tests were added)                                ~5 min
 #   decode   Llama-2-7B shape, q,v: batch-1 decode (KV 512) for the backbone, the naive model and
 #            each adafuse path; batch 8/32 decode and 512-token prefill for backbone and auto  ~9 min
@@ -99,6 +102,13 @@ run_stage() {
   echo "=== stage $stage ($(date +%T))"
   case "$stage" in
   install) ;;  # the install above is all (with -p too)
+  tests-k:*)
+    # tests-k:<pytest -k expression>: the GPU tests it selects, from every file (e.g.
+    # "tests-k:layerwise or side_stream"); the log is named after the expression's letters and digits.
+    local expr=${stage#tests-k:} name
+    name=$(printf '%s' "$expr" | tr -c 'A-Za-z0-9' '_' | cut -c1-60)
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s -k "$expr" tests 2>&1 \
+      | tee "$OUT/gpu_tests_k_$name.log" | grep -v -i warn | tail -20 ;;
   tests-gather)
     timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests-generate)

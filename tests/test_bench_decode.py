@@ -24,6 +24,10 @@ def test_bench_decode_cpu_smoke(tmp_path):
         assert res[f"adafuse_{path}_vs_fp32_max_rel_logit_err"] <= 1.5 * bf16_own_err + 1e-3
     assert res["adafuse_auto_path_decisions"][0]["path"] in ("merge", "factor", "gather")
     assert res["adafuse_auto_b2_paths_compiled"] == ["gather"]  # multi-token steps: the gather path
+    # every timed graph is also checked against eager (a wrong path is listed, not just timed)
+    assert "wrong_results" not in res, res["wrong_results"]
+    for key in ("adafuse_auto_b2", "adafuse_auto_prefill", "adafuse_gather-slots_b2", "adafuse_gather-slots_prefill"):
+        assert res[f"{key}_max_rel_logit_err_vs_eager"] <= 3 * bf16_own_err + 1e-3
     assert res["adafuse_auto_prefill_paths_compiled"] == ["gather"]
     for key in ("backbone_compiled_ms", "backbone_b2_compiled_ms", "adafuse_auto_b2_ms",
                 "backbone_prefill_tokens_per_s", "adafuse_auto_prefill_tokens_per_s",
@@ -73,6 +77,7 @@ def test_bench_decode_layerwise_routing_cpu_smoke(tmp_path):
                    check=True, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     assert not [k for k in res if k.endswith("_error")], res
+    assert "wrong_results" not in res, res["wrong_results"]
     assert res["routing"] == "layerwise"
     bf16_own_err = res["eager_bf16_vs_fp32_max_rel_logit_err"]
     for path in ("gather", "auto"):

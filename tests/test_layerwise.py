@@ -37,6 +37,13 @@ def gather_calls(gm):
             and "join" not in str(n.target)]
 
 
+def topk_of(node):
+    """The top-k node an experts argument comes from, through getitem / reshape."""
+    while node.target is not torch.topk:
+        node = node.args[0]
+    return node
+
+
 def topk_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.topk]
 
@@ -139,8 +146,8 @@ def test_decode_batch_and_prefill_gather_with_each_regions_own_router(codegen, s
         calls = gather_calls(gm)
         assert len(calls) == n_regions  # one per region: no two regions share a router
         assert len(topk_nodes(gm)) == n_regions
-        # each call's experts come from its own top-k (its indices, reshaped), all different
-        sources = {n.args[3].args[0].args[0] for n in calls}
+        # each call's experts come from its own top-k (its indices, reshaped where not [T, k]), all different
+        sources = {topk_of(n.args[3]) for n in calls}
         assert len(sources) == n_regions and sources <= set(topk_nodes(gm))
         if side_stream:
             assert all("gather_lora_start" in str(n.target) for n in calls)
@@ -238,3 +245,57 @@ def test_a_block_compiled_on_its_own_is_not_merged():
         assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-5, path
         assert {r["path"] for r in backend.last_compilations} == expected, path
         assert all(len(r["regions"]) == 1 for r in backend.last_compilations)
+
+
+def _side_stream_lifetimes(code: str) -> list[str]:
+    """Problems in Inductor's generated `call`: a buffer a gather_lora_start reads that its join does
+    not take, or that is deleted or handed to another buffer between the two."""
+    import re
+
+    lines = code[code.index("def call"):].splitlines()
+    problems, open_starts, deltas_of = [], {}, {}
+    for i, line in enumerate(lines):
+        if m := re.match(r"\s*(buf\d+) = torch\.ops\.adafuse\.gather_lora_start\.default\((.*)\)$", line):
+            reads = set(re.findall(r"\bbuf\d+\b", m[2]))
+            open_starts[m[1]] = (i, reads)
+        elif (m := re.match(r"\s*(buf\d+) = (buf\d+)\[0\]$", line)) and m[2] in open_starts:
+            deltas_of[m[1]] = m[2]
+        elif m := re.match(r"\s*torch\.ops\.adafuse\.gather_lora_join\.default\(\[(buf\d+).*?\], \[(.*)\]\)$", line):
+            start = deltas_of[m[1]]
+            begin, reads = open_starts.pop(start)
+            kept = set(re.findall(r"\bbuf\d+\b", m[2]))
+            if reads - kept:
+                problems.append(f"line {i}: the join of {start} does not take {sorted(reads - kept)}")
+            for between in lines[begin + 1:i]:
+                for name in reads:
+                    if re.search(rf"del {name}\b|out={name}\b", between):  # freed (or reused), or written
+                        problems.append(f"{name}, read by {start}'s side stream, is freed or reused before its join: "
+                                        f"{between.strip()}")
+    assert not open_starts, f"starts without a join: {sorted(open_starts)}"
+    return problems
+
+
+@pytest.mark.parametrize("placement", ["every_adapted", "first_adapted"])
+def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(placement):
+    """On CUDA the adapter kernels run on a side stream between gather_lora_start and gather_lora_join,
+    reading their inputs after the start returned. In Inductor's code (side stream forced on the CPU)
+    the join must take the very buffers the start read, and none may be freed or reused in between.
+    Before adafuse::side_input, Inductor computed a layer-wise router's softmax twice (one buffer for
+    the start, one for the join) and freed the start's at once: the 7B layer-wise decode on an H100
+    read overwritten gates (logits off by 127%)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = af.TinyLlama(TINY).init_weights(std=0.08, seed=3)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal",
+                                      target_modules="all-linear", router_placement=placement))
+    model.eval().setup_cache(2)
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_tokens, ref_logits = af.greedy_decode(model, prompt, 3)
+        model.setup_cache(2)
+        compiled = torch.compile(model, backend="adafuse", options={"path": "gather", "side_stream": True})
+        (tokens, logits), codes = run_and_get_code(af.greedy_decode, compiled, prompt, 3)
+    assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4
+    assert codes and all("gather_lora_start" in code for code in codes)
+    for code in codes:
+        assert _side_stream_lifetimes(code) == []

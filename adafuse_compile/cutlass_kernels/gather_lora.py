@@ -371,6 +371,15 @@ def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, se
     outs = plan.new_outputs(x, experts.shape[1] if per_slot else None)
     with torch.cuda.stream(side):
         plan.run(x, experts, gates, scaling, outs=outs, **steps)
+    # The side stream reads the inputs after this call returns, and the caller may drop them at
+    # once (Inductor did: "Lifetimes" below). Held here until the join, after which the current
+    # stream has waited for the side stream, so the caching allocator cannot hand their memory to
+    # the current stream's next tensors meanwhile. (Tensor.record_stream would do the same, but
+    # defers its frees to the end of a CUDA-graph capture and has open allocator issues there.)
+    pending = _pending_inputs()
+    pending[outs[0].data_ptr()] = (x, experts, gates, rows, segments, set_order, set_work)
+    if len(pending) > MAX_PENDING_STARTS:  # starts whose join never ran (a step that raised): drop the oldest
+        pending.pop(next(iter(pending)))
     return outs
 
 
@@ -422,12 +431,27 @@ def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: 
 # shrink and expand there; the graph then runs the group's backbone linears on the current
 # stream, concurrently; `gather_lora_join` makes the current stream wait for the second before
 # the deltas are added. A CUDA-graph capture records the fork and the join as graph edges, so a
-# replay overlaps the same way. Lifetimes: the caller passes to the join every tensor the side
-# stream reads (x, experts, gates and the step's order and sets), so that no buffer it still reads
-# is freed and reused before the join; the deltas are allocated on the current stream.
+# replay overlaps the same way. Lifetimes: the side stream reads x, experts, gates and the step's
+# order and sets after the start has returned, so none of them may be reused before the join. Two
+# guards: the start holds them until the join (_pending_inputs: no reuse through the caching
+# allocator), and the caller passes them to the join as well, which in a compiled graph keeps
+# Inductor from reusing their buffers for later kernels of the current stream. For that the join
+# must receive the very buffers the start read: Inductor computed a layer-wise router's softmax
+# twice, one buffer for the start and one for the join, and the start's was overwritten while the
+# side stream still read it (the 7B layer-wise decode on the H100, 2026-12-05), so the backend
+# passes gates through adafuse::side_input, whose output is one buffer for both. The deltas are
+# allocated on the current stream.
 # One side stream per (thread, device): two threads decoding two models (each may be capturing a
 # CUDA graph) must not join each other's work or captures through a shared stream.
 _side_streams = threading.local()
+
+
+MAX_PENDING_STARTS = 256  # a graph has one or two starts open at a time
+
+
+def _pending_inputs() -> dict:
+    """This thread's started gathers: the first delta's address -> the inputs the side stream reads."""
+    return _side_streams.__dict__.setdefault("pending", {})
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -462,8 +486,22 @@ gather_lora_start_op.register_fake(_gather_lora_fake)
 def gather_lora_join_op(deltas: list[Tensor], keep: list[Tensor]) -> None:
     if deltas and deltas[0].is_cuda:
         torch.cuda.current_stream(deltas[0].device).wait_stream(side_stream(deltas[0].device))
+        _pending_inputs().pop(deltas[0].data_ptr(), None)  # read by the side stream, which is waited for now
 
 
 @gather_lora_join_op.register_fake
 def _gather_lora_join_fake(deltas, keep) -> None:
     return None
+
+
+# A copy made by an op of its own: Inductor cannot fuse it into the kernel that computes `t`, so
+# its output is one buffer, which the graph hands to both the start and the join (see Lifetimes).
+# One small launch per router: once per step for a pre-gated model, once per region layer-wise.
+@torch.library.custom_op("adafuse::side_input", mutates_args=())
+def side_input_op(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@side_input_op.register_fake
+def _side_input_fake(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
