@@ -89,10 +89,10 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     graph = gm.graph
     routes = {}  # router key -> (experts, gates) as [T, k] nodes, right after that router's outputs
     for key, routing in (layerwise or {None: gm.meta["adafuse_routing"]}).items():
-        with graph.inserting_after(routing["last"]):  # after the later of the two, which both may read
-            gates = _as_rows(graph, routing["weights"], top_k)
-            experts = _as_rows(graph, routing["experts"], top_k)
-        routes[key] = (experts, gates)
+        with graph.inserting_after(routing["last"]):
+            experts = graph.call_method("reshape", (routing["experts"], -1, top_k))
+        with graph.inserting_after(experts):
+            routes[key] = (experts, graph.call_method("reshape", (routing["weights"], -1, top_k)))
     if dense:
         if training:
             note(gm, f"rewrite_gather: {TRAINING_NOTE}: the dense form (plain matmuls, differentiable), unpacked")
@@ -175,18 +175,6 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")
     return clean_up(gm)
-
-
-def _as_rows(graph: fx.Graph, node: fx.Node, top_k: int) -> fx.Node:
-    """`node` as [T, k]: itself when it has that shape already (the project's Router flattens its
-    tokens), else a reshape. The side stream's split form passes these to both the start and the
-    join, and the join must receive the very buffer the start's kernels read; a view of an
-    unrealized value (the softmax of a layer-wise router's gates) was materialised by Inductor once
-    per consumer, and the start's copy freed right after the start."""
-    val = example_value(node)
-    if val is not None and val.dim() == 2 and val.shape[1] == top_k:
-        return node
-    return graph.call_method("reshape", (node, -1, top_k))
 
 
 def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int, top_k: int, sorted_rows: bool,
