@@ -299,3 +299,24 @@ def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(pla
     assert codes and all("gather_lora_start" in code for code in codes)
     for code in codes:
         assert _side_stream_lifetimes(code) == []
+
+
+@pytest.mark.parametrize("placement", ["every_adapted", "first_adapted"])
+def test_side_stream_buffers_of_a_hugging_face_llama(placement):
+    """The same property for a Hugging Face Llama (its own RMSNorm, rotary and attention code around
+    the adapted linears): a batch-2 forward, side stream forced on."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_hf_model("llama")
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal",
+                                      target_modules="all-linear", router_placement=placement))
+    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        compiled = torch.compile(model, backend="adafuse", options={"path": "gather", "side_stream": True})
+        out, codes = run_and_get_code(lambda: compiled(ids).logits)
+    assert rel_err(out, ref) <= 1e-4
+    assert codes and any("gather_lora_start" in code for code in codes)
+    for code in codes:
+        if "gather_lora_start" in code:
+            assert _side_stream_lifetimes(code) == []
