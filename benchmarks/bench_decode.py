@@ -114,7 +114,10 @@ def teacher_forced_logits(step, tokens: torch.Tensor, prefill=None) -> torch.Ten
     # clone(): under CUDA-graph trees a step's output buffer is overwritten by the next replay.
     out = [(prefill or step)(tokens[:, :8], torch.arange(8, device=DEV))[:, -1].clone()]
     for i in range(8, tokens.shape[1]):
-        out.append(step(tokens[:, i:i + 1], torch.tensor([i], device=DEV))[:, -1].clone())
+        # contiguous: the timed loop feeds argmax outputs (strides (1, 1)); a column slice of `tokens`
+        # has other strides, which would compile another graph than the one timed
+        nxt = tokens[:, i:i + 1].clone(memory_format=torch.contiguous_format)
+        out.append(step(nxt, torch.tensor([i], device=DEV))[:, -1].clone())
     return torch.stack(out, 1).float()
 
 

@@ -26,6 +26,8 @@ IN = 40  # odd: not a multiple of the K block
 # (fp32 3e-7; fp16 reference 3e-4, Triton 4.6e-4; bf16 reference 2.5e-3): the output's one
 # rounding. A wrong expert, a dropped slot or a wrong gate is O(1e-1) or more.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# the backend's graphs compute the step's sort and sets through these ops (one buffer for every consumer)
+SORT_OP, SETS_OP = torch.ops.adafuse.expert_segments.default, torch.ops.adafuse.tuple_blocks.default
 
 
 def _problem(T, k, dtype, outs=OUTS, n_in=IN, n_experts=5, rank=16):
@@ -348,7 +350,7 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     import operator
 
     gm = _compiled_40_token_prefill(num_layers=3, seed=0)
-    sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
+    sorts = [n for n in gm.graph.nodes if n.target is SORT_OP]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
     assert len(sorts) == 1 and len(calls) == 6  # q,v share x (one call), o alone: 2 per layer
     shared = {tuple(n.args[7:9]) for n in calls}
@@ -357,7 +359,7 @@ def test_prefill_step_sorts_experts_once_for_every_gather_call(triton_gather):
     assert rows.target is operator.getitem and rows.args == (sorts[0], 0)
     assert segments.target is operator.getitem and segments.args == (sorts[0], 1)
     # and the tokens' sets of experts for the prefill expand, also once for the step
-    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    sets = [n for n in gm.graph.nodes if n.target is SETS_OP]
     assert len(sets) == 1 and {tuple(a.args for a in n.args[9:11]) for n in calls} == {((sets[0], 0), (sets[0], 1))}
 
 
@@ -365,8 +367,8 @@ def test_layerwise_prefill_sorts_once_per_router(triton_gather):
     """Layer-wise routing (a router in every adapted linear): the same 40-token prefill sorts its
     rows once per router, each gather call reading its own router's order and sets; matches eager."""
     gm = _compiled_40_token_prefill(num_layers=2, seed=1, router_placement="every_adapted")
-    sorts = [n for n in gm.graph.nodes if n.target is gl.expert_segments]
-    sets = [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    sorts = [n for n in gm.graph.nodes if n.target is SORT_OP]
+    sets = [n for n in gm.graph.nodes if n.target is SETS_OP]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target)]
     assert len(sorts) == len(sets) == len(calls) == 6  # q, v and o of two layers, each its own router
     assert {n.args[7].args[0] for n in calls} == set(sorts) and {n.args[9].args[0] for n in calls} == set(sets)
@@ -410,9 +412,9 @@ def test_prefill_of_a_second_length_recompiles_dynamic_and_stays_exact(triton_ga
     tokens_in = next(v for n in gm.graph.nodes if n.op == "placeholder"
                      and isinstance(v := n.meta.get("example_value"), torch.Tensor))
     assert isinstance(tokens_in.shape[1], torch.SymInt)  # the second compile is dynamic in T
-    count = {f: len([n for n in gm.graph.nodes if n.target is f]) for f in (gl.tuple_blocks, gl.dense_gates)}
-    assert count == ({gl.tuple_blocks: 1, gl.dense_gates: 0} if prefill_expand == "sets"
-                     else {gl.tuple_blocks: 0, gl.dense_gates: 1})
+    count = {f: len([n for n in gm.graph.nodes if n.target is f]) for f in (SETS_OP, gl.dense_gates)}
+    assert count == ({SETS_OP: 1, gl.dense_gates: 0} if prefill_expand == "sets"
+                     else {SETS_OP: 0, gl.dense_gates: 1})
 
 
 def test_decode_with_a_dynamic_batch_keeps_the_gather_kernels():
@@ -474,7 +476,7 @@ def test_prefill_with_the_per_slot_expand_matches_eager(triton_gather, side_stre
     gm = backend.last_compilations[0]["graph"]
     calls = [n for n in gm.graph.nodes if "gather_lora" in str(n.target) and "join" not in str(n.target)]
     assert len(calls) == 4 * model.config.num_hidden_layers and all(n.args[-1] is True for n in calls)
-    assert not [n for n in gm.graph.nodes if n.target is gl.tuple_blocks]
+    assert not [n for n in gm.graph.nodes if n.target is SETS_OP]
 
 
 @pytest.mark.parametrize("n_tokens, n_experts, expand, dense", [
@@ -718,3 +720,12 @@ def test_kernels_compile_for_sm90():
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert res.returncode == 0 and "AOT-OK" in res.stdout, res.stderr[-4000:]
+
+
+def test_join_check_names_side_stream_inputs_the_join_does_not_keep():
+    """The join's check (run on CUDA while a graph is captured): a tensor the side stream read must
+    share storage with one the join keeps; views of a kept tensor count, another copy does not."""
+    x, gates = torch.randn(4, 8), torch.rand(4, 2)
+    gl._check_join_keeps((x.view(2, 16), gates, None), [x, gates])  # views and None pass
+    with pytest.raises(RuntimeError, match=r"not among those its join keeps alive.*side_stream': False"):
+        gl._check_join_keeps((x, gates.clone()), [x, gates])

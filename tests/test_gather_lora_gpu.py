@@ -160,14 +160,18 @@ def test_side_stream_fork_join_in_a_cuda_graph(T):
         torch.testing.assert_close(out["y"], x @ w.t())
 
 
+@pytest.mark.parametrize("hold", [True, False])
 @pytest.mark.parametrize("T", [1, 8])
-def test_side_stream_inputs_freed_by_the_caller_are_not_reused_early(T):
+def test_side_stream_inputs_freed_by_the_caller_are_not_reused_early(T, hold, monkeypatch):
     """The start returns before the side stream has read its inputs, and a caller may drop them at
     once (Inductor did, for a layer-wise router's gates: the 7B layer-wise decode came out wrong on
     an H100). The start holds them until the join. Here the side stream is held back by a sleep
-    while the caller frees the inputs and the main stream fills every same-sized block it can get
-    with junk: the deltas must still be those of the original inputs. (Written after the session's
-    last GPU call: not yet run on a GPU.)"""
+    while the caller frees the inputs and the main stream fills same-sized tensors with junk: no
+    junk lands on the inputs' memory and the deltas are those of the original inputs. The control
+    (hold=False: the start's hold patched out) shows that the memory is reused otherwise, so the
+    test detects the hazard. (Written after the session's last GPU call: not yet run on a GPU.)"""
+    if not hold:
+        monkeypatch.setattr(gl, "_pending_inputs", lambda: {})
     p = _problem(T, "qkv", torch.bfloat16)
     x, experts, gates = p["x"].clone(), p["experts"].clone(), p["gates"].clone()
     gather_lora(**p, impl="triton")  # the plan and the kernels exist: nothing below compiles
@@ -176,12 +180,18 @@ def test_side_stream_inputs_freed_by_the_caller_are_not_reused_early(T):
         torch.cuda._sleep(200_000_000)  # ~0.1 s at ~2 GHz: the start's kernels queue behind it
     deltas = torch.ops.adafuse.gather_lora_start(x, p["lora_A"], p["lora_B"], experts, gates, p["scaling"], "triton")
     shapes = [(t.shape, t.dtype) for t in (x, experts, gates)]
+    addresses = {t.data_ptr() for t in (x, experts, gates)}
     del x, experts, gates
     junk = [torch.full(shape, 7 if dtype == torch.int64 else 1e4, dtype=dtype, device="cuda")
             for _ in range(64) for shape, dtype in shapes]
+    reused = addresses & {t.data_ptr() for t in junk}
     torch.ops.adafuse.gather_lora_join(deltas, [])
     torch.cuda.synchronize()
     del junk
+    if not hold:
+        assert reused, "control: the freed inputs' memory was not reused, so the test shows nothing"
+        return
+    assert not reused
     _check(deltas, p, torch.bfloat16, "inputs freed right after the start")
 
 

@@ -272,11 +272,14 @@ def _side_stream_lifetimes(code: str) -> list[str]:
                         problems.append(f"{name}, read by {start}'s side stream, is freed or reused before its join: "
                                         f"{between.strip()}")
     assert not open_starts, f"starts without a join: {sorted(open_starts)}"
+    # every start of the code was read (a change in Inductor's line format must fail, not pass empty)
+    assert len(deltas_of) == code.count("gather_lora_start.default(") > 0, (len(deltas_of), code.count("gather_lora_start.default("))
     return problems
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("placement", ["every_adapted", "first_adapted"])
-def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(placement):
+def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(placement, batch):
     """On CUDA the adapter kernels run on a side stream between gather_lora_start and gather_lora_join,
     reading their inputs after the start returned. In Inductor's code (side stream forced on the CPU)
     the join must take the very buffers the start read, and none may be freed or reused in between.
@@ -288,11 +291,11 @@ def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(pla
     model = af.TinyLlama(TINY).init_weights(std=0.08, seed=3)
     af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, alpha=16, init_lora_b="normal",
                                       target_modules="all-linear", router_placement=placement))
-    model.eval().setup_cache(2)
-    prompt = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    model.eval().setup_cache(batch)
+    prompt = torch.randint(0, TINY.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref_tokens, ref_logits = af.greedy_decode(model, prompt, 3)
-        model.setup_cache(2)
+        model.setup_cache(batch)
         compiled = torch.compile(model, backend="adafuse", options={"path": "gather", "side_stream": True})
         (tokens, logits), codes = run_and_get_code(af.greedy_decode, compiled, prompt, 3)
     assert torch.equal(tokens, ref_tokens) and rel_err(logits, ref_logits) <= 1e-4

@@ -98,6 +98,33 @@ def tuple_blocks(experts: Tensor, n_experts: int, block_t: int = TUPLE_BLOCK_T) 
     return order, torch.stack([wkey, start, end])
 
 
+# The same two as ops of their own, for the backend's graphs: their outputs are then buffers that
+# Inductor hands unchanged to every consumer. Traced as plain functions, Inductor lowers the sorts
+# to its own kernels on CUDA and may materialise their results once per consumer, so the side
+# stream's start and its join would see different copies ("Lifetimes" below).
+@torch.library.custom_op("adafuse::expert_segments", mutates_args=())
+def expert_segments_op(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    return expert_segments(experts, n_experts)
+
+
+@expert_segments_op.register_fake
+def _expert_segments_fake(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    return (experts.new_empty(experts.numel(), dtype=torch.int64),
+            experts.new_empty(n_experts + 1, dtype=torch.int64))
+
+
+@torch.library.custom_op("adafuse::tuple_blocks", mutates_args=())
+def tuple_blocks_op(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    return tuple_blocks(experts, n_experts)
+
+
+@tuple_blocks_op.register_fake
+def _tuple_blocks_fake(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    n_tok, k = experts.shape
+    n_work = (n_tok + TUPLE_BLOCK_T - 1) // TUPLE_BLOCK_T + torch.sym_min(n_tok, (n_experts + 1) ** k)
+    return experts.new_empty(n_tok, dtype=torch.int64), experts.new_empty(3, n_work, dtype=torch.int64)
+
+
 # Prefill in dense matmuls (the backend's prefill_expand="auto" from this many tokens per step): every
 # expert's low-rank term for every token, weighted by a gate matrix that is zero outside each token's
 # top-k. N / k times the gathered arithmetic, but in large cuBLAS GEMMs, with no sort: on the H200
@@ -446,7 +473,7 @@ def gather_lora(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: 
 _side_streams = threading.local()
 
 
-MAX_PENDING_STARTS = 256  # a graph has one or two starts open at a time
+MAX_PENDING_STARTS = 256  # a graph has a few starts open at a time (layer-wise q, k, v: three)
 
 
 def _pending_inputs() -> dict:
@@ -486,7 +513,34 @@ gather_lora_start_op.register_fake(_gather_lora_fake)
 def gather_lora_join_op(deltas: list[Tensor], keep: list[Tensor]) -> None:
     if deltas and deltas[0].is_cuda:
         torch.cuda.current_stream(deltas[0].device).wait_stream(side_stream(deltas[0].device))
-        _pending_inputs().pop(deltas[0].data_ptr(), None)  # read by the side stream, which is waited for now
+        read = _pending_inputs().pop(deltas[0].data_ptr(), None)  # the side stream is waited for now
+        if read is not None and keep and _check_keep():
+            _check_join_keeps(read, keep)
+
+
+_JOIN_CHECKS = [1024]  # joins checked outside a CUDA-graph capture, per process (a few us each)
+
+
+def _check_keep() -> bool:
+    """Check this join: always while a CUDA graph is captured (replays run no Python), else only for
+    the process's first joins (a compiled graph's code is the same on every call)."""
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    _JOIN_CHECKS[0] -= 1
+    return _JOIN_CHECKS[0] >= 0
+
+
+def _check_join_keeps(read: tuple, keep: list[Tensor]) -> None:
+    """Every tensor the side stream read must be among those the join keeps: in a compiled graph
+    that is what keeps Inductor from handing its buffer to a later kernel before the join."""
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+    missing = [t for t in read if t is not None and t.untyped_storage().data_ptr() not in kept]
+    if missing:
+        raise RuntimeError(
+            f"adafuse: {len(missing)} tensor(s) read by a gather call's side stream ({[tuple(t.shape) for t in missing]}) "
+            "are not among those its join keeps alive: the graph passed the join other copies, so later kernels "
+            "may overwrite them before the side stream has read them, and the adapter terms would be wrong. "
+            "Compile with options={'side_stream': False} (exact, the adapter kernels in line) and report this")
 
 
 @gather_lora_join_op.register_fake

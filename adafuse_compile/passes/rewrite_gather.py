@@ -44,7 +44,7 @@ import torch.fx as fx
 from ..cutlass_kernels import gather_lora
 from ..cutlass_kernels.gather_lora import (  # also registers the ops
     DENSE_MAX_EXPANSION, DENSE_MIN_TOKENS, MAX_TUPLE_KEYS, SORTED_MIN_ROWS, dense_gates, dense_lora, dense_lora_packed,
-    expert_segments, tuple_blocks, tuple_keys,
+    tuple_keys,
 )
 from ..cutlass_kernels.linear_lora import linear_lora
 from ..cutlass_kernels.plan_cache import resolve_triton_or_reference
@@ -187,7 +187,7 @@ def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int
     if not sorted_rows:
         return (None, None)
     with graph.inserting_after(gates):
-        both = graph.call_function(expert_segments, (experts, n_experts))
+        both = graph.call_function(torch.ops.adafuse.expert_segments.default, (experts, n_experts))
     with graph.inserting_after(both):
         rows = graph.call_function(operator.getitem, (both, 0))
     with graph.inserting_after(rows):
@@ -196,7 +196,7 @@ def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int
         return (*args, None, None, True)
     if tuple_keys(n_experts, top_k) <= MAX_TUPLE_KEYS:  # the expand by sets of experts
         with graph.inserting_after(args[1]):
-            sets = graph.call_function(tuple_blocks, (experts, n_experts))
+            sets = graph.call_function(torch.ops.adafuse.tuple_blocks.default, (experts, n_experts))
         with graph.inserting_after(sets):
             order_node = graph.call_function(operator.getitem, (sets, 0))
         with graph.inserting_after(order_node):
