@@ -518,16 +518,17 @@ def gather_lora_join_op(deltas: list[Tensor], keep: list[Tensor]) -> None:
             _check_join_keeps(read, keep)
 
 
-_JOIN_CHECKS = [1024]  # joins checked outside a CUDA-graph capture, per process (a few us each)
+_joins_to_check = 1024  # joins checked outside a CUDA-graph capture, per process (a few us each)
 
 
 def _check_keep() -> bool:
     """Check this join: always while a CUDA graph is captured (replays run no Python), else only for
     the process's first joins (a compiled graph's code is the same on every call)."""
+    global _joins_to_check
     if torch.cuda.is_current_stream_capturing():
         return True
-    _JOIN_CHECKS[0] -= 1
-    return _JOIN_CHECKS[0] >= 0
+    _joins_to_check -= 1
+    return _joins_to_check >= 0
 
 
 def _check_join_keeps(read: tuple, keep: list[Tensor]) -> None:

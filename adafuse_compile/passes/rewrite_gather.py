@@ -112,7 +112,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
     if side:  # the gates the start and the join both take: one buffer (gather_lora.py, "Lifetimes")
         for key, (experts, gates) in routes.items():
-            with graph.inserting_after(max(experts, gates, key=list(graph.nodes).index)):
+            with graph.inserting_after(gates):  # the gates' reshape sits after the experts' (above)
                 routes[key] = (experts, graph.call_function(torch.ops.adafuse.side_input.default, (gates,)))
     step_args = {key: _step_args(graph, experts, gates, n_experts, top_k, sorted_rows, prefill_expand)
                  for key, (experts, gates) in routes.items()}
