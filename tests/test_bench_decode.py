@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,12 @@ def test_bench_decode_cpu_smoke(tmp_path):
         assert res[key] > 0
     assert res["naive_torch_compile_b2_x_backbone_b2"] > 0 and res["adafuse_auto_prefill_x_backbone"] > 0
     assert len(res["backbone_compiled_ms_repeats"]) == 3 and min(res["backbone_compiled_ms_repeats"]) > 0
+    # prefill in both protocols, one synchronized prompt at a time and five queued, each with its ratio
+    assert len(res["adafuse_auto_prefill_tokens_per_s_repeats"]) == 5
+    for key in ("backbone_prefill", "adafuse_auto_prefill", "naive_torch_compile_prefill"):
+        assert res[f"{key}_back_to_back_tokens_per_s"] > 0
+    assert res["adafuse_auto_prefill_back_to_back_x_backbone"] == pytest.approx(
+        res["adafuse_auto_prefill_back_to_back_tokens_per_s"] / res["backbone_prefill_back_to_back_tokens_per_s"], abs=2e-3)
 
 
 def test_profile_paths_cpu_smoke(tmp_path):
