@@ -323,3 +323,42 @@ def test_side_stream_buffers_of_a_hugging_face_llama(placement):
     for code in codes:
         if "gather_lora_start" in code:
             assert _side_stream_lifetimes(code) == []
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("placement", ["every_adapted", "first_adapted"])
+def test_side_stream_keeps_the_sorted_rows_and_sets_of_a_prefill(placement):
+    """The step's sort and sets (the Triton shrink's sorted rows, the sets expand's work list) are
+    side-stream inputs too. On CUDA Inductor would lower a plain sort to kernels of its own and
+    materialise it once per consumer, so they come from adafuse::expert_segments / tuple_blocks:
+    in Inductor's code of a 40-token prefill (80 rows: the sorted shrink; Triton kernels under the
+    interpreter, side stream forced on) every start's sort and sets are buffers its join takes, and
+    the step matches eager."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs on CPU tensors; the GPU runs tests/test_gather_lora_gpu.py")
+    from torch._inductor.utils import run_and_get_code
+
+    cfg = af.TinyLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_seq_len=48)
+    model = af.TinyLlama(cfg).init_weights(std=0.1, seed=2)
+    af.inject(model, af.AdaFuseConfig(num_experts=4, rank=8, top_k=2, init_lora_b="normal",
+                                      target_modules=("q_proj", "v_proj", "o_proj"), router_placement=placement))
+    model.eval().setup_cache(1)
+    tokens, pos = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(7)), torch.arange(40)
+    gl.clear_plan_cache()
+    with torch.no_grad():
+        ref = model(tokens, pos)
+        torch._dynamo.reset()
+        model.setup_cache(1)
+        compiled = torch.compile(model, backend="adafuse", options={
+            "path": "gather", "side_stream": True, "sgmm_impl": "triton", "prefill_expand": "sets"})
+        got, codes = run_and_get_code(compiled, tokens, pos)
+    assert rel_err(got, ref) <= 1e-4
+    (code,) = codes
+    starts = code.count("gather_lora_start.default(")
+    assert starts == (6 if placement == "every_adapted" else 4)  # q, v, o per layer; or q,v together and o
+    # the sort and sets were computed by our ops (one per router), and their outputs reach the starts
+    assert code.count("adafuse.expert_segments.default(") == code.count("adafuse.tuple_blocks.default(") == (
+        6 if placement == "every_adapted" else 1)
+    assert _side_stream_lifetimes(code) == []
