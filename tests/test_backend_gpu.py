@@ -88,11 +88,12 @@ def test_bf16_parity_under_cuda_graphs(options, targets):
     assert drift == 0.0
 
 
-@pytest.mark.parametrize("side_stream", [True, False])
+@pytest.mark.parametrize("side_stream", [True, False, None])
 def test_layerwise_routing_gathers_under_cuda_graphs_like_eager(side_stream):
     """A router in every adapted linear (MoLA style): batch-1 decode under CUDA graphs (auto takes
     the gather path with each region's own router), a batch-4 step and a 128-token (dense) prefill,
-    against an fp32 copy of the model with bf16's own tolerance; W never written."""
+    against an fp32 copy of the model with bf16's own tolerance; W never written. None: the
+    default, in line for layer-wise graphs, with a note that says so."""
     torch._dynamo.reset()
     backend.last_compilations.clear()
     model = build("all-linear", router_placement="every_adapted")
@@ -119,6 +120,8 @@ def test_layerwise_routing_gathers_under_cuda_graphs_like_eager(side_stream):
         got = run(compiled)
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
     assert {r["path"] for r in backend.last_compilations} == {"gather"}, [r["notes"][-1] for r in backend.last_compilations]
+    in_line = [n for r in backend.last_compilations for n in r["notes"] if "adapter kernels run in line" in n]
+    assert bool(in_line) == (side_stream is None), in_line
 
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()

@@ -362,3 +362,18 @@ def test_side_stream_keeps_the_sorted_rows_and_sets_of_a_prefill(placement):
     assert code.count("adafuse.expert_segments.default(") == code.count("adafuse.tuple_blocks.default(") == (
         6 if placement == "every_adapted" else 1)
     assert _side_stream_lifetimes(code) == []
+
+
+def test_layerwise_graphs_keep_the_kernels_in_line_unless_the_side_stream_is_asked_for():
+    """The side stream's default: on for a pre-gated graph on CUDA, off (with a note naming
+    side_stream=True) for a layer-wise routed one, off the CPU; an explicit setting always wins."""
+    from adafuse_compile.passes.rewrite_gather import side_stream_choice
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert side_stream_choice(None, cuda, layerwise=False) == (True, None)
+    side, why = side_stream_choice(None, cuda, layerwise=True)
+    assert side is False and "layer-wise" in why and "side_stream=True" in why
+    assert side_stream_choice(None, cpu, layerwise=True) == (False, None)
+    assert side_stream_choice(True, cuda, layerwise=True) == (True, None)
+    assert side_stream_choice(False, cuda, layerwise=False) == (False, None)
+    assert side_stream_choice(True, cpu, layerwise=False) == (True, None)  # the split graph off CUDA: tests

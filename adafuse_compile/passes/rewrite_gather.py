@@ -109,7 +109,9 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     sorted_rows = (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
         tokens is None or tokens * top_k >= SORTED_MIN_ROWS)
     per_slot = sorted_rows and prefill_expand == "slots"
-    side = settings.side_stream if settings.side_stream is not None else device.type == "cuda"
+    side, why = side_stream_choice(settings.side_stream, device, layerwise is not None)
+    if why:
+        note(gm, f"rewrite_gather: {why}")
     if side:  # the gates the start and the join both take: one buffer (gather_lora.py, "Lifetimes")
         for key, (experts, gates) in routes.items():
             with graph.inserting_after(gates):  # the gates' reshape sits after the experts' (above)
@@ -175,6 +177,23 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     note(gm, f"rewrite_gather: {len(regions)} adapter branches -> {len(groups)} fused gather call(s) "
              f"(per-token experts, unmerged, exact){shared}")
     return clean_up(gm)
+
+
+def side_stream_choice(asked: bool | None, device: torch.device, layerwise: bool) -> tuple[bool, str | None]:
+    """Whether the gather calls run on a side stream, and why not where the default says no.
+
+    The default (None) is on for CUDA, but layer-wise routed graphs keep the kernels in line: a 7B
+    layer-wise decode with the side stream read freed gates on an H100 (docs/gather.md, "Side
+    stream"); the fix (one buffer per side-stream input) is checked in Inductor's code on the CPU,
+    not yet on a GPU at that size."""
+    if asked is not None:
+        return asked, None
+    if device.type != "cuda":
+        return False, None
+    if layerwise:
+        return False, ("layer-wise routing: the adapter kernels run in line; side_stream=True runs them on a "
+                       "second stream (faster; its buffer lifetimes not yet verified on a GPU at 7B)")
+    return True, None
 
 
 def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int, top_k: int, sorted_rows: bool,
