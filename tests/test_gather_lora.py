@@ -566,6 +566,29 @@ def test_side_stream_ops_off_cuda_run_in_place_and_pass_opcheck():
     torch.library.opcheck(torch.ops.adafuse.gather_lora_join.default, ([d.clone() for d in deltas], [p["x"]]))
 
 
+@pytest.mark.parametrize("n_tok,k,n_experts", [(1, 2, 8), (5, 1, 4), (40, 2, 4), (33, 3, 6)])
+def test_step_ops_match_their_functions_and_pass_opcheck(n_tok, k, n_experts):
+    """The ops the backend puts in a step's graph for the side stream (the sort, the sets, the gates'
+    own buffer): each equals the function it wraps, and its fake (the shapes, dtypes and strides
+    Inductor plans buffers with) matches the real output, checked by opcheck; out-of-range ids
+    (the sets' padding digit) included."""
+    gen = torch.Generator().manual_seed(n_tok)
+    experts = torch.randint(0, n_experts, (n_tok, k), generator=gen)
+    experts[0, -1] = n_experts  # out of range: the sets key it with digit N, the sort puts it last
+    rows, seg = SORT_OP(experts, n_experts)
+    want_rows, want_seg = gl.expert_segments(experts, n_experts)
+    assert torch.equal(rows, want_rows) and torch.equal(seg, want_seg)
+    order, work = SETS_OP(experts, n_experts)
+    want_order, want_work = gl.tuple_blocks(experts, n_experts)
+    assert torch.equal(order, want_order) and torch.equal(work, want_work)
+    gates = torch.rand(n_tok, k, generator=gen)
+    copy = torch.ops.adafuse.side_input(gates)
+    assert torch.equal(copy, gates) and copy.data_ptr() != gates.data_ptr()  # a buffer of its own
+    torch.library.opcheck(SORT_OP, (experts, n_experts))
+    torch.library.opcheck(SETS_OP, (experts, n_experts))
+    torch.library.opcheck(torch.ops.adafuse.side_input.default, (gates,))
+
+
 def test_inside_torch_compile():
     p = _problem(5, 2, torch.float32)
 
