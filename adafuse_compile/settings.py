@@ -41,8 +41,8 @@ class BackendSettings:
     sgmm_impl: str = "auto"
     # gather path on CUDA: launch each group's adapter kernels on a second stream, concurrently with
     # the group's backbone linears (small latency-bound kernels next to bandwidth-bound GEMMs).
-    # None: on for CUDA, pre-gated models only (layer-wise routed ones in line: rewrite_gather says
-    # why); False: in line, one after the other; True: the split graph everywhere
+    # None: on for CUDA (both routings: rewrite_gather.side_stream_choice); False: in line, one
+    # after the other; True: the split graph everywhere
     # (off CUDA the start runs in place and the join does nothing: for tests of the graph)
     side_stream: bool | None = None
     # gather path, prefill-sized steps (from DENSE_MIN_TOKENS tokens, or a dynamic count): "dense"

@@ -110,6 +110,20 @@ def test_triton_matches_oracle(triton_gather, dtype, k, T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,k", [(1, 2), (5, 2), (40, 2)])  # decode, masked shrink, sorted shrink
+def test_triton_reads_x_by_its_row_stride(triton_gather, dtype, T, k):
+    """x with padded rows, as Inductor lays out a GPU buffer whose rows are not a multiple of 128
+    bytes (the ops take it as it is, gather_lora._STRIDE_ORDER): the shrink reads it by its row
+    stride, no copy; the padding holds NaN, so a kernel that assumed dense rows would show it."""
+    p = _problem(T, k, dtype, n_in=48)
+    padded = torch.full((T, 56), float("nan"), dtype=dtype)
+    padded[:, :48] = p["x"]
+    p["x"] = padded[:, :48]
+    assert p["x"].stride() == (56, 1)
+    _check(gather_lora(**p, impl="triton"), p, dtype, f"triton padded rows T={T}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cfg", [
     dict(SORTED=False, BLOCK_M=32, BLOCK_K=16, SPLIT_K=2),  # masked, split K (partials summed by the expand)
     dict(SORTED=True, BLOCK_M=16, BLOCK_K=16, SPLIT_K=3),  # several row blocks per expert
@@ -662,9 +676,9 @@ _AOT = textwrap.dedent("""
 
     def attrs(fn, sig):
         # what the JIT specializes at run time: 16-byte aligned tensors and ints that are multiples
-        # of 16 (n_in = 4096 or 11008; the outputs' element offsets y0..y7)
+        # of 16 (n_in and x_stride = 4096 or 11008; the outputs' element offsets y0..y7)
         return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-                if t.startswith("*") or re.fullmatch(r"y[0-7]|n_in", n)}
+                if t.startswith("*") or re.fullmatch(r"y[0-7]|n_in|x_stride", n)}
 
     def loads_16b(k, what):
         # every 16-bit tile load of the kernel (x, A, B) 8 elements per thread at a time: Triton 3.6
@@ -679,7 +693,7 @@ _AOT = textwrap.dedent("""
         for srt in (False, True):
             sig = dict(x_ptr=dt, desc_ptr="*i64", ref_ptr=dt, experts_ptr="*i64", gates_ptr="*fp32",
                        rows_ptr="*i64", seg_ptr="*i64", h_ptr="*fp32", n_rows="i32",
-                       n_in="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
+                       n_in="i32", x_stride="i32", n_modules="i32", scaling="fp32", K_SEL=C, R=C, R_P2=C, SPLIT_K=C,
                        SORTED=C, BLOCK_M=C, BLOCK_K=C, ALIGNED=C, IEEE=C)
             # fp32's and 16-bit's K blocks at r = 64, and r = 256's (64): each within the H200's
             # 227 KB of shared memory per block (sm_90 compile here: 20-64 KB)

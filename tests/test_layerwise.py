@@ -277,6 +277,35 @@ def _side_stream_lifetimes(code: str) -> list[str]:
     return problems
 
 
+def test_start_and_join_take_one_buffer_where_inductor_pads_its_rows():
+    """On the GPU Inductor pads a buffer's rows to 128 bytes where they are longer than 1024 elements
+    (the GPU tests' 1376-wide MLP input); by default a custom op then got a contiguous copy of its
+    own, so the start and the join of a side stream held different copies and the join's guard
+    raised (the H100, 2026-12-05). Padding forced on the CPU (fp32 rows of 1100: to 1120): the
+    start, the join and the in-line op take the one padded buffer, with no copy, and match eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    p = gl.make_gather_problem(8, 1100, [64], k=2, n_experts=4, rank=8, dtype=torch.float32)
+    w = torch.randn(1100, 64, generator=torch.Generator().manual_seed(0)) / 32
+    a, b = torch.randn(8, 1100), torch.randn(8, 1100)
+
+    def step(a, b, experts, gates):
+        x = torch.nn.functional.silu(a) * b  # a pointwise result feeding a matmul: its rows are padded
+        y = x @ w
+        deltas = torch.ops.adafuse.gather_lora_start(x, p["lora_A"], p["lora_B"], experts, gates, 0.5, "reference")
+        torch.ops.adafuse.gather_lora_join(deltas, [x, experts, gates, y])
+        (in_line,) = torch.ops.adafuse.gather_lora(x, p["lora_A"], p["lora_B"], experts, gates, 0.5, "reference")
+        return y + deltas[0] + in_line
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(disable_padding_cpu=False):
+        got, (code,) = run_and_get_code(torch.compile(step), a, b, p["experts"], p["gates"])
+    torch.testing.assert_close(got, step(a, b, p["experts"], p["gates"]), rtol=1e-5, atol=1e-5)
+    assert "empty_strided_cpu((8, 1100), (1120, 1)" in code  # the padding this test is about happened
+    assert "empty_strided_cpu((8, 1100), (1100, 1)" not in code  # and no op got a dense copy
+    assert _side_stream_lifetimes(code) == []
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("placement", ["every_adapted", "first_adapted"])
 def test_side_stream_start_and_join_share_every_buffer_the_side_stream_reads(placement, batch):
@@ -364,16 +393,14 @@ def test_side_stream_keeps_the_sorted_rows_and_sets_of_a_prefill(placement):
     assert _side_stream_lifetimes(code) == []
 
 
-def test_layerwise_graphs_keep_the_kernels_in_line_unless_the_side_stream_is_asked_for():
-    """The side stream's default: on for a pre-gated graph on CUDA, off (with a note naming
-    side_stream=True) for a layer-wise routed one, off the CPU; an explicit setting always wins."""
+def test_side_stream_default_is_on_for_cuda_graphs_whatever_their_routing():
+    """The side stream's default: on for CUDA, off elsewhere; an explicit setting always wins.
+    (Layer-wise graphs were in line by default until the 7B layer-wise decode with the side stream
+    matched eager on an H100, 2026-12-05.)"""
     from adafuse_compile.passes.rewrite_gather import side_stream_choice
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert side_stream_choice(None, cuda, layerwise=False) == (True, None)
-    side, why = side_stream_choice(None, cuda, layerwise=True)
-    assert side is False and "layer-wise" in why and "side_stream=True" in why
-    assert side_stream_choice(None, cpu, layerwise=True) == (False, None)
-    assert side_stream_choice(True, cuda, layerwise=True) == (True, None)
-    assert side_stream_choice(False, cuda, layerwise=False) == (False, None)
-    assert side_stream_choice(True, cpu, layerwise=False) == (True, None)  # the split graph off CUDA: tests
+    assert side_stream_choice(None, cuda) is True
+    assert side_stream_choice(None, cpu) is False
+    assert side_stream_choice(False, cuda) is False
+    assert side_stream_choice(True, cpu) is True  # the split graph off CUDA: tests

@@ -410,6 +410,15 @@ def _gather_impl(x, lora_A, lora_B, experts, gates, scaling, impl, rows=None, se
     return outs
 
 
+# Inductor gives a custom op's inputs the exact strides they had in eager by default: where it
+# padded a buffer's rows (on the GPU, rows of more than 1024 elements that are not a multiple of
+# 128 bytes: the test model's 1376-wide MLP input), each op got a contiguous copy of its own, so a
+# side stream's start and its join held different copies and the guard of the join caught it
+# (tests on the H100, 2026-12-05). With a fixed stride order instead, every op takes the one
+# padded buffer, in line with no copy, and the shrink reads x by its row stride.
+_STRIDE_ORDER = (torch.Tag.needs_fixed_stride_order,)
+
+
 _SCHEMA = (
     "(Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor experts, Tensor gates, "
     "float scaling, str impl, Tensor? rows=None, Tensor? segments=None, "
@@ -417,7 +426,7 @@ _SCHEMA = (
 )
 
 
-@torch.library.custom_op("adafuse::gather_lora", mutates_args=(), schema=_SCHEMA)
+@torch.library.custom_op("adafuse::gather_lora", mutates_args=(), schema=_SCHEMA, tags=_STRIDE_ORDER)
 def gather_lora_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                    gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
                    segments: Tensor | None = None, set_order: Tensor | None = None,
@@ -491,7 +500,7 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return streams[device]
 
 
-@torch.library.custom_op("adafuse::gather_lora_start", mutates_args=(), schema=_SCHEMA)
+@torch.library.custom_op("adafuse::gather_lora_start", mutates_args=(), schema=_SCHEMA, tags=_STRIDE_ORDER)
 def gather_lora_start_op(x: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], experts: Tensor,
                          gates: Tensor, scaling: float, impl: str, rows: Tensor | None = None,
                          segments: Tensor | None = None, set_order: Tensor | None = None,
@@ -509,7 +518,7 @@ gather_lora_start_op.register_fake(_gather_lora_fake)
 # later read of the deltas after the join (a pure op with no output would be dropped or moved).
 # `keep` is read-only; listing the group's backbone linear outputs there also keeps Inductor from
 # scheduling the join before them (it would otherwise move it up to the start, losing the overlap).
-@torch.library.custom_op("adafuse::gather_lora_join", mutates_args=("deltas",))
+@torch.library.custom_op("adafuse::gather_lora_join", mutates_args=("deltas",), tags=_STRIDE_ORDER)
 def gather_lora_join_op(deltas: list[Tensor], keep: list[Tensor]) -> None:
     if deltas and deltas[0].is_cuda:
         torch.cuda.current_stream(deltas[0].device).wait_stream(side_stream(deltas[0].device))

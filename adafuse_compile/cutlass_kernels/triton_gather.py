@@ -64,7 +64,7 @@ MASKED_MAX_ROWS = SORTED_MIN_ROWS - 1
 @triton.jit
 def _shrink_kernel(
     x_ptr, desc_ptr, ref_ptr, experts_ptr, gates_ptr, rows_ptr, seg_ptr, h_ptr,
-    n_rows, n_in, n_modules, scaling,
+    n_rows, n_in, x_stride, n_modules, scaling,
     K_SEL: tl.constexpr, R: tl.constexpr, R_P2: tl.constexpr, SPLIT_K: tl.constexpr,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
@@ -95,6 +95,7 @@ def _shrink_kernel(
             # vectorise (SGMM on H200: 24% -> 50% of copy bandwidth, DESIGN.md section 5).
             a_off = tl.multiple_of(a_off, 128 // ref_ptr.dtype.element_ty.primitive_bitwidth)  # 16 bytes
             n_in = tl.multiple_of(n_in, 8)
+            x_stride = tl.multiple_of(x_stride, 8)
         a_ptr = ref_ptr + a_off + e.to(tl.int64) * R * n_in  # A_m[e]: [R, in]
         tok = rows // K_SEL
         offs_r = tl.arange(0, R_P2)
@@ -108,7 +109,7 @@ def _shrink_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < k_hi
-            xt = tl.load(x_ptr + tok[:, None] * n_in + kk[None, :],
+            xt = tl.load(x_ptr + tok[:, None] * x_stride + kk[None, :],
                          mask=valid[:, None] & mask_k[None, :], other=0.0)
             at = tl.load(a_ptr + offs_r[None, :] * n_in + kk[:, None],
                          mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, R]
@@ -526,11 +527,15 @@ class GatherPlan:
         cfg = self.config(n_tokens, k, config)
         if per_slot and not cfg["SORTED"]:  # the expand by expert reads the shrink's segments
             cfg.update(SORTED=True, BLOCK_M=SORTED_BLOCK_M)
-        x = x.contiguous()
+        # Rows may be padded (Inductor pads a buffer's rows to 128 bytes on the GPU, and the ops
+        # take x in the layout it has, see gather_lora.py): the shrink reads x by its row stride.
+        if x.stride(-1) != 1 or (n_tokens > 1 and x.stride(0) < self.n_in):
+            x = x.contiguous()
+        x_stride = x.stride(0) if n_tokens > 1 else self.n_in  # one row: any stride reads the same
         ids = experts.contiguous()
         g = gates.to(torch.float32).contiguous()
         # the outputs too: a caller's (outs=) may be views at any offset
-        aligned = self.aligned and all(t.data_ptr() % 16 == 0 for t in (x, *outs))
+        aligned = self.aligned and x_stride % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (x, *outs))
         # Every slice and row the expand reads is stored by the shrink: empty, not zeros (no memset).
         h = torch.empty(cfg["SPLIT_K"], m_total, n_rows, self.r, dtype=torch.float32, device=x.device)
 
@@ -542,7 +547,7 @@ class GatherPlan:
             seg = segments
         row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
         _shrink_kernel[(row_blocks, self.n_experts, m_total * cfg["SPLIT_K"])](
-            x, self.desc, self.dtype_ref, ids, g, rows, seg, h, n_rows, self.n_in, m_total, float(scaling),
+            x, self.desc, self.dtype_ref, ids, g, rows, seg, h, n_rows, self.n_in, x_stride, m_total, float(scaling),
             K_SEL=k, R=self.r, R_P2=self.r_p2, SPLIT_K=cfg["SPLIT_K"], SORTED=cfg["SORTED"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], ALIGNED=aligned,
             IEEE=self.ieee,

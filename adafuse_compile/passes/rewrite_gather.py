@@ -109,9 +109,7 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     sorted_rows = (impl == "triton" or (impl == "auto" and device.type == "cuda")) and (
         tokens is None or tokens * top_k >= SORTED_MIN_ROWS)
     per_slot = sorted_rows and prefill_expand == "slots"
-    side, why = side_stream_choice(settings.side_stream, device, layerwise is not None)
-    if why:
-        note(gm, f"rewrite_gather: {why}")
+    side = side_stream_choice(settings.side_stream, device)
     if side:  # the gates the start and the join both take: one buffer (gather_lora.py, "Lifetimes")
         for key, (experts, gates) in routes.items():
             with graph.inserting_after(gates):  # the gates' reshape sits after the experts' (above)
@@ -179,21 +177,17 @@ def rewrite_gather(gm: fx.GraphModule, settings: BackendSettings) -> fx.GraphMod
     return clean_up(gm)
 
 
-def side_stream_choice(asked: bool | None, device: torch.device, layerwise: bool) -> tuple[bool, str | None]:
-    """Whether the gather calls run on a side stream, and why not where the default says no.
+def side_stream_choice(asked: bool | None, device: torch.device) -> bool:
+    """Whether the gather calls run on a side stream: as asked, else on CUDA (both routings).
 
-    The default (None) is on for CUDA, but layer-wise routed graphs keep the kernels in line: a 7B
-    layer-wise decode with the side stream read freed gates on an H100 (docs/gather.md, "Side
-    stream"); the fix (one buffer per side-stream input) is checked in Inductor's code on the CPU,
-    not yet on a GPU at that size."""
+    Layer-wise routed graphs kept the kernels in line by default while a 7B layer-wise decode with
+    the side stream was wrong (it read freed gates on an H100; fixed by adafuse::side_input). The
+    fix held on the H100 on 2026-12-05: the 7B layer-wise q,v decode with the side stream matched
+    eager as closely as the in-line graph and took 1.218x the backbone's time against 1.330x
+    (benchmarks/results/decode_h100_layerwise_side_run1.json), so the default is on again."""
     if asked is not None:
-        return asked, None
-    if device.type != "cuda":
-        return False, None
-    if layerwise:
-        return False, ("layer-wise routing: the adapter kernels run in line; side_stream=True runs them on a "
-                       "second stream (faster; its buffer lifetimes not yet verified on a GPU at 7B)")
-    return True, None
+        return asked
+    return device.type == "cuda"
 
 
 def _step_args(graph: fx.Graph, experts: fx.Node, gates: fx.Node, n_experts: int, top_k: int, sorted_rows: bool,
