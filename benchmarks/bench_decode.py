@@ -167,7 +167,7 @@ PATHS = {  # name -> adafuse options (CUDA graphs on, as mode="reduce-overhead" 
     "auto": {"path": "auto"},
     "auto-unpacked": {"path": "auto", "prefill_packed": False},  # the dense prefill without packed factors
     "auto-fused": {"path": "auto", "prefill_fused": True},  # each adapted linear and its expand in one GEMM
-    "auto-side": {"path": "auto", "side_stream": True},  # the side stream also where the default is in line (layer-wise)
+    "auto-side": {"path": "auto", "side_stream": True},  # the side stream asked for (the CUDA default of auto since session 21)
     "auto-inline": {"path": "auto", "side_stream": False},  # the adapter kernels in line, whatever the routing
 }
 

@@ -122,7 +122,10 @@ def test_layerwise_routing_gathers_under_cuda_graphs_like_eager(side_stream):
         got = run(compiled)
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
     assert {r["path"] for r in backend.last_compilations} == {"gather"}, [r["notes"][-1] for r in backend.last_compilations]
-    # the side stream ran (the default included) or not: a gather start made this thread's stream
+    # the side stream ran (the default included) or not: the note of every graph with gather calls
+    # says so (the 128-token prefill is dense: no gather call), and a start made this thread's stream
+    gathers = [n for r in backend.last_compilations for n in r["notes"] if "fused gather call(s)" in n]
+    assert gathers and all(("adapter kernels on a side stream" in n) == (side_stream is not False) for n in gathers), gathers
     assert ("by_device" in gl._side_streams.__dict__) == (side_stream is not False)
 
     def rel(a, b):

@@ -97,6 +97,20 @@ def test_triton_other_k_and_odd_shapes(k):
     _check(gather_lora(**p, impl="triton"), p, torch.bfloat16, f"odd k={k}")
 
 
+@pytest.mark.parametrize("padded_to", [1408, 1381])  # Inductor's padding (hints on); an odd stride (hints off)
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_triton_reads_padded_rows_in_bf16(T, padded_to):
+    """x with padded rows, as Inductor lays out the GPU tests' 1376-wide MLP input (the ops take it
+    as it is, gather_lora._STRIDE_ORDER): the compiled shrink with its alignment hints reads it by
+    its row stride; the padding holds NaN. (The CPU's interpreter ignores the hints.)"""
+    p = make_gather_problem(T, 1376, [512, 96], n_experts=N_EXPERTS, rank=RANK, k=TOP_K,
+                            dtype=torch.bfloat16, device="cuda")
+    padded = torch.full((T, padded_to), float("nan"), dtype=torch.bfloat16, device="cuda")
+    padded[:, :1376] = p["x"]
+    p["x"] = padded[:, :1376]
+    _check(gather_lora(**p, impl="triton"), p, torch.bfloat16, f"padded to {padded_to}, T={T}")
+
+
 def test_auto_is_triton_on_cuda():
     p = _problem(4, "qkv", torch.bfloat16)
     a = gather_lora(**p, impl="auto")
