@@ -224,3 +224,89 @@ def test_reduce_add_variants_are_refused_in_pristine_mode():
     for v in build.REDUCE_VARIANTS:
         with pytest.raises(ValueError, match="only switches in place"):
             CutlassPlan([w], [a], [b], 1, [w.clone()], variant=v)
+
+
+# The choice between the pack and gather forms (plans and timing replaced: CPU) -------------------
+
+class _FakePlan:
+    """Stands in for CutlassPlan: records its form; `broken` forms raise when built or run."""
+
+    def __init__(self, weights, lora_A, lora_B, k, pristine, gather=False, refuse=(), fail=()):
+        self.form = "gather" if gather else "pack"
+        if self.form in refuse:
+            raise RuntimeError("CUTLASS cannot plan this")
+        self.fails = self.form in fail
+        self.choice = {"variant": 14, "raster": 1, "how": "timed"}
+
+
+def _forms_setup(monkeypatch, rank=64, refuse=(), fail=()):
+    import torch
+
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    monkeypatch.setattr(cutlass_sgmm, "_form_chosen", {})
+    weights = [torch.zeros(64, 32), torch.zeros(96, 32)]
+    lora_A = [torch.zeros(8, rank, 32)] * 2
+    lora_B = [torch.zeros(8, 64, rank), torch.zeros(8, 96, rank)]
+    built = []
+
+    def make_plan(*args, **kw):
+        plan = _FakePlan(*args, **kw, refuse=refuse, fail=fail)
+        built.append(plan.form)
+        return plan
+
+    def forms(timer, pristine=None):
+        return cutlass_sgmm.plan_fastest_form(weights, lora_A, lora_B, 2, pristine, make_plan=make_plan, timer=timer)
+    return forms, built
+
+
+@pytest.mark.parametrize("faster", ["pack", "gather"])
+def test_the_switch_keeps_the_faster_form_once_per_weight_set(monkeypatch, faster):
+    """The H200 favoured pack, an H100 the gather form: both are built and their whole switches
+    timed (alternating, the median decides: one outlier trial must not), the faster kept, and a
+    later plan of the same shape builds only that form."""
+    import itertools
+
+    forms, built = _forms_setup(monkeypatch)
+    slow = "gather" if faster == "pack" else "pack"
+    script = {faster: itertools.cycle([1.0, 1.1, 9.0, 1.0, 1.2]), slow: itertools.cycle([2.0, 2.0, 0.5, 2.0, 2.0])}
+    calls = []
+
+    def timer(plan):
+        calls.append(plan.form)
+        return next(script[plan.form])
+
+    plan = forms(timer)
+    assert plan.form == faster and plan.choice["form"] == f"{faster} (timed)"
+    assert plan.choice["form_ms"] == {faster: 1.1, slow: 2.0}
+    assert calls == ["pack", "gather"] * 5 and built == ["pack", "gather"]
+    again = forms(timer)
+    assert again.form == faster and "chosen earlier" in again.choice["form"]
+    assert built == ["pack", "gather", faster] and len(calls) == 10  # one form built, nothing timed
+    other = forms(timer, pristine=[object(), object()])  # another mode: another signature, timed again
+    assert len(calls) == 20 and other.choice["form"].endswith("(timed)")
+
+
+def test_a_tie_keeps_pack_and_a_rank_the_gather_form_cannot_take_builds_pack_alone(monkeypatch):
+    forms, built = _forms_setup(monkeypatch)
+    assert forms(lambda plan: 1.0).form == "pack"  # a tie: pack, the form measured first
+    forms, built = _forms_setup(monkeypatch, rank=24)
+    plan = forms(lambda plan: pytest.fail("nothing to time"))
+    assert plan.form == "pack" and built == ["pack"] and "rank 24 is not a multiple of 64" in plan.choice["form"]
+
+
+def test_a_gather_form_that_cannot_be_planned_or_run_leaves_pack(monkeypatch):
+    forms, built = _forms_setup(monkeypatch, refuse=("gather",))
+    plan = forms(lambda plan: pytest.fail("nothing to time"))
+    assert plan.form == "pack" and "gather form could not be planned: CUTLASS cannot plan this" in plan.choice["form"]
+
+    def timer(plan):
+        if plan.fails:
+            raise RuntimeError("SGMM grouped GEMM launch failed (code 1)")
+        return 5.0
+    forms, built = _forms_setup(monkeypatch, fail=("gather",))
+    plan = forms(timer)
+    assert plan.form == "pack" and "gather form failed to run: SGMM grouped GEMM launch failed" in plan.choice["form"]
+    forms, built = _forms_setup(monkeypatch, fail=("gather", "pack"))
+    with pytest.raises(RuntimeError, match="failed in both forms"):
+        forms(timer)

@@ -186,6 +186,35 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     assert (again.variant, again.raster) == (plan.variant, plan.raster)
 
 
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
+    """The switch op's plan (plan_fastest_form): both forms built and their whole switches timed
+    with zero gates, so the weights come out as W (in place) or W0 (pristine); the kept plan is the
+    form it names and switches right."""
+    _need("cutlass")
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    torch.manual_seed(6)
+    p = make_problem([(4096, 4096), (11008, 4096)], n_experts=8, rank=64, k=2,
+                     dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
+    before = [w.clone() for w in p["weights"]]
+    cutlass_sgmm._form_chosen.clear()
+    plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    print(mode, plan.choice)
+    assert plan.choice["form"] in ("pack (timed)", "gather (timed)"), plan.choice
+    assert set(plan.choice["form_ms"]) == {"pack", "gather"}
+    assert plan.gathers == plan.choice["form"].startswith("gather")
+    torch.cuda.synchronize()
+    if mode == "inplace":
+        assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    else:
+        assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
+    before, expected, e, g = oracle_then_poison(p)
+    plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])
+    torch.cuda.synchronize()
+    _check(p, expected, p["pristine"] or before, torch.bfloat16, f"{plan.choice['form']}, {mode}")
+
+
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])

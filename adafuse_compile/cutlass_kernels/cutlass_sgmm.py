@@ -1,14 +1,15 @@
 """CUTLASS SGMM launcher (Hopper sm_90a): one pointer-array grouped GEMM for every weight.
 
 Two ways to feed the GEMM the selected experts (L = gate-scaled B's, R = A's, per weight):
-- pack (the default): a launch first gathers and scales the factors into a workspace (per weight
+- pack: a launch first gathers and scales the factors into a workspace (per weight
   L [out, Kc] and R [Kc, in], 128-byte aligned) that the GEMM reads; any rank, multiple of 8;
 - gather (`gather=True`, rank a multiple of 64): the GEMM reads the stacked experts itself
   (variants 23-25: the expert of each k-block picked in its TMA load, each slot's product scaled
   in fp32 registers); a one-block launch before it writes the slot table (experts,
-  +-scaling * gates) and publishes this token's experts as the next call's previous ones. Measured
-  on the H200 (docs/kernels.md): slower than pack + GEMM in pristine mode, tied in place, so not
-  the default.
+  +-scaling * gates) and publishes this token's experts as the next call's previous ones.
+Which is faster depends on the GPU (docs/kernels.md): on the H200 pack + GEMM was faster in
+pristine mode and tied in place, on an H100 the gather form was faster everywhere. The switch op
+builds both once per weight-set shape and keeps the faster (`plan_fastest_form`).
 Either way the plan's addresses never change, so every GEMM argument (device arrays of problem
 shapes, strides and pointers; C = W, beta = 1 for "inplace", C = W0 for "pristine"; D = W) is
 built once, and `run` is two launches: no host sync, no copies, capturable in a CUDA graph.
@@ -152,6 +153,7 @@ class CutlassPlan:
         ptrs = [lhs, rhs, [c.data_ptr() for c in c_targets], [w.data_ptr() for w in weights]]
         self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable)
         self.num_weights = len(weights)
+        self.gemm_device = weights[0].device
 
     def _gather_operands(self, lora_A, lora_B):
         """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
@@ -233,6 +235,95 @@ class CutlassPlan:
             scaling: float) -> None:
         self.pack(experts, gates, prev_experts, prev_gates, scaling)
         self.gemm.run()
+
+
+_form_chosen: dict[tuple, str] = {}  # weight-set signature -> "pack" or "gather", per process
+FORMS = ("pack", "gather")
+
+
+def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], k: int,
+                      pristine: list[Tensor] | None, make_plan=None, timer=None) -> CutlassPlan:
+    """The plan of the form (pack or gather) that runs the whole switch faster on this device.
+
+    Which form wins depends on the GPU: on the H200 pack + GEMM was as fast or faster (q,v
+    pristine 1.21-1.25 ms against 1.34-1.36 for the gather form, in place tied), on an H100 the
+    gather form won everywhere, all seven pristine 9.69 against 13.35 ms, the pack launch alone
+    0.48 ms of it (docs/kernels.md; probe_sgmm_gemm_h100_s21.json). So a weight set's first plan
+    builds both, times each whole switch (`time_switch`: slot or pack launch and GEMM, with zero
+    gates, so W + 0 in place and W0 + 0 in pristine mode, as `choose_gemm`), and keeps the faster;
+    later plans of the same shape in this process build only that form. A rank that is not a
+    multiple of GATHER_RANK_MULTIPLE, or a gather form that cannot be planned, takes pack.
+    `make_plan(weights, lora_A, lora_B, k, pristine, gather=...)` and `timer(plan) -> ms` replace
+    CutlassPlan and the CUDA-event timing (tests). `plan.choice["form"]` says which and why."""
+    make_plan = make_plan or CutlassPlan
+    r = int(lora_A[0].shape[1])
+    signature = (pristine is None, weights[0].dtype, str(weights[0].device), k, r,
+                 tuple(tuple(w.shape) for w in weights))
+
+    def one(form: str, why: str):
+        plan = make_plan(weights, lora_A, lora_B, k, pristine, gather=form == "gather")
+        plan.choice["form"] = f"{form} ({why})"
+        return plan
+
+    if r % GATHER_RANK_MULTIPLE:
+        return one("pack", f"rank {r} is not a multiple of {GATHER_RANK_MULTIPLE}: the gather form cannot take it")
+    if signature in _form_chosen:
+        return one(_form_chosen[signature], "chosen earlier in this process")
+    plans = {"pack": make_plan(weights, lora_A, lora_B, k, pristine, gather=False)}
+    try:
+        plans["gather"] = make_plan(weights, lora_A, lora_B, k, pristine, gather=True)
+    except (RuntimeError, ValueError) as exc:
+        plans["pack"].choice["form"] = f"pack (the gather form could not be planned: {exc})"
+        return plans["pack"]
+    if timer is None and torch.cuda.is_current_stream_capturing():
+        plans["pack"].choice["form"] = "pack (plan built during CUDA graph capture: no timing)"
+        return plans["pack"]
+    timer = timer or (lambda plan: time_switch(plan, k))
+    times, failed = {form: [] for form in plans}, {}
+    for _ in range(5):  # alternating, as choose_gemm: a clock or power drift hits both forms
+        for form, plan in plans.items():
+            if form in failed:
+                continue
+            try:
+                times[form].append(timer(plan))
+            except RuntimeError as exc:  # a form whose launch fails is left out, as a candidate GEMM is
+                failed[form] = str(exc)
+    ok = [form for form in FORMS if form not in failed]
+    if not ok:
+        raise RuntimeError("SGMM CUTLASS: the switch failed in both forms: "
+                           + "; ".join(f"{form}: {msg}" for form, msg in failed.items()))
+    medians = {form: sorted(times[form])[len(times[form]) // 2] for form in ok}
+    best = min(ok, key=lambda form: (medians[form], FORMS.index(form)))
+    _form_chosen[signature] = best
+    plan = plans[best]
+    if failed:
+        ((lost, why),) = failed.items()
+        plan.choice["form"] = f"{best} (the {lost} form failed to run: {why})"
+    else:
+        plan.choice["form"] = f"{best} (timed)"
+    plan.choice["form_ms"] = {form: round(ms, 4) for form, ms in medians.items()}
+    return plan
+
+
+def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
+    """ms of one whole switch of `plan` (its slot or pack launch and its GEMM), CUDA events, with
+    every gate 0 (expert 0): the update is L R = 0, W + 0 in place, W0 + 0 in pristine mode."""
+    dev = plan.gemm_device
+    experts, gates = torch.zeros(k, dtype=torch.int64, device=dev), torch.zeros(k, dtype=torch.float32, device=dev)
+    prev_experts, prev_gates = experts.clone(), gates.clone()
+    torch.cuda.synchronize(dev)
+
+    def run():
+        plan.run(experts, gates, prev_experts, prev_gates, 1.0)
+
+    run()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,

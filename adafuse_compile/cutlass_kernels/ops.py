@@ -186,10 +186,10 @@ def _get_plan(impl, weights, lora_A, lora_B, experts, gates, prev_experts, prev_
             from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
 
             return TritonPlan(weights, lora_A, lora_B, k, pristine)
-        from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+        from adafuse_compile.cutlass_kernels.cutlass_sgmm import plan_fastest_form
 
-        try:
-            return CutlassPlan(weights, lora_A, lora_B, k, pristine)
+        try:  # pack or gather, whichever switches faster on this GPU (timed once per shape)
+            return plan_fastest_form(weights, lora_A, lora_B, k, pristine)
         # e.g. CUTLASS refuses every candidate GEMM for these shapes (RuntimeError), a factor the
         # plan cannot address (ValueError), a build directory it cannot write (OSError)
         except (RuntimeError, ValueError, OSError) as exc:
