@@ -277,7 +277,7 @@ def test_the_switch_keeps_the_faster_form_once_per_weight_set(monkeypatch, faste
         return next(script[plan.form])
 
     plan = forms(timer)
-    assert plan.form == faster and plan.choice["form"] == f"{faster} (timed)"
+    assert plan.form == faster and plan.choice["form"].startswith(f"{faster} (timed)")
     assert plan.choice["form_ms"] == {faster: 1.1, slow: 2.0}
     assert calls == ["pack", "gather"] * 5 and built == ["pack", "gather"]
     again = forms(timer)
@@ -310,3 +310,23 @@ def test_a_gather_form_that_cannot_be_planned_or_run_leaves_pack(monkeypatch):
     forms, built = _forms_setup(monkeypatch, fail=("gather", "pack"))
     with pytest.raises(RuntimeError, match="failed in both forms"):
         forms(timer)
+
+
+def test_a_cached_gather_form_this_weight_set_cannot_take_falls_back_to_pack(monkeypatch):
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    refuse = []  # read by every plan built: the second weight set's gather form is refused
+    forms, built = _forms_setup(monkeypatch, refuse=refuse)
+    assert forms(lambda plan: 1.0 if plan.form == "gather" else 2.0).form == "gather"
+    refuse.append("gather")
+    plan = forms(lambda plan: pytest.fail("nothing to time"))
+    assert plan.form == "pack" and "chosen earlier could not be planned here: CUTLASS cannot plan this" in plan.choice["form"]
+    assert list(cutlass_sgmm._form_chosen.values()) == ["gather"]
+
+
+def test_the_in_place_top2_choice_says_its_gather_timing_favours_pack(monkeypatch):
+    """In place, r = 64, top-2 (four one-block slots) the gather GEMM's fast loop needs non-zero
+    gates, so its zero-gate timing ran the slower generic loop: the choice says so; pristine not."""
+    forms, built = _forms_setup(monkeypatch)
+    assert "generic loop" in forms(lambda plan: 1.0).choice["form"]
+    assert "generic loop" not in forms(lambda plan: 1.0, pristine=[object(), object()]).choice["form"]

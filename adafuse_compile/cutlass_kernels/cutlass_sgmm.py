@@ -268,7 +268,15 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
     if r % GATHER_RANK_MULTIPLE:
         return one("pack", f"rank {r} is not a multiple of {GATHER_RANK_MULTIPLE}: the gather form cannot take it")
     if signature in _form_chosen:
-        return one(_form_chosen[signature], "chosen earlier in this process")
+        if _form_chosen[signature] == "pack":
+            return one("pack", "chosen earlier in this process")
+        try:
+            return one("gather", "chosen earlier in this process")
+        except (RuntimeError, ValueError) as exc:  # this weight set's factors, e.g.: pack takes any
+            return one("pack", f"the gather form chosen earlier could not be planned here: {exc}")
+    if make_plan is CutlassPlan:  # one build of both forms' GEMMs, not the pack's and then a larger one
+        build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
+                                           for cands in table.values() for v, _ in cands})))
     plans = {"pack": make_plan(weights, lora_A, lora_B, k, pristine, gather=False)}
     try:
         plans["gather"] = make_plan(weights, lora_A, lora_B, k, pristine, gather=True)
@@ -301,28 +309,37 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         plan.choice["form"] = f"{best} (the {lost} form failed to run: {why})"
     else:
         plan.choice["form"] = f"{best} (timed)"
+    if pristine is None and r == GATHER_RANK_MULTIPLE and 2 * k == 4:
+        # sgmm_sm90.cu takes its four-slot loop only for non-zero gates: the timing's zero gates
+        # ran the gather GEMM's generic loop (about 1.2x slower on the H200, q,v), so here the
+        # choice leans to pack
+        plan.choice["form"] += "; gather timed on its generic loop (zero gates), which favours pack"
     plan.choice["form_ms"] = {form: round(ms, 4) for form, ms in medians.items()}
     return plan
 
 
 def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
     """ms of one whole switch of `plan` (its slot or pack launch and its GEMM), CUDA events, with
-    every gate 0 (expert 0): the update is L R = 0, W + 0 in place, W0 + 0 in pristine mode."""
+    every gate 0: the update is L R = 0, W + 0 in place, W0 + 0 in pristine mode. The experts are
+    distinct (as a real switch's), so the pack reads as many factor rows as it will."""
     dev = plan.gemm_device
-    experts, gates = torch.zeros(k, dtype=torch.int64, device=dev), torch.zeros(k, dtype=torch.float32, device=dev)
-    prev_experts, prev_gates = experts.clone(), gates.clone()
-    torch.cuda.synchronize(dev)
+    n = plan.n_experts
+    experts = torch.arange(k, dtype=torch.int64, device=dev) % n
+    prev_experts = (torch.arange(k, dtype=torch.int64, device=dev) + k) % n
+    gates, prev_gates = torch.zeros(k, dtype=torch.float32, device=dev), torch.zeros(k, dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev):
+        torch.cuda.synchronize()
 
-    def run():
-        plan.run(experts, gates, prev_experts, prev_gates, 1.0)
+        def run():
+            plan.run(experts, gates, prev_experts, prev_gates, 1.0)
 
-    run()  # warm
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        run()
-    end.record()
-    end.synchronize()
+        run()  # warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run()
+        end.record()
+        end.synchronize()
     return start.elapsed_time(end) / reps
 
 
