@@ -155,6 +155,22 @@ def test_ten_thousand_pristine_switches_exact(impl):
         assert ((w.float() - r.float()).abs() <= tol).all()
 
 
+def _timing_problem(mode: str, seed: int):
+    """Two 7B-shaped weights (r = 64, top-2) and a copy of W, for the tests of a plan's timing."""
+    torch.manual_seed(seed)
+    p = make_problem([(4096, 4096), (11008, 4096)], n_experts=8, rank=64, k=2,
+                     dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
+    return p, [w.clone() for w in p["weights"]]
+
+
+def _assert_timing_left_the_weights(p, before, mode: str) -> None:
+    torch.cuda.synchronize()
+    if mode == "inplace":  # W + 0 (only -0.0 may come back as +0.0, which equal() accepts)
+        assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    else:  # W0 + 0: the targets hold W0 until the next switch rewrites them
+        assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
+
+
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, gather):
@@ -164,10 +180,7 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
-    torch.manual_seed(5)
-    p = make_problem([(4096, 4096), (11008, 4096)], n_experts=8, rank=64, k=2,
-                     dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
-    before = [w.clone() for w in p["weights"]]
+    p, before = _timing_problem(mode, seed=5)
     cutlass_sgmm._chosen.clear()
     plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
                                     gather=gather)
@@ -175,11 +188,7 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     assert plan.gathers == gather
     table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
     assert (plan.variant, plan.raster) in table[mode]
-    torch.cuda.synchronize()
-    if mode == "inplace":  # W + 0 (only -0.0 may come back as +0.0, which equal() accepts)
-        assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
-    else:  # W0 + 0: the targets hold W0 until the next switch rewrites them
-        assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
+    _assert_timing_left_the_weights(p, before, mode)
     again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
                                      gather=gather)
     assert again.choice["how"] == "chosen earlier in this process"
@@ -194,21 +203,14 @@ def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
-    torch.manual_seed(6)
-    p = make_problem([(4096, 4096), (11008, 4096)], n_experts=8, rank=64, k=2,
-                     dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
-    before = [w.clone() for w in p["weights"]]
+    p, before = _timing_problem(mode, seed=6)
     cutlass_sgmm._form_chosen.clear()
     plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
     print(mode, plan.choice)
     assert plan.choice["form"] in ("pack (timed)", "gather (timed)"), plan.choice
     assert set(plan.choice["form_ms"]) == {"pack", "gather"}
     assert plan.gathers == plan.choice["form"].startswith("gather")
-    torch.cuda.synchronize()
-    if mode == "inplace":
-        assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
-    else:
-        assert all(torch.equal(w, w0) for w, w0 in zip(p["weights"], p["pristine"]))
+    _assert_timing_left_the_weights(p, before, mode)
     before, expected, e, g = oracle_then_poison(p)
     plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])
     torch.cuda.synchronize()
