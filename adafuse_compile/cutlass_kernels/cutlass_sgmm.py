@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from adafuse_compile.cutlass_kernels import build
+from adafuse_compile.runtime.cost_model import cuda_elapsed_s
 
 # Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu), each with the tile scheduler's raster
 # order (0 along M, 1 along N). Per mode, the candidates a plan chooses between on its first
@@ -238,7 +239,26 @@ class CutlassPlan:
 
 
 _form_chosen: dict[tuple, str] = {}  # weight-set signature -> "pack" or "gather", per process
-FORMS = ("pack", "gather")
+
+
+def fastest(candidates: dict, timer, trials: int = 5) -> tuple:
+    """(best key, {key: median ms}, {key: error}) of `candidates` ({key: plan}): `trials` rounds,
+    candidates alternating (a clock or power drift hits them all), `timer(plan) -> ms`; one whose
+    timing raises RuntimeError is left out; a tie goes to the earlier key; best is None if all fail."""
+    keys = list(candidates)
+    times, failed = {key: [] for key in keys}, {}
+    for _ in range(trials):
+        for key in keys:
+            if key in failed:
+                continue
+            try:
+                times[key].append(timer(candidates[key]))
+            except RuntimeError as exc:
+                failed[key] = str(exc)
+    ok = [key for key in keys if key not in failed]
+    medians = {key: sorted(times[key])[len(times[key]) // 2] for key in ok}
+    best = min(ok, key=lambda key: (medians[key], keys.index(key))) if ok else None
+    return best, medians, failed
 
 
 def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], k: int,
@@ -287,21 +307,10 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         plans["pack"].choice["form"] = "pack (plan built during CUDA graph capture: no timing)"
         return plans["pack"]
     timer = timer or (lambda plan: time_switch(plan, k))
-    times, failed = {form: [] for form in plans}, {}
-    for _ in range(5):  # alternating, as choose_gemm: a clock or power drift hits both forms
-        for form, plan in plans.items():
-            if form in failed:
-                continue
-            try:
-                times[form].append(timer(plan))
-            except RuntimeError as exc:  # a form whose launch fails is left out, as a candidate GEMM is
-                failed[form] = str(exc)
-    ok = [form for form in FORMS if form not in failed]
-    if not ok:
+    best, medians, failed = fastest(plans, timer)  # pack first: it wins a tie
+    if best is None:
         raise RuntimeError("SGMM CUTLASS: the switch failed in both forms: "
                            + "; ".join(f"{form}: {msg}" for form, msg in failed.items()))
-    medians = {form: sorted(times[form])[len(times[form]) // 2] for form in ok}
-    best = min(ok, key=lambda form: (medians[form], FORMS.index(form)))
     _form_chosen[signature] = best
     plan = plans[best]
     if failed:
@@ -334,13 +343,7 @@ def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
             plan.run(experts, gates, prev_experts, prev_gates, 1.0)
 
         run()  # warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            run()
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) / reps
+        return cuda_elapsed_s(run, reps) * 1e3
 
 
 def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,
@@ -374,28 +377,11 @@ def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 
 
         def timer(plan):
             plan.run()  # warm
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                plan.run()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / reps
+            return cuda_elapsed_s(plan.run, reps) * 1e3
     workspace.zero_()
-    times, failed = {key: [] for key in keys}, {}
-    for _ in range(trials):
-        for key in keys:
-            if key in failed:
-                continue
-            try:
-                times[key].append(timer(gemms[key]))
-            except RuntimeError as exc:
-                failed[key] = str(exc)
-    ok = [key for key in keys if key not in failed]
-    if not ok:
+    best, medians, failed = fastest(gemms, timer, trials)
+    if best is None:
         raise RuntimeError("SGMM CUTLASS: every candidate GEMM failed: " + "; ".join(failed.values()))
-    medians = {key: sorted(times[key])[len(times[key]) // 2] for key in ok}
-    best = min(ok, key=lambda key: (medians[key], keys.index(key)))
     _chosen[signature] = best
     out = {"variant": best[0], "raster": best[1], "how": "timed",
            "median_ms": {f"v{v}_r{ra}": round(ms, 4) for (v, ra), ms in medians.items()}}

@@ -184,7 +184,7 @@ def side_stream_choice(asked: bool | None, device: torch.device) -> bool:
     the side stream was wrong (it read freed gates on an H100; fixed by adafuse::side_input). The
     fix held on the H100 on 2026-12-05: the 7B layer-wise q,v decode with the side stream matched
     eager as closely as the in-line graph and took 1.218x the backbone's time against 1.330x
-    (benchmarks/results/decode_h100_layerwise_side_run1.json), so the default is on again."""
+    (benchmarks/results/decode_llama2-7b_qv_layerwise_side_h100_s21.json), so the default is on again."""
     if asked is not None:
         return asked
     return device.type == "cuda"

@@ -266,7 +266,8 @@ def save_cached(key: str, costs: Costs) -> None:
         log.info("adafuse: could not cache the calibration at %s: %s", path, exc)
 
 
-def _elapsed_s(fn, reps: int) -> float:
+def cuda_elapsed_s(fn, reps: int) -> float:
+    """Seconds per call of `fn` over `reps` calls on the current stream, by CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -286,7 +287,7 @@ def measure(device: torch.device) -> Costs:
         src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 256 MiB each way, past the L2
         dst = torch.empty_like(src)
         dst.copy_(src)
-        copy_s = _elapsed_s(lambda: dst.copy_(src), 10)
+        copy_s = cuda_elapsed_s(lambda: dst.copy_(src), 10)
         bandwidth = 2 * src.numel() / copy_s
         del src, dst
         # Constants, not random: calibration must not advance the user's RNG. y stays 1.
@@ -306,7 +307,7 @@ def measure(device: torch.device) -> Costs:
             for _ in range(pairs):
                 y = torch.nn.functional.linear(torch.nn.functional.linear(y, a), b)
         graph.replay()
-        per_kernel = _elapsed_s(graph.replay, 10) / (2 * pairs)
+        per_kernel = cuda_elapsed_s(graph.replay, 10) / (2 * pairs)
         kernel_bytes = a.numel() * a.element_size()  # each GEMV reads one 128 x 4096 factor
         launch = max(per_kernel - kernel_bytes / bandwidth, 1e-7)
         del graph
