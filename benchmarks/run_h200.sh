@@ -9,7 +9,8 @@
 #            generate(), diff, plan cache), to run side by side: -p tests-kernels tests-models (2026-12-04:
 #            kernels 169 passed in 220 s; models cut by its 560 s timeout after 29 of 31 passed, in the
 #            generate() tests, which it now leaves to tests-generate: -p tests-kernels tests-models, then
-#            tests-generate)
+#            tests-generate; 2026-12-05 on an H100: kernels 248 passed in 471 s next to tests-generate;
+#            models cut at 540 s after 22 of its 34, the other 12 in 105 s with tests-k)
 #   tests-k:<expr>  the GPU tests that pytest -k <expr> selects from every file (quote the stage:
 #            'tests-k:layerwise or side_stream'); the way to run a few tests after a fix
 #   tests-backend  the backend and factor-slot GPU tests (63 tests: 19 passed in its 520 s beside a
