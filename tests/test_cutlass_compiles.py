@@ -229,7 +229,8 @@ def test_reduce_add_variants_are_refused_in_pristine_mode():
 # The choice between the pack and gather forms (plans and timing replaced: CPU) -------------------
 
 class _FakePlan:
-    """Stands in for CutlassPlan: records its form; `broken` forms raise when built or run."""
+    """Stands in for CutlassPlan: records its form; forms in `refuse` raise when built, those in
+    `fail` are marked for the test's timer to raise."""
 
     def __init__(self, weights, lora_A, lora_B, k, pristine, gather=False, refuse=(), fail=()):
         self.form = "gather" if gather else "pack"

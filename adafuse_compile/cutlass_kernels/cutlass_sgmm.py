@@ -335,7 +335,8 @@ def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
     n = plan.n_experts
     experts = torch.arange(k, dtype=torch.int64, device=dev) % n
     prev_experts = (torch.arange(k, dtype=torch.int64, device=dev) + k) % n
-    gates, prev_gates = torch.zeros(k, dtype=torch.float32, device=dev), torch.zeros(k, dtype=torch.float32, device=dev)
+    gates = torch.zeros(k, dtype=torch.float32, device=dev)
+    prev_gates = torch.zeros_like(gates)
     with torch.cuda.device(dev):
         torch.cuda.synchronize()
 
