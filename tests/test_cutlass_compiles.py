@@ -168,14 +168,14 @@ def test_choose_gemm_takes_the_median_fastest_once_per_weight_set(monkeypatch):
 
     workspace = torch.ones(8)
     sig = ("pristine", torch.bfloat16, "cuda:0", 128, ((4096, 4096),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, workspace.zero_, sig, timer=timer)
+    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, workspace, sig, timer=timer)
     assert (got["variant"], got["raster"], got["how"]) == (17, 1, "timed")
     assert calls == ["a", "b"] * 5  # alternating trials
     assert workspace.abs().sum() == 0  # timed on a zeroed workspace: the GEMM adds nothing
-    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, torch.ones(8).zero_, sig, timer=timer)
+    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, torch.ones(8), sig, timer=timer)
     assert (again["variant"], again["how"]) == (17, "chosen earlier in this process")
     assert len(calls) == 10  # not timed twice
-    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, torch.ones(8).zero_, sig[:-1] + (((8, 8),),))
+    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, torch.ones(8), sig[:-1] + (((8, 8),),))
     assert (other["variant"], other["how"]) == (14, "given")
 
 
@@ -192,11 +192,11 @@ def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
         return 1.0
 
     sig = ("inplace", torch.float16, "cuda:0", 256, ((64, 64),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, torch.ones(4).zero_, sig, timer=timer)
+    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, torch.ones(4), sig, timer=timer)
     assert (got["variant"], got["raster"]) == (1, 1)
     assert got["failed"] == ["variant 14, raster 1: SGMM grouped GEMM launch failed (code 1)"]
     with pytest.raises(RuntimeError, match="every candidate GEMM failed"):
-        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, torch.ones(4).zero_, sig[:-1] + (((8, 8),),),
+        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, torch.ones(4), sig[:-1] + (((8, 8),),),
                                  timer=timer)
 
 
@@ -325,32 +325,9 @@ def test_a_cached_gather_form_this_weight_set_cannot_take_falls_back_to_pack(mon
     assert list(cutlass_sgmm._form_chosen.values()) == ["gather"]
 
 
-def test_the_gather_timing_runs_the_real_loop_on_zeros_read_past_the_last_expert():
-    """The gather form's timing (its GEMM candidates and its whole switch) must run the loop real
-    gates take, which in place with four slots needs non-zero coefficients, and still add exactly
-    0: every slot names expert N, one past the stacked [N, ...] factors (TMA reads zeros there),
-    with coefficient 1. The pack form keeps zero gates and in-range, distinct experts (its launch
-    indexes memory with them)."""
-    import types
-
-    import torch
-
-    from adafuse_compile.cutlass_kernels import cutlass_sgmm
-
-    table = torch.zeros(16, dtype=torch.int32)
-    cutlass_sgmm.neutral_slot_table(table, 8)
-    assert table[:8].tolist() == [8] * 8
-    assert table[8:].view(torch.float32).tolist() == [1.0] * 8  # SlotTable: 8 int32, then 8 float
-
-    gather = types.SimpleNamespace(gathers=True, gemm_device=torch.device("cpu"), n_experts=8)
-    experts, gates, prev_experts, prev_gates = cutlass_sgmm.switch_timing_inputs(gather, 2)
-    assert experts.tolist() == prev_experts.tolist() == [8, 8]
-    assert gates.tolist() == prev_gates.tolist() == [1.0, 1.0]
-    assert experts.dtype == torch.int64 and gates.dtype == torch.float32
-    assert experts.data_ptr() != prev_experts.data_ptr()  # the slot launch writes the previous ones
-
-    pack = types.SimpleNamespace(gathers=False, gemm_device=torch.device("cpu"), n_experts=8)
-    experts, gates, prev_experts, prev_gates = cutlass_sgmm.switch_timing_inputs(pack, 3)
-    assert experts.tolist() == [0, 1, 2] and prev_experts.tolist() == [3, 4, 5]
-    assert gates.abs().sum() == 0 and prev_gates.abs().sum() == 0
-    assert max(experts.max(), prev_experts.max()) < 8
+def test_the_in_place_top2_choice_says_its_gather_timing_favours_pack(monkeypatch):
+    """In place, r = 64, top-2 (four one-block slots) the gather GEMM's fast loop needs non-zero
+    gates, so its zero-gate timing ran the slower generic loop: the choice says so; pristine not."""
+    forms, built = _forms_setup(monkeypatch)
+    assert "generic loop" in forms(lambda plan: 1.0).choice["form"]
+    assert "generic loop" not in forms(lambda plan: 1.0, pristine=[object(), object()]).choice["form"]

@@ -174,10 +174,9 @@ def _assert_timing_left_the_weights(p, before, mode: str) -> None:
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, gather):
-    """A plan's first build times each candidate GEMM on a zeroed workspace (pack) or a slot table
-    whose experts lie past the last one (gather: TMA reads zeros, coefficients 1, so in place the
-    four-slot loop of real gates runs): in place the weights come out as they went in (W + 0), in
-    pristine mode as W0 (W0 + 0); the choice is one of the candidates, remembered per shape."""
+    """A plan's first build times each candidate GEMM on a zeroed workspace (pack) or slot table
+    (gather): in place the weights come out as they went in (W + 0), in pristine mode as W0
+    (W0 + 0); the choice is one of the candidates, remembered per shape."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
@@ -185,9 +184,14 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     cutlass_sgmm._chosen.clear()
     plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
                                     gather=gather)
+    table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
+    if len(table[mode]) == 1:  # the gather form in place has one candidate: nothing to time
+        assert plan.choice["how"] == "given" and plan.gathers == gather, plan.choice
+        assert (plan.variant, plan.raster) == table[mode][0]
+        _assert_timing_left_the_weights(p, before, mode)
+        return
     assert plan.choice["how"] == "timed", plan.choice
     assert plan.gathers == gather
-    table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
     assert (plan.variant, plan.raster) in table[mode]
     _assert_timing_left_the_weights(p, before, mode)
     again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
@@ -199,9 +203,8 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
     """The switch op's plan (plan_fastest_form): both forms built and their whole switches timed
-    on inputs that add exactly 0 (pack: zero gates; gather: experts past the last one, gates 1),
-    so the weights come out as W (in place) or W0 (pristine); the kept plan is the form it names
-    and switches right."""
+    with zero gates, so the weights come out as W (in place) or W0 (pristine); the kept plan is the
+    form it names and switches right."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
@@ -209,8 +212,10 @@ def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
     cutlass_sgmm._form_chosen.clear()
     plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
     print(mode, plan.choice)
+    # the form string may carry a note after "(timed)" (the zero-gate bias of the in-place r=64
+    # top-2 case), so read its first word and check it against the timings
     kept = plan.choice["form"].split(" ")[0]
-    assert plan.choice["form"] == f"{kept} (timed)", plan.choice
+    assert plan.choice["form"].startswith(f"{kept} (timed)"), plan.choice
     assert set(plan.choice["form_ms"]) == {"pack", "gather"}
     assert plan.choice["form_ms"][kept] == min(plan.choice["form_ms"].values()), plan.choice
     assert plan.gathers == (kept == "gather")

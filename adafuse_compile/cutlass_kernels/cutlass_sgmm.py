@@ -39,7 +39,13 @@ GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
 # the H200 (probe_sgmm_gemm_h200_run7_gather.json, _run10_four_slots.json, 7B shapes): q,v
 # pristine 1.34-1.36 ms against 1.21-1.25 packed (v14), in place 1.55 against 1.53 (after the
 # four-slot loop; 1.87 before); all seven pristine 8.45 against 7.55 (v17, run 7).
-GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1), (25, 1))}
+# In place only 23: the timing adds 0 with zero coefficients, on which the GEMM runs its generic
+# loop, not the four-slot one real top-2, r = 64 gates take, and there 25 timed as fast or faster
+# (H200: 1.956 against 1.975 ms, q,v) and was kept, while every real switch measured 23 faster:
+# q,v 1.544 against 1.672 ms and all seven 10.63 against 11.09 on the H200
+# (probe_sgmm_gemm_h200_s23.json), 1.715 against 1.748 and 10.88 against 11.17 on an H100
+# (_h100_s22.json). On the generic loop (other ranks and k) the two tie within 1%.
+GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1),)}
 GATHER_RANK_MULTIPLE = 64
 _chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
@@ -147,12 +153,12 @@ class CutlassPlan:
         self.dtype_code = _ELEMENTS[weights[0].dtype]
         self.k, self.inplace = k, pristine is None
         kc = (2 * k if self.inplace else k) * self.r
-        lhs, rhs, neutralize = (self._gather_operands(lora_A, lora_B) if gather
-                                else self._pack_operands(weights, lora_A, lora_B, kc))
+        lhs, rhs, zeroable = (self._gather_operands(lora_A, lora_B) if gather
+                              else self._pack_operands(weights, lora_A, lora_B, kc))
         c_targets = weights if pristine is None else pristine
         mnk = [[w.shape[0], w.shape[1], kc] for w in weights]
         ptrs = [lhs, rhs, [c.data_ptr() for c in c_targets], [w.data_ptr() for w in weights]]
-        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, neutralize)
+        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable)
         self.num_weights = len(weights)
         self.gemm_device = weights[0].device
 
@@ -160,14 +166,13 @@ class CutlassPlan:
         """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
         table (SlotTable in sgmm_sm90.cu: 8 int32 experts, 8 float coefficients) is the only
         per-call state, written by `pack` (the slot launch). Returns the L and R pointers and
-        what makes the GEMM add exactly 0 for the timing (`neutral_slot_table`)."""
+        the slot table (zeroed for the timing)."""
         self.slot_table = torch.zeros(16, dtype=torch.int32, device=lora_A[0].device)
-        return ([b.data_ptr() for b in lora_B], [a.data_ptr() for a in lora_A],
-                lambda: neutral_slot_table(self.slot_table, self.n_experts))
+        return [b.data_ptr() for b in lora_B], [a.data_ptr() for a in lora_A], self.slot_table
 
     def _pack_operands(self, weights, lora_A, lora_B, kc):
         """The pack workspace (L and R per weight), its descriptor table and block table. Returns
-        the L and R pointers into the workspace and its `zero_` (the timing runs on zeros)."""
+        the L and R pointers into the workspace and the workspace (zeroed for the timing)."""
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
         offs, total = [], 0
@@ -194,12 +199,11 @@ class CutlassPlan:
                 [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
                 resident * torch.cuda.get_device_properties(dev).multi_processor_count,
             ).to(dev)
-        return lhs, rhs, self.workspace.zero_
+        return lhs, rhs, self.workspace
 
-    def _plan_gemm(self, weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, neutralize):
-        """Create the candidate GEMM plans and keep the fastest (`choose_gemm`, timed after
-        `neutralize()`: the pack workspace zeroed or the slot table made neutral, so the timing
-        adds exactly 0)."""
+    def _plan_gemm(self, weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable):
+        """Create the candidate GEMM plans and keep the fastest (`choose_gemm`, timed with
+        `zeroable` zeroed: the pack workspace or the slot table, so the timing adds 0)."""
         dev, dtype = weights[0].device, weights[0].dtype
         mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
         gather_args = dict(slot_table=self.slot_table, rank=self.r, n_experts=self.n_experts) \
@@ -218,7 +222,7 @@ class CutlassPlan:
                     errors.append(f"variant {v}, raster {ra}: {exc}")
             if not gemms:
                 raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
-            self.choice = choose_gemm(gemms, neutralize, signature)
+            self.choice = choose_gemm(gemms, zeroable, signature)
             if errors:  # refused at planning, before choose_gemm's own launch failures
                 self.choice["failed"] = errors + self.choice.get("failed", [])
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
@@ -271,8 +275,8 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
     pristine 1.21-1.25 ms against 1.34-1.36 for the gather form, in place tied), on an H100 the
     gather form won everywhere, all seven pristine 9.69 against 13.35 ms, the pack launch alone
     0.48 ms of it (docs/kernels.md; probe_sgmm_gemm_h100_s21.json). So a weight set's first plan
-    builds both, times each whole switch (`time_switch`: slot or pack launch and GEMM on inputs
-    that add exactly 0, W + 0 in place and W0 + 0 in pristine mode, as `choose_gemm`), and keeps the faster;
+    builds both, times each whole switch (`time_switch`: slot or pack launch and GEMM, with zero
+    gates, so W + 0 in place and W0 + 0 in pristine mode, as `choose_gemm`), and keeps the faster;
     later plans of the same shape in this process build only that form. A rank that is not a
     multiple of GATHER_RANK_MULTIPLE, or a gather form that cannot be planned, takes pack.
     `make_plan(weights, lora_A, lora_B, k, pristine, gather=...)` and `timer(plan) -> ms` replace
@@ -320,47 +324,25 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         plan.choice["form"] = f"{best} (the {lost} form failed to run: {why})"
     else:
         plan.choice["form"] = f"{best} (timed)"
+    if pristine is None and r == GATHER_RANK_MULTIPLE and 2 * k == 4:
+        # sgmm_sm90.cu takes its four-slot loop only for non-zero gates: the timing's zero gates
+        # ran the gather GEMM's generic loop (about 1.2x slower on the H200, q,v), so here the
+        # choice leans to pack
+        plan.choice["form"] += "; gather timed on its generic loop (zero gates), which favours pack"
     plan.choice["form_ms"] = {form: round(ms, 4) for form, ms in medians.items()}
     return plan
 
 
-def neutral_slot_table(table: Tensor, n_experts: int) -> Tensor:
-    """Fill a gather plan's slot table (SlotTable: 8 int32 experts, then 8 float coefficients)
-    so that its GEMM adds exactly 0 while running the loop a real switch runs: every slot's
-    expert is `n_experts`, one past the last, so each TMA load of the factors lies outside the
-    stacked tensors and reads zeros without touching memory; every coefficient is 1. Zero
-    coefficients (the pack form's neutral state) would add 0 too, but in place with r = 64 and
-    top-2 the GEMM then takes its generic loop instead of the four-slot one real gates take,
-    1.2-1.3x slower on the H200 (q,v, variants 23 / 25: the GEMM timed at 1.975 / 1.956 ms, the
-    whole switch with real gates 1.544 / 1.672, probe_sgmm_gemm_h200_s23.json), so the candidates
-    were ranked on a loop real switches do not run (25 kept, 23 faster)."""
-    table[:8].fill_(n_experts)
-    table[8:].view(torch.float32).fill_(1.0)
-    return table
-
-
-def switch_timing_inputs(plan, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(experts, gates, prev_experts, prev_gates) of a whole switch that adds exactly 0. Pack:
-    distinct experts in range (the pack reads as many factor rows as a real switch) and zero
-    gates, so the packed factors are 0. Gather: the slot launch writes what `neutral_slot_table`
-    holds: experts past the last one (TMA reads zeros) and gates 1, so the four-slot loop of real
-    gates runs; with no factor reads it is a little lighter than a real switch."""
-    dev, n = plan.gemm_device, plan.n_experts
-    if plan.gathers:
-        experts = torch.full((k,), n, dtype=torch.int64, device=dev)
-        gates = torch.ones(k, dtype=torch.float32, device=dev)
-        return experts, gates, experts.clone(), gates.clone()
+def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
+    """ms of one whole switch of `plan` (its slot or pack launch and its GEMM), CUDA events, with
+    every gate 0: the update is L R = 0, W + 0 in place, W0 + 0 in pristine mode. The experts are
+    distinct (as a real switch's), so the pack reads as many factor rows as it will."""
+    dev = plan.gemm_device
+    n = plan.n_experts
     experts = torch.arange(k, dtype=torch.int64, device=dev) % n
     prev_experts = (torch.arange(k, dtype=torch.int64, device=dev) + k) % n
     gates = torch.zeros(k, dtype=torch.float32, device=dev)
-    return experts, gates, prev_experts, torch.zeros_like(gates)
-
-
-def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
-    """ms of one whole switch of `plan` (its slot or pack launch and its GEMM), CUDA events, on
-    `switch_timing_inputs`: the update is exactly 0, W + 0 in place, W0 + 0 in pristine mode."""
-    dev = plan.gemm_device
-    experts, gates, prev_experts, prev_gates = switch_timing_inputs(plan, k)
+    prev_gates = torch.zeros_like(gates)
     with torch.cuda.device(dev):
         torch.cuda.synchronize()
 
@@ -371,17 +353,17 @@ def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
         return cuda_elapsed_s(run, reps) * 1e3
 
 
-def choose_gemm(gemms: dict, neutralize, signature: tuple, trials: int = 5,
+def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,
                 reps: int = 3, timer=None) -> dict:
     """Pick the fastest of `gemms` ({(variant, raster): plan}) for this weight set, once per
     process and weight-set signature: `trials` rounds, candidates alternating, `reps` launches
     each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
     is left out (reported under "failed"); if every one fails, the first error is raised.
 
-    `neutralize()` runs first and makes the GEMM add exactly L R = 0: the pack workspace zeroed,
-    or the gather form's slot table pointed past the last expert (`neutral_slot_table`). So in
-    place the targets stay W (W + 0); in pristine mode they become W0 (W0 + 0) until the next
-    switch rewrites them. Plans are built right before a switch (the op's first call) or for another
+    The timing launches run the GEMM on a zeroed workspace (pack) or slot table (gather: every
+    coefficient 0, every expert 0), so they add L R = 0: in place the
+    targets stay W (W + 0); in pristine mode they become W0 (W0 + 0) until the next switch
+    rewrites them. Plans are built right before a switch (the op's first call) or for another
     model instance's decode step (rewrite_switch's rebind), whose switch runs before anything
     reads the targets. The device is synchronized first: the targets' pending writes on other
     streams land before the timing reads them. No timing on a capturing stream (the plan cache
@@ -403,7 +385,7 @@ def choose_gemm(gemms: dict, neutralize, signature: tuple, trials: int = 5,
         def timer(plan):
             plan.run()  # warm
             return cuda_elapsed_s(plan.run, reps) * 1e3
-    neutralize()
+    workspace.zero_()
     best, medians, failed = fastest(gemms, timer, trials)
     if best is None:
         raise RuntimeError("SGMM CUTLASS: every candidate GEMM failed: " + "; ".join(failed.values()))
