@@ -200,6 +200,28 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     assert (again.variant, again.raster) == (plan.variant, plan.raster)
 
 
+def test_the_gather_gemm_reads_zeros_for_an_expert_past_the_last():
+    """The hardware behaviour a timing of the gather GEMM's real loop would rest on
+    (docs/kernels.md, session 23): a slot table naming expert N, one past the stacked [N, ...]
+    factors, in every slot with coefficient 1 puts every TMA box wholly outside the tensors; TMA
+    must fill them with zeros, so the in-place GEMM (four-slot loop) adds exactly 0. The same
+    table with an expert in range must change W (the check can fail)."""
+    _need("cutlass")
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    p, before = _timing_problem("inplace", seed=7)
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None, variant=23, raster=1)
+    assert plan.choice["how"] == "given" and plan.gathers
+    plan.slot_table[:8].fill_(plan.n_experts)  # SlotTable: 8 int32 experts, then 8 float coefficients
+    plan.slot_table[8:].view(torch.float32).fill_(1.0)
+    plan.gemm.run()
+    _assert_timing_left_the_weights(p, before, "inplace")
+    plan.slot_table[:8].fill_(plan.n_experts - 1)
+    plan.gemm.run()
+    torch.cuda.synchronize()
+    assert not any(torch.equal(w, b) for w, b in zip(p["weights"], before))
+
+
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
     """The switch op's plan (plan_fastest_form): both forms built and their whole switches timed
