@@ -10,7 +10,8 @@
 #            kernels 169 passed in 220 s; models cut by its 560 s timeout after 29 of 31 passed, in the
 #            generate() tests, which it now leaves to tests-generate: -p tests-kernels tests-models, then
 #            tests-generate; 2026-12-05 on an H100: kernels 248 passed in 471 s next to tests-generate;
-#            models cut at 540 s after 22 of its 34, the other 12 in 105 s with tests-k)
+#            models cut at 540 s after 22 of its 34, the other 12 in 105 s with tests-k; 2026-12-05 on the
+#            H200: kernels 248 passed, 10 xpassed in 412 s, alone)
 #   tests-k:<expr>  the GPU tests that pytest -k <expr> selects from every file (quote the stage:
 #            'tests-k:layerwise or side_stream'); the way to run a few tests after a fix
 #   tests-backend  the backend and factor-slot GPU tests (63 tests: 19 passed in its 520 s beside a
