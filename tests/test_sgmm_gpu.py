@@ -310,3 +310,41 @@ def test_cutlass_reduce_add_variants_match_oracle_in_place(variant, dtype, rank,
     torch.cuda.synchronize()
     _check(p, expected, before, dtype, f"variant {variant} graph replay")
     assert torch.equal(p["prev_experts"], e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", [30, 31])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("rank,k", [(8, 1), (64, 2), (128, 4)])
+def test_cutlass_pingpong_full_tile_variants_match_oracle(variant, mode, dtype, rank, k):
+    """The pingpong GEMMs with a whole 128x128 tile per consumer warp group (30, 31: probe
+    candidates, not yet a plan's) on every shape, odd ones included: two eager switches (in place
+    the second unmerges the first's experts), then one captured in a CUDA graph and replayed."""
+    _need("cutlass", dtype)
+    from adafuse_compile.cutlass_kernels import build, cutlass_sgmm
+
+    build.load_extension((30, 31))  # one build for both (a plan asks for its variant alone)
+    p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda", pristine=mode == "pristine")
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], k, p["pristine"],
+                                    variant=variant, raster=1)
+    assert plan.choice["how"] == "given" and not plan.gathers
+    n_experts = p["lora_A"][0].shape[0]
+    run = lambda: plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])  # noqa: E731
+    for step in range(2):
+        if step:
+            p["experts"].copy_((p["experts"] + 1) % n_experts)
+            p["gates"].copy_(p["gates"].flip(0) * 0.75)
+        before, expected, e, g = oracle_then_poison(p)
+        run()
+        torch.cuda.synchronize()
+        _check(p, expected, p["pristine"] or before, dtype, f"variant {variant} {mode} step {step}")
+        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    p["experts"].copy_((p["experts"] + 3) % n_experts)
+    before, expected, e, g = oracle_then_poison(p)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(p, expected, p["pristine"] or before, dtype, f"variant {variant} {mode} graph replay")
+    assert torch.equal(p["prev_experts"], e)

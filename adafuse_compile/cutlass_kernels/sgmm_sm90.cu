@@ -84,6 +84,13 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 // B [N, out, r] and A [N, r, in], which needs r % 64 == 0 (one k-block never spans two experts).
 // 27-29 (in place only) read no C and store D with a TMA reduce-add into W, so no epilogue waits
 // for a C load: measured slower than 14 (q,v GEMM alone 1.73-1.85 against 1.44 ms, probe run 11).
+// 30, 31 (not yet measured): pingpong with 14's whole 128x128 tile per consumer warp group (one
+// 128x128 fp32 accumulator, 128 registers a thread), so one group's epilogue runs while the other
+// group's K = 256 main loop does, at 14's L/R traffic per byte of W. The pingpong tiles measured
+// before were half height (5-9, 18: twice the factor loads per byte of W) or had the automatic
+// 64x32 epilogue tile (runs 1-2). 30: 14's epilogue bytes (4 C, 2 D stages of 16 KB; a pingpong
+// epilogue subtile is 64 rows high, so 64x128); 31: 2 C stages, leaving the main loop more. Pack only: the gather loops keep a second accumulator, which a
+// 128x128 tile per warp group has no registers for.
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 0, 0, 0)                     \
@@ -144,9 +151,13 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(28, reduce_coop_128x128x64_e128x128, KernelPtrArrayTmaWarpSpecializedCooperative,        \
     PtrArrayTmaWarpSpecializedCooperative, 128, 128, 64, 1, 1, 128, 128, 0)                 \
   X(29, reduce_coop_128x256x64_e128x64, KernelPtrArrayTmaWarpSpecializedCooperative,         \
-    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 128, 64, 0)
+    PtrArrayTmaWarpSpecializedCooperative, 128, 256, 64, 1, 1, 128, 64, 0)                  \
+  X(30, pingpong_128x128x64_e64x128_sepd2, KernelPtrArrayTmaWarpSpecializedPingpong,        \
+    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1, 64, 128, 4)                     \
+  X(31, pingpong_128x128x64_e64x128_sepd2_sc2, KernelPtrArrayTmaWarpSpecializedPingpong,    \
+    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1, 64, 128, 2)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 30
+#define ADAFUSE_SGMM_NUM_VARIANTS 32
 // A timing probe, not a kernel to use: 23 with the slots' coefficients left out (every slot
 // accumulated as is, like the packed GEMM's loop), to separate the cost of the per-slot combine
 // from that of the gathered loads. Its results are wrong; cutlass_sgmm.py refuses it outside probes.
@@ -219,6 +230,9 @@ template <> struct EpilogueOverride<20> {
 };
 template <> struct EpilogueOverride<21> : EpilogueOverride<14> {};
 template <> struct EpilogueOverride<22> : EpilogueOverride<14> {};
+// 30, 31: 14's separate D buffers on the pingpong 128x128 tile.
+template <> struct EpilogueOverride<30> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<31> : EpilogueOverride<14> {};
 
 // The builder's ptr-array main loop (cooperative schedule), changed in three places so that
 // L = [c_0 B[e_0] | c_1 B[e_1] | ...] and R = [A[e_0]; A[e_1]; ...] are read straight from the
