@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adafuse_compile.cutlass_kernels import build  # noqa: E402
+from adafuse_compile.cutlass_kernels import build, cancelling  # noqa: E402
 from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes, time_eager  # noqa: E402
 
 ROWS, COLS = 64 * 4096, 4096  # q,v: 64 weights of 4096 x 4096
@@ -264,25 +264,16 @@ def _sampled(fn, seconds: float = 3.0, settle_s: float = 0.5, interval_ms: int =
 
 
 def cancelling_operands(lhs: torch.Tensor, rhs: torch.Tensor, k: int, seed: int = 0) -> None:
-    """Fill L[:, :k] = [X, X] and R[:, :k] = [Y; -Y] in place, with random signs and random
-    mantissas in |x|, |y| in [1, 2) limited to b bits, so that L R = 0 exactly in fp32: every
-    product is a multiple of 2^-2b below 4 and every partial sum of k of them stays within
-    fp32's 24-bit significand (4 k 2^2b < 2^24), in any order of accumulation. So the GEMM runs
-    on operands whose bits toggle like real ones and still adds exactly 0 to W."""
-    g = torch.Generator(device=lhs.device).manual_seed(seed)
-    bits = 7
-    while 4 * k * 2 ** (2 * bits) >= 2 ** 24:
-        bits -= 1
-
-    def draw(*shape):
-        mant = torch.randint(2 ** bits, 2 ** (bits + 1), shape, generator=g, device=lhs.device)
-        sign = torch.randint(0, 2, shape, generator=g, device=lhs.device) * 2 - 1
-        return (sign * mant).to(torch.float32).mul_(2.0 ** -bits).to(lhs.dtype)
-
+    """Fill L[:, :k] = [X, X] and R[:, :k] = [Y; -Y] in place with `cancelling.exact_values`
+    (random signs, |x| in [1, 2) on a 2^-b grid small enough that every partial sum of k products
+    is exact in fp32, in any order), so L R = 0 exactly: the GEMM runs on operands whose bits
+    toggle like real ones and still adds exactly 0 to W."""
     if k % 2 or k > lhs.shape[1] or k > rhs.shape[1]:
         raise ValueError(f"cancelling_operands: k = {k} must be even and fit the buffers ({lhs.shape[1]})")
-    half = k // 2
-    x, y = draw(lhs.shape[0], half), draw(rhs.shape[0], half, rhs.shape[2])
+    g = torch.Generator().manual_seed(seed)
+    bits, half = cancelling.mantissa_bits(k), k // 2
+    x = cancelling.exact_values((lhs.shape[0], half), bits, lhs.dtype, lhs.device, g)
+    y = cancelling.exact_values((rhs.shape[0], half, rhs.shape[2]), bits, rhs.dtype, rhs.device, g)
     lhs[:, :half], lhs[:, half:k] = x, x
     rhs[:, :half], rhs[:, half:k] = y, -y
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import types
 
 import pytest
 
@@ -166,17 +167,33 @@ def test_choose_gemm_takes_the_median_fastest_once_per_weight_set(monkeypatch):
         calls.append(plan)
         return next(script[plan])
 
-    workspace = torch.ones(8)
+    prepared = []  # a timing plan's pack or slot launch on its cancelling step, before any timing
     sig = ("pristine", torch.bfloat16, "cuda:0", 128, ((4096, 4096),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, workspace, sig, timer=timer)
+    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, lambda: prepared.append(len(calls)),
+                                   sig, timer=timer)
     assert (got["variant"], got["raster"], got["how"]) == (17, 1, "timed")
     assert calls == ["a", "b"] * 5  # alternating trials
-    assert workspace.abs().sum() == 0  # timed on a zeroed workspace: the GEMM adds nothing
-    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, torch.ones(8), sig, timer=timer)
+    assert prepared == [0]  # once, before the first timed launch
+    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, None, sig, timer=timer)
     assert (again["variant"], again["how"]) == (17, "chosen earlier in this process")
     assert len(calls) == 10  # not timed twice
-    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, torch.ones(8), sig[:-1] + (((8, 8),),))
+    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, None, sig[:-1] + (((8, 8),),))
     assert (other["variant"], other["how"]) == (14, "given")
+
+
+def test_choose_gemm_times_only_on_cancelling_inputs(monkeypatch):
+    """A plan over the real factors (no `prepare`) must never time its candidates: every timed
+    launch would add its update to the weights."""
+    import torch
+
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
+    sig = ("inplace", torch.bfloat16, "cuda:0", 256, ((64, 64),))
+    with pytest.raises(RuntimeError, match="needs a timing plan's cancelling inputs"):
+        cutlass_sgmm.choose_gemm({(14, 1): "a", (1, 1): "b"}, None, sig, timer=lambda plan: pytest.fail("timed"))
+    with pytest.raises(ValueError, match="times only a timing plan"):
+        cutlass_sgmm.time_switch(types.SimpleNamespace(timing_step=None))
 
 
 def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
@@ -192,11 +209,11 @@ def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
         return 1.0
 
     sig = ("inplace", torch.float16, "cuda:0", 256, ((64, 64),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, torch.ones(4), sig, timer=timer)
+    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, lambda: None, sig, timer=timer)
     assert (got["variant"], got["raster"]) == (1, 1)
     assert got["failed"] == ["variant 14, raster 1: SGMM grouped GEMM launch failed (code 1)"]
     with pytest.raises(RuntimeError, match="every candidate GEMM failed"):
-        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, torch.ones(4), sig[:-1] + (((8, 8),),),
+        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, lambda: None, sig[:-1] + (((8, 8),),),
                                  timer=timer)
 
 
@@ -229,11 +246,13 @@ def test_reduce_add_variants_are_refused_in_pristine_mode():
 # The choice between the pack and gather forms (plans and timing replaced: CPU) -------------------
 
 class _FakePlan:
-    """Stands in for CutlassPlan: records its form; forms in `refuse` raise when built, those in
-    `fail` are marked for the test's timer to raise."""
+    """Stands in for CutlassPlan: records its form and whether it is a timing plan (over
+    cancelling factors) or the real one (the caller's factors); forms in `refuse` raise when
+    built, those in `fail` are marked for the test's timer to raise."""
 
-    def __init__(self, weights, lora_A, lora_B, k, pristine, gather=False, refuse=(), fail=()):
+    def __init__(self, gather, timing, refuse=(), fail=()):
         self.form = "gather" if gather else "pack"
+        self.timing = timing
         if self.form in refuse:
             raise RuntimeError("CUTLASS cannot plan this")
         self.fails = self.form in fail
@@ -241,6 +260,7 @@ class _FakePlan:
 
 
 def _forms_setup(monkeypatch, rank=64, refuse=(), fail=()):
+    """plan_fastest_form with fake plans: `built` lists "timing pack", "gather" (a real plan), ..."""
     import torch
 
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
@@ -251,13 +271,21 @@ def _forms_setup(monkeypatch, rank=64, refuse=(), fail=()):
     lora_B = [torch.zeros(8, 64, rank), torch.zeros(8, 96, rank)]
     built = []
 
-    def make_plan(*args, **kw):
-        plan = _FakePlan(*args, **kw, refuse=refuse, fail=fail)
+    def make_plan(w, a, b, k, pristine, gather=False):
+        assert a is lora_A and b is lora_B  # the kept plan runs on the caller's factors
+        plan = _FakePlan(gather, timing=False, refuse=refuse, fail=fail)
         built.append(plan.form)
         return plan
 
+    def make_timing_plan(w, k, pristine, gather=False):
+        assert w is weights and k == 2
+        plan = _FakePlan(gather, timing=True, refuse=refuse, fail=fail)
+        built.append("timing " + plan.form)
+        return plan
+
     def forms(timer, pristine=None):
-        return cutlass_sgmm.plan_fastest_form(weights, lora_A, lora_B, 2, pristine, make_plan=make_plan, timer=timer)
+        return cutlass_sgmm.plan_fastest_form(weights, lora_A, lora_B, 2, pristine, make_plan=make_plan,
+                                              make_timing_plan=make_timing_plan, timer=timer)
     return forms, built
 
 
@@ -274,16 +302,17 @@ def test_the_switch_keeps_the_faster_form_once_per_weight_set(monkeypatch, faste
     calls = []
 
     def timer(plan):
+        assert plan.timing  # only the timing plans run: their switch adds exactly 0
         calls.append(plan.form)
         return next(script[plan.form])
 
     plan = forms(timer)
-    assert plan.form == faster and plan.choice["form"].startswith(f"{faster} (timed)")
+    assert plan.form == faster and not plan.timing and plan.choice["form"] == f"{faster} (timed)"
     assert plan.choice["form_ms"] == {faster: 1.1, slow: 2.0}
-    assert calls == ["pack", "gather"] * 5 and built == ["pack", "gather"]
+    assert calls == ["pack", "gather"] * 5 and built == ["timing pack", "timing gather", faster]
     again = forms(timer)
     assert again.form == faster and "chosen earlier" in again.choice["form"]
-    assert built == ["pack", "gather", faster] and len(calls) == 10  # one form built, nothing timed
+    assert built[3:] == [faster] and len(calls) == 10  # one form built, nothing timed
     other = forms(timer, pristine=[object(), object()])  # another mode: another signature, timed again
     assert len(calls) == 20 and other.choice["form"].endswith("(timed)")
 
@@ -291,7 +320,7 @@ def test_the_switch_keeps_the_faster_form_once_per_weight_set(monkeypatch, faste
 def test_a_tie_keeps_pack_and_a_rank_the_gather_form_cannot_take_builds_pack_alone(monkeypatch):
     forms, built = _forms_setup(monkeypatch)
     assert forms(lambda plan: 1.0).form == "pack"  # a tie: pack, the form measured first
-    forms, built = _forms_setup(monkeypatch, rank=24)
+    forms, built = _forms_setup(monkeypatch, rank=24)  # nothing timed, no timing plan built
     plan = forms(lambda plan: pytest.fail("nothing to time"))
     assert plan.form == "pack" and built == ["pack"] and "rank 24 is not a multiple of 64" in plan.choice["form"]
 
@@ -300,6 +329,7 @@ def test_a_gather_form_that_cannot_be_planned_or_run_leaves_pack(monkeypatch):
     forms, built = _forms_setup(monkeypatch, refuse=("gather",))
     plan = forms(lambda plan: pytest.fail("nothing to time"))
     assert plan.form == "pack" and "gather form could not be planned: CUTLASS cannot plan this" in plan.choice["form"]
+    assert built == ["timing pack", "pack"]
 
     def timer(plan):
         if plan.fails:
@@ -321,13 +351,21 @@ def test_a_cached_gather_form_this_weight_set_cannot_take_falls_back_to_pack(mon
     assert forms(lambda plan: 1.0 if plan.form == "gather" else 2.0).form == "gather"
     refuse.append("gather")
     plan = forms(lambda plan: pytest.fail("nothing to time"))
-    assert plan.form == "pack" and "chosen earlier could not be planned here: CUTLASS cannot plan this" in plan.choice["form"]
+    assert plan.form == "pack"
+    assert "gather form (chosen earlier in this process) could not be planned here: CUTLASS cannot plan this" \
+        in plan.choice["form"]
     assert list(cutlass_sgmm._form_chosen.values()) == ["gather"]
 
 
-def test_the_in_place_top2_choice_says_its_gather_timing_favours_pack(monkeypatch):
-    """In place, r = 64, top-2 (four one-block slots) the gather GEMM's fast loop needs non-zero
-    gates, so its zero-gate timing ran the slower generic loop: the choice says so; pristine not."""
-    forms, built = _forms_setup(monkeypatch)
-    assert "generic loop" in forms(lambda plan: 1.0).choice["form"]
-    assert "generic loop" not in forms(lambda plan: 1.0, pristine=[object(), object()]).choice["form"]
+def test_a_timed_gather_form_the_real_factors_cannot_take_falls_back_to_pack(monkeypatch):
+    """The timing plans run on their own factors: the caller's may still be refused by the gather
+    form (e.g. their alignment), and the switch then keeps pack."""
+    refuse = []
+    forms, built = _forms_setup(monkeypatch, refuse=refuse)
+
+    def timer(plan):
+        refuse.append("gather")  # refused from now on: the real plan, after the timing plans
+        return 1.0 if plan.form == "gather" else 2.0
+    plan = forms(timer)
+    assert plan.form == "pack" and built == ["timing pack", "timing gather", "pack"]
+    assert plan.choice["form"].startswith("pack (the gather form (timed) could not be planned here")

@@ -174,9 +174,10 @@ def _assert_timing_left_the_weights(p, before, mode: str) -> None:
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, gather):
-    """A plan's first build times each candidate GEMM on a zeroed workspace (pack) or slot table
-    (gather): in place the weights come out as they went in (W + 0), in pristine mode as W0
-    (W0 + 0); the choice is one of the candidates, remembered per shape."""
+    """A plan's first build times each candidate GEMM on a twin plan over the same weights with
+    cancelling factors and gates (`CutlassPlan.for_timing`): in place the weights come out as they
+    went in (W + 0), in pristine mode as W0 (W0 + 0); the choice is one of the candidates,
+    remembered per shape."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
@@ -186,7 +187,7 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
                                     gather=gather)
     table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
     timed = len(table[mode]) > 1  # the gather form in place has one candidate: nothing to time
-    assert plan.choice["how"] == ("timed" if timed else "given"), plan.choice
+    assert plan.choice["how"] == ("timed (on a twin plan with cancelling inputs)" if timed else "given"), plan.choice
     assert plan.gathers == gather
     assert (plan.variant, plan.raster) in table[mode]
     _assert_timing_left_the_weights(p, before, mode)
@@ -196,26 +197,34 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     assert (again.variant, again.raster) == (plan.variant, plan.raster)
 
 
-def test_the_gather_gemm_reads_zeros_for_an_expert_past_the_last():
-    """The hardware behaviour a timing of the gather GEMM's real loop would rest on
-    (docs/kernels.md, session 23): a slot table naming expert N, one past the stacked [N, ...]
-    factors, in every slot with coefficient 1 puts every TMA box wholly outside the tensors; TMA
-    must fill them with zeros, so the in-place GEMM (four-slot loop) adds exactly 0. The same
-    table with an expert in range must change W (the check can fail)."""
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("rank,k", [(64, 1), (64, 2), (64, 4), (128, 3)])
+def test_a_timing_plan_switch_adds_exactly_zero(gather, mode, rank, k):
+    """What every timing launch runs (`cancelling`): a timing plan's whole switch on its step,
+    through the GEMM loops real gates take (the gather form's four-slot loop at r = 64, k = 2 in
+    place and k = 4 pristine), leaves W bit for bit (W0 in pristine mode), call after call; the
+    same plan with one gate changed changes W (the check can fail)."""
     _need("cutlass")
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
 
-    p, before = _timing_problem("inplace", seed=7)
-    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None, variant=23, raster=1)
-    assert plan.choice["how"] == "given" and plan.gathers
-    plan.slot_table[:8].fill_(plan.n_experts)  # SlotTable: 8 int32 experts, then 8 float coefficients
-    plan.slot_table[8:].view(torch.float32).fill_(1.0)
-    plan.gemm.run()
-    _assert_timing_left_the_weights(p, before, "inplace")
-    plan.slot_table[:8].fill_(plan.n_experts - 1)
-    plan.gemm.run()
+    torch.manual_seed(8)
+    p = make_problem(SHAPES, n_experts=8, rank=rank, k=k, dtype=torch.bfloat16, device="cuda",
+                     pristine=mode == "pristine")
+    target = [w.clone() for w in (p["pristine"] or p["weights"])]
+    plan = cutlass_sgmm.CutlassPlan.for_timing(p["weights"], rank, k, p["pristine"], gather=gather,
+                                               variant=23 if gather else 14, raster=1)
+    assert plan.gathers == gather and plan.timing_step is not None
+    experts, gates, prev_experts, prev_gates = plan.timing_step
+    for _ in range(3):
+        plan.run(experts, gates, prev_experts, prev_gates, 1.0)
+        torch.cuda.synchronize()
+        assert all(torch.equal(w.view(torch.int16), t.view(torch.int16))
+                   for w, t in zip(p["weights"], target))
+    gates[0] = 0.5
+    plan.run(experts, gates, prev_experts, prev_gates, 1.0)
     torch.cuda.synchronize()
-    assert not any(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    assert not torch.equal(p["weights"][0], target[0])
 
 
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])

@@ -9,7 +9,9 @@ Two ways to feed the GEMM the selected experts (L = gate-scaled B's, R = A's, pe
   +-scaling * gates) and publishes this token's experts as the next call's previous ones.
 Which is faster depends on the GPU (docs/kernels.md): on the H200 pack + GEMM was faster in
 pristine mode and tied in place, on an H100 the gather form was faster everywhere. The switch op
-builds both once per weight-set shape and keeps the faster (`plan_fastest_form`).
+times both once per weight-set shape and keeps the faster (`plan_fastest_form`). Every timing
+runs on a twin plan over the same weights with `cancelling` factors and gates: a real switch's
+work, an update of exactly 0.
 Either way the plan's addresses never change, so every GEMM argument (device arrays of problem
 shapes, strides and pointers; C = W, beta = 1 for "inplace", C = W0 for "pristine"; D = W) is
 built once, and `run` is two launches: no host sync, no copies, capturable in a CUDA graph.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adafuse_compile.cutlass_kernels import build
+from adafuse_compile.cutlass_kernels import build, cancelling
 from adafuse_compile.runtime.cost_model import cuda_elapsed_s
 
 # Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu), each with the tile scheduler's raster
@@ -39,12 +41,11 @@ GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
 # the H200 (probe_sgmm_gemm_h200_run7_gather.json, _run10_four_slots.json, 7B shapes): q,v
 # pristine 1.34-1.36 ms against 1.21-1.25 packed (v14), in place 1.55 against 1.53 (after the
 # four-slot loop; 1.87 before); all seven pristine 8.45 against 7.55 (v17, run 7).
-# In place only 23: the timing adds 0 with zero coefficients, on which the GEMM runs its generic
-# loop, not the four-slot one real top-2, r = 64 gates take, and there 25 timed as fast or faster
-# (H200: 1.956 against 1.975 ms, q,v) and was kept, while every real switch measured 23 faster:
-# q,v 1.544 against 1.672 ms and all seven 10.63 against 11.09 on the H200
-# (probe_sgmm_gemm_h200_s23.json), 1.715 against 1.748 and 10.88 against 11.17 on an H100
-# (_h100_s22.json). On the generic loop (other ranks and k) the two tie within 1%.
+# In place only 23: every real switch measured it faster than 25, q,v 1.544 against 1.672 ms and
+# all seven 10.63 against 11.09 on the H200 (probe_sgmm_gemm_h200_s23.json), 1.715 against 1.748
+# and 10.88 against 11.17 on an H100 (_h100_s22.json). (25 was kept by the earlier zero-gate
+# timing, which ran the generic loop where the two tie within 1%, not the four-slot loop real
+# top-2, r = 64 gates take; the timing now runs on `cancelling` inputs, the real loop.)
 GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1),)}
 GATHER_RANK_MULTIPLE = 64
 _chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
@@ -119,14 +120,16 @@ class CutlassPlan:
 
     `variant=None`: the GEMM is chosen among GEMM_CANDIDATES[mode] (pack) or
     GATHER_CANDIDATES[mode] (`gather=True`) by timing each on this device once per weight-set
-    shape (`choose_gemm`); a `variant` given (with `raster`) is used as is, and decides pack or
-    gather. `choice` records what was used and why.
+    shape (`choose_gemm`), on a twin plan over the same weights with `cancelling` factors and
+    gates (`for_timing`), so the timing does a real switch's work and adds exactly 0; a `variant`
+    given (with `raster`) is used as is, and decides pack or gather. `choice` records what was
+    used and why.
     """
 
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
                  sm_count: int = 0, raster: int = 0, swizzle: int = 1, gather: bool = False,
-                 timing_probe: bool = False):
+                 timing_probe: bool = False, _timing_step: tuple | None = None):
         if variant == build.UNSCALED_PROBE_VARIANT and not timing_probe:
             raise ValueError(f"SGMM CUTLASS: variant {variant} is a timing probe that leaves the gates "
                              "out (wrong results); pass timing_probe=True only to time it")
@@ -153,26 +156,49 @@ class CutlassPlan:
         self.dtype_code = _ELEMENTS[weights[0].dtype]
         self.k, self.inplace = k, pristine is None
         kc = (2 * k if self.inplace else k) * self.r
-        lhs, rhs, zeroable = (self._gather_operands(lora_A, lora_B) if gather
-                              else self._pack_operands(weights, lora_A, lora_B, kc))
+        self.timing_step = _timing_step  # set only by for_timing: factors and gates that cancel
+        signature = (mode, weights[0].dtype, str(weights[0].device), kc, sm_count, swizzle,
+                     candidates, tuple(tuple(w.shape) for w in weights))
+        timed = None
+        if (_timing_step is None and len(candidates) > 1 and signature not in _chosen
+                and not torch.cuda.is_current_stream_capturing()):
+            # before this plan allocates its own workspace: the twin's is the only one at a time
+            timed = CutlassPlan.for_timing(weights, self.r, k, pristine, gather=gather,
+                                           sm_count=sm_count, swizzle=swizzle).choice
+        lhs, rhs = (self._gather_operands(lora_A, lora_B) if gather
+                    else self._pack_operands(weights, lora_A, lora_B, kc))
         c_targets = weights if pristine is None else pristine
         mnk = [[w.shape[0], w.shape[1], kc] for w in weights]
         ptrs = [lhs, rhs, [c.data_ptr() for c in c_targets], [w.data_ptr() for w in weights]]
-        self._plan_gemm(weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable)
+        self._plan_gemm(weights, signature, candidates, sm_count, swizzle, mnk, ptrs)
+        if timed is not None and (timed["variant"], timed["raster"]) == (self.variant, self.raster):
+            self.choice = dict(timed, how=timed["how"] + " (on a twin plan with cancelling inputs)")
         self.num_weights = len(weights)
         self.gemm_device = weights[0].device
+
+    @classmethod
+    def for_timing(cls, weights: list[Tensor], rank: int, k: int, pristine: list[Tensor] | None,
+                   gather: bool = False, **kw) -> "CutlassPlan":
+        """A plan over `weights` (and `pristine`) with `cancelling` factors of rank `rank`, whose
+        `timing_step` makes a switch do a real switch's work and add exactly 0: W stays W (in
+        place) or becomes W0 (pristine, until the next switch). Building it times the GEMM
+        candidates (`choose_gemm`) on that step; `time_switch` times its whole switch. Weights of
+        one shape share their factors (a few MB per shape)."""
+        inplace = pristine is None
+        lora_A, lora_B = cancelling.factors(weights, k, rank, inplace)
+        step = cancelling.step(k, inplace, weights[0].device)
+        return cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=step, **kw)
 
     def _gather_operands(self, lora_A, lora_B):
         """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
         table (SlotTable in sgmm_sm90.cu: 8 int32 experts, 8 float coefficients) is the only
-        per-call state, written by `pack` (the slot launch). Returns the L and R pointers and
-        the slot table (zeroed for the timing)."""
+        per-call state, written by `pack` (the slot launch). Returns the L and R pointers."""
         self.slot_table = torch.zeros(16, dtype=torch.int32, device=lora_A[0].device)
-        return [b.data_ptr() for b in lora_B], [a.data_ptr() for a in lora_A], self.slot_table
+        return [b.data_ptr() for b in lora_B], [a.data_ptr() for a in lora_A]
 
     def _pack_operands(self, weights, lora_A, lora_B, kc):
         """The pack workspace (L and R per weight), its descriptor table and block table. Returns
-        the L and R pointers into the workspace and the workspace (zeroed for the timing)."""
+        the L and R pointers into the workspace."""
         w0 = weights[0]
         dev, dtype = w0.device, w0.dtype
         offs, total = [], 0
@@ -199,18 +225,17 @@ class CutlassPlan:
                 [(w.shape[0] * kc + kc * w.shape[1]) // 8 for w in weights],
                 resident * torch.cuda.get_device_properties(dev).multi_processor_count,
             ).to(dev)
-        return lhs, rhs, self.workspace
+        return lhs, rhs
 
-    def _plan_gemm(self, weights, mode, kc, candidates, sm_count, swizzle, mnk, ptrs, zeroable):
-        """Create the candidate GEMM plans and keep the fastest (`choose_gemm`, timed with
-        `zeroable` zeroed: the pack workspace or the slot table, so the timing adds 0)."""
-        dev, dtype = weights[0].device, weights[0].dtype
+    def _plan_gemm(self, weights, signature, candidates, sm_count, swizzle, mnk, ptrs):
+        """Create the candidate GEMM plans and keep the fastest (`choose_gemm`: a timing plan
+        times them after its pack or slot launch has written the cancelling operands; any other
+        plan gets the choice its twin recorded for this signature)."""
+        dev = weights[0].device
         mnk_t, ptrs_t = torch.tensor(mnk, dtype=torch.int32), torch.tensor(ptrs, dtype=torch.int64)
         gather_args = dict(slot_table=self.slot_table, rank=self.r, n_experts=self.n_experts) \
             if self.gathers else {}
         with torch.cuda.device(dev):
-            signature = (mode, dtype, str(dev), kc, sm_count, swizzle, candidates,
-                         tuple(tuple(w.shape) for w in weights))
             if signature in _chosen:  # build only the GEMM chosen for this shape earlier
                 candidates = (_chosen[signature],)
             gemms, errors = {}, []
@@ -222,7 +247,8 @@ class CutlassPlan:
                     errors.append(f"variant {v}, raster {ra}: {exc}")
             if not gemms:
                 raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
-            self.choice = choose_gemm(gemms, zeroable, signature)
+            prepare = None if self.timing_step is None else (lambda: self.pack(*self.timing_step, 1.0))
+            self.choice = choose_gemm(gemms, prepare, signature)
             if errors:  # refused at planning, before choose_gemm's own launch failures
                 self.choice["failed"] = errors + self.choice.get("failed", [])
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
@@ -268,21 +294,27 @@ def fastest(candidates: dict, timer, trials: int = 5) -> tuple:
 
 
 def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], k: int,
-                      pristine: list[Tensor] | None, make_plan=None, timer=None) -> CutlassPlan:
+                      pristine: list[Tensor] | None, make_plan=None, make_timing_plan=None,
+                      timer=None) -> CutlassPlan:
     """The plan of the form (pack or gather) that runs the whole switch faster on this device.
 
     Which form wins depends on the GPU: on the H200 pack + GEMM was as fast or faster (q,v
     pristine 1.21-1.25 ms against 1.34-1.36 for the gather form, in place tied), on an H100 the
     gather form won everywhere, all seven pristine 9.69 against 13.35 ms, the pack launch alone
     0.48 ms of it (docs/kernels.md; probe_sgmm_gemm_h100_s21.json). So a weight set's first plan
-    builds both, times each whole switch (`time_switch`: slot or pack launch and GEMM, with zero
-    gates, so W + 0 in place and W0 + 0 in pristine mode, as `choose_gemm`), and keeps the faster;
-    later plans of the same shape in this process build only that form. A rank that is not a
-    multiple of GATHER_RANK_MULTIPLE, or a gather form that cannot be planned, takes pack.
-    `make_plan(weights, lora_A, lora_B, k, pristine, gather=...)` and `timer(plan) -> ms` replace
-    CutlassPlan and the CUDA-event timing (tests). `plan.choice["form"]` says which and why."""
+    builds a timing plan of each form over the same weights (`CutlassPlan.for_timing`: cancelling
+    factors and gates, a real switch's work that adds exactly 0), times each whole switch
+    (`time_switch`: slot or pack launch and GEMM; five alternating trials, the median), drops
+    both and builds the faster form on the real factors; later plans of the same shape in this
+    process build only that form. A rank that is not a multiple of GATHER_RANK_MULTIPLE, or a
+    gather form that cannot be planned, takes pack. `make_plan(weights, lora_A, lora_B, k,
+    pristine, gather=...)`, `make_timing_plan(weights, k, pristine, gather=...)` and
+    `timer(plan) -> ms` replace CutlassPlan, CutlassPlan.for_timing and the CUDA-event timing
+    (tests). `plan.choice["form"]` says which and why."""
     make_plan = make_plan or CutlassPlan
     r = int(lora_A[0].shape[1])
+    make_timing_plan = make_timing_plan or (
+        lambda w, kk, pr, gather: CutlassPlan.for_timing(w, r, kk, pr, gather=gather))
     signature = (pristine is None, weights[0].dtype, str(weights[0].device), k, r,
                  tuple(tuple(w.shape) for w in weights))
 
@@ -291,58 +323,55 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         plan.choice["form"] = f"{form} ({why})"
         return plan
 
+    def chosen(form: str, why: str):
+        """The real plan of the form the timing chose, or pack if the gather form cannot be
+        planned on these factors (e.g. their alignment: the timing ran on its own)."""
+        if form == "pack":
+            return one("pack", why)
+        try:
+            return one("gather", why)
+        except (RuntimeError, ValueError) as exc:
+            return one("pack", f"the gather form ({why}) could not be planned here: {exc}")
+
     if r % GATHER_RANK_MULTIPLE:
         return one("pack", f"rank {r} is not a multiple of {GATHER_RANK_MULTIPLE}: the gather form cannot take it")
     if signature in _form_chosen:
-        if _form_chosen[signature] == "pack":
-            return one("pack", "chosen earlier in this process")
-        try:
-            return one("gather", "chosen earlier in this process")
-        except (RuntimeError, ValueError) as exc:  # this weight set's factors, e.g.: pack takes any
-            return one("pack", f"the gather form chosen earlier could not be planned here: {exc}")
+        return chosen(_form_chosen[signature], "chosen earlier in this process")
+    if timer is None and torch.cuda.is_current_stream_capturing():
+        return one("pack", "plan built during CUDA graph capture: no timing")
     if make_plan is CutlassPlan:  # one build of both forms' GEMMs, not the pack's and then a larger one
         build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
                                            for cands in table.values() for v, _ in cands})))
-    plans = {"pack": make_plan(weights, lora_A, lora_B, k, pristine, gather=False)}
+    timed = {"pack": make_timing_plan(weights, k, pristine, gather=False)}
     try:
-        plans["gather"] = make_plan(weights, lora_A, lora_B, k, pristine, gather=True)
+        timed["gather"] = make_timing_plan(weights, k, pristine, gather=True)
     except (RuntimeError, ValueError) as exc:
-        plans["pack"].choice["form"] = f"pack (the gather form could not be planned: {exc})"
-        return plans["pack"]
-    if timer is None and torch.cuda.is_current_stream_capturing():
-        plans["pack"].choice["form"] = "pack (plan built during CUDA graph capture: no timing)"
-        return plans["pack"]
-    timer = timer or (lambda plan: time_switch(plan, k))
-    best, medians, failed = fastest(plans, timer)  # pack first: it wins a tie
+        del timed
+        return one("pack", f"the gather form could not be planned: {exc}")
+    timer = timer or time_switch
+    best, medians, failed = fastest(timed, timer)  # pack first: it wins a tie
+    del timed  # the timing plans' workspaces go before the real plan allocates its own
     if best is None:
         raise RuntimeError("SGMM CUTLASS: the switch failed in both forms: "
                            + "; ".join(f"{form}: {msg}" for form, msg in failed.items()))
     _form_chosen[signature] = best
-    plan = plans[best]
     if failed:
         ((lost, why),) = failed.items()
-        plan.choice["form"] = f"{best} (the {lost} form failed to run: {why})"
+        plan = chosen(best, f"the {lost} form failed to run: {why}")
     else:
-        plan.choice["form"] = f"{best} (timed)"
-    if pristine is None and r == GATHER_RANK_MULTIPLE and 2 * k == 4:
-        # sgmm_sm90.cu takes its four-slot loop only for non-zero gates: the timing's zero gates
-        # ran the gather GEMM's generic loop (about 1.2x slower on the H200, q,v), so here the
-        # choice leans to pack
-        plan.choice["form"] += "; gather timed on its generic loop (zero gates), which favours pack"
+        plan = chosen(best, "timed")
     plan.choice["form_ms"] = {form: round(ms, 4) for form, ms in medians.items()}
     return plan
 
 
-def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
-    """ms of one whole switch of `plan` (its slot or pack launch and its GEMM), CUDA events, with
-    every gate 0: the update is L R = 0, W + 0 in place, W0 + 0 in pristine mode. The experts are
-    distinct (as a real switch's), so the pack reads as many factor rows as it will."""
+def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
+    """ms of one whole switch of a timing plan (`CutlassPlan.for_timing`: its slot or pack launch
+    and its GEMM), CUDA events, on its cancelling step: W + 0 in place, W0 + 0 in pristine mode."""
+    if plan.timing_step is None:
+        raise ValueError("time_switch times only a timing plan (CutlassPlan.for_timing): on a plan "
+                         "over real factors the switch would change the weights")
     dev = plan.gemm_device
-    n = plan.n_experts
-    experts = torch.arange(k, dtype=torch.int64, device=dev) % n
-    prev_experts = (torch.arange(k, dtype=torch.int64, device=dev) + k) % n
-    gates = torch.zeros(k, dtype=torch.float32, device=dev)
-    prev_gates = torch.zeros_like(gates)
+    experts, gates, prev_experts, prev_gates = plan.timing_step
     with torch.cuda.device(dev):
         torch.cuda.synchronize()
 
@@ -353,22 +382,22 @@ def time_switch(plan: CutlassPlan, k: int, reps: int = 3) -> float:
         return cuda_elapsed_s(run, reps) * 1e3
 
 
-def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 5,
+def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
                 reps: int = 3, timer=None) -> dict:
     """Pick the fastest of `gemms` ({(variant, raster): plan}) for this weight set, once per
     process and weight-set signature: `trials` rounds, candidates alternating, `reps` launches
     each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
     is left out (reported under "failed"); if every one fails, the first error is raised.
 
-    The timing launches run the GEMM on a zeroed workspace (pack) or slot table (gather: every
-    coefficient 0, every expert 0), so they add L R = 0: in place the
-    targets stay W (W + 0); in pristine mode they become W0 (W0 + 0) until the next switch
-    rewrites them. Plans are built right before a switch (the op's first call) or for another
-    model instance's decode step (rewrite_switch's rebind), whose switch runs before anything
-    reads the targets. The device is synchronized first: the targets' pending writes on other
-    streams land before the timing reads them. No timing on a capturing stream (the plan cache
-    never builds there; the first candidate would be used). `timer(plan) -> ms` replaces the
-    CUDA-event timing (tests).
+    Only a timing plan times (`CutlassPlan.for_timing`): `prepare()` runs its pack or slot launch
+    on the cancelling step, so every timed GEMM reads non-zero operands, takes the loop a real
+    switch takes, and adds exactly 0: in place the targets stay W (W + 0); in pristine mode they
+    become W0 (W0 + 0) until the next switch rewrites them. Plans are built right before a switch
+    (the op's first call) or for another model instance's decode step (rewrite_switch's rebind),
+    whose switch runs before anything reads the targets. The device is synchronized first: the
+    targets' pending writes on other streams land before the timing reads them. Any other plan
+    (`prepare` None) takes what its twin recorded, or the first candidate on a capturing stream
+    (no timing there). `timer(plan) -> ms` replaces the CUDA-event timing (tests).
     """
     keys = list(gemms)
     if _chosen.get(signature) in gemms:
@@ -379,13 +408,16 @@ def choose_gemm(gemms: dict, workspace: Tensor, signature: tuple, trials: int = 
     if timer is None and torch.cuda.is_current_stream_capturing():
         return {"variant": keys[0][0], "raster": keys[0][1],
                 "how": "first candidate (plan built during CUDA graph capture: no timing)"}
+    if prepare is None:  # a plan over real factors: timing it would change the weights
+        raise RuntimeError("SGMM CUTLASS: choose_gemm needs a timing plan's cancelling inputs "
+                           "(CutlassPlan.for_timing) to time candidates on the weights")
     if timer is None:
         torch.cuda.synchronize()
 
         def timer(plan):
             plan.run()  # warm
             return cuda_elapsed_s(plan.run, reps) * 1e3
-    workspace.zero_()
+    prepare()
     best, medians, failed = fastest(gemms, timer, trials)
     if best is None:
         raise RuntimeError("SGMM CUTLASS: every candidate GEMM failed: " + "; ".join(failed.values()))

@@ -43,14 +43,18 @@ def reference_switch_(
     gates: Tensor, prev_experts: Tensor, prev_gates: Tensor, scaling: float,
     pristine: list[Tensor] | None = None,
 ) -> None:
-    """SGMM in plain PyTorch: fp32 math, one product per weight, rounded once to W's dtype."""
+    """SGMM in plain PyTorch: fp32 math, one product per weight, rounded once to W's dtype.
+
+    The product is summed on its own and then added to the base, as the GPU kernels do (their
+    accumulator starts at 0, the epilogue adds C): addmm on the CPU may start the sum from the
+    base, which rounds each partial sum at the base's scale."""
     idx, coef = switch_coefficients(
         experts, gates, prev_experts, prev_gates, scaling, inplace=pristine is None
     )
     for i, w in enumerate(weights):
         lhs, rhs = gather_factors(lora_A[i], lora_B[i], idx, coef, torch.float32)
         base = w if pristine is None else pristine[i]
-        w.copy_(torch.addmm(base.float(), lhs, rhs))
+        w.copy_(base.float() + lhs @ rhs)
     prev_experts.copy_(experts)
     prev_gates.copy_(gates)
 
