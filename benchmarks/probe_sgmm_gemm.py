@@ -123,8 +123,10 @@ def interleaved(cases: dict, rounds: int, reps: int, seed: int = 0) -> dict:
 def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True) -> tuple[dict, dict]:
     """The whole switch (pack + GEMM) on the Llama-2-7B shapes through CutlassPlan, per mode and
     (variant, raster, swizzle); the pack alone; and the simple merge (the 3x target's base).
-    `gather_default`: also the plan's timed choice among the gathering GEMMs (builds them)."""
-    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+    `gather_default`: also the plan's timed choice among the gathering GEMMs (builds them), and
+    the switch op's plan (`plan_fastest_form`: the form and GEMM it times and keeps, what a model
+    gets), tagged `cutlass_op`."""
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
     from adafuse_compile.cutlass_kernels.reference import simple_merge_switch_
     from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
 
@@ -155,6 +157,14 @@ def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True)
                                        impl="slots_only" if plan.gathers else "pack_only")
             if variant is None:
                 print(tag, plan.choice, flush=True)
+        if gather_default:
+            plan = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
+            tag = f"{adapted}/{mode}/cutlass_op"
+            cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
+            meta[tag] = dict(set=adapted, mode=mode, impl="cutlass", variant=plan.variant,
+                             raster=plan.raster, swizzle=1, bytes=nbytes, gathers=plan.gathers,
+                             choice=plan.choice)
+            print(tag, plan.choice, flush=True)
         tplan = TritonPlan(weights, lora_A, lora_B, TOP_K, pr)
         tag = f"{adapted}/{mode}/triton_default"
         cases[tag] = (lambda p=tplan: p.run(experts, gates, pe, pg, 0.5))
