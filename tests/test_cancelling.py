@@ -19,12 +19,28 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
-@pytest.mark.parametrize("k_total,bits", [(128, 7), (256, 7), (384, 6), (1024, 6), (2048, 5),
-                                          (2**22, 0), (2**22 + 1, -1)])
+@pytest.mark.parametrize("k_total,bits", [(128, 7), (256, 6), (384, 6), (1024, 5), (2048, 5),
+                                          (2**21, 0), (2**21 + 1, -1)])
 def test_mantissa_bits_keep_every_sum_inside_fp32(k_total, bits):
     assert cancelling.mantissa_bits(k_total) == bits
-    if bits >= 0:  # the largest sum, 4 K, on the 2^-2b grid, needs at most 24 bits
-        assert 4 * k_total * 2 ** (2 * bits) <= 2**24
+    if bits >= 0:  # the largest sum, 4 K, on the 2^-2b grid: 23 bits, one to spare in fp32's 24
+        assert 4 * k_total * 2 ** (2 * bits) <= 2**23
+        assert 4 * k_total * 2 ** (2 * bits + 2) > 2**23 or bits == cancelling.MAX_BITS  # the largest b
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_the_step_cancels_on_each_expert_with_non_zero_gates(mode, k):
+    """Per expert, the coefficients sum to 0; none is 0 but pristine k = 1's (one slot alone)."""
+    inplace = mode == "inplace"
+    experts, gates, prev_experts, prev_gates = cancelling.step(k, inplace, "cpu")
+    assert experts.dtype == torch.int64 and gates.dtype == torch.float32 and experts.max() < k
+    idx, coef = switch_coefficients(experts, gates, prev_experts, prev_gates, 1.0, inplace)
+    for e in idx.unique().tolist():
+        assert coef[idx == e].sum() == 0
+    assert (coef != 0).all() or (not inplace and k == 1)
+    weight = cancelling.coefficient_weight(k, inplace)  # what the factors' grid is sized for
+    assert coef.abs().sum() == (0 if (not inplace and k == 1) else weight)
 
 
 def test_values_are_exact_in_16_bits_and_never_zero():

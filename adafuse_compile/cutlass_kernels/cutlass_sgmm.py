@@ -165,13 +165,15 @@ class CutlassPlan:
             # before this plan allocates its own workspace: the twin's is the only one at a time
             timed = CutlassPlan.for_timing(weights, self.r, k, pristine, gather=gather,
                                            sm_count=sm_count, swizzle=swizzle).choice
+            # what the twin kept, timed or the only one it could plan ("given", not recorded)
+            candidates = ((timed["variant"], timed["raster"]),)
         lhs, rhs = (self._gather_operands(lora_A, lora_B) if gather
                     else self._pack_operands(weights, lora_A, lora_B, kc))
         c_targets = weights if pristine is None else pristine
         mnk = [[w.shape[0], w.shape[1], kc] for w in weights]
         ptrs = [lhs, rhs, [c.data_ptr() for c in c_targets], [w.data_ptr() for w in weights]]
         self._plan_gemm(weights, signature, candidates, sm_count, swizzle, mnk, ptrs)
-        if timed is not None and (timed["variant"], timed["raster"]) == (self.variant, self.raster):
+        if timed is not None:
             self.choice = dict(timed, how=timed["how"] + " (on a twin plan with cancelling inputs)")
         self.num_weights = len(weights)
         self.gemm_device = weights[0].device
