@@ -189,7 +189,11 @@ class CutlassPlan:
         inplace = pristine is None
         lora_A, lora_B = cancelling.factors(weights, k, rank, inplace)
         step = cancelling.step(k, inplace, weights[0].device)
-        return cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=step, **kw)
+        plan = cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=step, **kw)
+        # The plan holds only the factors' addresses (a caller's factors are the model's): keep
+        # these alive for as long as the plan can launch on them (time_switch runs after this).
+        plan.timing_factors = (lora_A, lora_B)
+        return plan
 
     def _gather_operands(self, lora_A, lora_B):
         """The GEMM reads B [N, out, r] and A [N, r, in] of each weight as they are; the slot
