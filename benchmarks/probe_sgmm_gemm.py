@@ -334,17 +334,17 @@ def power_probe(ext, configs: list[tuple[int, int, str]], seconds: float) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_sgmm_gemm.json")
-    ap.add_argument("--variants", default="1,3,14,17,23,24,25,30,31")
+    ap.add_argument("--variants", default="1,3,14,17,23,24,25,30,31,32")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--sets", default="qv,all7", help="real-shape switch sets; '' for none")
     ap.add_argument("--gemm", action="store_true", help="also the GEMM-alone experiments")
-    ap.add_argument("--gemm-configs", default="pristine:3.0,3.1,14.0,14.1,16.1,17.1,30.1,31.1;"
-                    "inplace:1.0,1.1,14.1,16.1,17.1,18.1,8.1,2.1,30.1,31.1",
+    ap.add_argument("--gemm-configs", default="pristine:3.0,3.1,14.0,14.1,16.1,17.1,30.1,31.1,32.1;"
+                    "inplace:1.0,1.1,14.1,16.1,17.1,18.1,8.1,2.1,30.1,31.1,32.1",
                     help="mode:variant.raster,...;mode:... for --gemm")
     ap.add_argument("--switch-configs",
-                    default="pristine:14.1,17.1,23.1,24.1,30.1,31.1;inplace:14.1,1.1,23.1,25.1,30.1,31.1",
+                    default="pristine:14.1,17.1,23.1,24.1,30.1,31.1,32.1;inplace:14.1,1.1,23.1,25.1,30.1,31.1,32.1",
                     help="the whole switch's hand-picked GEMMs besides the plan's own choices "
-                         "(gathering and packing); 23-25 gather (23 = 14, 24 = 17, 25 = 1); 30, 31 "
+                         "(gathering and packing); 23-25 gather (23 = 14, 24 = 17, 25 = 1); 30-32 "
                          "pingpong with a whole 128x128 tile per warp group (not yet measured)")
     ap.add_argument("--sweeps", action="store_true", help="also run 1's groups and K sweeps")
     ap.add_argument("--power", default=None,

@@ -323,17 +323,17 @@ def test_cutlass_reduce_add_variants_match_oracle_in_place(variant, dtype, rank,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", [30, 31])
+@pytest.mark.parametrize("variant", [30, 31, 32])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 @pytest.mark.parametrize("rank,k", [(8, 1), (64, 2), (128, 4)])
 def test_cutlass_pingpong_full_tile_variants_match_oracle(variant, mode, dtype, rank, k):
-    """The pingpong GEMMs with a whole 128x128 tile per consumer warp group (30, 31: probe
+    """The pingpong GEMMs with a whole 128x128 tile per consumer warp group (30-32: probe
     candidates, not yet a plan's) on every shape, odd ones included: two eager switches (in place
     the second unmerges the first's experts), then one captured in a CUDA graph and replayed."""
     _need("cutlass", dtype)
     from adafuse_compile.cutlass_kernels import build, cutlass_sgmm
 
-    build.load_extension((30, 31))  # one build for both (a plan asks for its variant alone)
+    build.load_extension((30, 31, 32))  # one build for all (a plan asks for its variant alone)
     p = make_problem(SHAPES, k=k, rank=rank, dtype=dtype, device="cuda", pristine=mode == "pristine")
     plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], k, p["pristine"],
                                     variant=variant, raster=1)

@@ -16,7 +16,7 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 CU_SOURCE = _HERE / "sgmm_sm90.cu"
-NUM_VARIANTS = 32  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
+NUM_VARIANTS = 33  # ADAFUSE_SGMM_NUM_VARIANTS in sgmm_sm90.cu
 GATHER_VARIANTS = range(23, 27)  # ADAFUSE_SGMM_IS_GATHER: the experts gathered in the GEMM
 REDUCE_VARIANTS = range(27, 30)  # ADAFUSE_SGMM_IS_REDUCE: in place only, W += D by TMA reduce-add
 UNSCALED_PROBE_VARIANT = 26  # ADAFUSE_SGMM_UNSCALED_PROBE_VARIANT: a timing probe, wrong results

@@ -89,7 +89,9 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
 // group's K = 256 main loop does, at 14's L/R traffic per byte of W. The pingpong tiles measured
 // before were half height (5-9, 18: twice the factor loads per byte of W) or had the automatic
 // 64x32 epilogue tile (runs 1-2). 30: 14's epilogue bytes (4 C, 2 D stages of 16 KB; a pingpong
-// epilogue subtile is 64 rows high, so 64x128); 31: 2 C stages, leaving the main loop more. Pack only: the gather loops keep a second accumulator, which a
+// epilogue subtile is 64 rows high, so 64x128); 31: 2 C stages, leaving the main loop more;
+// 32: 30 in 2x1 clusters (the two CTAs share their R tile by TMA multicast: less L2 traffic; the
+// cluster took pingpong 64x128 from 2.25 to 1.95 ms in place, run 4). Pack only: the gather loops keep a second accumulator, which a
 // 128x128 tile per warp group has no registers for.
 #define ADAFUSE_SGMM_VARIANTS(X)                                                            \
   X(0, coop_128x128x64, KernelPtrArrayTmaWarpSpecializedCooperative,                        \
@@ -155,9 +157,11 @@ typedef PlanBase* (*CreatePlanFn)(int groups, const int* mnk_host, const int64_t
   X(30, pingpong_128x128x64_e64x128_sepd2, KernelPtrArrayTmaWarpSpecializedPingpong,        \
     PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1, 64, 128, 4)                     \
   X(31, pingpong_128x128x64_e64x128_sepd2_sc2, KernelPtrArrayTmaWarpSpecializedPingpong,    \
-    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1, 64, 128, 2)
+    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 1, 1, 64, 128, 2)                     \
+  X(32, pingpong_128x128x64_e64x128_sepd2_c2x1, KernelPtrArrayTmaWarpSpecializedPingpong,   \
+    PtrArrayTmaWarpSpecializedPingpong, 128, 128, 64, 2, 1, 64, 128, 4)
 
-#define ADAFUSE_SGMM_NUM_VARIANTS 32
+#define ADAFUSE_SGMM_NUM_VARIANTS 33
 // A timing probe, not a kernel to use: 23 with the slots' coefficients left out (every slot
 // accumulated as is, like the packed GEMM's loop), to separate the cost of the per-slot combine
 // from that of the gathered loads. Its results are wrong; cutlass_sgmm.py refuses it outside probes.
@@ -233,6 +237,7 @@ template <> struct EpilogueOverride<22> : EpilogueOverride<14> {};
 // 30, 31: 14's separate D buffers on the pingpong 128x128 tile.
 template <> struct EpilogueOverride<30> : EpilogueOverride<14> {};
 template <> struct EpilogueOverride<31> : EpilogueOverride<14> {};
+template <> struct EpilogueOverride<32> : EpilogueOverride<14> {};
 
 // The builder's ptr-array main loop (cooperative schedule), changed in three places so that
 // L = [c_0 B[e_0] | c_1 B[e_1] | ...] and R = [A[e_0]; A[e_1]; ...] are read straight from the
