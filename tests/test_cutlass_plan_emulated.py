@@ -35,6 +35,22 @@ def _slots(experts, gates, prev_experts, prev_gates, k, inplace, scaling):
     return [(int(e), -scaling * float(g)) for e, g in zip(prev_experts.tolist(), prev_gates.tolist())] + cur
 
 
+def _combine_slots(products, coef, rank):
+    """The gather GEMM's per-slot combine in fp32, step for step as sgmm_sm90.cu does it:
+    `mma_four_slots` for four one-k-block slots with c2, c3 non-zero, else `mma`'s fold (slot 0
+    into the accumulator, each later slot folded in as c0 acc + c1 partial, then acc + cj partial;
+    one slot alone scaled by c0)."""
+    c = [torch.tensor(x, dtype=torch.float32) for x in coef]
+    if len(products) == 4 and rank == 64 and abs(coef[2]) > 1e-30 and abs(coef[3]) > 1e-30:
+        accum = products[0] * (c[0] / c[2]) + products[2]
+        other = products[1] * (c[1] / c[3]) + products[3]
+        return c[2] * accum + c[3] * other
+    accum = products[0]
+    for j in range(1, len(products)):
+        accum = (c[0] if j == 1 else 1.0) * accum + c[j] * products[j]
+    return accum * c[0] if len(products) == 1 else accum
+
+
 class _Gemm:
     def __init__(self, ext, variant, mnk, ptrs, slot_table, rank, n_experts):
         self.ext, self.variant, self.mnk, self.ptrs = ext, variant, mnk, ptrs
@@ -50,8 +66,8 @@ class _Gemm:
                 a = _view(rhs, (self.n_experts, self.rank, n), dtype)
                 table = self.slot_table
                 experts, coef = table[:8].tolist(), table[8:].view(torch.float32).tolist()
-                acc = sum(coef[j] * (b[experts[j]].float() @ a[experts[j]].float())
-                          for j in range(kc // self.rank))
+                products = [b[e].float() @ a[e].float() for e in experts[:kc // self.rank]]
+                acc = _combine_slots(products, coef, self.rank)
             else:
                 acc = _view(lhs, (m, kc), dtype).float() @ _view(rhs, (kc, n), dtype).float()
             _view(d, (m, n), dtype).copy_((_view(c, (m, n), dtype).float() + acc).to(dtype))
@@ -132,7 +148,7 @@ def _check_switch(plan, p, mode):
 
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_a_plan_times_on_its_twin_and_builds_only_the_kept_gemm(emulated, gather, mode, k):
     p = _problem(mode, k, 64)
     emulated.ext = _Ext(torch.bfloat16)
