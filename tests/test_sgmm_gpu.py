@@ -281,6 +281,33 @@ def test_cutlass_pack_and_gather_match_oracle(gather, dtype, mode, rank, k):
         assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
 
 
+def _two_switches_then_graph_replay(plan, p, dtype, what: str) -> None:
+    """Two eager switches of `plan` (the second to other experts and gates: in place it unmerges
+    the first's), then one captured in a CUDA graph and replayed with new experts; each against
+    the float64 oracle with the outputs poisoned first."""
+    n_experts = p["lora_A"][0].shape[0]
+    run = lambda: plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])  # noqa: E731
+    for step in range(2):
+        if step:
+            p["experts"].copy_((p["experts"] + 1) % n_experts)
+            p["gates"].copy_(p["gates"].flip(0) * 0.75)
+        before, expected, e, g = oracle_then_poison(p)
+        run()
+        torch.cuda.synchronize()
+        _check(p, expected, p["pristine"] or before, dtype, f"{what} step {step}")
+        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    # capture does not execute: W is still the second switch's result
+    p["experts"].copy_((p["experts"] + 3) % n_experts)
+    before, expected, e, g = oracle_then_poison(p)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(p, expected, p["pristine"] or before, dtype, f"{what} graph replay")
+    assert torch.equal(p["prev_experts"], e)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", [27, 28, 29])
 @pytest.mark.parametrize("rank,k", [(8, 1), (64, 2), (128, 4)])
@@ -299,27 +326,7 @@ def test_cutlass_reduce_add_variants_match_oracle_in_place(variant, dtype, rank,
                                     variant=variant, raster=1)
     torch.cuda.synchronize()
     assert all(torch.equal(w, b) for w, b in zip(p["weights"], start))
-    n_experts = p["lora_A"][0].shape[0]
-    run = lambda: plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])  # noqa: E731
-    for step in range(2):
-        if step:
-            p["experts"].copy_((p["experts"] + 1) % n_experts)
-            p["gates"].copy_(p["gates"].flip(0) * 0.75)
-        before, expected, e, g = oracle_then_poison(p)
-        run()
-        torch.cuda.synchronize()
-        _check(p, expected, before, dtype, f"variant {variant} step {step}")
-        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    # capture does not execute: W is still the second switch's result
-    p["experts"].copy_((p["experts"] + 3) % n_experts)
-    before, expected, e, g = oracle_then_poison(p)
-    graph.replay()
-    torch.cuda.synchronize()
-    _check(p, expected, before, dtype, f"variant {variant} graph replay")
-    assert torch.equal(p["prev_experts"], e)
+    _two_switches_then_graph_replay(plan, p, dtype, f"variant {variant}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -338,23 +345,4 @@ def test_cutlass_pingpong_full_tile_variants_match_oracle(variant, mode, dtype, 
     plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], k, p["pristine"],
                                     variant=variant, raster=1)
     assert plan.choice["how"] == "given" and not plan.gathers
-    n_experts = p["lora_A"][0].shape[0]
-    run = lambda: plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])  # noqa: E731
-    for step in range(2):
-        if step:
-            p["experts"].copy_((p["experts"] + 1) % n_experts)
-            p["gates"].copy_(p["gates"].flip(0) * 0.75)
-        before, expected, e, g = oracle_then_poison(p)
-        run()
-        torch.cuda.synchronize()
-        _check(p, expected, p["pristine"] or before, dtype, f"variant {variant} {mode} step {step}")
-        assert torch.equal(p["prev_experts"], e) and torch.equal(p["prev_gates"], g)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    p["experts"].copy_((p["experts"] + 3) % n_experts)
-    before, expected, e, g = oracle_then_poison(p)
-    graph.replay()
-    torch.cuda.synchronize()
-    _check(p, expected, p["pristine"] or before, dtype, f"variant {variant} {mode} graph replay")
-    assert torch.equal(p["prev_experts"], e)
+    _two_switches_then_graph_replay(plan, p, dtype, f"variant {variant} {mode}")
