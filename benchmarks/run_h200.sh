@@ -14,6 +14,7 @@
 #            H200: kernels 248 passed, 10 xpassed in 412 s, alone)
 #   tests-k:<expr>  the GPU tests that pytest -k <expr> selects from every file (quote the stage:
 #            'tests-k:layerwise or side_stream'); the way to run a few tests after a fix
+#   build:<variants>  build the SGMM extension with these variants (e.g. build:23,30), for later stages to load
 #   tests-backend  the backend and factor-slot GPU tests (63 tests: 19 passed in its 520 s beside a
 #            32-layer profile on 2026-12-05; split it with tests-k) (252 s on 2026-11-29, before the
 #            two-instance tests were added)                                ~5 min
@@ -111,6 +112,12 @@ run_stage() {
     name=$(printf '%s' "$expr" | tr -c 'A-Za-z0-9' '_' | cut -c1-60)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -s -k "$expr" tests 2>&1 \
       | tee "$OUT/gpu_tests_k_$name.log" | grep -v -i warn | tail -20 ;;
+  build:*)
+    # build:<variants>: build the SGMM extension holding these variants (and build.BUILD_VARIANTS) into the
+    # cache, e.g. beside a tests stage, so that later processes asking for a subset load it (no build of
+    # their own)
+    python3 -c "import sys; from adafuse_compile.cutlass_kernels import build; \
+m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('built', m.__name__)" "${stage#build:}" 2>&1 | tail -5 ;;
   tests-gather)
     timeout "${TESTS_GATHER_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gather_lora_gpu.py 2>&1 | tee "$OUT/gpu_gather_tests.log" | grep -v -i warn | tail -15 ;;
   tests-generate)

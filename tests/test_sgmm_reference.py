@@ -235,3 +235,28 @@ def test_an_unwritable_build_directory_is_a_clear_runtime_error(monkeypatch, tmp
     for _ in range(2):  # the second call answers from the remembered failure
         with pytest.raises(RuntimeError, match="not writable.*ADAFUSE_CACHE"):
             build.load_extension((27,))
+
+
+def test_a_built_superset_is_loaded_instead_of_a_new_build(monkeypatch, tmp_path):
+    """A request for a few variants loads the smallest extension already built in the cache that
+    holds them all (a finished build: its .so exists), and builds its own only when none does."""
+    from adafuse_compile.cutlass_kernels import build
+
+    monkeypatch.setenv("ADAFUSE_CACHE", str(tmp_path))
+    base = set(build.BUILD_VARIANTS)
+
+    def built(variants, finished=True):
+        d = tmp_path / (build._NAME_PREFIX + "_".join(str(v) for v in sorted(variants)))
+        d.mkdir()
+        if finished:
+            (d / (d.name + ".so")).write_bytes(b"")
+        return tuple(sorted(variants))
+
+    assert build._built_superset(base | {23}) is None  # empty cache: build
+    big = built(base | {23, 24, 25, 30, 31, 32})
+    small = built(base | {23, 30})
+    built(base | {23}, finished=False)  # still building elsewhere (no .so): not taken
+    (tmp_path / (build._NAME_PREFIX + "x_1")).mkdir()  # not a build directory of ours
+    assert build._built_superset(base | {23}) == small
+    assert build._built_superset(base | {31}) == big
+    assert build._built_superset(base | {26}) is None

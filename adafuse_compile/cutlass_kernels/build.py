@@ -197,13 +197,38 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+_NAME_PREFIX = "adafuse_sgmm_sm90_v"
+
+
+def _built_superset(want: set[int]) -> tuple[int, ...] | None:
+    """The smallest extension already built in the cache that holds every wanted variant, if any.
+
+    A process that asks for (23,) after another built (1, 3, 14, 17, 23, 30) loads that one instead
+    of spending another minute of nvcc on a build of its own (torch's loader still rebuilds it if its
+    sources changed since).
+    """
+    best = None
+    try:
+        dirs = list(cache_dir().glob(_NAME_PREFIX + "*"))
+    except OSError:
+        return None
+    for d in dirs:
+        try:
+            have = tuple(int(v) for v in d.name[len(_NAME_PREFIX):].split("_"))
+        except ValueError:
+            continue
+        if want <= set(have) and any(d.glob("*.so")) and (best is None or len(have) < len(best)):
+            best = have
+    return best
+
+
 def load_extension(variants: tuple[int, ...] | None = None) -> ModuleType:
     """Build (first use) or load the extension holding the given GEMM variants, both dtypes."""
     want = set(variants or ())
     for have, mod in _loaded.items():
         if want <= set(have):
             return mod
-    variants = tuple(sorted(want | set(BUILD_VARIANTS)))
+    variants = _built_superset(want | set(BUILD_VARIANTS)) or tuple(sorted(want | set(BUILD_VARIANTS)))
     if variants in _failed:
         raise RuntimeError(_failed[variants])
     incs = cutlass_include_dirs()
@@ -213,7 +238,7 @@ def load_extension(variants: tuple[int, ...] | None = None) -> ModuleType:
         raise RuntimeError("nvcc not found: the SGMM CUTLASS kernels are JIT-built with nvcc")
     from torch.utils.cpp_extension import load
 
-    name = "adafuse_sgmm_sm90_v" + "_".join(str(v) for v in variants)  # (1, 2) is not (12,)
+    name = _NAME_PREFIX + "_".join(str(v) for v in variants)  # (1, 2) is not (12,)
     build_dir = cache_dir() / name
     sources = [CU_SOURCE, build_dir / "binding.cpp"]
     units = {build_dir / f"gemm_{dname}_{v}.cu": (
