@@ -7,7 +7,7 @@ import torch
 from adafuse_compile.cutlass_kernels import cancelling, ops
 from adafuse_compile.cutlass_kernels.reference import reference_switch_, switch_coefficients
 
-SHAPES = [(96, 200), (40, 72), (96, 200), (130, 24)]  # two weights share a shape: shared factors
+SHAPES = [(96, 200), (40, 72), (96, 200), (130, 24)]  # two weights share a shape
 
 
 def _weights(dtype, seed=0):
@@ -33,14 +33,45 @@ def test_mantissa_bits_keep_every_sum_inside_fp32(k_total, bits):
 def test_the_step_cancels_on_each_expert_with_non_zero_gates(mode, k):
     """Per expert, the coefficients sum to 0; none is 0 but pristine k = 1's (one slot alone)."""
     inplace = mode == "inplace"
-    experts, gates, prev_experts, prev_gates = cancelling.step(k, inplace, "cpu")
-    assert experts.dtype == torch.int64 and gates.dtype == torch.float32 and experts.max() < k
-    idx, coef = switch_coefficients(experts, gates, prev_experts, prev_gates, 1.0, inplace)
-    for e in idx.unique().tolist():
-        assert coef[idx == e].sum() == 0
-    assert (coef != 0).all() or (not inplace and k == 1)
-    weight = cancelling.coefficient_weight(k, inplace)  # what the factors' grid is sized for
-    assert coef.abs().sum() == (0 if (not inplace and k == 1) else weight)
+    values = torch.tensor(cancelling.expert_values(k, inplace))
+    steps = cancelling.steps(k, inplace, "cpu")
+    assert len(steps) == (2 if inplace else 1) and torch.equal(cancelling.step(k, inplace, "cpu")[0], steps[0][0])
+    for experts, gates, prev_experts, prev_gates in steps:
+        assert experts.dtype == torch.int64 and gates.dtype == torch.float32 and experts.max() < len(values)
+        idx, coef = switch_coefficients(experts, gates, prev_experts, prev_gates, 1.0, inplace)
+        assert len(idx.unique()) == len(idx)  # every slot reads an expert of its own
+        for v in values[idx].unique().tolist():  # copies cancel: per value set the sum is 0
+            assert coef[values[idx] == v].sum() == 0
+        assert (coef != 0).all() or (not inplace and k == 1)
+        weight = cancelling.coefficient_weight(k, inplace)  # what the factors' grid is sized for
+        assert coef.abs().sum() == (0 if (not inplace and k == 1) else weight)
+        if inplace:  # the call publishes this token's experts: the next step unmerges them
+            prev_experts.copy_(experts)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+def test_each_weight_reads_factors_of_its_own_up_to_the_budget(mode):
+    """Memory of its own per weight (a real switch reads each weight's factors from memory, not
+    L2), the experts of a value set equal copies; past the byte budget a shape's weights take turns."""
+    inplace = mode == "inplace"
+    k, rank = 2, 8
+    weights = _weights(torch.bfloat16)
+    values = cancelling.expert_values(k, inplace)
+    lora_A, lora_B = cancelling.factors(weights, k, rank, inplace)
+    ptrs = [t.data_ptr() for t in lora_A + lora_B]
+    assert len(set(ptrs)) == len(ptrs)
+    assert torch.equal(lora_A[0], lora_A[2]) and torch.equal(lora_B[0], lora_B[2])  # same values
+    for a, b in zip(lora_A, lora_B):
+        assert a.shape[0] == b.shape[0] == len(values)
+        for e, v in enumerate(values):
+            assert torch.equal(a[e], a[values.index(v)]) and torch.equal(b[e], b[values.index(v)])
+        assert len({a[values.index(v)].sum().item() for v in set(values)}) == len(set(values))
+    shared_A, _ = cancelling.factors(weights, k, rank, inplace, distinct_bytes=0)
+    assert shared_A[0] is shared_A[2] and shared_A[0] is not shared_A[1]  # one per shape, no more
+    pair = lora_A[0].nbytes + lora_B[0].nbytes
+    first = sum(a.nbytes + b.nbytes for a, b in zip(lora_A[:2], lora_B[:2])) + lora_A[3].nbytes + lora_B[3].nbytes
+    budget_A, _ = cancelling.factors(weights + weights[:1], k, rank, inplace, distinct_bytes=first + pair)
+    assert budget_A[2] is not budget_A[0] and budget_A[4] is budget_A[0]  # one more, then in turn
 
 
 def test_values_are_exact_in_16_bits_and_never_zero():
@@ -85,12 +116,13 @@ def test_the_reference_switch_leaves_the_weights_bit_for_bit(dtype, mode, k):
     pristine = None if inplace else _weights(dtype, seed=1)
     target = [w.clone() for w in (weights if inplace else pristine)]
     lora_A, lora_B = cancelling.factors(weights, k, 64, inplace)
-    assert lora_A[0] is lora_A[2] and lora_B[0] is lora_B[2]  # one pair per shape
-    assert all(a.dtype == dtype and a.shape == (k, 64, i) for a, (_, i) in zip(lora_A, SHAPES))
-    step = cancelling.step(k, inplace, "cpu")
-    for _ in range(2):  # in place the call publishes its experts as the previous ones: still cancels
+    n = len(cancelling.expert_values(k, inplace))
+    assert all(a.dtype == dtype and a.shape == (n, 64, i) for a, (_, i) in zip(lora_A, SHAPES))
+    steps = cancelling.steps(k, inplace, "cpu")
+    for step in steps + steps + [steps[0]]:  # in turn, as time_switch runs them; then one again
         reference_switch_(weights, lora_A, lora_B, *step, 1.0, pristine)
         assert all(torch.equal(_bits(w), _bits(t)) for w, t in zip(weights, target))
+    step = steps[-1]
     step[1][0] = 0.5  # the control: one coefficient changed, and W changes
     reference_switch_(weights, lora_A, lora_B, *step, 1.0, pristine)
     assert not torch.equal(weights[0], target[0])

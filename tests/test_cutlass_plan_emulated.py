@@ -231,3 +231,34 @@ def test_a_timing_plan_keeps_its_factors_alive(emulated, gather):
     cutlass_sgmm.time_switch(plan)
     assert all(torch.equal(w.view(torch.int16), t.view(torch.int16)) for w, t in zip(p["weights"], target))
     del junk
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_time_switch_reads_a_real_switchs_memory_and_adds_zero(emulated, monkeypatch, gather, mode, k):
+    """Every timed switch of a twin reads its slots' experts from memory of their own: no expert
+    read twice in a call (in place the steps take turns, so the previous experts are never this
+    token's), each weight its own factors; and every call leaves the weights bit for bit."""
+    p = _problem(mode, k, 64)
+    emulated.ext = _Ext(torch.bfloat16)
+    inplace = mode == "inplace"
+    target = [w.clone() for w in (p["pristine"] or p["weights"])]
+    monkeypatch.setattr(cutlass_sgmm, "cuda_elapsed_s", lambda fn, reps: [fn() for _ in range(reps)] and 1e-3)
+    plan = cutlass_sgmm.CutlassPlan.for_timing(p["weights"], 64, k, p["pristine"], gather=gather)
+    calls = []
+    original = plan.pack
+
+    def recording(experts, gates, prev_experts, prev_gates, scaling):
+        calls.append(_slots(experts, gates, prev_experts, prev_gates, k, inplace, scaling))
+        original(experts, gates, prev_experts, prev_gates, scaling)
+    plan.pack = recording
+    cutlass_sgmm.time_switch(plan, reps=5)
+    assert len(calls) == 6  # the warm-up, then the timed ones
+    for slots in calls:
+        experts = [e for e, _ in slots]
+        assert len(set(experts)) == len(experts), slots
+        assert sum(c for _, c in slots) == 0 or (not inplace and k == 1)  # cancels (copies, below)
+    assert all(torch.equal(w.view(torch.int16), t.view(torch.int16)) for w, t in zip(p["weights"], target))
+    lora_A, lora_B = plan.timing_factors
+    assert len({t.data_ptr() for t in lora_A + lora_B}) == 2 * len(SHAPES)  # shapes 0 and 2 are alike

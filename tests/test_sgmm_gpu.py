@@ -218,8 +218,7 @@ def test_a_timing_plan_switch_adds_exactly_zero(gather, mode, rank, k):
         plan = cutlass_sgmm.CutlassPlan.for_timing(p["weights"], rank, k, p["pristine"], gather=gather,
                                                    variant=variant, raster=raster)
         assert plan.gathers == gather and plan.timing_step is not None
-        experts, gates, prev_experts, prev_gates = plan.timing_step
-        for _ in range(3):
+        for experts, gates, prev_experts, prev_gates in (plan.timing_steps * 3)[:3]:  # as time_switch
             plan.run(experts, gates, prev_experts, prev_gates, 1.0)
             torch.cuda.synchronize()
             assert all(torch.equal(w.view(torch.int16), t.view(torch.int16))

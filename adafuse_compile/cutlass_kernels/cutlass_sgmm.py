@@ -18,6 +18,8 @@ built once, and `run` is two launches: no host sync, no copies, capturable in a 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -184,12 +186,14 @@ class CutlassPlan:
         """A plan over `weights` (and `pristine`) with `cancelling` factors of rank `rank`, whose
         `timing_step` makes a switch do a real switch's work and add exactly 0: W stays W (in
         place) or becomes W0 (pristine, until the next switch). Building it times the GEMM
-        candidates (`choose_gemm`) on that step; `time_switch` times its whole switch. Weights of
-        one shape share their factors (a few MB per shape)."""
+        candidates (`choose_gemm`) on that step; `time_switch` times its whole switch. Each weight
+        reads factors of its own (`cancelling.factors`: up to 4x the L2, then a shape's weights take
+        turns), as a real switch does."""
         inplace = pristine is None
         lora_A, lora_B = cancelling.factors(weights, k, rank, inplace)
-        step = cancelling.step(k, inplace, weights[0].device)
-        plan = cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=step, **kw)
+        steps = cancelling.steps(k, inplace, weights[0].device)
+        plan = cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=steps[0], **kw)
+        plan.timing_steps = steps  # time_switch runs them in turn (in place: distinct prev experts)
         # The plan holds only the factors' addresses (a caller's factors are the model's): keep
         # these alive for as long as the plan can launch on them (time_switch runs after this).
         plan.timing_factors = (lora_A, lora_B)
@@ -377,12 +381,17 @@ def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
         raise ValueError("time_switch times only a timing plan (CutlassPlan.for_timing): on a plan "
                          "over real factors the switch would change the weights")
     dev = plan.gemm_device
-    experts, gates, prev_experts, prev_gates = plan.timing_step
+    steps = getattr(plan, "timing_steps", None) or [plan.timing_step]
     with torch.cuda.device(dev):
+        # The steps in turn, each after the one whose experts it unmerges (in place: copies in
+        # memory of their own, as a real token's previous experts are): start after the last.
+        if len(steps) > 1:
+            steps[0][2].copy_(steps[-1][0])
         torch.cuda.synchronize()
+        turn = itertools.cycle(steps)
 
         def run():
-            plan.run(experts, gates, prev_experts, prev_gates, 1.0)
+            plan.run(*next(turn), 1.0)
 
         run()  # warm
         return cuda_elapsed_s(run, reps) * 1e3
