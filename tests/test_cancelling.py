@@ -147,3 +147,14 @@ def test_the_triton_switch_leaves_the_weights_bit_for_bit(mode, k):
     step[1][0] = 0.5
     ops.sgmm_switch_(weights, lora_A, lora_B, *step, 1.0, pristine=pristine, impl="triton")
     assert not torch.equal(weights[0], target[0])
+
+
+def test_the_distinct_factor_budget_is_four_times_the_l2(monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(L2_cache_size=50 * 2**20))
+    assert cancelling.distinct_bytes_for("cuda:0") == 200 * 2**20
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace())
+    assert cancelling.distinct_bytes_for("cuda") == 256 * 2**20  # a driver that does not say: 4x 64 MiB
+    assert cancelling.distinct_bytes_for("cpu") == float("inf")
