@@ -262,3 +262,28 @@ def test_time_switch_reads_a_real_switchs_memory_and_adds_zero(emulated, monkeyp
     assert all(torch.equal(w.view(torch.int16), t.view(torch.int16)) for w, t in zip(p["weights"], target))
     lora_A, lora_B = plan.timing_factors
     assert len({t.data_ptr() for t in lora_A + lora_B}) == 2 * len(SHAPES)  # shapes 0 and 2 are alike
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_no_memory_for_the_twin_plans_the_first_candidate_untimed(emulated, monkeypatch, gather):
+    """A GPU too full for the timing twin (its factors, its workspace) still gets a right plan:
+    the first candidate, untimed, saying so, nothing recorded for the shape; the switch op's
+    form choice falls back to the pack form the same way."""
+    from adafuse_compile.cutlass_kernels import cancelling
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB\nmore")
+    monkeypatch.setattr(cancelling, "factors", full)
+    p = _problem("pristine", 2, 64)
+    emulated.ext = _Ext(torch.bfloat16)
+    target = [w.clone() for w in p["pristine"]]
+    table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], gather=gather)
+    assert (plan.variant, plan.raster) == table["pristine"][0] and not emulated.ext.runs
+    assert plan.choice["how"].startswith("the first candidate, untimed: no GPU memory for the timing twin (CUDA out of memory")
+    assert not cutlass_sgmm._chosen
+    assert all(torch.equal(w.view(torch.int16), t.view(torch.int16)) for w, t in zip(p["pristine"], target))
+    _check_switch(plan, p, "pristine")
+    op_plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
+    assert not op_plan.gathers and op_plan.choice["form"].startswith("pack (untimed: no GPU memory")
+    assert not cutlass_sgmm._form_chosen

@@ -161,14 +161,19 @@ class CutlassPlan:
         self.timing_step = _timing_step  # set only by for_timing: factors and gates that cancel
         signature = (mode, weights[0].dtype, str(weights[0].device), kc, sm_count, swizzle,
                      candidates, tuple(tuple(w.shape) for w in weights))
-        timed = None
+        timed, untimed = None, None
         if (_timing_step is None and len(candidates) > 1 and signature not in _chosen
                 and not torch.cuda.is_current_stream_capturing()):
             # before this plan allocates its own workspace: the twin's is the only one at a time
-            timed = CutlassPlan.for_timing(weights, self.r, k, pristine, gather=gather,
-                                           sm_count=sm_count, swizzle=swizzle).choice
-            # what the twin kept, timed or the only one it could plan ("given", not recorded)
-            candidates = ((timed["variant"], timed["raster"]),)
+            try:
+                timed = CutlassPlan.for_timing(weights, self.r, k, pristine, gather=gather,
+                                               sm_count=sm_count, swizzle=swizzle).choice
+                # what the twin kept, timed or the only one it could plan ("given", not recorded)
+                candidates = ((timed["variant"], timed["raster"]),)
+            except torch.OutOfMemoryError as exc:  # the twin's factors and workspace did not fit
+                untimed = ("the first candidate, untimed: no GPU memory for the timing twin ("
+                           + str(exc).splitlines()[0] + ")")
+                candidates = candidates[:1]  # nothing recorded: a later plan with room times
         lhs, rhs = (self._gather_operands(lora_A, lora_B) if gather
                     else self._pack_operands(weights, lora_A, lora_B, kc))
         c_targets = weights if pristine is None else pristine
@@ -177,6 +182,8 @@ class CutlassPlan:
         self._plan_gemm(weights, signature, candidates, sm_count, swizzle, mnk, ptrs)
         if timed is not None:
             self.choice = dict(timed, how=timed["how"] + " (on a twin plan with cancelling inputs)")
+        elif untimed is not None:
+            self.choice = dict(self.choice, how=untimed)
         self.num_weights = len(weights)
         self.gemm_device = weights[0].device
 
@@ -352,7 +359,10 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
     if make_plan is CutlassPlan:  # one build of both forms' GEMMs, not the pack's and then a larger one
         build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
                                            for cands in table.values() for v, _ in cands})))
-    timed = {"pack": make_timing_plan(weights, k, pristine, gather=False)}
+    try:
+        timed = {"pack": make_timing_plan(weights, k, pristine, gather=False)}
+    except torch.OutOfMemoryError as exc:  # not recorded: a later weight set with room times
+        return one("pack", "untimed: no GPU memory for the timing twins (" + str(exc).splitlines()[0] + ")")
     try:
         timed["gather"] = make_timing_plan(weights, k, pristine, gather=True)
     except (RuntimeError, ValueError) as exc:
