@@ -287,3 +287,35 @@ def test_no_memory_for_the_twin_plans_the_first_candidate_untimed(emulated, monk
     op_plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"])
     assert not op_plan.gathers and op_plan.choice["form"].startswith("pack (untimed: no GPU memory")
     assert not cutlass_sgmm._form_chosen
+
+
+@pytest.mark.parametrize("op", [False, True])
+def test_a_twin_that_ran_out_of_memory_is_freed_before_the_real_plan_allocates(emulated, monkeypatch, op):
+    """What a failed twin had allocated is gone before the real plan allocates its workspace
+    (an exception's traceback keeps the failed frames' tensors alive inside its except block)."""
+    import weakref
+
+    from adafuse_compile.cutlass_kernels import cancelling
+
+    allocated = []
+
+    def fills_then_fails(*args, **kwargs):
+        held = torch.empty(1 << 16)
+        allocated.append(weakref.ref(held))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB")
+    monkeypatch.setattr(cancelling, "factors", fills_then_fails)
+    alive_at_allocation = []
+    original = cutlass_sgmm.CutlassPlan._pack_operands
+
+    def tracked(self, *args):
+        alive_at_allocation.append([ref() is not None for ref in allocated])
+        return original(self, *args)
+    monkeypatch.setattr(cutlass_sgmm.CutlassPlan, "_pack_operands", tracked)
+    p = _problem("inplace", 2, 64)
+    emulated.ext = _Ext(torch.bfloat16)
+    if op:
+        plan = cutlass_sgmm.plan_fastest_form(p["weights"], p["lora_A"], p["lora_B"], 2, None)
+    else:
+        plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None)
+    assert not plan.gathers and len(allocated) == (2 if op else 1)  # the op's twin, then the plan's
+    assert alive_at_allocation == [[False] * len(allocated)]

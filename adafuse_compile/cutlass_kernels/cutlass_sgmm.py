@@ -359,15 +359,25 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
     if make_plan is CutlassPlan:  # one build of both forms' GEMMs, not the pack's and then a larger one
         build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
                                            for cands in table.values() for v, _ in cands})))
+    # A failed twin's memory is freed only once its exception is gone (the traceback holds its
+    # frames): the reason is kept and the real plan built after the except block.
     try:
         timed = {"pack": make_timing_plan(weights, k, pristine, gather=False)}
     except torch.OutOfMemoryError as exc:  # not recorded: a later weight set with room times
-        return one("pack", "untimed: no GPU memory for the timing twins (" + str(exc).splitlines()[0] + ")")
+        untimed = "untimed: no GPU memory for the timing twins (" + str(exc).splitlines()[0] + ")"
+    else:
+        untimed = None
+    if untimed is not None:
+        return one("pack", untimed)
     try:
         timed["gather"] = make_timing_plan(weights, k, pristine, gather=True)
     except (RuntimeError, ValueError) as exc:
+        refused = f"the gather form could not be planned: {exc}"
+    else:
+        refused = None
+    if refused is not None:
         del timed
-        return one("pack", f"the gather form could not be planned: {exc}")
+        return one("pack", refused)
     timer = timer or time_switch
     best, medians, failed = fastest(timed, timer)  # pack first: it wins a tie
     del timed  # the timing plans' workspaces go before the real plan allocates its own
