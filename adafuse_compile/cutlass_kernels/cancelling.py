@@ -74,6 +74,11 @@ def exact_values(shape: tuple[int, ...], bits: int, dtype: torch.dtype, device,
     return (sign * mant).to(torch.float32).mul_(2.0 ** -bits).to(dtype=dtype, device=device)
 
 
+def _pristine_pairs(k: int) -> int:
+    """Pristine k > 1: the (+1, -1) pairs of the step; an odd k ends in a (+1, +1, -2) triple."""
+    return (k - 3) // 2 if k % 2 else k // 2
+
+
 def expert_values(k: int, inplace: bool) -> list[int]:
     """For each expert of the timing factors, which value set it holds: experts that cancel each
     other hold the same values in memory of their own. In place 2 k experts, expert k + j a copy
@@ -83,7 +88,7 @@ def expert_values(k: int, inplace: bool) -> list[int]:
         return [e % k for e in range(2 * k)]
     if k == 1:
         return [0]
-    pairs = (k - 3) // 2 if k % 2 else k // 2
+    pairs = _pristine_pairs(k)
     return [j // 2 for j in range(2 * pairs)] + [pairs] * (k - 2 * pairs)
 
 
@@ -106,31 +111,29 @@ def factors(weights: list[Tensor], k: int, rank: int, inplace: bool, seed: int =
 
     Each weight gets factors in memory of its own, as a model's are, until `distinct_bytes`
     (default `distinct_bytes_for` the device) are allocated; later weights reuse the earlier ones
-    of their shape in turn. (Factors shared by every weight of a shape, as first written, were
-    read from L2 where a real switch reads them from memory: on an H100 the twin timed gather
-    variant 23 at 1.61 ms for q,v pristine against 1.97 ms on real factors, session 25.)"""
+    of their shape in turn (why: the module's docstring)."""
     bits = mantissa_bits(coefficient_weight(k, inplace) * rank)
     generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: same values on any device
     copies = torch.tensor(expert_values(k, inplace))
     device = weights[0].device if weights else "cpu"
     budget = distinct_bytes_for(device) if distinct_bytes is None else distinct_bytes
     by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
-    used, allocated = {}, 0
+    seen: dict[tuple[int, int], int] = {}  # weights of each shape so far
+    allocated = 0
     lora_A, lora_B = [], []
     for w in weights:
-        out, inn = w.shape
-        pairs = by_shape.setdefault((out, inn), [])
+        shape = tuple(w.shape)
+        pairs = by_shape.setdefault(shape, [])
         if not pairs:  # the shape's values, drawn once; each expert that cancels another a copy
             values = int(copies.max()) + 1
-            a = exact_values((values, rank, inn), bits, w.dtype, "cpu", generator)
-            b = exact_values((values, out, rank), bits, w.dtype, "cpu", generator)
+            a = exact_values((values, rank, shape[1]), bits, w.dtype, "cpu", generator)
+            b = exact_values((values, shape[0], rank), bits, w.dtype, "cpu", generator)
             pairs.append((a[copies].to(w.device), b[copies].to(w.device)))
             allocated += pairs[0][0].nbytes + pairs[0][1].nbytes
         elif allocated + pairs[0][0].nbytes + pairs[0][1].nbytes <= budget:
             pairs.append((pairs[0][0].clone(), pairs[0][1].clone()))
             allocated += pairs[0][0].nbytes + pairs[0][1].nbytes
-        n = used.get((out, inn), 0)
-        used[(out, inn)] = n + 1
+        n = seen[shape] = seen.get(shape, -1) + 1
         a, b = pairs[n % len(pairs)]
         lora_A.append(a)
         lora_B.append(b)
@@ -159,7 +162,7 @@ def steps(k: int, inplace: bool, device) -> list[tuple[Tensor, Tensor, Tensor, T
     if k == 1:
         gates = [0.0]
     else:
-        pairs = (k - 3) // 2 if k % 2 else k // 2
+        pairs = _pristine_pairs(k)
         gates = [1.0, -1.0] * pairs + ([1.0, 1.0, -2.0] if k % 2 else [])
     experts = t(list(range(k)), torch.int64)
     gates = t(gates, torch.float32)

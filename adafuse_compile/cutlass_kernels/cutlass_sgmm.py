@@ -131,7 +131,7 @@ class CutlassPlan:
     def __init__(self, weights: list[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                  k: int, pristine: list[Tensor] | None, variant: int | None = None,
                  sm_count: int = 0, raster: int = 0, swizzle: int = 1, gather: bool = False,
-                 timing_probe: bool = False, _timing_step: tuple | None = None):
+                 timing_probe: bool = False, _timing_steps: list | None = None):
         if variant == build.UNSCALED_PROBE_VARIANT and not timing_probe:
             raise ValueError(f"SGMM CUTLASS: variant {variant} is a timing probe that leaves the gates "
                              "out (wrong results); pass timing_probe=True only to time it")
@@ -158,11 +158,13 @@ class CutlassPlan:
         self.dtype_code = _ELEMENTS[weights[0].dtype]
         self.k, self.inplace = k, pristine is None
         kc = (2 * k if self.inplace else k) * self.r
-        self.timing_step = _timing_step  # set only by for_timing: factors and gates that cancel
+        # set only by for_timing: the steps on which its factors cancel, run in turn by time_switch
+        self.timing_steps = _timing_steps
+        self.timing_step = _timing_steps[0] if _timing_steps else None  # what choose_gemm prepares on
         signature = (mode, weights[0].dtype, str(weights[0].device), kc, sm_count, swizzle,
                      candidates, tuple(tuple(w.shape) for w in weights))
         timed, untimed = None, None
-        if (_timing_step is None and len(candidates) > 1 and signature not in _chosen
+        if (_timing_steps is None and len(candidates) > 1 and signature not in _chosen
                 and not torch.cuda.is_current_stream_capturing()):
             # before this plan allocates its own workspace: the twin's is the only one at a time
             try:
@@ -199,8 +201,7 @@ class CutlassPlan:
         inplace = pristine is None
         lora_A, lora_B = cancelling.factors(weights, k, rank, inplace)
         steps = cancelling.steps(k, inplace, weights[0].device)
-        plan = cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_step=steps[0], **kw)
-        plan.timing_steps = steps  # time_switch runs them in turn (in place: distinct prev experts)
+        plan = cls(weights, lora_A, lora_B, k, pristine, gather=gather, _timing_steps=steps, **kw)
         # The plan holds only the factors' addresses (a caller's factors are the model's): keep
         # these alive for as long as the plan can launch on them (time_switch runs after this).
         plan.timing_factors = (lora_A, lora_B)
@@ -360,24 +361,20 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
                                            for cands in table.values() for v, _ in cands})))
     # A failed twin's memory is freed only once its exception is gone (the traceback holds its
-    # frames): the reason is kept and the real plan built after the except block.
+    # frames): the reason is kept and the pack plan built after the except block.
+    timed, why_pack = {}, None
     try:
-        timed = {"pack": make_timing_plan(weights, k, pristine, gather=False)}
+        timed["pack"] = make_timing_plan(weights, k, pristine, gather=False)
     except torch.OutOfMemoryError as exc:  # not recorded: a later weight set with room times
-        untimed = "untimed: no GPU memory for the timing twins (" + str(exc).splitlines()[0] + ")"
-    else:
-        untimed = None
-    if untimed is not None:
-        return one("pack", untimed)
-    try:
-        timed["gather"] = make_timing_plan(weights, k, pristine, gather=True)
-    except (RuntimeError, ValueError) as exc:
-        refused = f"the gather form could not be planned: {exc}"
-    else:
-        refused = None
-    if refused is not None:
+        why_pack = "untimed: no GPU memory for the timing twins (" + str(exc).splitlines()[0] + ")"
+    if why_pack is None:
+        try:
+            timed["gather"] = make_timing_plan(weights, k, pristine, gather=True)
+        except (RuntimeError, ValueError) as exc:
+            why_pack = f"the gather form could not be planned: {exc}"
+    if why_pack is not None:
         del timed
-        return one("pack", refused)
+        return one("pack", why_pack)
     timer = timer or time_switch
     best, medians, failed = fastest(timed, timer)  # pack first: it wins a tie
     del timed  # the timing plans' workspaces go before the real plan allocates its own
@@ -401,7 +398,7 @@ def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
         raise ValueError("time_switch times only a timing plan (CutlassPlan.for_timing): on a plan "
                          "over real factors the switch would change the weights")
     dev = plan.gemm_device
-    steps = getattr(plan, "timing_steps", None) or [plan.timing_step]
+    steps = plan.timing_steps
     with torch.cuda.device(dev):
         # The steps in turn, each after the one whose experts it unmerges (in place: copies in
         # memory of their own, as a real token's previous experts are): start after the last.
