@@ -29,6 +29,7 @@
 #   probe-gemm  probe_sgmm_gemm.py: the SGMM switch (plan's choice, candidates, old defaults, Triton, simple
 #            merge) interleaved over rounds; PROBE_ARGS="--gemm --sweeps" adds the GEMM-alone experiments,
 #            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
+#   probe-stationary  probe_stationary.py: one operand held on chip (Triton) against variant 14's GEMM  ~3 min
 #   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
 #            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -182,11 +183,16 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
       --out "$OUT/probe_sgmm_gemm_h200.json" 2>&1 | tail -60
     if [ -n "${PROBE_NCU:-}" ] && command -v ncu > /dev/null; then
       timeout 150 ncu --clock-control none --kernel-name-base function --kernel-name regex:device_kernel \
-        --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy \
         python3 benchmarks/probe_sgmm_gemm.py ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} --ncu-one "$PROBE_NCU" \
         > "$OUT/probe_sgmm_gemm_ncu.txt" 2>&1; tail -80 "$OUT/probe_sgmm_gemm_ncu.txt"
     fi ;;
+  probe-stationary)
+    # probe_stationary.py: a Triton GEMM that holds each row strip's L on chip against CUTLASS variant 14
+    # (GEMM alone, q,v bytes, in place K = 256 and pristine K = 128): is the in-place GEMM L2-bound?  ~3 min
+    timeout "${STATIONARY_TIMEOUT:-240}" python3 benchmarks/probe_stationary.py --rounds "${STATIONARY_ROUNDS:-5}" \
+      --out "$OUT/probe_stationary_h200.json" 2>&1 | grep -v -i warn | tail -40 ;;
   probe-power)
     # One GEMM at a time with cancelling, random, zero and random operands, launched back to back while
     # nvidia-smi samples SM clock, power and throttle reasons (POWER_CONFIGS: variant.K.mode,...).

@@ -1,0 +1,235 @@
+"""Probe: does keeping one GEMM operand resident make the in-place switch faster?
+
+Why (docs/kernels.md, "An operand held on chip"): the CUTLASS GEMM of the switch reloads both
+operand tiles from L2 for every 128 x 128 tile of W. At K = 256 (in place) that is 128 KB of L / R
+per 64 KB of W read and written, and ncu put the L2 at 84-87% of its throughput already at K = 128
+(pristine, v14: `ncu_sgmm_qv_pristine_v14_pack.txt`). Adding the L2 traffic up (operands + W in
+and out) gives about 8.6-8.9 TB/s for both the pristine and the in-place GEMM's measured times,
+which would make the in-place GEMM L2-bound, not HBM-bound.
+
+This kernel (Triton, probe only: packed, gate-scaled L as the pack form writes it) walks a strip of
+BM rows of W: it loads the strip's L [BM, K] once and then, for each of CHUNK tiles along the row,
+only R [K, BN] and the C tile, and stores W. Operand traffic per W tile drops from (BM + BN) K to
+BN K (+ BM K / CHUNK). If the in-place GEMM is L2-bound, this should move it towards the pristine
+GEMM's time; the probe times it against CUTLASS variant 14 on the same buffers, interleaved.
+
+Usage (GPU):  python benchmarks/probe_stationary.py --out results.json [--rounds 5]
+CPU check:    TRITON_INTERPRET=1 python benchmarks/probe_stationary.py --check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@triton.jit
+def _stationary_kernel(w_ptr, c_ptr, l_ptr, r_ptr, rows, cols, group_rows, r_group_stride,
+                       K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
+    """W[s] = C[s] + L[s] @ R[group(s)] for each strip s of BM rows, CHUNK tiles of BN at a time.
+    W, C [rows, cols]; L [rows, K]; R [groups, >= K, cols] with group = row // group_rows."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    chunks = cols // (BN * CHUNK)
+    units = (rows // BM) * chunks
+    offs_k = tl.arange(0, K)
+    for u in range(pid, units, nprog):
+        strip = u // chunks
+        n0 = (u % chunks) * (BN * CHUNK)
+        offs_m = strip.to(tl.int64) * BM + tl.arange(0, BM)
+        g = (strip.to(tl.int64) * BM) // group_rows
+        lhs = tl.load(l_ptr + offs_m[:, None] * K + offs_k[None, :])  # held for the whole chunk
+        r_base = r_ptr + g * r_group_stride
+        for j in range(CHUNK):
+            offs_n = n0 + j * BN + tl.arange(0, BN)
+            rhs = tl.load(r_base + offs_k[:, None] * cols + offs_n[None, :])
+            acc = tl.dot(lhs, rhs)
+            w_offs = offs_m[:, None] * cols + offs_n[None, :]
+            base = tl.load(c_ptr + w_offs).to(tl.float32)
+            tl.store(w_ptr + w_offs, (base + acc).to(w_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _stationary_tma_kernel(w_desc, c_desc, l_desc, r_desc, rows, cols, group_rows, r_group_rows,
+                           K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
+    """The same with TMA descriptors (host-made; R's descriptor is over [groups * r_group_rows, cols])."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    chunks = cols // (BN * CHUNK)
+    units = (rows // BM) * chunks
+    for u in range(pid, units, nprog):
+        strip = u // chunks
+        n0 = (u % chunks) * (BN * CHUNK)
+        m0 = strip * BM
+        g = m0 // group_rows
+        lhs = l_desc.load([m0, 0])
+        for j in range(CHUNK):
+            n = n0 + j * BN
+            rhs = r_desc.load([g * r_group_rows, n])
+            acc = tl.dot(lhs, rhs)
+            base = c_desc.load([m0, n]).to(tl.float32)
+            w_desc.store([m0, n], (base + acc).to(w_desc.dtype))
+
+
+class StationaryPlan:
+    def __init__(self, w, c, lhs, rhs, group_rows, bm, bn, chunk, warps, stages, programs, tma):
+        self.w, self.c, self.lhs, self.rhs = w, c, lhs, rhs
+        self.k = lhs.shape[1]
+        self.group_rows = group_rows
+        self.bm, self.bn, self.chunk, self.warps, self.stages, self.tma = bm, bn, chunk, warps, stages, tma
+        rows, cols = w.shape
+        assert rows % bm == 0 and cols % (bn * chunk) == 0 and group_rows % bm == 0
+        units = rows // bm * (cols // (bn * chunk))
+        self.programs = min(programs, units)
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            r2 = rhs.reshape(-1, cols)
+            self.descs = (TensorDescriptor.from_tensor(w, [bm, bn]), TensorDescriptor.from_tensor(c, [bm, bn]),
+                          TensorDescriptor.from_tensor(lhs, [bm, self.k]),
+                          TensorDescriptor.from_tensor(r2, [self.k, bn]))
+
+    def run(self):
+        rows, cols = self.w.shape
+        meta = dict(K=self.k, BM=self.bm, BN=self.bn, CHUNK=self.chunk, num_warps=self.warps,
+                    num_stages=self.stages)
+        if self.tma:
+            _stationary_tma_kernel[(self.programs,)](*self.descs, rows, cols, self.group_rows,
+                                                     self.rhs.shape[1], **meta)
+        else:
+            _stationary_kernel[(self.programs,)](self.w, self.c, self.lhs, self.rhs, rows, cols,
+                                                 self.group_rows, self.rhs.stride(0), **meta)
+
+
+def reference(c, lhs, rhs, group_rows):
+    out = c.double().clone()
+    k = lhs.shape[1]
+    for g in range(c.shape[0] // group_rows):
+        rs = slice(g * group_rows, (g + 1) * group_rows)
+        out[rs] += lhs[rs].double() @ rhs[g, :k].double()
+    return out
+
+
+def check(device: str, dtype: torch.dtype) -> None:
+    """Small shapes against float64 (the interpreter on the CPU: fp16; bf16 only on the GPU)."""
+    torch.manual_seed(0)
+    configs = [(32, 32, 2, 4, 1, 3, False), (32, 16, 4, 4, 1, 5, False)]
+    if device == "cuda":
+        configs += [(32, 32, 2, 4, 2, 3, True)]
+    for k in (32, 64):
+        for bm, bn, chunk, warps, stages, programs, tma in configs:
+            rows, cols, group_rows, groups = 128, 128, 64, 2
+            w = torch.randn(rows, cols, device=device, dtype=dtype)
+            w0 = w.clone()
+            lhs = torch.randn(rows, k, device=device, dtype=dtype)
+            rhs = torch.randn(groups, k + 8, cols, device=device, dtype=dtype)
+            want = reference(w0, lhs, rhs[:, :k], group_rows)
+            for inplace in (True, False):
+                w.copy_(w0) if inplace else w.fill_(float("nan"))
+                plan = StationaryPlan(w, w if inplace else w0, lhs, rhs, group_rows, bm, bn, chunk,
+                                      warps, stages, programs, tma)
+                plan.run()
+                err = (w.double() - want).abs().max().item()
+                assert err < 0.05 * want.abs().max().item() * 2 ** -7 * 8, (k, bm, bn, chunk, tma, inplace, err)
+    print("check passed", device, dtype)
+
+
+CONFIGS = [  # (BM, BN, CHUNK, warps, stages, programs per SM, tma)
+    (128, 128, 8, 8, 2, 1, False), (128, 64, 16, 8, 3, 1, False), (128, 64, 16, 4, 3, 1, False),
+    (64, 128, 8, 4, 3, 2, False), (128, 128, 32, 8, 2, 1, False),
+    (128, 128, 8, 8, 2, 1, True), (128, 64, 16, 8, 3, 1, True), (64, 128, 8, 4, 3, 2, True),
+    (128, 128, 32, 8, 2, 1, True), (128, 256, 4, 8, 2, 1, True),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--cutlass", default="14", help="CUTLASS variants to time alongside (built ones)")
+    args = ap.parse_args()
+    if args.check or not torch.cuda.is_available():
+        check("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
+        if torch.cuda.is_available():
+            check("cuda", torch.bfloat16)
+        return
+    check("cuda", torch.bfloat16)
+
+    from benchmarks import probe_sgmm_gemm as probe
+    from adafuse_compile.cutlass_kernels import build
+
+    bufs = probe.Buffers(256)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases, meta, errors = {}, {}, {}
+    variants = [int(v) for v in args.cutlass.split(",") if v]
+    ext = build.load_extension(tuple(variants)) if variants else None
+    for k, mode in ((256, "inplace"), (128, "pristine")):
+        lhs = bufs.lhs[:, :k].contiguous()
+        c = bufs.w if mode == "inplace" else bufs.w0
+        for v in variants:
+            plan = bufs.plan(ext, v, k, mode, 64)
+            name = f"{mode}/cutlass_v{v}"
+            cases[name] = plan.run
+            meta[name] = dict(mode=mode, k=k, impl="cutlass", variant=v, bytes=bufs.moved_bytes(k, 64))
+        for cfg in CONFIGS:
+            bm, bn, chunk, warps, stages, pps, tma = cfg
+            name = f"{mode}/stationary_{bm}x{bn}_c{chunk}_w{warps}_s{stages}_p{pps}" + ("_tma" if tma else "")
+            try:
+                plan = StationaryPlan(bufs.w, c, lhs, bufs.rhs, 4096, bm, bn, chunk, warps, stages,
+                                      pps * sms, tma)
+                plan.run()
+                torch.cuda.synchronize()
+            except Exception as e:  # a config Triton cannot build (shared memory): recorded, skipped
+                errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(name, "failed:", errors[name], flush=True)
+                continue
+            cases[name] = plan.run
+            meta[name] = dict(mode=mode, k=k, impl="triton_stationary", config=cfg,
+                              bytes=bufs.moved_bytes(k, 64))
+    # correctness of every timed stationary config on the real sizes, against CUTLASS-free torch
+    bufs_check = {}
+    for name, fn in cases.items():
+        if "stationary" not in name:
+            continue
+        m = meta[name]
+        k = m["k"]
+        rows = slice(0, 8192)  # two groups' rows are enough to see a wrong kernel
+        before = bufs.w[rows].float().clone() if m["mode"] == "inplace" else bufs.w0[rows].float()
+        want = before + torch.cat([bufs.lhs[g * 4096:(g + 1) * 4096, :k].float() @ bufs.rhs[g, :k].float()
+                                   for g in range(2)])
+        fn()
+        torch.cuda.synchronize()
+        got = bufs.w[rows].float()
+        bufs_check[name] = round(((got - want).abs().max() / want.abs().max()).item(), 6)
+        if m["mode"] == "inplace":  # restore W for the timing
+            bufs.w.copy_(bufs.w0)
+    print("relative max error", bufs_check, flush=True)
+    timed = probe.interleaved(cases, args.rounds, 15)
+    bw = max(timed["copy_tb_s_rounds"])
+    rows_out = []
+    for name, times in timed["per_case"].items():
+        ms = sorted(times)[len(times) // 2]
+        frac = meta[name]["bytes"] / (ms * 1e-3) / 1e12 / bw
+        rows_out.append(dict(name=name, **meta[name], median_ms=round(ms, 4), rounds_ms=[round(t, 4) for t in times],
+                             copy_fraction=round(frac, 4), rel_error=bufs_check.get(name)))
+        print(f"{name:60s} {ms:.3f} ms  {100 * frac:.1f}% of copy", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+            copy_tb_s_rounds=timed["copy_tb_s_rounds"], rows=rows_out, failed=errors,
+            setup="q,v byte volume: W [64 x 4096, 4096] bf16 as 64 groups; L [rows, K] packed; "
+                  "R [64, 256, 4096]; GEMM alone (no pack); in place K = 256, pristine K = 128; "
+                  "CUDA-graph replays, 15 per round, median over rounds, against the best round's copy"),
+            indent=1))
+
+
+if __name__ == "__main__":
+    main()
