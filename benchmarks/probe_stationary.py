@@ -141,12 +141,70 @@ def check(device: str, dtype: torch.dtype) -> None:
     print("check passed", device, dtype)
 
 
-CONFIGS = [  # (BM, BN, CHUNK, warps, stages, programs per SM, tma)
-    (128, 128, 8, 8, 2, 1, False), (128, 64, 16, 8, 3, 1, False), (128, 64, 16, 4, 3, 1, False),
-    (64, 128, 8, 4, 3, 2, False), (128, 128, 32, 8, 2, 1, False),
-    (128, 128, 8, 8, 2, 1, True), (128, 64, 16, 8, 3, 1, True), (64, 128, 8, 4, 3, 2, True),
-    (128, 128, 32, 8, 2, 1, True), (128, 256, 4, 8, 2, 1, True),
+CONFIGS = [  # GEMM alone: (BM, BN, CHUNK, warps, stages, programs per SM, tma)
+    (128, 128, 8, 8, 2, 1, False), (128, 64, 16, 8, 3, 1, False), (64, 128, 8, 4, 3, 2, False),
+    (128, 128, 8, 8, 2, 1, True), (128, 64, 16, 8, 3, 1, True), (128, 128, 32, 8, 2, 1, True),
 ]
+SWITCH_CONFIGS = [  # the whole switch with the gather (triton_strip_sgmm): (BM, BN, CHUNK, warps, stages, programs per SM)
+    (128, 128, 8, 8, 2, 1), (128, 64, 16, 8, 3, 1), (64, 128, 8, 4, 3, 2), (128, 128, 16, 8, 3, 1),
+]
+
+
+def strip_error(shapes, mode: str, config: dict, programs: int) -> float:
+    """StripPlan's largest relative error of the update against the float64 oracle, bf16, on one
+    weight of each shape of the set (make_problem: the update is about 0.3 |W|, so a wrong kernel
+    shows; make_inputs' small factors would hide it under W's rounding); NaN-poisoned in pristine."""
+    from adafuse_compile.cutlass_kernels.reference import delta_error, make_problem, oracle_then_poison
+    from adafuse_compile.cutlass_kernels.triton_strip_sgmm import StripPlan
+
+    p = make_problem(sorted(set(shapes)), k=2, rank=64, dtype=torch.bfloat16, device="cuda",
+                     pristine=mode == "pristine")
+    before, expected, _, _ = oracle_then_poison(p)
+    plan = StripPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], config=config, programs=programs)
+    plan.run(p["experts"], p["gates"], p["prev_experts"], p["prev_gates"], p["scaling"])
+    bases = p["pristine"] or before
+    return max(delta_error(w, b, e) for w, b, e in zip(p["weights"], bases, expected))
+
+
+def switch_cases(adapted: str) -> tuple[dict, dict, dict]:
+    """The whole switch on the Llama-2-7B shapes: StripPlan's configs against the switch op's CUTLASS
+    plan (plan_fastest_form), a fixed pack + variant 14 plan and TritonPlan; with each strip config's
+    error against the float64 oracle on one weight of each shape (W's dtype rounding allowed)."""
+    from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
+    from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+    from adafuse_compile.cutlass_kernels.triton_strip_sgmm import StripPlan
+    from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes
+
+    shapes = shapes_for(adapted)
+    weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes, True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases, meta, errors = {}, {}, {}
+    for mode in ("pristine", "inplace"):
+        pr = pristine if mode == "pristine" else None
+        nbytes = switch_bytes(shapes, mode)
+        args = (experts, gates, pe, pg, 0.5)
+        plans = {"cutlass_op": plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr),
+                 "cutlass_v14": CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=14, raster=1),
+                 "triton_default": TritonPlan(weights, lora_A, lora_B, TOP_K, pr)}
+        for cfg in SWITCH_CONFIGS:
+            bm, bn, chunk, warps, stages, pps = cfg
+            name = f"strip_{bm}x{bn}_c{chunk}_w{warps}_s{stages}_p{pps}"
+            try:
+                cfg_dict = dict(BM=bm, BN=bn, CHUNK=chunk, num_warps=warps, num_stages=stages)
+                errors[f"{adapted}/{mode}/{name}"] = strip_error(shapes, mode, cfg_dict, pps * sms)
+                plan = StripPlan(weights, lora_A, lora_B, TOP_K, pr, programs=pps * sms, config=cfg_dict)
+            except Exception as e:  # a config Triton cannot build: recorded, skipped
+                errors[f"{adapted}/{mode}/{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(adapted, mode, name, "failed:", errors[f"{adapted}/{mode}/{name}"], flush=True)
+                continue
+            plans[name] = plan
+        for name, plan in plans.items():
+            tag = f"{adapted}/{mode}/{name}"
+            cases[tag] = (lambda p=plan, a=args: p.run(*a))
+            meta[tag] = dict(set=adapted, mode=mode, impl=name, bytes=nbytes,
+                             choice=getattr(plan, "choice", None), rel_error=errors.get(tag))
+    print("strip switch errors (relative, vs float64):", errors, flush=True)
+    return cases, meta, errors
 
 
 def main() -> None:
@@ -155,13 +213,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--cutlass", default="14", help="CUTLASS variants to time alongside (built ones)")
+    ap.add_argument("--sets", default="qv,all7", help="the whole switch on these Llama-2-7B sets ('' for none)")
     args = ap.parse_args()
     if args.check or not torch.cuda.is_available():
         check("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
         if torch.cuda.is_available():
             check("cuda", torch.bfloat16)
         return
-    check("cuda", torch.bfloat16)
+    try:  # small shapes first; a failure is recorded and the timing goes on (each config is checked too)
+        check("cuda", torch.bfloat16)
+        small_check = "passed"
+    except Exception as e:
+        small_check = f"{type(e).__name__}: {str(e)[:300]}"
+        print("small-shape check failed:", small_check, flush=True)
 
     from benchmarks import probe_sgmm_gemm as probe
     from adafuse_compile.cutlass_kernels import build
@@ -194,40 +258,56 @@ def main() -> None:
             cases[name] = plan.run
             meta[name] = dict(mode=mode, k=k, impl="triton_stationary", config=cfg,
                               bytes=bufs.moved_bytes(k, 64))
-    # correctness of every timed stationary config on the real sizes, against CUTLASS-free torch
+    # correctness of every timed config on its own buffers (two 4096-row groups, an update about
+    # 0.3 |W|: the timing buffers' 1e-3 factors would hide a wrong product under W's rounding)
     bufs_check = {}
-    for name, fn in cases.items():
-        if "stationary" not in name:
-            continue
+    for name in [n for n in cases if "stationary" in n]:
         m = meta[name]
-        k = m["k"]
-        rows = slice(0, 8192)  # two groups' rows are enough to see a wrong kernel
-        before = bufs.w[rows].float().clone() if m["mode"] == "inplace" else bufs.w0[rows].float()
-        want = before + torch.cat([bufs.lhs[g * 4096:(g + 1) * 4096, :k].float() @ bufs.rhs[g, :k].float()
-                                   for g in range(2)])
-        fn()
-        torch.cuda.synchronize()
-        got = bufs.w[rows].float()
-        bufs_check[name] = round(((got - want).abs().max() / want.abs().max()).item(), 6)
-        if m["mode"] == "inplace":  # restore W for the timing
-            bufs.w.copy_(bufs.w0)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        w0 = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        lhs = torch.randn(8192, m["k"], device="cuda", dtype=torch.bfloat16, generator=gen) * 0.05
+        rhs = torch.randn(2, 256, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.05
+        w = w0.clone() if m["mode"] == "inplace" else torch.full_like(w0, float("nan"))
+        bm, bn, chunk, warps, stages, pps, tma = m["config"]
+        StationaryPlan(w, w if m["mode"] == "inplace" else w0, lhs, rhs, 4096, bm, bn, chunk, warps,
+                       stages, pps * sms, tma).run()
+        want = reference(w0, lhs, rhs[:, :m["k"]], 4096)
+        bufs_check[name] = round(((w.double() - want).norm() / (want - w0.double()).norm()).item(), 6)
+        del w0, w, lhs, rhs
     print("relative max error", bufs_check, flush=True)
     timed = probe.interleaved(cases, args.rounds, 15)
+    del cases, bufs
+    torch.cuda.empty_cache()
+    switch_errors = {}
+    for adapted in filter(None, args.sets.split(",")):
+        s_cases, s_meta, s_err = switch_cases(adapted)
+        meta.update(s_meta)
+        switch_errors.update(s_err)
+        s_timed = probe.interleaved(s_cases, args.rounds, 15)
+        timed["per_case"].update(s_timed["per_case"])
+        timed["copy_tb_s_rounds"] += s_timed["copy_tb_s_rounds"]
+        del s_cases
+        torch.cuda.empty_cache()
     bw = max(timed["copy_tb_s_rounds"])
     rows_out = []
     for name, times in timed["per_case"].items():
         ms = sorted(times)[len(times) // 2]
         frac = meta[name]["bytes"] / (ms * 1e-3) / 1e12 / bw
-        rows_out.append(dict(name=name, **meta[name], median_ms=round(ms, 4), rounds_ms=[round(t, 4) for t in times],
-                             copy_fraction=round(frac, 4), rel_error=bufs_check.get(name)))
+        row = dict(name=name, **meta[name], median_ms=round(ms, 4), rounds_ms=[round(t, 4) for t in times],
+                   copy_fraction=round(frac, 4))
+        row.setdefault("rel_error", bufs_check.get(name))
+        rows_out.append(row)
         print(f"{name:60s} {ms:.3f} ms  {100 * frac:.1f}% of copy", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(
             device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
             copy_tb_s_rounds=timed["copy_tb_s_rounds"], rows=rows_out, failed=errors,
+            switch_errors=switch_errors, small_check=small_check,
             setup="q,v byte volume: W [64 x 4096, 4096] bf16 as 64 groups; L [rows, K] packed; "
                   "R [64, 256, 4096]; GEMM alone (no pack); in place K = 256, pristine K = 128; "
-                  "CUDA-graph replays, 15 per round, median over rounds, against the best round's copy"),
+                  "CUDA-graph replays, 15 per round, median over rounds, against the best round's copy. "
+                  "Rows with a 'set': the whole switch (bench_sgmm.make_inputs, top-2 of 8, r = 64) per "
+                  "mode, bytes = switch_bytes"),
             indent=1))
 
 
