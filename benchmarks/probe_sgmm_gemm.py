@@ -132,13 +132,25 @@ def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True)
 
     shapes = shapes_for(adapted)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes, True)
+    # Every case is two switches, to experts [1, 6] and then to [3, 4] and so on in turn: in place each
+    # unmerges the other token's experts, so the GEMM reads 2k distinct experts, as decoding does when
+    # consecutive tokens pick different experts. (Until session 26 a case was one call, which left the
+    # previous experts equal to the current ones from the second replay on. probe_twin_bias.py found
+    # no steady cost of the distinct experts on an H100, but the in-place gather form switching
+    # between two speeds, about 11.5 and 17 ms on all seven, whatever the experts.)
+    tokens = [(experts, gates), (torch.tensor([3, 4], device=experts.device),
+                                 torch.tensor([0.55, 0.45], device=gates.device))]
+
+    def two_switches(call):
+        return lambda: [call(e, g) for e, g in tokens]
+
     cases, meta = {}, {}
     for mode in ("pristine", "inplace"):
         pr = pristine if mode == "pristine" else None
         nbytes = switch_bytes(shapes, mode)
-        args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
         name = f"{adapted}/{mode}/simple_merge"
-        cases[name] = (lambda a=args, p=pr: simple_merge_switch_(*a, pristine=p))
+        cases[name] = two_switches(lambda e, g, p=pr: simple_merge_switch_(weights, lora_A, lora_B, e, g, pe, pg,
+                                                                            0.5, pristine=p))
         meta[name] = dict(set=adapted, mode=mode, impl="simple_merge", bytes=nbytes)
         # None: the plan's timed choice, packing (the default) or gathering in the GEMM
         configs = ([(None, 0, 1, False)] + [(None, 0, 1, True)] * gather_default
@@ -148,11 +160,11 @@ def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True)
                                swizzle=swizzle, gather=gather, timing_probe=True)
             tag = (f"{adapted}/{mode}/cutlass_default" + ("_gather" if gather else "")
                    if variant is None else f"{adapted}/{mode}/cutlass_v{variant}_r{raster}_s{swizzle}")
-            cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
+            cases[tag] = two_switches(lambda e, g, p=plan: p.run(e, g, pe, pg, 0.5))
             meta[tag] = dict(set=adapted, mode=mode, impl="cutlass", variant=plan.variant,
                              raster=plan.raster, swizzle=swizzle, bytes=nbytes, gathers=plan.gathers,
                              choice=plan.choice if variant is None else None)
-            cases[tag + "/pack"] = (lambda p=plan: p.pack(experts, gates, pe, pg, 0.5))
+            cases[tag + "/pack"] = two_switches(lambda e, g, p=plan: p.pack(e, g, pe, pg, 0.5))
             meta[tag + "/pack"] = dict(set=adapted, mode=mode, variant=plan.variant,
                                        impl="slots_only" if plan.gathers else "pack_only")
             if variant is None:
@@ -160,14 +172,14 @@ def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True)
         if gather_default:
             plan = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
             tag = f"{adapted}/{mode}/cutlass_op"
-            cases[tag] = (lambda p=plan: p.run(experts, gates, pe, pg, 0.5))
+            cases[tag] = two_switches(lambda e, g, p=plan: p.run(e, g, pe, pg, 0.5))
             meta[tag] = dict(set=adapted, mode=mode, impl="cutlass", variant=plan.variant,
                              raster=plan.raster, swizzle=1, bytes=nbytes, gathers=plan.gathers,
                              choice=plan.choice)
             print(tag, plan.choice, flush=True)
         tplan = TritonPlan(weights, lora_A, lora_B, TOP_K, pr)
         tag = f"{adapted}/{mode}/triton_default"
-        cases[tag] = (lambda p=tplan: p.run(experts, gates, pe, pg, 0.5))
+        cases[tag] = two_switches(lambda e, g, p=tplan: p.run(e, g, pe, pg, 0.5))
         meta[tag] = dict(set=adapted, mode=mode, impl="triton", bytes=nbytes)
     return cases, meta
 
@@ -419,6 +431,8 @@ def main() -> None:
     for sname in [x for x in args.sets.split(",") if x]:
         rcases, rmeta = real_switch_cases(sname, real, any(v in build.GATHER_VARIANTS for v in variants))
         report[sname] = interleaved(rcases, args.rounds, 15, seed=1)
+        for name in rcases:  # a case is two switches (real_switch_cases): ms per switch
+            report[sname]["per_case"][name] = [ms / 2 for ms in report[sname]["per_case"][name]]
         meta.update(rmeta)
         del rcases
         torch.cuda.empty_cache()

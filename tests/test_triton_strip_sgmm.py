@@ -19,7 +19,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _run(p, config=SMALL, programs=3):
-    from adafuse_compile.cutlass_kernels.triton_strip_sgmm import StripPlan
+    from benchmarks.probe_stationary import StripPlan
 
     plan = StripPlan(p["weights"], p["lora_A"], p["lora_B"], p["experts"].numel(), p["pristine"],
                      config=config, programs=programs)
@@ -62,7 +62,7 @@ def test_strip_sgmm_even_shapes_and_second_switch():
 
 
 def test_strip_sgmm_refuses_what_it_cannot_hold():
-    from adafuse_compile.cutlass_kernels.triton_strip_sgmm import StripPlan
+    from benchmarks.probe_stationary import StripPlan
 
     p = make_problem([(128, 64)], k=4, rank=128, n_experts=8)  # in place K = 1024 at BM = 128
     with pytest.raises(ValueError, match="does not fit.*TritonPlan"):
