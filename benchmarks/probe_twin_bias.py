@@ -44,16 +44,52 @@ def events_ms(fn, reps=5):
     return start.elapsed_time(end) / reps
 
 
+def form_choice(sets, repeats):
+    """The switch op's form timing (plan_fastest_form: both twins, alternating trials) against each
+    form's twin timed alone right after (time_switch, five calls, median)."""
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    rows = []
+    for adapted in sets:
+        weights, lora_A, lora_B, experts, gates, pe, pg, pristine = make_inputs(shapes_for(adapted), True)
+        for mode in ("inplace", "pristine"):
+            pr = None if mode == "inplace" else pristine
+            for i in range(repeats):
+                cutlass_sgmm._form_chosen.clear()
+                cutlass_sgmm._chosen.clear()
+                plan = cutlass_sgmm.plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
+                row = dict(set=adapted, mode=mode, repeat=i, op_form_ms=plan.choice.get("form_ms"),
+                           op_form=plan.choice.get("form"))
+                del plan
+                for form in ("pack", "gather"):
+                    twin = CutlassPlan.for_timing(weights, 64, TOP_K, pr, gather=form == "gather")
+                    row[f"alone_{form}_ms"] = round(statistics.median(time_switch(twin) for _ in range(5)), 4)
+                    del twin
+                rows.append(row)
+                print(row, flush=True)
+        del weights, lora_A, lora_B, pristine
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sets", default="qv,all7")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--variant", type=int, default=23)
     ap.add_argument("--pack-variant", type=int, default=1)
+    ap.add_argument("--form-choice", type=int, default=0,
+                    help="only: call plan_fastest_form this many times per set and mode (caches cleared), "
+                         "each followed by time_switch of a lone twin of each form, and report their times")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, variant=args.variant, sets={})
     dev = "cuda"
+    if args.form_choice:
+        out["form_choice"] = form_choice(args.sets.split(","), args.form_choice)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     for adapted in args.sets.split(","):
         shapes = shapes_for(adapted)
         weights, lora_A, lora_B, experts, gates, pe, pg, _ = make_inputs(shapes, False)

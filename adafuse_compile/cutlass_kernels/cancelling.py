@@ -33,7 +33,11 @@ factors per weight shape and put a pair's two slots on one expert; on an H100 (s
 timing of gather variant 23 on q,v pristine said 1.61 ms where the switch on real factors took
 1.97 ms, and the switch op kept the gather form (1.97 ms) over the pack form (1.68 ms). Reads
 served from L2 are the likely cause (variant 14, the same GEMM packed, timed 1.97 on the twin as on
-real factors); that this version closes the gap is not yet measured.
+real factors). With factors of its own per weight (session 26, H100) the twins time the pack GEMMs
+and the pristine gather GEMMs as the real switch runs them (v23 pristine: twin 1.97, real
+1.85-1.99 ms; v24 all seven: 9.60 against 10.09-10.35); in place the gather form's twin timed
+8-15% slow on q,v and 17 ms on all seven, where the real switch ran at 11-17 ms
+(docs/kernels.md, session 26).
 """
 from __future__ import annotations
 
