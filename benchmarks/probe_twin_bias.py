@@ -13,7 +13,10 @@ alternate between two tokens (ms per switch). What it found (probe_twin_bias_h10
 steady dependence on the experts: the all-seven gather switch runs at about 17 ms or at about
 11.5 ms, and a case changes from one to the other between rounds (e.g. 17.5, 17.2, 17.5, 17.4,
 16.2, 11.6, 11.4 ms); the pack form stays at 16.2-16.8 ms; q,v shows no such modes (gather
-1.80-1.85, pack 2.03-2.06).
+1.80-1.85, pack 2.03-2.06). --power (probe_twin_power_h100_s26.json): the fast speed (12.1-12.2 ms)
+came at a lower median SM clock (1575-1635 MHz) than the slow one (16.4 ms at 1800), so not the
+clock. --form-choice (probe_twin_form_choice_h100_s26.json): the op's alternating trials and each twin
+timed alone agree.
 Usage: python benchmarks/probe_twin_bias.py --sets qv,all7 --out results.json
 """
 from __future__ import annotations
@@ -42,6 +45,37 @@ def events_ms(fn, reps=5):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def power_modes():
+    """Is the all-seven in-place gather switch's slow speed a clock (power) limit? Three patterns,
+    each about 3 s back to back under nvidia-smi sampling (probe_sgmm_gemm._sampled): one call
+    replayed (its previous experts become its current ones: fast in probe_twin_bias_b), two tokens
+    alternating ([1, 6] <-> [3, 4]: slow there), and the pack form on the alternating tokens."""
+    from benchmarks.probe_sgmm_gemm import _sampled
+
+    dev = "cuda"
+    weights, lora_A, lora_B, experts, gates, pe, pg, _ = make_inputs(shapes_for("all7"), False)
+    gather = CutlassPlan(weights, lora_A, lora_B, TOP_K, None, variant=23, gather=True)
+    pack = CutlassPlan(weights, lora_A, lora_B, TOP_K, None, variant=1)
+    other = (torch.tensor([3, 4], device=dev), torch.tensor([0.55, 0.45], device=dev))
+    flip = [0]
+
+    def alternate(plan):
+        def fn():
+            e, g = (experts, gates) if flip[0] == 0 else other
+            flip[0] ^= 1
+            plan.run(e, g, pe, pg, 0.5)
+        return fn
+
+    rows = []
+    for name, fn in (("gather_one_call_replayed", lambda: gather.run(experts, gates, pe, pg, 0.5)),
+                     ("gather_two_tokens", alternate(gather)), ("pack_two_tokens", alternate(pack)),
+                     ("gather_one_call_replayed_again", lambda: gather.run(experts, gates, pe, pg, 0.5))):
+        row = dict(case=name, **_sampled(fn, 3.0))
+        rows.append(row)
+        print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
+    return rows
 
 
 def form_choice(sets, repeats):
@@ -81,10 +115,18 @@ def main():
     ap.add_argument("--form-choice", type=int, default=0,
                     help="only: call plan_fastest_form this many times per set and mode (caches cleared), "
                          "each followed by time_switch of a lone twin of each form, and report their times")
+    ap.add_argument("--power", action="store_true",
+                    help="only: all seven in place, the gather form's switch under three step patterns, "
+                         "each launched back to back for 3 s while nvidia-smi samples clock and power")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, variant=args.variant, sets={})
     dev = "cuda"
+    if args.power:
+        out["power"] = power_modes()
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     if args.form_choice:
         out["form_choice"] = form_choice(args.sets.split(","), args.form_choice)
         if args.out:
