@@ -320,7 +320,7 @@ CONFIGS = [  # GEMM alone: (BM, BN, CHUNK, warps, stages, programs per SM, tma)
     (128, 128, 8, 8, 2, 1, False), (128, 64, 16, 8, 3, 1, False), (64, 128, 8, 4, 3, 2, False),
     (128, 128, 8, 8, 2, 1, True), (128, 64, 16, 8, 3, 1, True), (128, 128, 32, 8, 2, 1, True),
 ]
-SWITCH_CONFIGS = [  # the whole switch with the gather (triton_strip_sgmm): (BM, BN, CHUNK, warps, stages, programs per SM)
+SWITCH_CONFIGS = [  # the whole switch with the gather (StripPlan): (BM, BN, CHUNK, warps, stages, programs per SM)
     (128, 128, 8, 8, 2, 1), (128, 64, 16, 8, 3, 1), (64, 128, 8, 4, 3, 2), (128, 128, 16, 8, 3, 1),
 ]
 

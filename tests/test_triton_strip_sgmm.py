@@ -1,6 +1,8 @@
-"""The strip-holding Triton SGMM (triton_strip_sgmm) on the CPU, in Triton's interpreter, against
-the float64 oracle. fp32 and fp16 only (bf16 tl.dot is wrong in the interpreter); the GPU runs it
-in benchmarks/probe_stationary.py --switch against the same oracle."""
+"""The strip-holding Triton SGMM of benchmarks/probe_stationary.py (`StripPlan`, a probe kept out of
+the package: slower than the CUTLASS plans on an H100) on the CPU, in Triton's interpreter, against
+the float64 oracle, so that the probe's timings are of a correct kernel. fp32 and fp16 only (bf16
+tl.dot is wrong in the interpreter); on the GPU the probe checks each config in bf16 against the same
+oracle before timing it."""
 import pytest
 import torch
 
