@@ -70,6 +70,9 @@ def _strip_sgmm_kernel(
     elem = dtype_ref.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # The slot prologue and the publishing epilogue are those of triton_sgmm's _sgmm_kernel, copied
+    # rather than factored out of it: sharing them would change the package's kernel for a probe
+    # that is not in the package, and that kernel's GPU tests could not be rerun this session.
     SLOTS: tl.constexpr = 2 * K_SEL if INPLACE else K_SEL
     slot = tl.arange(0, SLOTS_P2)
     if INPLACE:  # slots [prev_0..prev_{k-1}, cur_0..cur_{k-1}], coefficients [-s pg, s g]

@@ -32,19 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adafuse_compile.cutlass_kernels import cancelling  # noqa: E402
 from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, time_switch  # noqa: E402
+from adafuse_compile.runtime.cost_model import cuda_elapsed_s  # noqa: E402
 from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for  # noqa: E402
 
 
 def events_ms(fn, reps=5):
+    """ms per call of `fn`, `reps` calls back to back after one warm call (CUDA events)."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return cuda_elapsed_s(fn, reps) * 1e3
 
 
 def power_modes():
@@ -169,6 +165,7 @@ def main():
             "twin_first_step_only": lambda: twin.run(*step0, 1.0),
             "twin_shared_factors (time_switch)": None,
         }
+
         def alternating(plan, a, b):  # a CUDA graph of two switches: to a, then to b (each unmerges the other)
             ta = (torch.tensor(a, device=dev), torch.tensor([0.62, 0.38], device=dev))
             tb = (torch.tensor(b, device=dev), torch.tensor([0.55, 0.45], device=dev))

@@ -160,3 +160,13 @@ def delta_error(after: Tensor, before: Tensor, expected64: Tensor) -> float:
     num = (after.double() - expected64).norm()
     den = (expected64 - b).norm()
     return float(num / den)
+
+
+def assert_matches_oracle(weights: list[Tensor], expected64: list[Tensor], bases: list[Tensor],
+                          tol: float, what: str = "") -> None:
+    """For tests: every weight written (no NaN left by `oracle_then_poison`) and its update within
+    `tol` of the float64 oracle's (`delta_error` against its base: W before, or W0 in pristine)."""
+    for i, (w, exp, b) in enumerate(zip(weights, expected64, bases)):
+        assert torch.isfinite(w).all(), f"{what}weight {i}: unwritten elements"
+        err = delta_error(w, b, exp)
+        assert err < tol, f"{what}weight {i} {tuple(w.shape)}: relative error {err:.2e}"
