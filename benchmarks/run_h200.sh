@@ -30,6 +30,7 @@
 #            merge) interleaved over rounds; PROBE_ARGS="--gemm --sweeps" adds the GEMM-alone experiments,
 #            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
 #   probe-stationary  probe_stationary.py: one operand held on chip (Triton) against variant 14's GEMM  ~3 min
+#   probe-inplace-modes  probe_inplace_modes.py: all seven in place, each switch timed alone in four contexts  ~2 min
 #   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
 #            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -199,6 +200,11 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
     timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_sgmm_gemm.py --variants "${PROBE_VARIANTS:-1,3,14,17,21}" \
       --power "${POWER_CONFIGS:-14.256.inplace,14.128.pristine,21.256.inplace,17.128.pristine}" \
       --out "$OUT/probe_sgmm_power_h200.json" 2>&1 | grep -v "^\[" | tail -20 ;;
+  probe-inplace-modes)
+    # All seven in place, each switch timed alone: the gather form's two speeds per launch or per stretch,
+    # back to back, between a decode's weight reads, after an L2 flush, after an idle gap (needs build:23,25).
+    timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_inplace_modes.py ${PROBE_ARGS:-} \
+      --out "$OUT/probe_inplace_modes.json" 2>&1 | tail -20 ;;
   gather-kernels)
     timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   gather-variants)
