@@ -31,6 +31,8 @@
 #            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
 #   probe-stationary  probe_stationary.py: one operand held on chip (Triton) against variant 14's GEMM  ~3 min
 #   probe-inplace-modes  probe_inplace_modes.py: all seven in place, each switch timed alone in four contexts  ~2 min
+#   probe-switch-contexts  probe_switch_contexts.py: each switch timed alone, back to back, between a decode's
+#            weight reads and after an idle gap, q,v and all seven, both modes, with the SM clock  ~4 min
 #   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
 #            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -205,6 +207,11 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
     # back to back, between a decode's weight reads, after an L2 flush, after an idle gap (needs build:23,25).
     timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_inplace_modes.py ${PROBE_ARGS:-} \
       --out "$OUT/probe_inplace_modes.json" 2>&1 | tail -20 ;;
+  probe-switch-contexts)
+    # The switch timed where a decode runs it (between the weight reads, after an idle gap) against back
+    # to back, every mode and set, the op's own plan among the forms (needs build:23,24,25).
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/probe_switch_contexts.py ${PROBE_ARGS:-} \
+      --out "$OUT/probe_switch_contexts.json" 2>&1 | grep -v "^\[" | tail -60 ;;
   gather-kernels)
     timeout "${GATHER_TIMEOUT:-260}" python3 benchmarks/bench_gather.py ${GATHER_SWEEP:+--sweep} --out "$OUT/gather_h200.json" 2>&1 | tail -15 ;;
   gather-variants)
