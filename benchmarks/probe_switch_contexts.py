@@ -36,10 +36,25 @@ from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes  
 from benchmarks.probe_inplace_modes import SmiLog, per_launch_ms  # noqa: E402
 from benchmarks.probe_sgmm_gemm import copy_bandwidth  # noqa: E402
 
-FORMS = {  # mode -> [(name, variant)]: the forms' fastest variants in earlier probes
-    "inplace": [("gather_v23", 23), ("gather_v25", 25), ("pack_v1", 1), ("pack_v14", 14)],
-    "pristine": [("gather_v24", 24), ("pack_v17", 17), ("pack_v14", 14)],
-}
+FORMS = {"inplace": "23,25,1,14", "pristine": "24,17,14"}  # the forms' fastest variants in earlier probes
+# all seven's weights by shape, 32 layers each: which shapes the in-place switch loses its speed on
+SUBSETS = {"all7_attn": [(4096, 4096)] * 4 * 32, "all7_gate_up": [(11008, 4096)] * 2 * 32,
+           "all7_down": [(4096, 11008)] * 32}
+# all seven's 224 weights grouped by shape instead of layer by layer (the GEMM's group order)
+SUBSETS["all7_by_shape"] = SUBSETS["all7_attn"] + SUBSETS["all7_gate_up"] + SUBSETS["all7_down"]
+
+
+class SimpleMerge:
+    """The 3x target's base (one addmm per weight), behind a plan's run()."""
+    variant = None
+
+    def __init__(self, weights, lora_A, lora_B, pristine):
+        self.args = (weights, lora_A, lora_B, pristine)
+
+    def run(self, experts, gates, prev_experts, prev_gates, scaling):
+        from adafuse_compile.cutlass_kernels.reference import simple_merge_switch_
+        w, a, b, pr = self.args
+        simple_merge_switch_(w, a, b, experts, gates, prev_experts, prev_gates, scaling, pristine=pr)
 
 
 def smi_samples(lines: list[str]) -> list[tuple[datetime.datetime, float, float]]:
@@ -62,16 +77,24 @@ def main() -> None:
     ap.add_argument("--modes", default="inplace,pristine")
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--inplace-variants", default=FORMS["inplace"])
+    ap.add_argument("--pristine-variants", default=FORMS["pristine"])
+    ap.add_argument("--contexts", default="back_to_back,decode_like,idle")
+    ap.add_argument("--no-op", action="store_true", help="leave out the switch op's own plan")
+    ap.add_argument("--simple-merge", action="store_true", help="also the simple merge (the 3x base)")
     args = ap.parse_args()
+    from adafuse_compile.cutlass_kernels.build import GATHER_VARIANTS
     from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
 
-    contexts = ("back_to_back", "decode_like", "idle")
+    contexts = tuple(args.contexts.split(","))
+    variants = {"inplace": [int(v) for v in args.inplace_variants.split(",") if v],
+                "pristine": [int(v) for v in args.pristine_variants.split(",") if v]}
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=args.tokens,
                rounds=args.rounds, sets={}, setup="bf16, Llama-2-7B shapes x 32 layers, N=8, r=64, top-2; "
                "CUDA events around each eager switch; ms per switch")
     copies = [copy_bandwidth()]
     for adapted in args.sets.split(","):
-        shapes = shapes_for(adapted)
+        shapes = SUBSETS.get(adapted) or shapes_for(adapted)
         weights, lora_A, lora_B, experts, gates, _, _, pristine = make_inputs(shapes, "pristine" in args.modes)
         dev = experts.device
         tokens = [(experts, gates), (torch.tensor([3, 4], device=dev), torch.tensor([0.55, 0.45], device=dev))]
@@ -82,13 +105,18 @@ def main() -> None:
         plans, meta = {}, {}
         for mode in args.modes.split(","):
             pr = pristine if mode == "pristine" else None
-            for name, variant in FORMS[mode]:
+            for variant in variants[mode]:
+                name = f"{'gather' if variant in GATHER_VARIANTS else 'pack'}_v{variant}"
                 plans[(mode, name)] = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=1,
                                                   swizzle=1, gather=False, timing_probe=True)
-            op = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
-            plans[(mode, "op")] = op
-            meta[mode] = dict(op_choice=op.choice, bytes=switch_bytes(shapes, mode))
-            print(adapted, mode, "op:", op.choice, flush=True)
+            if args.simple_merge:
+                plans[(mode, "simple_merge")] = SimpleMerge(weights, lora_A, lora_B, pr)
+            meta[mode] = dict(bytes=switch_bytes(shapes, mode))
+            if not args.no_op:
+                op = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
+                plans[(mode, "op")] = op
+                meta[mode]["op_choice"] = op.choice
+                print(adapted, mode, "op:", op.choice, flush=True)
         prev = (tokens[1][0].clone(), tokens[1][1].clone())  # published into by every call
 
         def switch_of(plan):
