@@ -319,3 +319,41 @@ def test_a_twin_that_ran_out_of_memory_is_freed_before_the_real_plan_allocates(e
         plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None)
     assert not plan.gathers and len(allocated) == (2 if op else 1)  # the op's twin, then the plan's
     assert alive_at_allocation == [[False] * len(allocated)]
+
+
+def test_shape_grouped_order_keeps_first_appearance_and_each_shapes_order():
+    w = [torch.empty(s) for s in [(4, 4), (11, 4), (4, 11), (4, 4), (11, 4), (4, 11), (4, 4)]]
+    assert cutlass_sgmm.shape_grouped_order(w) == [0, 3, 6, 1, 4, 2, 5]
+    assert cutlass_sgmm.shape_grouped_order(w[:1] * 3) == [0, 1, 2]
+    assert cutlass_sgmm.shape_grouped_order([]) == []
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("mode", ["inplace", "pristine"])
+def test_the_gemm_runs_the_weights_grouped_by_shape_and_each_gets_its_own_switch(emulated, gather, mode):
+    """SHAPES interleave two shapes (layer by layer): the GEMM gets them grouped, each problem with
+    its own weight's addresses (and W0's, pristine), and every weight comes out switched."""
+    p = _problem(mode, 2, 64)
+    emulated.ext = _Ext(torch.bfloat16)
+    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
+                                    variant=23 if gather else 1)
+    assert plan.group_order == [0, 2, 1]
+    gemm = emulated.ext.plans[-1]
+    assert [tuple(m[:2]) for m in gemm.mnk] == [SHAPES[0], SHAPES[2], SHAPES[1]]
+    order = plan.group_order
+    assert gemm.ptrs[3] == [p["weights"][i].data_ptr() for i in order]
+    assert gemm.ptrs[2] == [(p["pristine"] or p["weights"])[i].data_ptr() for i in order]
+    if gather:
+        assert gemm.ptrs[0] == [p["lora_B"][i].data_ptr() for i in order]
+    _check_switch(plan, p, mode)
+    p["experts"].copy_((p["experts"] + 1) % 4)  # a second switch: in place it unmerges the first's
+    _check_switch(plan, p, mode)
+
+
+def test_factors_that_are_not_aligned_are_named_by_the_callers_index(emulated):
+    p = _problem("inplace", 2, 64)
+    emulated.ext = _Ext(torch.bfloat16)
+    flat = torch.empty(p["lora_A"][2].numel() + 1, dtype=torch.bfloat16)
+    p["lora_A"][2] = flat[1:].view_as(p["lora_A"][2])  # 2 bytes off: weight 2 (GEMM problem 1)
+    with pytest.raises(ValueError, match="factors of weight 2 are not 16-byte aligned"):
+        cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None, variant=1)
