@@ -9,8 +9,7 @@ move. Every probe-gemm figure replays switches back to back, so it times the fir
 Here each switch is timed alone (CUDA events, eager), tokens [1, 6] and [3, 4] in turn (each unmerges
 the other's experts, previous experts in the buffers the op publishes into, as in a model), for each
 weight set, mode and form (chosen variants of the gather and pack forms and the switch op's own plan,
-`plan_fastest_form`; with --orders by_shape,as_given each CUTLASS plan also with its GEMM's problems
-layer by layer, the order before session 27), in three contexts:
+`plan_fastest_form`), in three contexts:
 - back_to_back: switch after switch (what probe-gemm's CUDA graphs time);
 - decode_like: after each switch a batch-1 product with every adapted weight (x @ W^T: what a decode
   reads between two switches; attention and the other layers are left out);
@@ -83,12 +82,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="back_to_back,decode_like,idle")
     ap.add_argument("--no-op", action="store_true", help="leave out the switch op's own plan")
     ap.add_argument("--simple-merge", action="store_true", help="also the simple merge (the 3x base)")
-    ap.add_argument("--orders", default="by_shape",
-                    help="by_shape (the package's group order), as_given (layer by layer): each CUTLASS "
-                         "plan built in each order, tagged @as_given for the second")
     args = ap.parse_args()
     from adafuse_compile.cutlass_kernels.build import GATHER_VARIANTS
-    from adafuse_compile.cutlass_kernels import cutlass_sgmm
     from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
 
     contexts = tuple(args.contexts.split(","))
@@ -110,23 +105,18 @@ def main() -> None:
         plans, meta = {}, {}
         for mode in args.modes.split(","):
             pr = pristine if mode == "pristine" else None
-            meta[mode] = dict(bytes=switch_bytes(shapes, mode))
+            for variant in variants[mode]:
+                name = f"{'gather' if variant in GATHER_VARIANTS else 'pack'}_v{variant}"
+                plans[(mode, name)] = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=1,
+                                                  swizzle=1, gather=False, timing_probe=True)
             if args.simple_merge:
                 plans[(mode, "simple_merge")] = SimpleMerge(weights, lora_A, lora_B, pr)
-            for order in args.orders.split(","):
-                cutlass_sgmm.GROUP_BY_SHAPE = order == "by_shape"
-                cutlass_sgmm._chosen.clear(), cutlass_sgmm._form_chosen.clear()  # each order times its own
-                tag = "" if order == "by_shape" else "@" + order
-                for variant in variants[mode]:
-                    name = f"{'gather' if variant in GATHER_VARIANTS else 'pack'}_v{variant}{tag}"
-                    plans[(mode, name)] = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant,
-                                                      raster=1, swizzle=1, gather=False, timing_probe=True)
-                if not args.no_op:
-                    op = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
-                    plans[(mode, "op" + tag)] = op
-                    meta[mode]["op_choice" + tag] = op.choice
-                    print(adapted, mode, "op" + tag, op.choice, flush=True)
-            cutlass_sgmm.GROUP_BY_SHAPE = True
+            meta[mode] = dict(bytes=switch_bytes(shapes, mode))
+            if not args.no_op:
+                op = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
+                plans[(mode, "op")] = op
+                meta[mode]["op_choice"] = op.choice
+                print(adapted, mode, "op:", op.choice, flush=True)
         prev = (tokens[1][0].clone(), tokens[1][1].clone())  # published into by every call
 
         def switch_of(plan):

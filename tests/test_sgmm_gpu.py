@@ -342,19 +342,3 @@ def test_cutlass_pingpong_full_tile_variants_match_oracle(variant, mode, dtype, 
                                     variant=variant, raster=1)
     assert plan.choice["how"] == "given" and not plan.gathers
     _two_switches_then_graph_replay(plan, p, dtype, f"variant {variant} {mode}")
-
-
-@pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("mode", ["inplace", "pristine"])
-def test_cutlass_weights_of_interleaved_shapes_run_grouped_and_match_oracle(gather, mode):
-    """Three layers of three Llama-like shapes, layer by layer as a model lists them: the plan runs
-    the GEMM's problems grouped by shape (`group_order`), and every weight, in the caller's order,
-    matches the oracle over two switches and a graph replay."""
-    _need("cutlass")
-    from adafuse_compile.cutlass_kernels import cutlass_sgmm
-
-    shapes = [(512, 512), (1408, 512), (512, 1408)] * 3
-    p = make_problem(shapes, k=2, rank=64, dtype=torch.bfloat16, device="cuda", pristine=mode == "pristine")
-    plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], gather=gather)
-    assert plan.group_order == [0, 3, 6, 1, 4, 7, 2, 5, 8]
-    _two_switches_then_graph_replay(plan, p, torch.bfloat16, f"grouped, gather={gather}, {mode}")

@@ -116,24 +116,6 @@ def pack_work_table(vectors: list[int], resident_blocks: int, waves: int = 4,
     return torch.tensor(rows, dtype=torch.int32)
 
 
-# Run the grouped GEMM's problems grouped by weight shape, not in the caller's (layer by layer) order.
-# Why: on an H100 (session 27, probe_switch_contexts_by_shape_h100_s27.json) the all-seven in-place
-# gather switch between a decode's weight reads ran at a median 10.4-12.8 ms with its 224 weights
-# grouped by shape, 15.9-16.3 ms layer by layer (each switch timed alone, the SM clock at its top);
-# back to back both took 11.0-11.2 ms. The speed still drops to about 16.5 ms for stretches of
-# launches in either order, less often grouped. Sets of one shape (q,v) are unchanged.
-GROUP_BY_SHAPE = True
-
-
-def shape_grouped_order(weights: list[Tensor]) -> list[int]:
-    """Indices of `weights` with equal shapes together, the shapes in order of first appearance and
-    each shape's weights in their order: [q0, gate0, down0, q1, gate1, down1] -> [0, 3, 1, 4, 2, 5]."""
-    first: dict[tuple[int, ...], int] = {}
-    for i, w in enumerate(weights):
-        first.setdefault(tuple(w.shape), i)
-    return sorted(range(len(weights)), key=lambda i: (first[tuple(weights[i].shape)], i))
-
-
 class CutlassPlan:
     """Grouped-GEMM plan for one weight set, with its pack workspace and block table or its
     slot table (gather).
@@ -158,12 +140,6 @@ class CutlassPlan:
             raise ValueError(f"SGMM CUTLASS: variant {variant} adds the update into W with a reduce-add "
                              "store, so it only switches in place; pristine mode (W = W0 + delta) needs "
                              f"a variant that reads W0, e.g. one of {GEMM_CANDIDATES['pristine']}")
-        # The grouped GEMM's problems grouped by shape (each problem is independent: any order gives
-        # the same weights); `group_order[g]` is the caller's index of problem g.
-        self.group_order = shape_grouped_order(weights) if GROUP_BY_SHAPE else list(range(len(weights)))
-        weights, lora_A, lora_B = ([xs[i] for i in self.group_order] for xs in (weights, lora_A, lora_B))
-        if pristine is not None:
-            pristine = [pristine[i] for i in self.group_order]
         self.r, self.n_experts = int(lora_A[0].shape[1]), int(lora_A[0].shape[0])
         if variant is not None:
             gather = variant in build.GATHER_VARIANTS
@@ -172,8 +148,7 @@ class CutlassPlan:
                              f"{GATHER_RANK_MULTIPLE}, got {self.r}; use gather=False (pack)")
         for g in range(len(weights)):  # TMA reads the factors (gather) or the pack does (16-byte loads)
             if lora_A[g].data_ptr() % 16 or lora_B[g].data_ptr() % 16:
-                raise ValueError(f"SGMM CUTLASS: factors of weight {self.group_order[g]} are not "
-                                 "16-byte aligned")
+                raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
         self.gathers = gather
         table = GATHER_CANDIDATES if gather else GEMM_CANDIDATES
         candidates = table[mode] if variant is None else ((variant, raster),)
