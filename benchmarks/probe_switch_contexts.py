@@ -9,7 +9,7 @@ move. Every probe-gemm figure replays switches back to back, so it times the fir
 Here each switch is timed alone (CUDA events, eager), tokens [1, 6] and [3, 4] in turn (each unmerges
 the other's experts, previous experts in the buffers the op publishes into, as in a model), for each
 weight set, mode and form (chosen variants of the gather and pack forms and the switch op's own plan,
-`plan_fastest_form`), in three contexts:
+`plan_fastest_form`; --sm-counts: each also on fewer persistent CTAs), in three contexts:
 - back_to_back: switch after switch (what probe-gemm's CUDA graphs time);
 - decode_like: after each switch a batch-1 product with every adapted weight (x @ W^T: what a decode
   reads between two switches; attention and the other layers are left out);
@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="back_to_back,decode_like,idle")
     ap.add_argument("--no-op", action="store_true", help="leave out the switch op's own plan")
     ap.add_argument("--simple-merge", action="store_true", help="also the simple merge (the 3x base)")
+    ap.add_argument("--sm-counts", default="0",
+                    help="persistent CTAs of each CUTLASS plan (0: every SM), e.g. 0,112,96: each variant "
+                         "once per count, tagged @smN (fewer CTAs: fewer memory requests in flight)")
     args = ap.parse_args()
     from adafuse_compile.cutlass_kernels.build import GATHER_VARIANTS
     from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
@@ -106,9 +109,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             pr = pristine if mode == "pristine" else None
             for variant in variants[mode]:
-                name = f"{'gather' if variant in GATHER_VARIANTS else 'pack'}_v{variant}"
-                plans[(mode, name)] = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant, raster=1,
-                                                  swizzle=1, gather=False, timing_probe=True)
+                for sm in (int(c) for c in args.sm_counts.split(",")):
+                    name = f"{'gather' if variant in GATHER_VARIANTS else 'pack'}_v{variant}" + (f"@sm{sm}" if sm else "")
+                    plans[(mode, name)] = CutlassPlan(weights, lora_A, lora_B, TOP_K, pr, variant=variant,
+                                                      raster=1, swizzle=1, sm_count=sm, gather=False,
+                                                      timing_probe=True)
             if args.simple_merge:
                 plans[(mode, "simple_merge")] = SimpleMerge(weights, lora_A, lora_B, pr)
             meta[mode] = dict(bytes=switch_bytes(shapes, mode))
