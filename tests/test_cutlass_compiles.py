@@ -28,7 +28,7 @@ ALL_VARIANTS = os.environ.get("ADAFUSE_COMPILE_ALL_SGMM_VARIANTS") == "1"
 REPRESENTATIVES = ("pingpong_64x256x64_e64x128_sepd2", "gather_coop_128x128x64_e128x64_sepd2",
                    "reduce_coop_128x128x64_e128x64")
 # The GEMMs a plan chooses between by default (packed; each compiled once, dtypes alternating).
-CANDIDATES = sorted({v for cands in GEMM_CANDIDATES.values() for v, _ in cands})
+CANDIDATES = sorted({v for cands in GEMM_CANDIDATES.values() for v, *_ in cands})
 
 needs_nvcc = pytest.mark.skipif(
     NVCC is None or INCLUDES is None,
@@ -73,10 +73,10 @@ def test_variant_registry_matches_build():
     # The gather and reduce-add variants are the ids build.py names, and only those.
     assert all(n.startswith("gather_") == (i in build.GATHER_VARIANTS) for i, n in VARIANTS)
     assert all(n.startswith("reduce_") == (i in build.REDUCE_VARIANTS) for i, n in VARIANTS)
-    assert all(v in build.GATHER_VARIANTS for cands in GATHER_CANDIDATES.values() for v, _ in cands)
-    assert all(v not in build.GATHER_VARIANTS for cands in GEMM_CANDIDATES.values() for v, _ in cands)
+    assert all(v in build.GATHER_VARIANTS for cands in GATHER_CANDIDATES.values() for v, *_ in cands)
+    assert all(v not in build.GATHER_VARIANTS for cands in GEMM_CANDIDATES.values() for v, *_ in cands)
     # reduce-add variants cannot read W0: never a pristine candidate
-    assert all(v not in build.REDUCE_VARIANTS for v, _ in GEMM_CANDIDATES["pristine"])
+    assert all(v not in build.REDUCE_VARIANTS for v, *_ in GEMM_CANDIDATES["pristine"])
     assert set(CANDIDATES) <= set(build.BUILD_VARIANTS)  # a plan's candidates need no second build
 
 
@@ -169,16 +169,33 @@ def test_choose_gemm_takes_the_median_fastest_once_per_weight_set(monkeypatch):
 
     prepared = []  # a timing plan's pack or slot launch on its cancelling step, before any timing
     sig = ("pristine", torch.bfloat16, "cuda:0", 128, ((4096, 4096),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, lambda: prepared.append(len(calls)),
+    got = cutlass_sgmm.choose_gemm({(14, 1, 1.0): "a", (17, 1, 1.0): "b"}, lambda: prepared.append(len(calls)),
                                    sig, timer=timer)
     assert (got["variant"], got["raster"], got["how"]) == (17, 1, "timed")
     assert calls == ["a", "b"] * 5  # alternating trials
     assert prepared == [0]  # once, before the first timed launch
-    again = cutlass_sgmm.choose_gemm({(14, 1): "a", (17, 1): "b"}, None, sig, timer=timer)
+    again = cutlass_sgmm.choose_gemm({(14, 1, 1.0): "a", (17, 1, 1.0): "b"}, None, sig, timer=timer)
     assert (again["variant"], again["how"]) == (17, "chosen earlier in this process")
     assert len(calls) == 10  # not timed twice
-    other = cutlass_sgmm.choose_gemm({(14, 1): "a"}, None, sig[:-1] + (((8, 8),),))
+    other = cutlass_sgmm.choose_gemm({(14, 1, 1.0): "a"}, None, sig[:-1] + (((8, 8),),))
     assert (other["variant"], other["how"]) == (14, "given")
+
+
+def test_choose_gemm_times_grid_shares_as_candidates(monkeypatch):
+    """The same GEMM on all SMs and on 7/8 of them are two candidates: the faster is kept with its
+    share, and the timing names each (the share only below 1)."""
+    import torch
+
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+
+    monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
+    sig = ("inplace", torch.bfloat16, "cuda:0", 256, ((64, 64),))
+    got = cutlass_sgmm.choose_gemm({(23, 1, 1.0): "all", (23, 1, 0.875): "fewer"}, lambda: None, sig,
+                                   timer=lambda plan: {"all": 17.0, "fewer": 11.0}[plan])
+    assert (got["variant"], got["raster"], got["grid_share"], got["how"]) == (23, 1, 0.875, "timed")
+    assert got["median_ms"] == {"v23_r1": 17.0, "v23_r1_sm0.875": 11.0}
+    assert cutlass_sgmm._chosen[sig] == (23, 1, 0.875)
+    assert cutlass_sgmm.GATHER_CANDIDATES["inplace"] == ((23, 1, 1.0), (23, 1, 0.875))
 
 
 def test_choose_gemm_times_only_on_cancelling_inputs(monkeypatch):
@@ -191,7 +208,7 @@ def test_choose_gemm_times_only_on_cancelling_inputs(monkeypatch):
     monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
     sig = ("inplace", torch.bfloat16, "cuda:0", 256, ((64, 64),))
     with pytest.raises(RuntimeError, match="needs a timing plan's cancelling inputs"):
-        cutlass_sgmm.choose_gemm({(14, 1): "a", (1, 1): "b"}, None, sig, timer=lambda plan: pytest.fail("timed"))
+        cutlass_sgmm.choose_gemm({(14, 1, 1.0): "a", (1, 1, 1.0): "b"}, None, sig, timer=lambda plan: pytest.fail("timed"))
     with pytest.raises(ValueError, match="times only a timing plan"):
         cutlass_sgmm.time_switch(types.SimpleNamespace(timing_step=None))
 
@@ -209,11 +226,11 @@ def test_choose_gemm_leaves_out_a_failing_candidate(monkeypatch):
         return 1.0
 
     sig = ("inplace", torch.float16, "cuda:0", 256, ((64, 64),))
-    got = cutlass_sgmm.choose_gemm({(14, 1): "broken", (1, 1): "fine"}, lambda: None, sig, timer=timer)
+    got = cutlass_sgmm.choose_gemm({(14, 1, 1.0): "broken", (1, 1, 1.0): "fine"}, lambda: None, sig, timer=timer)
     assert (got["variant"], got["raster"]) == (1, 1)
     assert got["failed"] == ["variant 14, raster 1: SGMM grouped GEMM launch failed (code 1)"]
     with pytest.raises(RuntimeError, match="every candidate GEMM failed"):
-        cutlass_sgmm.choose_gemm({(14, 1): "broken", (17, 1): "broken"}, lambda: None, sig[:-1] + (((8, 8),),),
+        cutlass_sgmm.choose_gemm({(14, 1, 1.0): "broken", (17, 1, 1.0): "broken"}, lambda: None, sig[:-1] + (((8, 8),),),
                                  timer=timer)
 
 

@@ -52,8 +52,8 @@ def _combine_slots(products, coef, rank):
 
 
 class _Gemm:
-    def __init__(self, ext, variant, mnk, ptrs, slot_table, rank, n_experts):
-        self.ext, self.variant, self.mnk, self.ptrs = ext, variant, mnk, ptrs
+    def __init__(self, ext, variant, mnk, ptrs, slot_table, rank, n_experts, sm_count=0):
+        self.ext, self.variant, self.mnk, self.ptrs, self.sm_count = ext, variant, mnk, ptrs, sm_count
         self.slot_table, self.rank, self.n_experts = slot_table, rank, n_experts
 
     def run(self):
@@ -82,7 +82,7 @@ class _Ext:
 
     def create_plan(self, dtype_code, variant, mnk, ptrs, sm_count, raster, swizzle,
                     slot_table=None, rank=0, n_experts=0):
-        plan = _Gemm(self, variant, mnk.tolist(), ptrs.tolist(), slot_table, rank, n_experts)
+        plan = _Gemm(self, variant, mnk.tolist(), ptrs.tolist(), slot_table, rank, n_experts, sm_count)
         self.plans.append(plan)
         return plan
 
@@ -117,10 +117,11 @@ def emulated(monkeypatch):
     def load_extension(variants=None):
         return state.ext
 
-    def elapsed(fn, reps):
+    def elapsed(fn, reps):  # scripted per (gather, variant, grid) or per (gather, variant)
         fn()
         last = state.ext.runs[-1]
-        return state.ms.get((last.slot_table is not None, last.variant), 1.0) * 1e-3
+        key = (last.slot_table is not None, last.variant)
+        return state.ms.get(key + (last.sm_count,), state.ms.get(key, 1.0)) * 1e-3
 
     monkeypatch.setattr(build, "load_extension", load_extension)
     monkeypatch.setattr(cutlass_sgmm, "cuda_elapsed_s", elapsed)
@@ -131,6 +132,11 @@ def emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=2))
     return state
+
+
+def _grid(share: float, sms: int = 2) -> int:
+    """The persistent grid a candidate's share gives on the emulated 2-SM device (0: every SM)."""
+    return 0 if share >= 1 else max(1, round(share * sms))
 
 
 def _problem(mode, k, rank, seed=0):
@@ -155,7 +161,8 @@ def test_a_plan_times_on_its_twin_and_builds_only_the_kept_gemm(emulated, gather
     table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
     candidates = table[mode]
     fastest = candidates[-1]  # scripted: the last candidate is the fastest
-    emulated.ms = {(gather, v): (0.5 if (v, ra) == fastest else 1.0) for v, ra in candidates}
+    emulated.ms = {(gather, v, _grid(share)): (0.5 if (v, ra, share) == fastest else 1.0)
+                   for v, ra, share in candidates}
     target = [w.clone() for w in (p["pristine"] or p["weights"])]
     real = set(t.data_ptr() for t in p["lora_A"] + p["lora_B"])
 
@@ -166,7 +173,8 @@ def test_a_plan_times_on_its_twin_and_builds_only_the_kept_gemm(emulated, gather
     timed = [g for g in ext.runs]
     if len(candidates) > 1:
         assert plan.choice["how"] == "timed (on a twin plan with cancelling inputs)", plan.choice
-        assert (plan.variant, plan.raster) == fastest
+        assert (plan.variant, plan.raster, plan.grid_share) == fastest
+        assert ext.plans[-1].sm_count == _grid(fastest[2])
         assert len(ext.plans) == len(candidates) + 1  # the twin's candidates, then the kept one alone
         assert ext.plans[-1].variant == fastest[0] and not any(g is ext.plans[-1] for g in timed)
         twin_factors = {ptr for g in ext.plans[:-1] for ptr in g.ptrs[0] + g.ptrs[1]} if gather \
@@ -279,7 +287,7 @@ def test_no_memory_for_the_twin_plans_the_first_candidate_untimed(emulated, monk
     target = [w.clone() for w in p["pristine"]]
     table = cutlass_sgmm.GATHER_CANDIDATES if gather else cutlass_sgmm.GEMM_CANDIDATES
     plan = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], gather=gather)
-    assert (plan.variant, plan.raster) == table["pristine"][0] and not emulated.ext.runs
+    assert (plan.variant, plan.raster, plan.grid_share) == table["pristine"][0] and not emulated.ext.runs
     assert plan.choice["how"].startswith("the first candidate, untimed: no GPU memory for the timing twin (CUDA out of memory")
     assert not cutlass_sgmm._chosen
     assert all(torch.equal(w.view(torch.int16), t.view(torch.int16)) for w, t in zip(p["pristine"], target))

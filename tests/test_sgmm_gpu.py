@@ -186,12 +186,12 @@ def test_cutlass_plan_times_its_candidates_without_touching_the_weights(mode, ga
     timed = len(table[mode]) > 1  # the gather form in place has one candidate: nothing to time
     assert plan.choice["how"] == ("timed (on a twin plan with cancelling inputs)" if timed else "given"), plan.choice
     assert plan.gathers == gather
-    assert (plan.variant, plan.raster) in table[mode]
+    assert (plan.variant, plan.raster, plan.grid_share) in table[mode]
     _assert_timing_left_the_weights(p, before, mode)
     again = cutlass_sgmm.CutlassPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"],
                                      gather=gather)
     assert again.choice["how"] == ("chosen earlier in this process" if timed else "given")
-    assert (again.variant, again.raster) == (plan.variant, plan.raster)
+    assert (again.variant, again.raster, again.grid_share) == (plan.variant, plan.raster, plan.grid_share)
 
 
 @pytest.mark.parametrize("gather", [False, True])
@@ -211,9 +211,11 @@ def test_a_timing_plan_switch_adds_exactly_zero(gather, mode, rank, k):
     p = make_problem(SHAPES, n_experts=8, rank=rank, k=k, dtype=torch.bfloat16, device="cuda",
                      pristine=mode == "pristine")
     target = [w.clone() for w in (p["pristine"] or p["weights"])]
-    for variant, raster in table[mode]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for variant, raster, share in table[mode]:
         plan = cutlass_sgmm.CutlassPlan.for_timing(p["weights"], rank, k, p["pristine"], gather=gather,
-                                                   variant=variant, raster=raster)
+                                                   variant=variant, raster=raster,
+                                                   sm_count=0 if share >= 1 else round(share * sms))
         assert plan.gathers == gather and plan.timing_step is not None
         for experts, gates, prev_experts, prev_gates in (plan.timing_steps * 3)[:3]:  # as time_switch
             plan.run(experts, gates, prev_experts, prev_gates, 1.0)

@@ -37,7 +37,8 @@ from adafuse_compile.runtime.cost_model import cuda_elapsed_s
 #   inplace  (K = 256): variant 14 along N and variant 1 along N within 2% on both sets.
 # The previous fixed defaults (1 inplace, 3 pristine, along M) measured q,v 1.646 / 1.381 and
 # all seven 10.83 / 8.17 ms in the same probe.
-GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
+# A candidate is (variant, raster, grid share): the share of the SMs its persistent grid takes (1: all).
+GEMM_CANDIDATES = {"pristine": ((14, 1, 1.0), (17, 1, 1.0)), "inplace": ((14, 1, 1.0), (1, 1, 1.0))}
 # The same three GEMMs with the experts gathered inside (sgmm_sm90.cu, GatherMainloop): 23 = 14,
 # 24 = 17, 25 = 1. They need the rank to be a whole number of 64-wide k-blocks. Whole switch on
 # the H200 (probe_sgmm_gemm_h200_run7_gather.json, _run10_four_slots.json, 7B shapes): q,v
@@ -48,9 +49,15 @@ GEMM_CANDIDATES = {"pristine": ((14, 1), (17, 1)), "inplace": ((14, 1), (1, 1))}
 # and 10.88 against 11.17 on an H100 (_h100_s22.json). (25 was kept by the earlier zero-gate
 # timing, which ran the generic loop where the two tie within 1%, not the four-slot loop real
 # top-2, r = 64 gates take; the timing now runs on `cancelling` inputs, the real loop.)
-GATHER_CANDIDATES = {"pristine": ((23, 1), (24, 1)), "inplace": ((23, 1),)}
+# In place 23 also on 7/8 of the SMs: on an H100 (session 27, probe_switch_contexts_sm_counts*_h100_s27.json)
+# the all-seven in-place gather switch timed alone between a decode's weight reads ran at a median
+# 17.4-17.6 ms on all 132 SMs (at the top SM clock; 10.8-11.1 back to back, where the GPU sits at
+# its power cap) and 10.7-10.9 ms on 116; 124 stayed slow (18.9), 108 took 11.3, 100 11.5. The
+# pack form's 15.5 ms, which the op kept, got no better on 108-124 SMs. Pristine, fewer SMs only
+# cost (v24 9.66 -> 10.77 ms on 116), so the share is a candidate in place only, timed like the rest.
+GATHER_CANDIDATES = {"pristine": ((23, 1, 1.0), (24, 1, 1.0)), "inplace": ((23, 1, 1.0), (23, 1, 0.875))}
 GATHER_RANK_MULTIPLE = 64
-_chosen: dict[tuple, tuple[int, int]] = {}  # weight-set signature -> (variant, raster), per process
+_chosen: dict[tuple, tuple[int, int, float]] = {}  # weight-set signature -> candidate, per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
 
@@ -151,10 +158,10 @@ class CutlassPlan:
                 raise ValueError(f"SGMM CUTLASS: factors of weight {g} are not 16-byte aligned")
         self.gathers = gather
         table = GATHER_CANDIDATES if gather else GEMM_CANDIDATES
-        candidates = table[mode] if variant is None else ((variant, raster),)
+        candidates = table[mode] if variant is None else ((variant, raster, 1.0),)
         # both modes' candidates: one build serves in-place and pristine plans alike
         wanted = [c for cands in table.values() for c in cands] if variant is None else candidates
-        self.ext = build.load_extension(tuple(sorted({v for v, _ in wanted})))
+        self.ext = build.load_extension(tuple(sorted({v for v, *_ in wanted})))
         self.dtype_code = _ELEMENTS[weights[0].dtype]
         self.k, self.inplace = k, pristine is None
         kc = (2 * k if self.inplace else k) * self.r
@@ -171,7 +178,7 @@ class CutlassPlan:
                 timed = CutlassPlan.for_timing(weights, self.r, k, pristine, gather=gather,
                                                sm_count=sm_count, swizzle=swizzle).choice
                 # what the twin kept, timed or the only one it could plan ("given", not recorded)
-                candidates = ((timed["variant"], timed["raster"]),)
+                candidates = ((timed["variant"], timed["raster"], timed["grid_share"]),)
             except torch.OutOfMemoryError as exc:  # the twin's factors and workspace did not fit
                 untimed = ("the first candidate, untimed: no GPU memory for the timing twin ("
                            + str(exc).splitlines()[0] + ")")
@@ -257,12 +264,15 @@ class CutlassPlan:
             if signature in _chosen:  # build only the GEMM chosen for this shape earlier
                 candidates = (_chosen[signature],)
             gemms, errors = {}, []
-            for v, ra in candidates:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            for v, ra, share in candidates:
+                # a given sm_count stands; a share below 1 sizes the persistent grid (0: every SM)
+                grid = sm_count or (0 if share >= 1 else max(1, round(share * sms)))
                 try:
-                    gemms[(v, ra)] = self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, sm_count, ra,
-                                                          swizzle, **gather_args)
+                    gemms[(v, ra, share)] = self.ext.create_plan(self.dtype_code, v, mnk_t, ptrs_t, grid, ra,
+                                                                 swizzle, **gather_args)
                 except RuntimeError as exc:  # one candidate CUTLASS refuses must not fail the plan
-                    errors.append(f"variant {v}, raster {ra}: {exc}")
+                    errors.append(f"{_label((v, ra, share))}: {exc}")
             if not gemms:
                 raise RuntimeError("SGMM CUTLASS: no candidate GEMM could be planned: " + "; ".join(errors))
             prepare = None if self.timing_step is None else (lambda: self.pack(*self.timing_step, 1.0))
@@ -270,7 +280,8 @@ class CutlassPlan:
             if errors:  # refused at planning, before choose_gemm's own launch failures
                 self.choice["failed"] = errors + self.choice.get("failed", [])
         self.variant, self.raster = self.choice["variant"], self.choice["raster"]
-        self.gemm = gemms[(self.variant, self.raster)]
+        self.grid_share = self.choice["grid_share"]
+        self.gemm = gemms[(self.variant, self.raster, self.grid_share)]
 
     def pack(self, experts, gates, prev_experts, prev_gates, scaling):
         """The launch before the GEMM: the slot table (gather) or the packed factors (pack); both
@@ -359,7 +370,7 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
         return one("pack", "plan built during CUDA graph capture: no timing")
     if make_plan is CutlassPlan:  # one build of both forms' GEMMs, not the pack's and then a larger one
         build.load_extension(tuple(sorted({v for table in (GEMM_CANDIDATES, GATHER_CANDIDATES)
-                                           for cands in table.values() for v, _ in cands})))
+                                           for cands in table.values() for v, *_ in cands})))
     # A failed twin's memory is freed only once its exception is gone (the traceback holds its
     # frames): the reason is kept and the pack plan built after the except block.
     timed, why_pack = {}, None
@@ -416,7 +427,7 @@ def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
 
 def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
                 reps: int = 3, timer=None) -> dict:
-    """Pick the fastest of `gemms` ({(variant, raster): plan}) for this weight set, once per
+    """Pick the fastest of `gemms` ({(variant, raster, grid share): plan}) for this weight set, once per
     process and weight-set signature: `trials` rounds, candidates alternating, `reps` launches
     each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
     is left out (reported under "failed"); if every one fails, the first error is raised.
@@ -432,14 +443,16 @@ def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
     (no timing there). `timer(plan) -> ms` replaces the CUDA-event timing (tests).
     """
     keys = list(gemms)
+
+    def picked(key, how):
+        return {"variant": key[0], "raster": key[1], "grid_share": key[2], "how": how}
+
     if _chosen.get(signature) in gemms:
-        v, ra = _chosen[signature]
-        return {"variant": v, "raster": ra, "how": "chosen earlier in this process"}
+        return picked(_chosen[signature], "chosen earlier in this process")
     if len(keys) == 1:
-        return {"variant": keys[0][0], "raster": keys[0][1], "how": "given"}
+        return picked(keys[0], "given")
     if timer is None and torch.cuda.is_current_stream_capturing():
-        return {"variant": keys[0][0], "raster": keys[0][1],
-                "how": "first candidate (plan built during CUDA graph capture: no timing)"}
+        return picked(keys[0], "first candidate (plan built during CUDA graph capture: no timing)")
     if prepare is None:  # a plan over real factors: timing it would change the weights
         raise RuntimeError("SGMM CUTLASS: choose_gemm needs a timing plan's cancelling inputs "
                            "(CutlassPlan.for_timing) to time candidates on the weights")
@@ -454,8 +467,16 @@ def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
     if best is None:
         raise RuntimeError("SGMM CUTLASS: every candidate GEMM failed: " + "; ".join(failed.values()))
     _chosen[signature] = best
-    out = {"variant": best[0], "raster": best[1], "how": "timed",
-           "median_ms": {f"v{v}_r{ra}": round(ms, 4) for (v, ra), ms in medians.items()}}
+    out = dict(picked(best, "timed"), median_ms={_label(key, short=True): round(ms, 4)
+                                                 for key, ms in medians.items()})
     if failed:
-        out["failed"] = [f"variant {v}, raster {ra}: {msg}" for (v, ra), msg in failed.items()]
+        out["failed"] = [f"{_label(key)}: {msg}" for key, msg in failed.items()]
     return out
+
+
+def _label(candidate: tuple, short: bool = False) -> str:
+    """'variant 23, raster 1, 7/8 of the SMs' (short: 'v23_r1_sm0.875'); the share only below 1."""
+    v, ra, share = candidate
+    if short:
+        return f"v{v}_r{ra}" + (f"_sm{share:g}" if share < 1 else "")
+    return f"variant {v}, raster {ra}" + (f", {share:g} of the SMs" if share < 1 else "")
