@@ -16,6 +16,11 @@ Rounds run every (form, pattern, context) in a new random order. The JSON keeps 
 and nvidia-smi's samples (SM and memory clocks, GPU and memory temperature, power, clock-event
 reasons) taken every 50 ms over the whole probe, with each run's start and end on the same clock.
 
+What it found (H100, probe_inplace_modes_h100_s27.json): alternating tokens, gather v23 took 10.8 ms
+back to back, in graphs and after a flush (SM clock 1380-1470 MHz, at the power cap) and 16.4 ms
+after a decode's reads or an idle gap (1965-1980 MHz); the same token again 10.6-12.4 everywhere;
+the pack form 14.8-15.0 everywhere. probe_switch_contexts.py goes on from here.
+
 Usage: python benchmarks/probe_inplace_modes.py --out probe_inplace_modes.json [--tokens 60 --rounds 3]
 """
 from __future__ import annotations

@@ -17,6 +17,11 @@ weight set, mode and form (chosen variants of the gather and pack forms and the 
 Rounds run every case in a new random order; nvidia-smi samples the SM clock and power every 50 ms,
 and each case's median SM clock over its run is kept beside its times.
 
+--simple-merge adds the simple merge as eager calls: on q,v its small launches are bound by the
+host (8.4-10.0 ms against 4.1-4.6 in probe-gemm's graphs), so speed-ups use probe-gemm's figure.
+probe_switch_contexts_orders_h100_s27.json came from commit 99cf671's version (an --orders option
+and the package's grouping of problems by shape, both reverted).
+
 Usage: python benchmarks/probe_switch_contexts.py --out probe_switch_contexts.json [--sets qv,all7]
 """
 from __future__ import annotations

@@ -15,7 +15,8 @@ steady dependence on the experts: the all-seven gather switch runs at about 17 m
 16.2, 11.6, 11.4 ms); the pack form stays at 16.2-16.8 ms; q,v shows no such modes (gather
 1.80-1.85, pack 2.03-2.06). --power (probe_twin_power_h100_s26.json): the fast speed (12.1-12.2 ms)
 came at a lower median SM clock (1575-1635 MHz) than the slow one (16.4 ms at 1800), so not the
-clock. --form-choice (probe_twin_form_choice_h100_s26.json): the op's alternating trials and each twin
+clock. (Session 27, probe_inplace_modes.py, read it the other way round: the slow speed is the top
+clock's; back to back the switches hold the GPU at its power cap, at a lower clock, and run fast.) --form-choice (probe_twin_form_choice_h100_s26.json): the op's alternating trials and each twin
 timed alone agree.
 Usage: python benchmarks/probe_twin_bias.py --sets qv,all7 --out results.json
 """

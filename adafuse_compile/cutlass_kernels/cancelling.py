@@ -37,7 +37,9 @@ real factors). With factors of its own per weight (session 26, H100) the twins t
 and the pristine gather GEMMs as the real switch runs them (v23 pristine: twin 1.97, real
 1.85-1.99 ms; v24 all seven: 9.60 against 10.09-10.35); in place the gather form's twin timed
 8-15% slow on q,v and 17 ms on all seven, where the real switch ran at 11-17 ms
-(docs/kernels.md, session 26).
+(docs/kernels.md, session 26). Session 27 found the 17 ms to be the real switch's speed at the top
+SM clock, which a decode runs it at (between the weight reads), and 11 ms the power-capped speed
+of switches back to back: the twin, timed in short bursts, times what a decode gets.
 """
 from __future__ import annotations
 
