@@ -87,6 +87,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="back_to_back,decode_like,idle")
     ap.add_argument("--no-op", action="store_true", help="leave out the switch op's own plan")
     ap.add_argument("--simple-merge", action="store_true", help="also the simple merge (the 3x base)")
+    ap.add_argument("--triton", action="store_true", help="also the Triton switch")
+    ap.add_argument("--graphs", action="store_true",
+                    help="each switch a CUDA graph replay (one graph per token), not eager calls: the "
+                         "simple merge's and Triton's host work left out, as a model's CUDA-graph decode does")
     ap.add_argument("--sm-counts", default="0",
                     help="persistent CTAs of each CUTLASS plan (0: every SM), e.g. 0,112,96: each variant "
                          "once per count, tagged @smN (fewer CTAs: fewer memory requests in flight)")
@@ -99,7 +103,8 @@ def main() -> None:
                 "pristine": [int(v) for v in args.pristine_variants.split(",") if v]}
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=args.tokens,
                rounds=args.rounds, sets={}, setup="bf16, Llama-2-7B shapes x 32 layers, N=8, r=64, top-2; "
-               "CUDA events around each eager switch; ms per switch")
+               "CUDA events around each switch (" + ("a CUDA graph replay per token" if args.graphs
+                                                     else "eager calls") + "); ms per switch")
     copies = [copy_bandwidth()]
     for adapted in args.sets.split(","):
         shapes = SUBSETS.get(adapted) or shapes_for(adapted)
@@ -121,6 +126,10 @@ def main() -> None:
                                                       timing_probe=True)
             if args.simple_merge:
                 plans[(mode, "simple_merge")] = SimpleMerge(weights, lora_A, lora_B, pr)
+            if args.triton:
+                from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+                plans[(mode, "triton")] = TritonPlan(weights, lora_A, lora_B, TOP_K, pr)
+                plans[(mode, "triton")].variant = None
             meta[mode] = dict(bytes=switch_bytes(shapes, mode))
             if not args.no_op:
                 op = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
@@ -130,7 +139,20 @@ def main() -> None:
         prev = (tokens[1][0].clone(), tokens[1][1].clone())  # published into by every call
 
         def switch_of(plan):
-            return lambda t: plan.run(*tokens[t % 2], *prev, 0.5)
+            eager = [lambda t=t: plan.run(*tokens[t], *prev, 0.5) for t in (0, 1)]
+            if not args.graphs:
+                return lambda t: eager[t % 2]()
+            eager[0](), eager[1]()  # built and compiled before capture
+            torch.cuda.synchronize()
+            graphs = []
+            for t in (0, 1):  # each publishes its experts into `prev`: replays alternate correctly
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    eager[t]()
+                graphs.append(graph)
+            return lambda t: graphs[t % 2].replay()
+
+        switches = {key: switch_of(plan) for key, plan in plans.items()}
 
         rng = random.Random(0)
         runs = []
@@ -140,10 +162,12 @@ def main() -> None:
                 rng.shuffle(combos)
                 for (mode, form), ctx in combos:
                     start = datetime.datetime.now()
-                    ms = per_launch_ms(switch_of(plans[(mode, form)]), between[ctx], args.tokens)
+                    ms = per_launch_ms(switches[(mode, form)], between[ctx], args.tokens)
                     runs.append(dict(round=rnd, mode=mode, form=form, variant=plans[(mode, form)].variant,
                                      context=ctx, start=start.isoformat(),
                                      end=datetime.datetime.now().isoformat(), ms=ms))
+                    print(f"  round {rnd} {adapted} {mode} {form} {ctx}: median {statistics.median(ms):.3f} ms",
+                          flush=True)
         samples = smi_samples(smi.lines)
         summary = {}
         for (mode, form) in plans:
@@ -161,6 +185,10 @@ def main() -> None:
                 print(f"{adapted:5s} {mode:9s} {form:11s} {ctx:13s} {med:8.3f} ms  p10 {summary[f'{mode}/{form}/{ctx}']['p10_ms']:8.3f}"
                       f"  p90 {summary[f'{mode}/{form}/{ctx}']['p90_ms']:8.3f}  SM {summary[f'{mode}/{form}/{ctx}']['sm_mhz_median']} MHz",
                       flush=True)
+        for key, row in summary.items():  # against the simple merge in the same mode and context
+            mode, _, ctx = key.split("/")
+            base = summary.get(f"{mode}/simple_merge/{ctx}")
+            row["x_simple_merge"] = round(base["median_ms"] / row["median_ms"], 3) if base else None
         out["sets"][adapted] = dict(meta=meta, summary=summary, runs=runs, smi_fields=smi.fields,
                                     smi_samples=smi.lines)
         copies.append(copy_bandwidth())
@@ -168,6 +196,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     out["copy_tb_s_rounds"] = copies
     out["copy_tb_s"] = max(copies)
+    for entry in out["sets"].values():
+        for row in entry["summary"].values():
+            row["copy_fraction"] = round(row["tb_s"] / out["copy_tb_s"], 4)
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 
