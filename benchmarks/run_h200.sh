@@ -33,6 +33,8 @@
 #   probe-inplace-modes  probe_inplace_modes.py: all seven in place, each switch timed alone in four contexts  ~2 min
 #   probe-switch-contexts  probe_switch_contexts.py: each switch timed alone, back to back, between a decode's
 #            weight reads and after an idle gap, q,v and all seven, both modes, with the SM clock  ~4 min
+#   probe-decode  probe_switch_contexts.py --graphs: the op, Triton and the simple merge as graph replays, back to
+#            back and between a decode's weight reads, % of copy and speed-up in the same context (needs build:23,24)  ~5 min
 #   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
 #            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -207,6 +209,14 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
     # back to back, between a decode's weight reads, after an L2 flush, after an idle gap (needs build:23,25).
     timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_inplace_modes.py ${PROBE_ARGS:-} \
       --out "$OUT/probe_inplace_modes.json" 2>&1 | tail -20 ;;
+  probe-decode)
+    # The issue's benchmark where a decode runs the switch: every implementation (the op's CUTLASS plan,
+    # Triton, the simple merge) as CUDA graph replays, back to back and between a decode's weight reads,
+    # q,v and all seven, both modes: ms, share of the copy bandwidth, speed-up in the same context.
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/probe_switch_contexts.py --graphs --simple-merge --triton \
+      --inplace-variants "${PROBE_INPLACE_VARIANTS:-23}" --pristine-variants "${PROBE_PRISTINE_VARIANTS:-24}" \
+      --contexts back_to_back,decode_like --rounds "${PROBE_ROUNDS:-3}" --tokens 30 ${PROBE_ARGS:-} \
+      --out "$OUT/probe_decode.json" 2>&1 | grep -v "^\[" | grep -v "^  round" | tail -60 ;;
   probe-switch-contexts)
     # The switch timed where a decode runs it (between the weight reads, after an idle gap) against back
     # to back, every mode and set, the op's own plan among the forms (needs build:23,24,25).
