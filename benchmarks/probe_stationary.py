@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adafuse_compile.cutlass_kernels.triton_sgmm import publish_experts, switch_slots  # noqa: E402
 
 
 # The whole switch with the gather, holding each strip's L on chip: the kernel the hypothesis above
@@ -70,24 +71,9 @@ def _strip_sgmm_kernel(
     elem = dtype_ref.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    # The slot prologue and the publishing epilogue are those of triton_sgmm's _sgmm_kernel, copied
-    # rather than factored out of it: sharing them would change the package's kernel for a probe
-    # that is not in the package, and that kernel's GPU tests could not be rerun this session.
     SLOTS: tl.constexpr = 2 * K_SEL if INPLACE else K_SEL
-    slot = tl.arange(0, SLOTS_P2)
-    if INPLACE:  # slots [prev_0..prev_{k-1}, cur_0..cur_{k-1}], coefficients [-s pg, s g]
-        is_prev = slot < K_SEL
-        is_cur = (slot >= K_SEL) & (slot < SLOTS)
-        cur_i = tl.where(is_cur, slot - K_SEL, 0)
-        slot_e = tl.where(is_prev, tl.load(prev_experts_ptr + slot, mask=is_prev, other=0),
-                          tl.load(experts_ptr + cur_i, mask=is_cur, other=0))
-        slot_c = tl.where(is_prev, -tl.load(prev_gates_ptr + slot, mask=is_prev, other=0.0),
-                          tl.load(gates_ptr + cur_i, mask=is_cur, other=0.0)) * scaling
-    else:
-        valid = slot < SLOTS
-        slot_e = tl.load(experts_ptr + slot, mask=valid, other=0)
-        slot_c = tl.load(gates_ptr + slot, mask=valid, other=0.0) * scaling
-    slot_e = slot_e.to(tl.int64)
+    slot, slot_e, slot_c = switch_slots(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, scaling,
+                                        K_SEL, INPLACE, SLOTS_P2)
     # Per K column: its slot's expert and coefficient, and its row within the expert's rank
     kk = tl.arange(0, K_P2)
     k_valid = kk < SLOTS * R
@@ -139,13 +125,7 @@ def _strip_sgmm_kernel(
                 base = tl.load(c_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(w_ptr + w_offs, (base + acc).to(elem), mask=mask)
 
-    # Publish this token's experts once every program has read the previous ones (at its start).
-    done = tl.atomic_add(counter_ptr, 1)
-    if done == nprog - 1:
-        for j in tl.static_range(K_SEL):
-            tl.store(prev_experts_ptr + j, tl.load(experts_ptr + j))
-            tl.store(prev_gates_ptr + j, tl.load(gates_ptr + j))
-        tl.store(counter_ptr, 0)
+    publish_experts(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr, nprog, K_SEL)
 
 
 DEFAULT_CONFIG = dict(BM=128, BN=128, CHUNK=8, num_warps=8, num_stages=2, programs_per_sm=1)

@@ -25,23 +25,12 @@ _DESC_COLS = 6
 
 
 @triton.jit
-def _sgmm_kernel(
-    tiles_ptr,  # int32 [T, 3]: weight index, tile row, tile col
-    desc_ptr,  # int64 [G, 6]
-    dtype_ref,  # any tensor of the weight dtype (gives the element type for table pointers)
-    experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr,
-    num_tiles, scaling,
-    K_SEL: tl.constexpr, INPLACE: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOTS_P2: tl.constexpr, EVEN_MN: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
-):
-    elem = dtype_ref.dtype.element_ty
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    # Expert slots, read once per program: inplace -> [prev_0..prev_{k-1}, cur_0..cur_{k-1}]
-    # with coefficients [-s*pg, s*g]; pristine -> cur only. Kept in registers.
+def switch_slots(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, scaling,
+                 K_SEL: tl.constexpr, INPLACE: tl.constexpr, SLOTS_P2: tl.constexpr):
+    """(slot, expert int64, coefficient) of every expert slot, read once per program: inplace ->
+    [prev_0..prev_{k-1}, cur_0..cur_{k-1}] with coefficients [-s*pg, s*g]; pristine -> cur only.
+    Slots past 2k (k) hold expert 0 with coefficient 0."""
     SLOTS: tl.constexpr = 2 * K_SEL if INPLACE else K_SEL
-    KB_PER_SLOT: tl.constexpr = (R + BLOCK_K - 1) // BLOCK_K
     slot = tl.arange(0, SLOTS_P2)
     if INPLACE:
         is_prev = slot < K_SEL
@@ -55,7 +44,42 @@ def _sgmm_kernel(
         valid = slot < SLOTS
         slot_e = tl.load(experts_ptr + slot, mask=valid, other=0)
         slot_c = tl.load(gates_ptr + slot, mask=valid, other=0.0) * scaling
-    slot_e = slot_e.to(tl.int64)
+    return slot, slot_e.to(tl.int64), slot_c
+
+
+@triton.jit
+def publish_experts(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr, nprog,
+                    K_SEL: tl.constexpr):
+    """The last program to get here copies this token's experts and gates into the previous-expert
+    buffers and resets the grid counter: every program read the old ones at its start (the
+    atomic is acq_rel), and a CUDA-graph replay then unmerges the right experts."""
+    done = tl.atomic_add(counter_ptr, 1)
+    if done == nprog - 1:
+        for j in tl.static_range(K_SEL):
+            tl.store(prev_experts_ptr + j, tl.load(experts_ptr + j))
+            tl.store(prev_gates_ptr + j, tl.load(gates_ptr + j))
+        tl.store(counter_ptr, 0)
+
+
+@triton.jit
+def _sgmm_kernel(
+    tiles_ptr,  # int32 [T, 3]: weight index, tile row, tile col
+    desc_ptr,  # int64 [G, 6]
+    dtype_ref,  # any tensor of the weight dtype (gives the element type for table pointers)
+    experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr,
+    num_tiles, scaling,
+    K_SEL: tl.constexpr, INPLACE: tl.constexpr, R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLOTS_P2: tl.constexpr, EVEN_MN: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    elem = dtype_ref.dtype.element_ty
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # Expert slots, read once per program and kept in registers.
+    SLOTS: tl.constexpr = 2 * K_SEL if INPLACE else K_SEL
+    KB_PER_SLOT: tl.constexpr = (R + BLOCK_K - 1) // BLOCK_K
+    slot, slot_e, slot_c = switch_slots(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, scaling,
+                                        K_SEL, INPLACE, SLOTS_P2)
 
     offs_k = tl.arange(0, BLOCK_K)
     for t in range(pid, num_tiles, nprog):
@@ -114,14 +138,7 @@ def _sgmm_kernel(
             base = tl.load(c_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(w_ptr + w_offs, (base + acc).to(elem), mask=mask)
 
-    # Publish this token's experts for the next call once every program has read the old ones
-    # (all reads of prev_* happen at kernel start; the atomic is acq_rel).
-    done = tl.atomic_add(counter_ptr, 1)
-    if done == nprog - 1:
-        for j in tl.static_range(K_SEL):
-            tl.store(prev_experts_ptr + j, tl.load(experts_ptr + j))
-            tl.store(prev_gates_ptr + j, tl.load(gates_ptr + j))
-        tl.store(counter_ptr, 0)
+    publish_experts(experts_ptr, gates_ptr, prev_experts_ptr, prev_gates_ptr, counter_ptr, nprog, K_SEL)
 
 
 # Tile shape measured on H200 (benchmarks/results/sgmm_h200_run2.json, bf16, Llama-2-7B q,v):
