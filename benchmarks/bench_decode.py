@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--targets", default="qv", choices=sorted(TARGETS))
     ap.add_argument("--impl", default="auto", help="SGMM implementation for the merge paths")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model's and the adapters' random weights")
     ap.add_argument("--prompt-len", type=int, default=None,
                     help="decode starts after this many prompt tokens (default: the KV cache less --steps)")
     ap.add_argument("--phases", default="b1,batch,prefill", help="which of b1, batch, prefill to run, in order")
@@ -201,6 +202,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    # The correctness bar compares a path's bf16 error with the eager bf16 model's own; unseeded, both
+    # moved with the random weights from run to run, and the CPU smoke test's verdict with them
+    # (layer-wise gather flagged in one CI run of session 27, passed in the next two here).
+    torch.manual_seed(args.seed)
     global DEV
     DEV = args.device
     # Every batch size / prompt length is its own static graph (as generate() with a static cache
