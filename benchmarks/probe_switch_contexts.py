@@ -189,17 +189,24 @@ def main() -> None:
             mode, _, ctx = key.split("/")
             base = summary.get(f"{mode}/simple_merge/{ctx}")
             row["x_simple_merge"] = round(base["median_ms"] / row["median_ms"], 3) if base else None
+            print(f"{adapted:5s} {key:40s} {row['median_ms']:8.3f} ms  {row['tb_s']:6.3f} TB/s  "
+                  f"x simple merge {row['x_simple_merge']}", flush=True)
         out["sets"][adapted] = dict(meta=meta, summary=summary, runs=runs, smi_fields=smi.fields,
                                     smi_samples=smi.lines)
         copies.append(copy_bandwidth())
         del plans, weights, lora_A, lora_B, pristine, xs
         torch.cuda.empty_cache()
+        write_out(out, copies, args.out)  # after each set: a run cut by its timeout keeps the sets done
+
+
+def write_out(out: dict, copies: list[float], path: str) -> None:
+    """The JSON so far, each row's share of the best copy bandwidth measured up to now."""
     out["copy_tb_s_rounds"] = copies
     out["copy_tb_s"] = max(copies)
     for entry in out["sets"].values():
         for row in entry["summary"].values():
             row["copy_fraction"] = round(row["tb_s"] / out["copy_tb_s"], 4)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(path).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
