@@ -35,6 +35,8 @@
 #            weight reads and after an idle gap, q,v and all seven, both modes, with the SM clock  ~4 min
 #   probe-decode  probe_switch_contexts.py --graphs: the op, Triton and the simple merge as graph replays, back to
 #            back and between a decode's weight reads, % of copy and speed-up in the same context (needs build:23,24)  ~5 min
+#   probe-timing-context  probe_timing_context.py: the candidates the plans' twins keep when they time back to back
+#            and after an idle gap (the package's timing), fresh twins per repeat, q,v and all seven  ~3 min
 #   probe-power  probe_sgmm_gemm.py --power: does the GEMM's speed depend on its operands' values (clock,
 #            power and throttle reasons with random / zero / cancelling operands)  ~2 min
 #   gather-kernels  gather kernel benchmark (GATHER_SWEEP=1: also the config sweep)  ~3 min
@@ -217,6 +219,11 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
       --inplace-variants "${PROBE_INPLACE_VARIANTS:-23}" --pristine-variants "${PROBE_PRISTINE_VARIANTS:-24}" \
       --contexts back_to_back,decode_like --rounds "${PROBE_ROUNDS:-3}" --tokens 30 ${PROBE_ARGS:-} \
       --out "$OUT/probe_decode.json" 2>&1 | grep -v "^\[" | grep -v "^  round" | tail -60 ;;
+  probe-timing-context)
+    # What the plans' own timing keeps, timed back to back (the old timing) and after an idle gap (the
+    # package's), fresh twins per repeat; compare with probe-decode's decode_like figures.
+    timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/probe_timing_context.py --repeats "${PROBE_REPEATS:-3}" ${PROBE_ARGS:-} \
+      --out "$OUT/probe_timing_context.json" 2>&1 | grep -v "^\[" | tail -40 ;;
   probe-switch-contexts)
     # The switch timed where a decode runs it (between the weight reads, after an idle gap) against back
     # to back, every mode and set, the op's own plan among the forms (needs build:23,24,25).

@@ -124,7 +124,7 @@ def emulated(monkeypatch):
         return state.ms.get(key + (last.sm_count,), state.ms.get(key, 1.0)) * 1e-3
 
     monkeypatch.setattr(build, "load_extension", load_extension)
-    monkeypatch.setattr(cutlass_sgmm, "cuda_elapsed_s", elapsed)
+    monkeypatch.setattr(cutlass_sgmm, "launch_elapsed_s", elapsed)
     monkeypatch.setattr(cutlass_sgmm, "_chosen", {})
     monkeypatch.setattr(cutlass_sgmm, "_form_chosen", {})
     monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
@@ -252,7 +252,7 @@ def test_time_switch_reads_a_real_switchs_memory_and_adds_zero(emulated, monkeyp
     emulated.ext = _Ext(torch.bfloat16)
     inplace = mode == "inplace"
     target = [w.clone() for w in (p["pristine"] or p["weights"])]
-    monkeypatch.setattr(cutlass_sgmm, "cuda_elapsed_s", lambda fn, reps: [fn() for _ in range(reps)] and 1e-3)
+    monkeypatch.setattr(cutlass_sgmm, "launch_elapsed_s", lambda fn, reps: [fn() for _ in range(reps)] and 1e-3)
     plan = cutlass_sgmm.CutlassPlan.for_timing(p["weights"], 64, k, p["pristine"], gather=gather)
     calls = []
     original = plan.pack

@@ -228,6 +228,28 @@ def test_a_timing_plan_switch_adds_exactly_zero(gather, mode, rank, k):
     assert not torch.equal(p["weights"][0], target[0])
 
 
+def test_launch_timing_runs_each_call_after_an_idle_gap_and_leaves_the_gap_out():
+    """The plans' timer (`launch_elapsed_s`): every call runs once, each after a sleep kernel on
+    the stream, and the figure is one call's time, not the gap's: a 2.4 GB copy timed this way
+    takes what it takes back to back (within a factor 2), far from the ~5 ms gap added to it."""
+    from adafuse_compile.cutlass_kernels import cutlass_sgmm
+    from adafuse_compile.runtime.cost_model import cuda_elapsed_s
+
+    counter = torch.zeros((), device="cuda")
+    small_ms = cutlass_sgmm.launch_elapsed_s(lambda: counter.add_(1), 5) * 1e3
+    torch.cuda.synchronize()
+    assert counter.item() == 5
+    src = torch.empty(1200 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_back_to_back_ms = cuda_elapsed_s(lambda: dst.copy_(src), 3) * 1e3
+    copy_ms = cutlass_sgmm.launch_elapsed_s(lambda: dst.copy_(src), 3) * 1e3
+    gap_ms = cuda_elapsed_s(lambda: torch.cuda._sleep(cutlass_sgmm.IDLE_CYCLES), 3) * 1e3
+    print(f"small {small_ms:.4f} ms, copy {copy_ms:.3f} (back to back {copy_back_to_back_ms:.3f}), gap {gap_ms:.3f}")
+    assert gap_ms > 1.0  # the gap is long enough to let the clock recover
+    assert small_ms < 0.2 * gap_ms
+    assert 0.5 * copy_back_to_back_ms < copy_ms < 2 * copy_back_to_back_ms
+
+
 @pytest.mark.parametrize("mode", ["inplace", "pristine"])
 def test_the_switch_times_both_forms_and_keeps_the_faster(mode):
     """The switch op's plan (plan_fastest_form): a timing plan of each form (cancelling factors

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from adafuse_compile.cutlass_kernels import build, cancelling
-from adafuse_compile.runtime.cost_model import cuda_elapsed_s
+from adafuse_compile.runtime.cost_model import cuda_elapsed_after_idle_s
 
 # Variant ids as in ADAFUSE_SGMM_VARIANTS (sgmm_sm90.cu), each with the tile scheduler's raster
 # order (0 along M, 1 along N). Per mode, the candidates a plan chooses between on its first
@@ -57,6 +57,15 @@ GEMM_CANDIDATES = {"pristine": ((14, 1, 1.0), (17, 1, 1.0)), "inplace": ((14, 1,
 # cost (v24 9.66 -> 10.77 ms on 116), so the share is a candidate in place only, timed like the rest.
 GATHER_CANDIDATES = {"pristine": ((23, 1, 1.0), (24, 1, 1.0)), "inplace": ((23, 1, 1.0), (23, 1, 0.875))}
 GATHER_RANK_MULTIPLE = 64
+# Every timing (the GEMM candidates, the two forms) runs each launch alone after the GPU idled
+# this many cycles (about 5 ms at 2 GHz): where a decode runs the switch, after the backbone's
+# weight reads, not back to back. On an H100 back to back switches hold the GPU at its 700 W cap
+# (SM clock 1380-1470 MHz) and rank the candidates otherwise: timed back to back the twin kept
+# 7/8 of the SMs for q,v in place, which then ran 1.756 ms between a decode's weight reads
+# against 1.658 on all SMs (probe_decode_h100_s28.json); after an idle gap the 5 ms sleep put
+# the all-seven switch at the top clock and at the speed it has between the weight reads
+# (probe_inplace_modes_h100_s27.json: 16.4 ms on all SMs either way).
+IDLE_CYCLES = 10_000_000
 _chosen: dict[tuple, tuple[int, int, float]] = {}  # weight-set signature -> candidate, per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
 _ALIGN_ELEMS = 64  # 128 bytes between packed blocks (TMA needs 16)
@@ -404,7 +413,8 @@ def plan_fastest_form(weights: list[Tensor], lora_A: list[Tensor], lora_B: list[
 
 def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
     """ms of one whole switch of a timing plan (`CutlassPlan.for_timing`: its slot or pack launch
-    and its GEMM), CUDA events, on its cancelling step: W + 0 in place, W0 + 0 in pristine mode."""
+    and its GEMM), each alone after an idle gap (`launch_elapsed_s`), on its cancelling step:
+    W + 0 in place, W0 + 0 in pristine mode."""
     if plan.timing_step is None:
         raise ValueError("time_switch times only a timing plan (CutlassPlan.for_timing): on a plan "
                          "over real factors the switch would change the weights")
@@ -422,14 +432,21 @@ def time_switch(plan: CutlassPlan, reps: int = 3) -> float:
             plan.run(*next(turn), 1.0)
 
         run()  # warm
-        return cuda_elapsed_s(run, reps) * 1e3
+        return launch_elapsed_s(run, reps) * 1e3
+
+
+def launch_elapsed_s(fn, reps: int) -> float:
+    """Seconds of one launch of `fn` as a decode sees it: each alone after IDLE_CYCLES idle, the
+    median of `reps` (what time_switch and choose_gemm time with)."""
+    return cuda_elapsed_after_idle_s(fn, reps, IDLE_CYCLES)
 
 
 def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
                 reps: int = 3, timer=None) -> dict:
     """Pick the fastest of `gemms` ({(variant, raster, grid share): plan}) for this weight set, once per
     process and weight-set signature: `trials` rounds, candidates alternating, `reps` launches
-    each timed with CUDA events; the median per candidate decides. A candidate whose launch fails
+    each timed alone after an idle gap (`launch_elapsed_s`, as a decode runs it); the median per
+    candidate decides. A candidate whose launch fails
     is left out (reported under "failed"); if every one fails, the first error is raised.
 
     Only a timing plan times (`CutlassPlan.for_timing`): `prepare()` runs its pack or slot launch
@@ -461,7 +478,7 @@ def choose_gemm(gemms: dict, prepare, signature: tuple, trials: int = 5,
 
         def timer(plan):
             plan.run()  # warm
-            return cuda_elapsed_s(plan.run, reps) * 1e3
+            return launch_elapsed_s(plan.run, reps) * 1e3
     prepare()
     best, medians, failed = fastest(gemms, timer, trials)
     if best is None:

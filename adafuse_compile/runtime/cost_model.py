@@ -277,6 +277,25 @@ def cuda_elapsed_s(fn, reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def cuda_elapsed_after_idle_s(fn, reps: int, idle_cycles: int) -> float:
+    """Median seconds of one call of `fn` over `reps` calls on the current stream, each timed
+    alone by CUDA events after the stream idles `idle_cycles` GPU cycles (a sleep kernel).
+
+    Why: calls back to back can hold the GPU at its power cap, where the SM clock drops (an H100
+    at 700 W: 1380-1470 MHz against 1965-1980), and a kernel's speed there need not be its speed
+    where a model runs it, between other work at the top clock (docs/kernels.md, session 27-28)."""
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(reps)]
+    for start, end in marks:
+        torch.cuda._sleep(idle_cycles)
+        start.record()
+        fn()
+        end.record()
+    marks[-1][1].synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in marks)
+    return times[len(times) // 2] / 1e3
+
+
 def measure(device: torch.device) -> Costs:
     """Copy bandwidth and the small-kernel cost inside a CUDA graph, on `device`.
 
