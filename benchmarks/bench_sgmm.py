@@ -5,6 +5,15 @@ gate,up 11008x4096, down 4096x11008, [out, in]); N = 8 experts, r = 64, top-2 sw
 random weights (std 0.02, expert A std 0.02, B std 0.002). For each implementation and mode:
 median time of CUDA-graph replays (CUDA events), achieved bandwidth as a fraction of the
 device-to-device copy bandwidth measured in the same run, and speed-up over the simple merge.
+Implementations: the simple merge, the fp32 PyTorch reference, Triton configs, each CUTLASS
+variant given, and the switch op's own CUTLASS plan (`cutlass_op`: the form and GEMM that
+`plan_fastest_form` times and keeps, what `sgmm_switch_(impl="cutlass")` runs).
+
+--context decode_like runs, between two timed replays (untimed, right after the switch in stream
+order), a batch-1 product with every adapted weight: what a decode reads between two switches.
+On an H100 the all-seven in-place switch on all SMs ran 10.8 ms back to back at the 700 W power
+cap and 16.4 ms there at the top SM clock (docs/kernels.md); the default, back_to_back, times the
+first case only.
 
 Bytes counted: inplace  = read W + write W + the 2k gathered experts' factors;
                pristine = read W0 + write W + the k gathered experts' factors.
@@ -61,8 +70,9 @@ def run_header() -> dict:
             "gpu_shared_with_lock": gpu_lock.shared()}  # set: other benchmarks compiled meanwhile (never timed at once)
 
 
-def time_graph(fn, reps: int, warmup: int = 3) -> dict:
-    """Capture fn() in a CUDA graph, replay `reps` times; median/min/max ms (CUDA events)."""
+def time_graph(fn, reps: int, warmup: int = 3, between=None) -> dict:
+    """Capture fn() in a CUDA graph, replay `reps` times; median/min/max ms (CUDA events).
+    `between()`, if given, is launched after each replay, outside the timed events."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -77,11 +87,15 @@ def time_graph(fn, reps: int, warmup: int = 3) -> dict:
     with gpu_lock.timing():  # alone on the GPU when other benchmark processes share it
         for _ in range(warmup):
             g.replay()
+            if between:
+                between()
         for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             g.replay()
             b.record()
+            if between:
+                between()
             b.synchronize()
             times.append(a.elapsed_time(b))
     del g
@@ -167,11 +181,19 @@ def check_against_reference(inputs, run) -> float:
     return worst
 
 
+def decode_reads(weights):
+    """What a decode reads between two switches: a batch-1 product with every adapted weight
+    (attention and the other layers left out)."""
+    xs = {i: torch.randn(1, i, device=weights[0].device, dtype=weights[0].dtype) for i in {w.shape[1] for w in weights}}
+    return lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]
+
+
 def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dict, copy_gbps,
-              raster: int = 1):
+              raster: int = 1, context: str = "back_to_back"):
     shapes = shapes_for(adapted)
     inputs = make_inputs(shapes, with_pristine=True)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
+    between = decode_reads(weights) if context == "decode_like" else None
     entries = []
     for mode in ("inplace", "pristine"):
         pr = pristine if mode == "pristine" else None
@@ -180,7 +202,7 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
 
         def record(impl, variant, fn, reps_=reps, check=True, extra=None):
             try:
-                t = time_graph(fn, reps_)
+                t = time_graph(fn, reps_, between=between)
                 e = {"adapted": adapted, "mode": mode, "impl": impl, "variant": variant, **t}
                 if not impl.endswith("_only"):  # the pack / GEMM split rows: time only
                     e.update(bytes=nbytes, GBps=nbytes / (t["median_ms"] * 1e-3) / 1e9)
@@ -213,8 +235,16 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
             record("triton", name, lambda: plan.run(experts, gates, pe, pg, 0.5))
             del plan
         from adafuse_compile.cutlass_kernels import build
-        from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan
+        from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
 
+        try:  # the op's own plan: the form and GEMM it times on this GPU and keeps
+            plan = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
+            record("cutlass_op", "plan_fastest_form", lambda: plan.run(experts, gates, pe, pg, 0.5),
+                   extra={"choice": plan.choice})
+            del plan
+        except Exception as exc:
+            entries.append({"adapted": adapted, "mode": mode, "impl": "cutlass_op",
+                            "variant": "plan_fastest_form", "error": f"{type(exc).__name__}: {exc}"[:2000]})
         names = build.load_extension().variant_names()
         for v in cutlass_variants:
             try:
@@ -248,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sets", default="qv,all7")
     ap.add_argument("--cutlass-variants", default="all", help="comma list of ids, or 'all'")
+    ap.add_argument("--context", default="back_to_back", choices=("back_to_back", "decode_like"),
+                    help="decode_like: a batch-1 read of every adapted weight between two timed switches")
     ap.add_argument("--raster", type=int, default=1, choices=(0, 1, 2),
                     help="tile scheduler raster order for every variant: 0 along M (runs 1-4), 1 along N "
                          "(what plans use since 2026-12-04), 2 CUTLASS's heuristic")
@@ -271,6 +303,7 @@ def main(argv=None):
         **run_header(),
         "build_s": time.time() - t0, "cutlass_build_error": build_error,
         "cutlass_variants": {v: names[v] for v in variants if v < len(names)}, "raster": a.raster,
+        "context": a.context,
         "bytes_note": "inplace: read W + write W + 2k gathered factors; pristine: read W0 + "
                       "write W + k gathered factors",
         "entries": [],
@@ -278,7 +311,7 @@ def main(argv=None):
     results["copy"] = copy_bandwidth(a.reps)
     print("copy", results["copy"], flush=True)
     for s in a.sets.split(","):
-        bench_set(s, a.reps, variants, results, results["copy"]["GBps"], a.raster)
+        bench_set(s, a.reps, variants, results, results["copy"]["GBps"], a.raster, a.context)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
     results["copy_after"] = copy_bandwidth(a.reps)  # same clocks at the end?

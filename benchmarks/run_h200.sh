@@ -25,7 +25,8 @@
 #            slices can run side by side with -p (e.g. decode:all:b1,batch:8:batch); ROUTING=layerwise
 #            times a router in every adapted linear instead (MoLA style: gather and auto only)
 #            (PHASES=b1,batch,prefill PATHS=auto,gather SKIP_NAIVE=1: only what is still missing)
-#   kernels  SGMM kernel benchmark, every CUTLASS variant                  ~6 min
+#   kernels  SGMM kernel benchmark, every CUTLASS variant and the op's own plan (KERNELS_CONTEXT=decode_like:
+#            between a decode's weight reads)                                ~6 min
 #   probe-gemm  probe_sgmm_gemm.py: the SGMM switch (plan's choice, candidates, old defaults, Triton, simple
 #            merge) interleaved over rounds; PROBE_ARGS="--gemm --sweeps" adds the GEMM-alone experiments,
 #            PROBE_VARIANTS the variants built, PROBE_NCU=variant,K,mode,groups ncu's sections for one launch  ~3 min
@@ -181,8 +182,9 @@ m = build.load_extension(tuple(int(v) for v in sys.argv[1].split(','))); print('
   kernels)
     # Every CUTLASS variant (30; the reduce-add ones in place only) (sequential timing; probe-gemm interleaves): ~3 min build + timing. A variant that hangs
     # loses the ones after it: rerun with --cutlass-variants leaving it out (CUTLASS_VARIANTS=...).
+    # KERNELS_CONTEXT=decode_like: a decode's weight reads between the timed switches (sgmm_h200_decode_like.json).
     timeout "${KERNELS_TIMEOUT:-560}" python3 benchmarks/bench_sgmm.py ${CUTLASS_VARIANTS:+--cutlass-variants "$CUTLASS_VARIANTS"} \
-      --out "$OUT/sgmm_h200.json" 2>&1 | tail -30 ;;
+      --context "${KERNELS_CONTEXT:-back_to_back}" --out "$OUT/sgmm_h200${KERNELS_CONTEXT:+_$KERNELS_CONTEXT}.json" 2>&1 | tail -40 ;;
   probe-gemm)
     # The SGMM switch interleaved over rounds (probe_sgmm_gemm.py; PROBE_ARGS adds e.g. --gemm --sweeps),
     # and with PROBE_NCU=variant,K,mode,groups ncu's sections for one GEMM launch, where ncu reads counters.
