@@ -32,7 +32,9 @@ import torch
 
 from adafuse_compile import gpu_lock
 from adafuse_compile.cutlass_kernels import ops
-from adafuse_compile.cutlass_kernels.reference import reference_switch_, simple_merge_switch_
+from adafuse_compile.cutlass_kernels.reference import (
+    oracle_switch, reference_switch_, simple_merge_switch_,
+)
 
 LAYERS, HIDDEN, FFN = 32, 4096, 11008
 N_EXPERTS, RANK, TOP_K = 8, 64, 2
@@ -70,35 +72,42 @@ def run_header() -> dict:
             "gpu_shared_with_lock": gpu_lock.shared()}  # set: other benchmarks compiled meanwhile (never timed at once)
 
 
-def time_graph(fn, reps: int, warmup: int = 3, between=None) -> dict:
+def time_graph(fn, reps: int, warmup: int = 3, between=None, tokens: int = 1) -> dict:
     """Capture fn() in a CUDA graph, replay `reps` times; median/min/max ms (CUDA events).
+    `tokens=2`: fn(t) for t = 0, 1 captured in a graph each and replayed in turn (a switch to token
+    0's experts, then to token 1's, each unmerging the other's: a real decode's switches).
     `between()`, if given, is launched after each replay, outside the timed events."""
+    calls = [(lambda t=t: fn(t)) for t in range(tokens)] if tokens > 1 else [fn]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
-            fn()
+            for call in calls:
+                call()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    graphs = []
+    for call in calls:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+        graphs.append(g)
     times = []
     with gpu_lock.timing():  # alone on the GPU when other benchmark processes share it
-        for _ in range(warmup):
-            g.replay()
+        for i in range(warmup):
+            graphs[i % len(graphs)].replay()
             if between:
                 between()
-        for _ in range(reps):
+        for i in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            g.replay()
+            graphs[(warmup + i) % len(graphs)].replay()
             b.record()
             if between:
                 between()
             b.synchronize()
             times.append(a.elapsed_time(b))
-    del g
+    del graphs
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "reps": reps}
 
@@ -162,23 +171,23 @@ def make_inputs(shapes, with_pristine: bool):
 
 
 def check_against_reference(inputs, run) -> float:
-    """Pristine-mode result of `run` vs the fp32 reference on the first and last weight:
-    max |W - ref| / (2^-7 (|ref| + |update|)): <= 1 means within bf16 rounding."""
+    """Pristine-mode result of `run` against the float64 oracle on the first and last weight, as
+    ||W - W64|| / ||bf16(W64) - W64||: the error over that of rounding the exact result to bf16
+    once (1.0: as exact as bf16 allows), the worse of the two weights.
+
+    (Until session 28 this was the largest elementwise error in units of (|W| + |delta|) * 2^-7,
+    which is ill-posed: where W0 is tiny, rounding the gate-scaled factors to bf16 once (the simple
+    merge, Triton) reads as 100+ of those units, and where W0 and the update are both 0 any
+    last-bit difference as 10^5-10^6. Normwise those same results are 1.00004 of the rounding's
+    error, measured on the CPU at 1024 x 1024.)"""
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
     sel = [0, len(weights) - 1]
     run()
     torch.cuda.synchronize()
-    ref = [torch.empty_like(weights[i]) for i in sel]
-    reference_switch_(ref, [lora_A[i] for i in sel], [lora_B[i] for i in sel], experts, gates,
-                      pe.clone(), pg.clone(), 0.5, [pristine[i] for i in sel])
-    worst = 0.0
-    for r, i in zip(ref, sel):
-        diff = (weights[i].float() - r.float()).abs()
-        delta = (r.float() - pristine[i].float()).abs()
-        # one bf16 rounding of the result plus one of the update (gate-scaled factors)
-        ulp = (r.float().abs() + delta) * 2.0**-7 + 1e-30
-        worst = max(worst, float((diff / ulp).max()))
-    return worst
+    expected = oracle_switch([weights[i] for i in sel], [lora_A[i] for i in sel], [lora_B[i] for i in sel],
+                             experts, gates, pe.clone(), pg.clone(), 0.5, [pristine[i] for i in sel])
+    return max(float((weights[i].double() - exp).norm() / (exp.to(weights[i].dtype).double() - exp).norm())
+               for i, exp in zip(sel, expected))
 
 
 def decode_reads(weights):
@@ -198,17 +207,25 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
     for mode in ("inplace", "pristine"):
         pr = pristine if mode == "pristine" else None
         nbytes = switch_bytes(shapes, mode)
-        args = (weights, lora_A, lora_B, experts, gates, pe, pg, 0.5)
+        # Two tokens in turn ([1, 6] then [3, 4]), each unmerging the other's experts: the op
+        # publishes each call's experts into pe / pg, so a single repeated call would unmerge the
+        # experts it merges (reading each expert's factors twice).
+        tokens = [(experts, gates), (torch.tensor([3, 4], device=experts.device),
+                                     torch.tensor([0.55, 0.45], device=experts.device))]
+        pe.copy_(tokens[1][0]), pg.copy_(tokens[1][1])
+
+        def step(t):
+            return (weights, lora_A, lora_B, *tokens[t], pe, pg, 0.5)
 
         def record(impl, variant, fn, reps_=reps, check=True, extra=None):
             try:
-                t = time_graph(fn, reps_, between=between)
+                t = time_graph(fn, reps_, between=between, tokens=2)
                 e = {"adapted": adapted, "mode": mode, "impl": impl, "variant": variant, **t}
                 if not impl.endswith("_only"):  # the pack / GEMM split rows: time only
                     e.update(bytes=nbytes, GBps=nbytes / (t["median_ms"] * 1e-3) / 1e9)
                     e["frac_copy_bw"] = e["GBps"] / copy_gbps
                 if check and mode == "pristine":
-                    e["max_ulp_vs_fp32_ref"] = check_against_reference(inputs, fn)
+                    e["error_over_bf16_rounding"] = check_against_reference(inputs, lambda: fn(0))
                 if extra:
                     e.update(extra)
             except Exception as exc:  # keep going: one failing variant must not lose the run
@@ -218,8 +235,8 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
             print(json.dumps(e), flush=True)
             return e
 
-        record("simple_merge", "addmm", lambda: simple_merge_switch_(*args, pristine=pr))
-        record("reference", "fp32", lambda: reference_switch_(*args, pristine=pr), reps_=5)
+        record("simple_merge", "addmm", lambda t: simple_merge_switch_(*step(t), pristine=pr))
+        record("reference", "fp32", lambda t: reference_switch_(*step(t), pristine=pr), reps_=5)
         from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
 
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -232,14 +249,14 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
                 entries.append({"adapted": adapted, "mode": mode, "impl": "triton",
                                 "variant": name, "error": str(exc)[:2000]})
                 continue
-            record("triton", name, lambda: plan.run(experts, gates, pe, pg, 0.5))
+            record("triton", name, lambda t: plan.run(*step(t)[3:]))
             del plan
         from adafuse_compile.cutlass_kernels import build
         from adafuse_compile.cutlass_kernels.cutlass_sgmm import CutlassPlan, plan_fastest_form
 
         try:  # the op's own plan: the form and GEMM it times on this GPU and keeps
             plan = plan_fastest_form(weights, lora_A, lora_B, TOP_K, pr)
-            record("cutlass_op", "plan_fastest_form", lambda: plan.run(experts, gates, pe, pg, 0.5),
+            record("cutlass_op", "plan_fastest_form", lambda t: plan.run(*step(t)[3:]),
                    extra={"choice": plan.choice})
             del plan
         except Exception as exc:
@@ -254,11 +271,11 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
                                 "variant": names[v], "error": str(exc)[:2000]})
                 print("cutlass plan failed", names[v], exc, flush=True)
                 continue
-            record("cutlass", names[v], lambda: plan.run(experts, gates, pe, pg, 0.5))
+            record("cutlass", names[v], lambda t: plan.run(*step(t)[3:]))
             # The split: pack launch alone, grouped GEMM alone.
             record("cutlass_pack_only", names[v],
-                   lambda: plan.pack(experts, gates, pe, pg, 0.5), check=False)
-            record("cutlass_gemm_only", names[v], lambda: plan.gemm.run(), check=False)
+                   lambda t: plan.pack(*step(t)[3:]), check=False)
+            record("cutlass_gemm_only", names[v], lambda t: plan.gemm.run(), check=False)
             del plan
             torch.cuda.empty_cache()
         ops.clear_plan_cache()
@@ -323,7 +340,7 @@ def main(argv=None):
         if "median_ms" in e:
             print(f"{e['adapted']:5} {e['mode']:8} {e['impl']:18} {e['variant']:22} "
                   f"{e['median_ms']:7.3f} {100 * e.get('frac_copy_bw', 0):6.1f} "
-                  f"{e.get('speedup_vs_simple_merge', 0):7.2f} {e.get('max_ulp_vs_fp32_ref', '')}")
+                  f"{e.get('speedup_vs_simple_merge', 0):7.2f} {e.get('error_over_bf16_rounding', '')}")
         else:
             print(f"{e['adapted']:5} {e['mode']:8} {e['impl']:18} {e['variant']:22} ERROR")
     return 0
