@@ -65,3 +65,21 @@ def test_triton_two_switches_and_first_token():
         exp = w_init[i].double() + 0.5 * (0.25 * b[4] @ a[4] + 0.75 * b[6] @ a[6])
         assert delta_error(w, w_init[i], exp) < 1e-5
     assert p["prev_experts"].tolist() == [4, 6]
+
+
+def test_a_large_tile_with_more_stages_than_k_iterations_is_refused():
+    """128x256 with 3 stages over a K loop of 2 iterations (pristine, k = 2, r = 64) gave wrong
+    results on the GPU (Triton 3.6): the plan refuses it before launching anything, says why and
+    what to change; the same tile with 2 stages, or in place (4 iterations), is accepted."""
+    from adafuse_compile.cutlass_kernels.triton_sgmm import TritonPlan
+
+    p = make_problem(SHAPES[:1], k=2, rank=64, dtype=torch.float32, pristine=True)
+    before = [w.clone() for w in p["weights"]]
+    big = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)
+    with pytest.raises(ValueError, match=r"128x256 tile with 3 pipeline stages over a K loop of 2 iterations"
+                                         r".* use num_stages <= 2"):
+        TritonPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], config=big)
+    assert all(torch.equal(w, b) for w, b in zip(p["weights"], before))
+    TritonPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], config=dict(big, num_stages=2))
+    TritonPlan(p["weights"], p["lora_A"], p["lora_B"], 2, None, config=big)  # in place: 4 iterations
+    TritonPlan(p["weights"], p["lora_A"], p["lora_B"], 2, p["pristine"], config=dict(big, BLOCK_N=128))

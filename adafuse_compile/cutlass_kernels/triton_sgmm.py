@@ -144,9 +144,18 @@ def _sgmm_kernel(
 # Tile shape measured on H200 (benchmarks/results/sgmm_h200_run2.json, bf16, Llama-2-7B q,v):
 # 64x128, 4 warps, 4 stages, 4 programs per SM: 2.26 ms pristine / 2.87 ms inplace, against
 # 2.72 / 3.69 for 128x128 with 8 warps, 2 per SM, and 3.12 / 3.99 with one program per tile.
-# (128x256, 8 warps, 1 per SM was faster, 2.05 / 2.52, but its pristine results were WRONG
-# on Triton 3.6 / H200, cause not found: not used.)
+# (128x256, 8 warps, 3 stages, 1 per SM was faster, 2.05 / 2.52, but its pristine results were
+# WRONG on Triton 3.6, H200 and H100: more stages than K iterations, see MAX_TILE_ELEMS.)
 DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, programs_per_sm=4)
+# Above this many elements a tile must not have more pipeline stages than its K loop has
+# iterations (slots x K blocks per slot): 128x256 with 8 warps and 3 stages, pristine with k = 2
+# and r = 64 (2 iterations), came out wrong on an H100 with Triton 3.6, relative error of the
+# update 0.09 (bf16) and 0.38-0.42 (fp16) against 0.004-0.006 / 0.0006 for every other config;
+# the same tile in place (4 iterations), with 2 or 1 stages, with 4 warps, and 256x128 with 3
+# stages were right (benchmarks/results/probe_triton_tiles_h100_s28.json). Triton's interpreter
+# gets it right on the CPU, so it is the GPU compilation, not the kernel's arithmetic. 128x128
+# with 3 stages over 2 iterations was right: the smaller tiles keep their measured configs.
+MAX_TILE_ELEMS = 128 * 128
 
 
 class TritonPlan:
@@ -165,6 +174,14 @@ class TritonPlan:
         self.inplace = pristine is None
         self.r = int(lora_A[0].shape[1])
         self.block_k = max(16, min(64, triton.next_power_of_2(self.r)))
+        k_iterations = (2 * k if self.inplace else k) * triton.cdiv(self.r, self.block_k)
+        if self.block_m * self.block_n > MAX_TILE_ELEMS and self.num_stages > k_iterations:
+            raise ValueError(
+                f"TritonPlan: a {self.block_m}x{self.block_n} tile with {self.num_stages} pipeline stages over a "
+                f"K loop of {k_iterations} iterations (k={k}, rank {self.r}, "
+                f"{'in place' if self.inplace else 'pristine'}) gave wrong results on the GPU (Triton 3.6); "
+                f"use num_stages <= {k_iterations} or a tile of at most {MAX_TILE_ELEMS} elements "
+                f"(the default is {DEFAULT_CONFIG['BLOCK_M']}x{DEFAULT_CONFIG['BLOCK_N']})")
         self.ieee = weights[0].dtype == torch.float32
         rows, tiles = [], []
         even, aligned = True, True
