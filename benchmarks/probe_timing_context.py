@@ -5,7 +5,8 @@ GEMM on all SMs or on 7/8 of them; `plan_fastest_form`: the gather or the pack f
 to back, the q,v in-place twin kept 7/8 of the SMs, which then ran 1.756 ms between a decode's
 weight reads against 1.658 ms on all SMs (probe_decode_h100_s28.json). The package now times each
 launch alone after an idle gap (`cutlass_sgmm.IDLE_CYCLES`); this probe builds fresh twins
-`--repeats` times under each setting (0: back to back, the old timing) and records what each
+`--repeats` times under each setting (0: no gap, launches one after another as the old timing
+ran them, though each is still timed alone and the median taken) and records what each
 kept and the medians it saw. Which candidate is really faster where a decode runs it is
 probe_switch_contexts.py's decode_like figure (run_h200.sh probe-decode, with --sm-counts 0,116).
 

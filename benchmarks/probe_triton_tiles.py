@@ -3,8 +3,7 @@
 Why: the 128x256 tile (8 warps, 3 stages, one program per SM) was the fastest Triton config in
 bench_sgmm.py (all seven pristine 13.2 ms against 14.8 for the default 64x128) and is wrong on
 the GPU: 68-70x the error of rounding the exact result to bf16 (sgmm_*_h100_s28.json), while
-Triton's interpreter on the CPU gets it right (fp16, 256 x 512). TritonPlan now refuses tiles
-above 128x128. This probe varies warps, stages and programs per SM around it to find which
+Triton's interpreter on the CPU gets it right (fp16, 256 x 512). This probe varies warps, stages and programs per SM around it to find which
 setting breaks it, with the default tile as the control: for each config, mode and dtype, the
 relative error of the update against the float64 oracle on make_problem inputs (update about
 0.3 x |W|, targets poisoned first) and, in bf16 pristine, the ms of a q,v-sized switch.

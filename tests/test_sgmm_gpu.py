@@ -229,15 +229,28 @@ def test_a_timing_plan_switch_adds_exactly_zero(gather, mode, rank, k):
 
 
 def test_launch_timing_runs_each_call_after_an_idle_gap_and_leaves_the_gap_out():
-    """The plans' timer (`launch_elapsed_s`): every call runs once, each after a sleep kernel on
-    the stream, and the figure is one call's time, not the gap's: a 2.4 GB copy timed this way
-    takes what it takes back to back (within a factor 2), far from the ~5 ms gap added to it."""
+    """The plans' timer (`launch_elapsed_s`): every call runs once, each right after a sleep kernel
+    of IDLE_CYCLES on the stream, and the figure is one call's time, not the gap's: a copy of
+    1200 MiB each way timed this way takes what it takes back to back (within a factor 2), far
+    from the ~5 ms gap added to it."""
     from adafuse_compile.cutlass_kernels import cutlass_sgmm
     from adafuse_compile.runtime.cost_model import cuda_elapsed_s
 
     counter = torch.zeros((), device="cuda")
-    small_ms = cutlass_sgmm.launch_elapsed_s(lambda: counter.add_(1), 5) * 1e3
+    order, sleep = [], torch.cuda._sleep
+
+    def logged_sleep(cycles):
+        order.append(("sleep", cycles))
+        sleep(cycles)
+
+    def call():
+        order.append("call")
+        counter.add_(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "_sleep", logged_sleep)
+        small_ms = cutlass_sgmm.launch_elapsed_s(call, 5) * 1e3
     torch.cuda.synchronize()
+    assert order == [("sleep", cutlass_sgmm.IDLE_CYCLES), "call"] * 5
     assert counter.item() == 5
     src = torch.empty(1200 * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)

@@ -39,7 +39,8 @@ and the pristine gather GEMMs as the real switch runs them (v23 pristine: twin 1
 8-15% slow on q,v and 17 ms on all seven, where the real switch ran at 11-17 ms
 (docs/kernels.md, session 26). Session 27 found the 17 ms to be the real switch's speed at the top
 SM clock, which a decode runs it at (between the weight reads), and 11 ms the power-capped speed
-of switches back to back: the twin, timed in short bursts, times what a decode gets.
+of switches back to back. Since session 28 every timed launch runs alone after an idle gap
+(`cutlass_sgmm.IDLE_CYCLES`), so the twin times at the clock a decode's switch gets.
 """
 from __future__ import annotations
 

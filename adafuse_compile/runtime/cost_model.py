@@ -51,6 +51,7 @@ import logging
 import math
 import numbers
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -284,6 +285,8 @@ def cuda_elapsed_after_idle_s(fn, reps: int, idle_cycles: int) -> float:
     Why: calls back to back can hold the GPU at its power cap, where the SM clock drops (an H100
     at 700 W: 1380-1470 MHz against 1965-1980), and a kernel's speed there need not be its speed
     where a model runs it, between other work at the top clock (docs/kernels.md, session 27-28)."""
+    if reps < 1:
+        raise ValueError(f"cuda_elapsed_after_idle_s: reps must be at least 1, got {reps}")
     marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
              for _ in range(reps)]
     for start, end in marks:
@@ -292,8 +295,7 @@ def cuda_elapsed_after_idle_s(fn, reps: int, idle_cycles: int) -> float:
         fn()
         end.record()
     marks[-1][1].synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in marks)
-    return times[len(times) // 2] / 1e3
+    return statistics.median(start.elapsed_time(end) for start, end in marks) / 1e3
 
 
 def measure(device: torch.device) -> Costs:
