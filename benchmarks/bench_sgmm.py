@@ -192,6 +192,14 @@ def check_against_reference(inputs, run) -> float:
                for i, exp in zip(sel, expected))
 
 
+def switch_tokens(experts, gates):
+    """Two tokens a benchmark switches between in turn, make_inputs' ([1, 6]) and [3, 4], each
+    unmerging the other's experts: the op publishes each call's experts as the previous ones, so
+    one call replayed would unmerge the experts it merges (reading each expert's factors twice)."""
+    return [(experts, gates), (torch.tensor([3, 4], device=experts.device),
+                               torch.tensor([0.55, 0.45], device=gates.device))]
+
+
 def decode_reads(weights):
     """What a decode reads between two switches: a batch-1 product with every adapted weight
     (attention and the other layers left out)."""
@@ -205,16 +213,12 @@ def bench_set(adapted: str, reps: int, cutlass_variants: list[int], results: dic
     inputs = make_inputs(shapes, with_pristine=True)
     weights, lora_A, lora_B, experts, gates, pe, pg, pristine = inputs
     between = decode_reads(weights) if context == "decode_like" else None
+    tokens = switch_tokens(experts, gates)
     entries = []
     for mode in ("inplace", "pristine"):
         pr = pristine if mode == "pristine" else None
         nbytes = switch_bytes(shapes, mode)
-        # Two tokens in turn ([1, 6] then [3, 4]), each unmerging the other's experts: the op
-        # publishes each call's experts into pe / pg, so a single repeated call would unmerge the
-        # experts it merges (reading each expert's factors twice).
-        tokens = [(experts, gates), (torch.tensor([3, 4], device=experts.device),
-                                     torch.tensor([0.55, 0.45], device=experts.device))]
-        pe.copy_(tokens[1][0]), pg.copy_(tokens[1][1])
+        pe.copy_(tokens[1][0]), pg.copy_(tokens[1][1])  # the first switch unmerges token 1's experts
 
         def step(t):
             return (weights, lora_A, lora_B, *tokens[t], pe, pg, 0.5)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes  # noqa: E402
+from benchmarks.bench_sgmm import TOP_K, decode_reads, make_inputs, shapes_for, switch_bytes, switch_tokens  # noqa: E402
 
 
 def per_launch_ms(switch, between, tokens: int) -> list[float]:
@@ -108,7 +108,7 @@ def main() -> None:
     shapes = shapes_for("all7")
     weights, lora_A, lora_B, experts, gates, _, _, _ = make_inputs(shapes, False)
     dev = experts.device
-    tokens = [(experts, gates), (torch.tensor([3, 4], device=dev), torch.tensor([0.55, 0.45], device=dev))]
+    tokens = switch_tokens(experts, gates)
     plans = {}
     for item in args.forms.split(","):
         name, variant = item.split(":")
@@ -123,13 +123,12 @@ def main() -> None:
             return lambda t: plan.run(*tokens[t % 2], *prev, 0.5)
         return lambda t: plan.run(*tokens[0], *prev, 0.5)  # repeated: unmerges its own experts
 
-    xs = {i: torch.randn(1, i, device=dev, dtype=weights[0].dtype) for _, i in shapes}
     flush = torch.empty(1 << 29, device=dev, dtype=torch.bfloat16)
     cycles = 10_000_000  # about 5 ms at 1.98 GHz
 
     contexts = {
         "back_to_back": lambda: None,
-        "decode_like": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights],
+        "decode_like": decode_reads(weights),
         "flushed": lambda: flush.zero_(),
         "idle": lambda: torch.cuda._sleep(cycles),
         "graph": None,

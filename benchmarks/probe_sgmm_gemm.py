@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adafuse_compile.cutlass_kernels import build, cancelling  # noqa: E402
-from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes, time_eager  # noqa: E402
+from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes, switch_tokens, time_eager  # noqa: E402
 
 ROWS, COLS = 64 * 4096, 4096  # q,v: 64 weights of 4096 x 4096
 DTYPE = torch.bfloat16
@@ -138,8 +138,7 @@ def real_switch_cases(adapted: str, variants: dict, gather_default: bool = True)
     # previous experts equal to the current ones from the second replay on. probe_twin_bias.py found
     # no steady cost of the distinct experts on an H100, but the in-place gather form switching
     # between two speeds, about 11.5 and 17 ms on all seven, whatever the experts.)
-    tokens = [(experts, gates), (torch.tensor([3, 4], device=experts.device),
-                                 torch.tensor([0.55, 0.45], device=gates.device))]
+    tokens = switch_tokens(experts, gates)
 
     def two_switches(call):
         return lambda: [call(e, g) for e, g in tokens]

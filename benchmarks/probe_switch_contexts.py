@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_sgmm import TOP_K, make_inputs, shapes_for, switch_bytes  # noqa: E402
+from benchmarks.bench_sgmm import TOP_K, decode_reads, make_inputs, shapes_for, switch_bytes, switch_tokens  # noqa: E402
 from benchmarks.probe_inplace_modes import SmiLog, per_launch_ms  # noqa: E402
 from benchmarks.probe_sgmm_gemm import copy_bandwidth  # noqa: E402
 
@@ -109,11 +109,8 @@ def main() -> None:
     for adapted in args.sets.split(","):
         shapes = SUBSETS.get(adapted) or shapes_for(adapted)
         weights, lora_A, lora_B, experts, gates, _, _, pristine = make_inputs(shapes, "pristine" in args.modes)
-        dev = experts.device
-        tokens = [(experts, gates), (torch.tensor([3, 4], device=dev), torch.tensor([0.55, 0.45], device=dev))]
-        xs = {i: torch.randn(1, i, device=dev, dtype=weights[0].dtype) for _, i in shapes}
-        between = {"back_to_back": lambda: None,
-                   "decode_like": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights],
+        tokens = switch_tokens(experts, gates)
+        between = {"back_to_back": lambda: None, "decode_like": decode_reads(weights),
                    "idle": lambda: torch.cuda._sleep(10_000_000)}
         plans, meta = {}, {}
         for mode in args.modes.split(","):
@@ -194,7 +191,7 @@ def main() -> None:
         out["sets"][adapted] = dict(meta=meta, summary=summary, runs=runs, smi_fields=smi.fields,
                                     smi_samples=smi.lines)
         copies.append(copy_bandwidth())
-        del plans, weights, lora_A, lora_B, pristine, xs
+        del plans, weights, lora_A, lora_B, pristine, between
         torch.cuda.empty_cache()
         write_out(out, copies, args.out)  # after each set: a run cut by its timeout keeps the sets done
 

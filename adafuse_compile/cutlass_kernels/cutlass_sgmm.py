@@ -60,11 +60,11 @@ GATHER_RANK_MULTIPLE = 64
 # Every timing (the GEMM candidates, the two forms) runs each launch alone after the GPU idled
 # this many cycles (about 5 ms at 2 GHz): where a decode runs the switch, after the backbone's
 # weight reads, not back to back. On an H100 back to back switches hold the GPU at its 700 W cap
-# (SM clock 1380-1470 MHz) and rank the candidates otherwise: timed back to back the twin kept
-# 7/8 of the SMs for q,v in place, which then ran 1.756 ms between a decode's weight reads
-# against 1.658 on all SMs (probe_decode_h100_s28.json); after an idle gap the 5 ms sleep put
-# the all-seven switch at the top clock and at the speed it has between the weight reads
-# (probe_inplace_modes_h100_s27.json: 16.4 ms on all SMs either way).
+# (SM clock 1380-1470 MHz), where the all-seven in-place gather GEMM on all SMs runs fast (10.4
+# ms) and between a decode's reads slow (16.5-16.7): timed back to back, one fresh twin in three
+# kept all SMs; after the gap, three in three kept 7/8 (10.5-11.0 ms there)
+# (probe_timing_context_h100_s28.json, probe_decode_h100_s28.json). On q,v in place both timings
+# keep 7/8, within a few percent of all SMs either way between runs.
 IDLE_CYCLES = 10_000_000
 _chosen: dict[tuple, tuple[int, int, float]] = {}  # weight-set signature -> candidate, per process
 _ELEMENTS = {torch.bfloat16: build.DTYPE_CODES["bf16"], torch.float16: build.DTYPE_CODES["fp16"]}
